@@ -1,0 +1,353 @@
+//! The agent's configuration file (TOML). Every key, its default and its meaning are
+//! declared here, once.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sluice_core::tls::ClientTlsFiles;
+use sluice_core::units::{ByteSize, Span};
+use sluice_parsers::ParserKind;
+use sluice_tail::{LongLines, StartAt};
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    pub agent: AgentSection,
+    #[serde(rename = "input")]
+    pub inputs: Vec<InputConfig>,
+    pub output: OutputConfig,
+    #[serde(default)]
+    pub metrics: MetricsSection,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentSection {
+    /// Name of this agent; part of every source id. Defaults to the host name.
+    #[serde(default = "default_id")]
+    pub id: String,
+    /// Where the checkpoint file lives.
+    pub data_dir: PathBuf,
+    /// How long shutdown waits for in-flight chunks to be acknowledged.
+    #[serde(default = "default_shutdown_timeout")]
+    pub shutdown_timeout: Span,
+}
+
+fn default_id() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "sluice-agent".into())
+}
+
+fn default_shutdown_timeout() -> Span {
+    Span::secs(10)
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, tag = "type", rename_all = "snake_case")]
+pub enum InputConfig {
+    Tail(TailInput),
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TailInput {
+    /// Unique input name; part of every source id and checkpoint.
+    pub name: String,
+    /// Forward tag of the events.
+    pub tag: String,
+    /// Glob patterns of files to read.
+    pub include: Vec<String>,
+    #[serde(default)]
+    pub exclude: Vec<String>,
+    /// Where to start in files found at the first start: "beginning" or "end".
+    #[serde(default = "default_start_at")]
+    pub start_at: StartAt,
+    /// Longest line; longer lines are split (default) or truncated.
+    #[serde(default = "default_max_line")]
+    pub max_line: ByteSize,
+    #[serde(default = "default_long_lines")]
+    pub long_lines: LongLines,
+    /// A last line without newline is sent after this long.
+    #[serde(default = "default_partial_timeout")]
+    pub partial_line_timeout: Span,
+    /// Bytes that deleted-but-unread files may hold open before the alarm.
+    #[serde(default = "default_max_deleted")]
+    pub max_deleted: ByteSize,
+    /// How each line becomes a record: none (raw `message`), json, regex, nginx, apache,
+    /// syslog_rfc3164, syslog_rfc5424. Lines that do not parse are sent raw with a
+    /// `parse_error` field and counted, never dropped.
+    #[serde(default)]
+    pub parser: ParserKind,
+    /// The pattern of `parser = "regex"`; its named groups become the fields.
+    #[serde(default)]
+    pub regex: Option<String>,
+    /// Join the lines of one event (a stack trace) into one record before parsing.
+    #[serde(default)]
+    pub multiline: Option<MultilineConfig>,
+    /// Read at most this many bytes per second from this input's files (all together).
+    /// Default: no limit.
+    #[serde(default)]
+    pub max_read_rate: Option<ByteSize>,
+}
+
+/// `multiline = { start = "^\\d{4}-", timeout = "1s", max_bytes = "1 MiB" }`
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MultilineConfig {
+    /// A regex matching the first line of every event; other lines continue the open one.
+    pub start: String,
+    /// The open event is sent when no line came for this long.
+    #[serde(default = "default_multiline_timeout")]
+    pub timeout: Span,
+    /// An event is cut (and the rest starts a new one) at this size.
+    #[serde(default = "default_multiline_max")]
+    pub max_bytes: ByteSize,
+}
+
+fn default_multiline_timeout() -> Span {
+    Span::secs(1)
+}
+fn default_multiline_max() -> ByteSize {
+    ByteSize::mib(1)
+}
+
+impl MultilineConfig {
+    pub fn build(&self) -> Result<sluice_parsers::Multiline, sluice_parsers::ParserError> {
+        sluice_parsers::Multiline::new(&self.start, self.timeout.get(), self.max_bytes.as_usize())
+    }
+}
+
+fn default_start_at() -> StartAt {
+    StartAt::Beginning
+}
+fn default_max_line() -> ByteSize {
+    ByteSize::kib(64)
+}
+fn default_long_lines() -> LongLines {
+    LongLines::Split
+}
+fn default_partial_timeout() -> Span {
+    Span::secs(5)
+}
+fn default_max_deleted() -> ByteSize {
+    ByteSize::gib(1)
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputConfig {
+    /// Relays as "host:port"; the agent uses one at a time and fails over in order.
+    pub relays: Vec<String>,
+    #[serde(default)]
+    pub tls: ClientTlsFiles,
+    /// Plain TCP without TLS (tests, or a Fluentd aggregator without TLS).
+    #[serde(default)]
+    pub insecure: bool,
+    /// Shared key for the HELO/PING/PONG handshake, if the relay requires one.
+    #[serde(default)]
+    pub shared_key: Option<String>,
+    /// User name and password, for a relay with `server.users` (sent as a salted digest).
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub password: Option<String>,
+    /// A chunk is sealed at this many (uncompressed) bytes ...
+    #[serde(default = "default_chunk_size")]
+    pub chunk_size: ByteSize,
+    /// ... or when its oldest line waited this long.
+    #[serde(default = "default_chunk_age")]
+    pub chunk_age: Span,
+    /// Chunks sent but not yet acknowledged, at most.
+    #[serde(default = "default_in_flight")]
+    pub in_flight: usize,
+    /// A chunk not acknowledged within this is resent on a new connection.
+    #[serde(default = "default_ack_timeout")]
+    pub ack_timeout: Span,
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout: Span,
+    #[serde(default = "default_retry_min")]
+    pub retry_min: Span,
+    #[serde(default = "default_retry_max")]
+    pub retry_max: Span,
+    /// While there is nothing to send, a Forward heartbeat (`nil`) goes to the relay this
+    /// often: it keeps the connection from the relay's idle timeout and finds a dead
+    /// connection before data needs it. `0s` turns heartbeats off.
+    #[serde(default = "default_heartbeat")]
+    pub heartbeat_interval: Span,
+}
+
+fn default_heartbeat() -> Span {
+    Span::secs(30)
+}
+
+fn default_chunk_size() -> ByteSize {
+    ByteSize::mib(1)
+}
+fn default_chunk_age() -> Span {
+    Span::secs(1)
+}
+fn default_in_flight() -> usize {
+    8
+}
+fn default_ack_timeout() -> Span {
+    Span::secs(30)
+}
+fn default_connect_timeout() -> Span {
+    Span::secs(5)
+}
+fn default_retry_min() -> Span {
+    Span::millis(100)
+}
+fn default_retry_max() -> Span {
+    Span::secs(10)
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSection {
+    #[serde(default = "default_metrics_listen")]
+    pub listen: Option<SocketAddr>,
+}
+
+impl Default for MetricsSection {
+    fn default() -> Self {
+        MetricsSection {
+            listen: default_metrics_listen(),
+        }
+    }
+}
+
+fn default_metrics_listen() -> Option<SocketAddr> {
+    "127.0.0.1:24232".parse().ok()
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config {path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+impl AgentConfig {
+    pub fn load(path: &Path) -> Result<AgentConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(path, &text)
+    }
+
+    pub fn parse(path: &Path, text: &str) -> Result<AgentConfig, ConfigError> {
+        let config: AgentConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        config.validate().map_err(|message| ConfigError::Invalid {
+            path: path.to_owned(),
+            message,
+        })?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.agent.id.is_empty() || self.agent.id.contains(':') {
+            return Err(format!(
+                "agent.id {:?} must be non-empty and contain no ':'",
+                self.agent.id
+            ));
+        }
+        if self.output.username.is_some() != self.output.password.is_some() {
+            return Err(
+                "output.username and output.password go together: set both or neither".into(),
+            );
+        }
+        if self.output.username.is_some() && self.output.shared_key.is_none() {
+            return Err("output.username needs output.shared_key: the user is checked inside the shared-key handshake".into());
+        }
+        if self.inputs.is_empty() {
+            return Err("no [[input]] configured: add at least one, e.g. type = \"tail\" with include = [\"/var/log/app/*.log\"]".into());
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for InputConfig::Tail(t) in &self.inputs {
+            if t.name.is_empty() || t.name.contains(':') {
+                return Err(format!(
+                    "input name {:?} must be non-empty and contain no ':'",
+                    t.name
+                ));
+            }
+            if !names.insert(t.name.as_str()) {
+                return Err(format!("two inputs are named {:?}: input names must be unique (they key the checkpoints)", t.name));
+            }
+            if t.include.is_empty() {
+                return Err(format!(
+                    "input {:?}: include is empty; list the files to read as glob patterns",
+                    t.name
+                ));
+            }
+            for pattern in t.include.iter().chain(&t.exclude) {
+                glob::Pattern::new(pattern).map_err(|e| {
+                    format!(
+                        "input {:?}: {pattern:?} is not a valid glob pattern: {e}",
+                        t.name
+                    )
+                })?;
+            }
+            if t.tag.is_empty() {
+                return Err(format!("input {:?}: tag must not be empty", t.name));
+            }
+            sluice_parsers::Parser::new(t.parser, t.regex.as_deref())
+                .map_err(|e| format!("input {:?}: {e}", t.name))?;
+            if let Some(m) = &t.multiline {
+                m.build()
+                    .map_err(|e| format!("input {:?}: multiline.start: {e}", t.name))?;
+            }
+            if t.max_read_rate.is_some_and(|r| r.as_u64() < 1024) {
+                return Err(format!(
+                    "input {:?}: max_read_rate must be at least 1 KiB (per second)",
+                    t.name
+                ));
+            }
+        }
+        if self.output.relays.is_empty() {
+            return Err("output.relays is empty: list at least one relay as \"host:port\"".into());
+        }
+        for relay in &self.output.relays {
+            split_host_port(relay)?;
+        }
+        if self.output.in_flight == 0 {
+            return Err("output.in_flight must be at least 1".into());
+        }
+        if !self.output.insecure && self.output.tls.ca.is_none() {
+            // Allowed (public roots), but usually a mistake with private relays.
+            tracing::info!("output.tls.ca not set: relay certificates are checked against the public Mozilla roots");
+        }
+        Ok(())
+    }
+}
+
+/// "host:port" or "[v6]:port".
+pub fn split_host_port(addr: &str) -> Result<(String, u16), String> {
+    let (host, port) = addr
+        .rsplit_once(':')
+        .ok_or_else(|| format!("relay {addr:?} must be \"host:port\""))?;
+    let port: u16 = port
+        .parse()
+        .map_err(|_| format!("relay {addr:?}: port {port:?} is not a number"))?;
+    Ok((
+        host.trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string(),
+        port,
+    ))
+}

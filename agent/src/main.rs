@@ -1,0 +1,231 @@
+//! `sluice-agent`: tails files, cuts them into chunks, forwards the chunks to a relay
+//! over TLS, and advances its checkpoints only after the relay acknowledged them.
+
+mod config;
+mod metrics;
+mod output;
+mod pipeline;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Parser;
+use sluice_tail::{CheckpointStore, TailConfig, Tailer};
+use tokio_util::sync::CancellationToken;
+
+use config::{AgentConfig, InputConfig};
+use metrics::AgentMetrics;
+use pipeline::{Input, Pipeline};
+
+#[derive(Parser)]
+#[command(
+    name = "sluice-agent",
+    version,
+    about = "Tails log files and forwards them to sluice relays over TLS"
+)]
+struct Cli {
+    /// Configuration file.
+    #[arg(long, short, default_value = "/etc/sluice/agent.toml")]
+    config: PathBuf,
+    /// Load and check the configuration, print a summary, and exit.
+    #[arg(long)]
+    check_config: bool,
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let config = match AgentConfig::load(&cli.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    if cli.check_config {
+        println!("{}: ok", cli.config.display());
+        println!(
+            "  agent {} (checkpoints in {})",
+            config.agent.id,
+            config.agent.data_dir.display()
+        );
+        for InputConfig::Tail(t) in &config.inputs {
+            println!(
+                "  input {:?}: tail {:?} as tag {:?}, start at {:?}, parser {:?}",
+                t.name, t.include, t.tag, t.start_at, t.parser
+            );
+        }
+        println!(
+            "  output: relays {:?} ({}), chunks of {} or {}, {} in flight",
+            config.output.relays,
+            if config.output.insecure {
+                "plain TCP, insecure"
+            } else {
+                "TLS"
+            },
+            config.output.chunk_size,
+            config.output.chunk_age,
+            config.output.in_flight
+        );
+        return std::process::ExitCode::SUCCESS;
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(config)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(config: AgentConfig) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&config.agent.data_dir)
+        .with_context(|| format!("cannot create data_dir {}", config.agent.data_dir.display()))?;
+    let metrics = Arc::new(AgentMetrics::default());
+    let mut registry = prometheus_client::registry::Registry::default();
+    metrics.register(&mut registry);
+
+    let checkpoint_path = config.agent.data_dir.join("checkpoints.json");
+    let (store, saved) = CheckpointStore::open(&checkpoint_path)?;
+    let mut inputs = Vec::new();
+    for InputConfig::Tail(t) in &config.inputs {
+        let cfg = TailConfig {
+            include: t.include.clone(),
+            exclude: t.exclude.clone(),
+            start_at: t.start_at,
+            max_line_bytes: t.max_line.as_usize(),
+            long_lines: t.long_lines,
+            partial_line_timeout: t.partial_line_timeout.get(),
+            max_deleted_bytes: t.max_deleted.as_u64(),
+            ..TailConfig::default()
+        };
+        let mine: Vec<_> = saved
+            .iter()
+            .filter(|c| c.input == t.name)
+            .cloned()
+            .collect();
+        let tailer =
+            Tailer::new(&t.name, cfg, &mine).with_context(|| format!("input {:?}", t.name))?;
+        let parser = sluice_parsers::Parser::new(t.parser, t.regex.as_deref())
+            .with_context(|| format!("input {:?}", t.name))?;
+        inputs.push(Input {
+            tag: t.tag.clone(),
+            tailer,
+            parser,
+            multiline: t
+                .multiline
+                .as_ref()
+                .map(|m| m.build())
+                .transpose()
+                .with_context(|| format!("input {:?}: multiline", t.name))?,
+            rate: t.max_read_rate.map(|r| pipeline::ReadRate::new(r.as_u64())),
+            parse_errors: metrics
+                .parse_errors
+                .get_or_create(&metrics::InputLabel {
+                    input: t.name.clone(),
+                })
+                .clone(),
+        });
+    }
+
+    let tls = if config.output.insecure {
+        tracing::warn!("output.insecure = true: sending plain TCP without TLS");
+        None
+    } else {
+        Some(sluice_core::tls::client_config(&config.output.tls)?)
+    };
+
+    let background = CancellationToken::new();
+    let ready = Arc::new(sluice_core::metrics::Readiness::default());
+    if let Some(addr) = config.metrics.listen {
+        let bound = sluice_core::metrics::serve(
+            addr,
+            Arc::new(registry),
+            ready.clone(),
+            background.clone(),
+        )
+        .await
+        .with_context(|| format!("cannot bind the metrics endpoint {addr}"))?;
+        tracing::info!(%bound, "metrics endpoint listening");
+    }
+
+    let (chunk_tx, chunk_rx) = tokio::sync::mpsc::channel(config.output.in_flight.max(2));
+    let (commit_tx, commit_rx) = std::sync::mpsc::channel();
+    let stop_reading = CancellationToken::new();
+    let pipeline = Pipeline {
+        agent_id: config.agent.id.clone(),
+        inputs,
+        store,
+        chunk_size: config.output.chunk_size.as_usize(),
+        chunk_age: config.output.chunk_age.get(),
+        metrics: metrics.clone(),
+    };
+    let reader = {
+        let stop = stop_reading.clone();
+        std::thread::Builder::new()
+            .name("tail".into())
+            .spawn(move || pipeline.run(chunk_tx, commit_rx, stop))
+            .context("cannot start the reading thread")?
+    };
+    let abort_output = CancellationToken::new();
+    let output = output::Output {
+        config: config.output.clone(),
+        agent_id: config.agent.id.clone(),
+        tls,
+        metrics: metrics.clone(),
+    };
+    let mut output_task = tokio::spawn(output.run(chunk_rx, commit_tx, abort_output.clone()));
+    ready.set(true);
+    tracing::info!(agent = %config.agent.id, relays = ?config.output.relays, "agent started");
+
+    tokio::select! {
+        _ = shutdown_signal() => {}
+        _ = &mut output_task => {
+            anyhow::bail!("the output stopped unexpectedly");
+        }
+    }
+    tracing::info!(timeout = ?config.agent.shutdown_timeout.get(), "shutting down: sending what was read, waiting for acknowledgements");
+    ready.set(false);
+    stop_reading.cancel();
+    if tokio::time::timeout(config.agent.shutdown_timeout.get(), &mut output_task)
+        .await
+        .is_err()
+    {
+        abort_output.cancel();
+        let _ = output_task.await;
+    }
+    let _ = tokio::task::spawn_blocking(move || reader.join()).await;
+    background.cancel();
+    tracing::info!("stopped; checkpoints saved");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

@@ -1,0 +1,557 @@
+//! The reading side of the agent, on one blocking thread: tail every input, cut the
+//! lines of each source into chunks by size and age, and apply acknowledgements to the
+//! checkpoints.
+//!
+//! A chunk holds lines of one source only, in file order, and carries the source id and
+//! each line's byte offset as provenance. Because the output sends and the relay
+//! acknowledges chunks in order, an acknowledgement means every earlier line of that
+//! source is acknowledged too, and the checkpoint moves to the chunk's end. Nothing
+//! moves a checkpoint but an acknowledgement: a crash at any point re-reads from the
+//! last acknowledged line (at-least-once; the relay trims the resent duplicates).
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::num::NonZeroU32;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use flate2::write::GzEncoder;
+use flate2::Compression;
+use prometheus_client::metrics::counter::Counter;
+use sluice_core::forward::{
+    encode_compressed_packed_forward, write_entry_header, EventTime, Provenance,
+};
+use sluice_parsers::{Event, Multiline, Outcome, Parser, Pending};
+use sluice_tail::{CheckpointStore, SourceId, Tailer};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::AgentMetrics;
+
+/// A sealed chunk, encoded once as a whole Forward frame and resent as it is.
+pub struct Chunk {
+    pub id: String,
+    pub input: usize,
+    pub source: SourceId,
+    /// The checkpoint this chunk's acknowledgement allows.
+    pub end: u64,
+    pub count: usize,
+    pub frame: Bytes,
+}
+
+/// An acknowledgement travelling back to the reading thread.
+pub struct Commit {
+    pub input: usize,
+    pub source: SourceId,
+    pub end: u64,
+}
+
+pub struct Input {
+    pub tag: String,
+    pub tailer: Tailer,
+    pub parser: Parser,
+    /// This input's `sluice_agent_parse_errors_total`.
+    pub parse_errors: Counter,
+    /// Joins the lines of one event before parsing, if configured.
+    pub multiline: Option<Multiline>,
+    /// Caps how fast this input's files are read, if configured.
+    pub rate: Option<ReadRate>,
+}
+
+/// A read rate limit of one input (governor's GCRA over KiB). The reading loop asks for
+/// a budget before each poll: a tenth of a second's worth, or nothing while the input is
+/// over its rate. Unread bytes stay in the files, like with any backpressure.
+pub struct ReadRate {
+    limiter: governor::DefaultDirectRateLimiter,
+    slice_kib: NonZeroU32,
+}
+
+impl ReadRate {
+    pub fn new(bytes_per_second: u64) -> ReadRate {
+        let kib = (bytes_per_second / 1024).clamp(1, u64::from(u32::MAX)) as u32;
+        let slice = (kib / 10).clamp(1, (POLL_BYTES / 1024) as u32);
+        let (kib, slice) = (
+            NonZeroU32::new(kib).unwrap_or(NonZeroU32::MIN),
+            NonZeroU32::new(slice).unwrap_or(NonZeroU32::MIN),
+        );
+        ReadRate {
+            limiter: governor::RateLimiter::direct(
+                governor::Quota::per_second(kib).allow_burst(slice),
+            ),
+            slice_kib: slice,
+        }
+    }
+
+    /// Bytes this input may read now.
+    fn budget(&self) -> usize {
+        match self.limiter.check_n(self.slice_kib) {
+            Ok(Ok(())) => self.slice_kib.get() as usize * 1024,
+            _ => 0,
+        }
+    }
+}
+
+/// Appends events of one input to the open chunks of their sources.
+struct EventWriter<'a> {
+    parser: &'a Parser,
+    parse_errors: &'a Counter,
+    chunk_size: usize,
+    time: EventTime,
+    index: usize,
+}
+
+impl EventWriter<'_> {
+    fn add(
+        &self,
+        sources: &mut HashMap<SourceId, OpenChunk>,
+        full: &mut Vec<(usize, SourceId)>,
+        source: &SourceId,
+        offset: u64,
+        end: u64,
+        bytes: &[u8],
+    ) {
+        // One hash per line in the common case (the source has an open chunk).
+        let c = match sources.get_mut(source) {
+            Some(c) => c,
+            None => {
+                // Small at first: with many files most chunks stay small (sealed by age),
+                // and memory must not be files x chunk_size.
+                let room = self.chunk_size.min(64 * 1024);
+                sources.entry(source.clone()).or_insert(OpenChunk {
+                    entries: Vec::with_capacity(room + 4096),
+                    seqs: Vec::with_capacity(room / 64),
+                    end: 0,
+                    opened: Instant::now(),
+                })
+            }
+        };
+        write_entry_header(&mut c.entries, self.time);
+        if self.parser.write_record(bytes, &mut c.entries) == Outcome::Failed {
+            self.parse_errors.inc();
+        }
+        c.seqs.push(offset);
+        c.end = end;
+        if c.entries.len() >= self.chunk_size {
+            full.push((self.index, source.clone()));
+        }
+    }
+}
+
+pub struct Pipeline {
+    pub agent_id: String,
+    pub inputs: Vec<Input>,
+    pub store: CheckpointStore,
+    pub chunk_size: usize,
+    pub chunk_age: Duration,
+    pub metrics: Arc<AgentMetrics>,
+}
+
+struct OpenChunk {
+    entries: Vec<u8>,
+    seqs: Vec<u64>,
+    end: u64,
+    opened: Instant,
+}
+
+const POLL_BYTES: usize = 1 << 20;
+const DISCOVER_EVERY: Duration = Duration::from_millis(250);
+const SAVE_EVERY: Duration = Duration::from_secs(1);
+
+impl Pipeline {
+    /// Runs until `stop`; then seals what is open, hands it over, and keeps applying
+    /// acknowledgements until the output is gone, so the last checkpoint is as far as
+    /// the relay confirmed.
+    pub fn run(
+        mut self,
+        chunks: mpsc::Sender<Chunk>,
+        commits: Receiver<Commit>,
+        stop: CancellationToken,
+    ) {
+        // Per input, per source; looked up by reference so a line costs no allocation.
+        let mut open: Vec<HashMap<SourceId, OpenChunk>> =
+            self.inputs.iter().map(|_| HashMap::new()).collect();
+        // Per input, per source: the open multiline event (inputs with `multiline` only).
+        let mut pending: Vec<HashMap<SourceId, Pending>> =
+            self.inputs.iter().map(|_| HashMap::new()).collect();
+        let mut last_discover: Option<Instant> = None;
+        let mut last_save = Instant::now();
+        let mut dirty = false;
+        let mut chunks = Some(chunks);
+        let mut gzip = Gzip::default();
+        loop {
+            // Acknowledgements first: they free checkpoints and rotated files.
+            loop {
+                match commits.try_recv() {
+                    Ok(c) => {
+                        self.inputs[c.input].tailer.commit(&c.source, c.end);
+                        dirty = true;
+                    }
+                    Err(std::sync::mpsc::TryRecvError::Empty) => break,
+                    Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                        // The output is gone (after shutdown): last save, done.
+                        self.save();
+                        return;
+                    }
+                }
+            }
+            if dirty && last_save.elapsed() >= SAVE_EVERY {
+                self.save();
+                dirty = false;
+                last_save = Instant::now();
+            }
+            let Some(sender) = chunks.as_ref() else {
+                // Shutting down: only acknowledgements matter now.
+                match commits.recv_timeout(Duration::from_millis(200)) {
+                    Ok(c) => {
+                        self.inputs[c.input].tailer.commit(&c.source, c.end);
+                        dirty = true;
+                    }
+                    Err(RecvTimeoutError::Timeout) => {}
+                    Err(RecvTimeoutError::Disconnected) => {
+                        self.save();
+                        return;
+                    }
+                }
+                continue;
+            };
+            if stop.is_cancelled() {
+                // Open multiline events are finished as they are, like a partial line at
+                // shutdown: their lines were read, they are sent.
+                for (index, input) in self.inputs.iter().enumerate() {
+                    let Some(m) = &input.multiline else { continue };
+                    let writer = EventWriter {
+                        parser: &input.parser,
+                        parse_errors: &input.parse_errors,
+                        chunk_size: self.chunk_size,
+                        time: EventTime::now(),
+                        index,
+                    };
+                    let mut full = Vec::new();
+                    for (source, p) in pending[index].iter_mut() {
+                        m.flush(p, &mut |e| {
+                            writer.add(
+                                &mut open[index],
+                                &mut full,
+                                source,
+                                e.offset,
+                                e.end,
+                                e.bytes,
+                            )
+                        });
+                    }
+                    pending[index].clear();
+                }
+                for (index, sources) in open.iter_mut().enumerate() {
+                    for (source, c) in sources.drain() {
+                        let chunk = self.seal(&mut gzip, (index, source), c);
+                        let _ = sender.blocking_send(chunk);
+                    }
+                }
+                chunks = None;
+                continue;
+            }
+            if last_discover.is_none_or(|t| t.elapsed() >= DISCOVER_EVERY) {
+                for input in &mut self.inputs {
+                    if let Err(e) = input.tailer.discover() {
+                        tracing::warn!(error = %e, "file discovery failed");
+                    }
+                }
+                self.export_stats();
+                last_discover = Some(Instant::now());
+            }
+            let mut read = 0;
+            let now = EventTime::now();
+            let instant = Instant::now();
+            let mut full = Vec::new();
+            for (index, input) in self.inputs.iter_mut().enumerate() {
+                let metrics = &self.metrics;
+                let writer = EventWriter {
+                    parser: &input.parser,
+                    parse_errors: &input.parse_errors,
+                    chunk_size: self.chunk_size,
+                    time: now,
+                    index,
+                };
+                let sources = &mut open[index];
+                let waiting = &mut pending[index];
+                let multiline = input.multiline.as_ref();
+                let budget = input.rate.as_ref().map_or(POLL_BYTES, ReadRate::budget);
+                if budget > 0 {
+                    let polled = input.tailer.poll(budget, &mut |line| {
+                        metrics.lines_read.inc();
+                        metrics.bytes_read.inc_by(line.bytes.len() as u64 + 1);
+                        let Some(m) = multiline else {
+                            let (offset, end) = (line.offset, line.end);
+                            writer.add(sources, &mut full, line.source, offset, end, line.bytes);
+                            return;
+                        };
+                        if !waiting.contains_key(line.source) {
+                            waiting.insert(line.source.clone(), Pending::default());
+                        }
+                        let Some(p) = waiting.get_mut(line.source) else {
+                            return;
+                        };
+                        // A piece of a split over-long line consumed no newline.
+                        let continues = line.end == line.offset + line.bytes.len() as u64;
+                        m.push(
+                            p,
+                            Event {
+                                offset: line.offset,
+                                end: line.end,
+                                bytes: line.bytes,
+                            },
+                            continues,
+                            instant,
+                            &mut |e| {
+                                writer.add(
+                                    sources,
+                                    &mut full,
+                                    line.source,
+                                    e.offset,
+                                    e.end,
+                                    e.bytes,
+                                )
+                            },
+                        );
+                    });
+                    match polled {
+                        Ok(n) => read += n,
+                        Err(e) => tracing::warn!(error = %e, "reading files failed"),
+                    }
+                }
+                if let Some(m) = multiline {
+                    for (source, p) in waiting.iter_mut() {
+                        m.flush_expired(p, instant, &mut |e| {
+                            writer.add(sources, &mut full, source, e.offset, e.end, e.bytes)
+                        });
+                    }
+                    waiting.retain(|_, p| !p.is_empty());
+                }
+            }
+            // Bounded memory whatever the number of files: when the open chunks together
+            // hold more than two chunks' worth, the largest are sealed early.
+            let mut open_bytes: usize = open
+                .iter()
+                .flat_map(|sources| sources.values())
+                .map(|c| c.entries.len())
+                .sum();
+            if open_bytes > 2 * self.chunk_size {
+                let mut largest: Vec<(usize, usize, &SourceId)> = open
+                    .iter()
+                    .enumerate()
+                    .flat_map(|(i, sources)| {
+                        sources.iter().map(move |(s, c)| (c.entries.len(), i, s))
+                    })
+                    .collect();
+                largest.sort_unstable_by_key(|&(len, _, _)| std::cmp::Reverse(len));
+                for (len, i, source) in largest {
+                    if open_bytes <= self.chunk_size {
+                        break;
+                    }
+                    open_bytes -= len;
+                    full.push((i, source.clone()));
+                }
+            }
+            full.sort();
+            full.dedup();
+            let aged: Vec<_> = open
+                .iter()
+                .enumerate()
+                .flat_map(|(i, sources)| {
+                    sources
+                        .iter()
+                        .filter(|(_, c)| c.opened.elapsed() >= self.chunk_age)
+                        .map(move |(s, _)| (i, s.clone()))
+                })
+                .collect();
+            for key in full.into_iter().chain(aged) {
+                if let Some(c) = open[key.0].remove(&key.1) {
+                    let chunk = self.seal(&mut gzip, key, c);
+                    // Blocks while the output is behind: the files are the buffer.
+                    if sender.blocking_send(chunk).is_err() {
+                        tracing::warn!("output stopped; reading stops");
+                        chunks = None;
+                        break;
+                    }
+                }
+            }
+            if read == 0 {
+                // Idle: wait for an acknowledgement or the next poll, whichever first.
+                let multiline_due =
+                    self.inputs
+                        .iter()
+                        .zip(&pending)
+                        .flat_map(|(input, waiting)| {
+                            let m = input.multiline.as_ref();
+                            waiting
+                                .values()
+                                .filter_map(move |p| m.and_then(|m| m.deadline(p)))
+                                .map(|t| t.saturating_duration_since(Instant::now()))
+                        });
+                let wait = open
+                    .iter()
+                    .flat_map(|sources| sources.values())
+                    .map(|c| self.chunk_age.saturating_sub(c.opened.elapsed()))
+                    .chain(multiline_due)
+                    .min()
+                    .unwrap_or(Duration::from_millis(100))
+                    .min(Duration::from_millis(100));
+                match commits.recv_timeout(wait) {
+                    Ok(c) => {
+                        self.inputs[c.input].tailer.commit(&c.source, c.end);
+                        dirty = true;
+                    }
+                    Err(RecvTimeoutError::Timeout) => {}
+                    Err(RecvTimeoutError::Disconnected) => {
+                        self.save();
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    fn seal(&self, gzip: &mut Gzip, (input, source): (usize, SourceId), c: OpenChunk) -> Chunk {
+        let count = c.seqs.len();
+        let compressed = gzip.compress(&c.entries);
+        let id_bytes: [u8; 16] = rand::random();
+        let id = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, id_bytes);
+        let provenance = Provenance {
+            source: format!("{}:{}", self.agent_id, source.0),
+            seqs: c.seqs,
+        };
+        let mut frame = BytesMut::with_capacity(compressed.len() + count * 9 + 256);
+        encode_compressed_packed_forward(
+            &self.inputs[input].tag,
+            compressed,
+            count,
+            &id,
+            Some(&provenance),
+            &mut frame,
+        );
+        self.metrics.chunks_sealed.inc();
+        Chunk {
+            id,
+            input,
+            source,
+            end: c.end,
+            count,
+            frame: frame.freeze(),
+        }
+    }
+
+    fn save(&mut self) {
+        let all: Vec<_> = self
+            .inputs
+            .iter()
+            .flat_map(|i| i.tailer.checkpoints())
+            .collect();
+        match self.store.save(&all) {
+            Ok(()) => {
+                self.metrics.checkpoint_saves.inc();
+            }
+            Err(e) => {
+                self.metrics.checkpoint_errors.inc();
+                tracing::warn!(error = %e, "cannot save checkpoints; positions will be re-read after a restart");
+            }
+        };
+    }
+
+    fn export_stats(&self) {
+        let (mut open, mut held, mut alarm, mut truncated, mut lost) = (0, 0, false, 0, 0);
+        for input in &self.inputs {
+            let s = input.tailer.stats();
+            open += s.files_open as i64;
+            held += s.deleted_bytes_held as i64;
+            alarm |= s.deleted_bytes_alarm;
+            truncated += s.lines_truncated as i64;
+            lost += s.bytes_lost_to_truncation as i64;
+        }
+        self.metrics.files_open.set(open);
+        self.metrics.deleted_bytes_held.set(held);
+        self.metrics.deleted_bytes_alarm.set(alarm as i64);
+        self.metrics.lines_truncated.set(truncated);
+        self.metrics.bytes_lost_to_truncation.set(lost);
+    }
+}
+
+/// gzip with one deflate state for all chunks. A fresh compressor per chunk allocates and
+/// frees a few hundred KiB every time, which only churns (and fragments) the heap.
+pub(crate) struct Gzip {
+    deflate: flate2::Compress,
+    out: Vec<u8>,
+}
+
+impl Default for Gzip {
+    fn default() -> Gzip {
+        Gzip {
+            deflate: flate2::Compress::new(Compression::fast(), false),
+            out: Vec::new(),
+        }
+    }
+}
+
+impl Gzip {
+    /// `input` as one gzip member (RFC 1952), in a buffer reused by the next call.
+    pub(crate) fn compress(&mut self, input: &[u8]) -> &[u8] {
+        // ID1 ID2 CM=deflate FLG=0 MTIME=0 XFL=0 OS=unknown
+        const HEADER: [u8; 10] = [0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 0xff];
+        self.out.clear();
+        self.out.extend_from_slice(&HEADER);
+        self.deflate.reset();
+        let mut consumed = 0;
+        loop {
+            self.out.reserve((input.len() - consumed) / 2 + 4096);
+            let before = self.deflate.total_in();
+            let status = self.deflate.compress_vec(
+                &input[consumed..],
+                &mut self.out,
+                flate2::FlushCompress::Finish,
+            );
+            consumed += (self.deflate.total_in() - before) as usize;
+            match status {
+                Ok(flate2::Status::StreamEnd) => break,
+                Ok(_) => {}
+                Err(e) => {
+                    // Cannot happen with a valid state; never send a broken member.
+                    tracing::error!(error = %e, "deflate failed; compressing this chunk afresh");
+                    let mut gz = GzEncoder::new(Vec::new(), Compression::fast());
+                    let _ = gz.write_all(input);
+                    self.out = gz.finish().unwrap_or_default();
+                    return &self.out;
+                }
+            }
+        }
+        let mut crc = flate2::Crc::new();
+        crc.update(input);
+        self.out.extend_from_slice(&crc.sum().to_le_bytes());
+        self.out
+            .extend_from_slice(&(input.len() as u32).to_le_bytes());
+        &self.out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Read;
+
+    use super::Gzip;
+
+    #[test]
+    fn gzip_members_decode_and_the_state_is_reused() {
+        let mut gzip = Gzip::default();
+        let big: Vec<u8> = (0..3_000_000u32)
+            .flat_map(|i| (i % 251).to_le_bytes())
+            .collect();
+        for input in [&b"hello, world\n"[..], &big, b"", b"again"] {
+            let member = gzip.compress(input).to_vec();
+            let mut back = Vec::new();
+            flate2::read::GzDecoder::new(&member[..])
+                .read_to_end(&mut back)
+                .unwrap();
+            assert_eq!(back, input);
+        }
+    }
+}

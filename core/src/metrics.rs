@@ -1,0 +1,110 @@
+//! The HTTP endpoint every sluice process serves: `/metrics` (Prometheus text format),
+//! `/health` (the process runs) and `/ready` (it accepts and delivers data).
+//!
+//! Each binary builds its own [`prometheus_client::registry::Registry`] with the metrics
+//! of its stages and hands it to [`serve`].
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Readiness, flipped by the binary: ready once inputs and outputs are up, not ready
+/// while shutting down or while the relay's spool is full.
+#[derive(Debug, Default)]
+pub struct Readiness(AtomicBool);
+
+impl Readiness {
+    pub fn set(&self, ready: bool) {
+        self.0.store(ready, Ordering::Relaxed)
+    }
+    pub fn get(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Renders the registry in the Prometheus text exposition format.
+pub fn render(registry: &Registry) -> String {
+    let mut out = String::with_capacity(16 * 1024);
+    // Encoding into a String cannot fail.
+    let _ = prometheus_client::encoding::text::encode(&mut out, registry);
+    out
+}
+
+/// Binds `addr` and serves until `cancel` fires. Returns the bound address (so tests can
+/// ask for port 0).
+pub async fn serve(
+    addr: SocketAddr,
+    registry: Arc<Registry>,
+    ready: Arc<Readiness>,
+    cancel: CancellationToken,
+) -> std::io::Result<SocketAddr> {
+    let listener = TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    tokio::spawn(async move {
+        loop {
+            let stream = tokio::select! {
+                _ = cancel.cancelled() => return,
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "metrics endpoint: accept failed");
+                        continue;
+                    }
+                },
+            };
+            let registry = registry.clone();
+            let ready = ready.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |req: Request<hyper::body::Incoming>| {
+                    let registry = registry.clone();
+                    let ready = ready.clone();
+                    async move { Ok::<_, Infallible>(respond(req.uri().path(), &registry, &ready)) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    Ok(local)
+}
+
+fn respond(path: &str, registry: &Registry, ready: &Readiness) -> Response<Full<Bytes>> {
+    let (status, body, content_type) = match path {
+        "/metrics" => (
+            StatusCode::OK,
+            render(registry),
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        ),
+        "/health" => (StatusCode::OK, "ok\n".to_string(), "text/plain"),
+        "/ready" if ready.get() => (StatusCode::OK, "ready\n".to_string(), "text/plain"),
+        "/ready" => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready\n".to_string(),
+            "text/plain",
+        ),
+        _ => (
+            StatusCode::NOT_FOUND,
+            "not found\n".to_string(),
+            "text/plain",
+        ),
+    };
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    if let Ok(v) = content_type.parse() {
+        response
+            .headers_mut()
+            .insert(hyper::header::CONTENT_TYPE, v);
+    }
+    response
+}

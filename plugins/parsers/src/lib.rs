@@ -1,0 +1,281 @@
+//! Line parsers for the sluice agent: each turns one log line into the record map of a
+//! Forward event, written straight into the chunk as MessagePack.
+//!
+//! | [`ParserKind`] | record |
+//! |---|---|
+//! | `none` | `{"message": <line>}` |
+//! | `json` | the line's top-level JSON object, as is |
+//! | `regex` | one field per named capture group of the configured pattern |
+//! | `nginx`, `apache` | combined (or common) log format: `remote`, `user`, `time`, `method`, `path`, `protocol`, `code`, `size`, `referer`, `agent` |
+//! | `syslog_rfc3164` | `pri`, `facility`, `severity`, `time`, `host`, `ident`, `pid`, `message` |
+//! | `syslog_rfc5424` | as 3164, plus `version`, `msgid`, `structured_data` |
+//!
+//! [`Multiline`] joins the lines of one event (a stack trace) before parsing.
+//!
+//! # Guarantee: a line is never dropped
+//!
+//! [`Parser::write_record`] always writes a record. A line that does not parse is written
+//! raw, as `{"message": <line>, "parse_error": <why>}`, and the call returns
+//! [`Outcome::Failed`] so the caller can count it. Bytes that are not valid UTF-8 are
+//! written as MessagePack `bin`, unchanged, wherever they appear. Records never nest
+//! deeper than [`MAX_NESTING`], so a relay's decoder (which refuses deeper records) never
+//! rejects a chunk because of one odd line.
+//!
+//! # Example
+//!
+//! ```
+//! use sluice_parsers::{Outcome, Parser, ParserKind};
+//! let parser = Parser::new(ParserKind::Json, None)?;
+//! let mut record = Vec::new();
+//! assert_eq!(parser.write_record(br#"{"level":"info","n":3}"#, &mut record), Outcome::Parsed);
+//! record.clear();
+//! assert_eq!(parser.write_record(b"not json", &mut record), Outcome::Failed);
+//! # Ok::<(), sluice_parsers::ParserError>(())
+//! ```
+
+mod json;
+mod multiline;
+mod patterns;
+
+pub use multiline::{Event, Multiline, Pending};
+use patterns::{Combined, Syslog3164, Syslog5424, UserRegex};
+
+/// Containers (maps, arrays) nest at most this deep in a record, the record map being
+/// level 1. Deeper JSON is delivered raw with a parse error.
+pub const MAX_NESTING: usize = 32;
+
+/// Which parser an input uses (`parser = "..."` in the agent config).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ParserKind {
+    /// The whole line as `message`.
+    #[default]
+    None,
+    /// A JSON object per line.
+    Json,
+    /// Named capture groups of a regular expression (`regex = "..."`).
+    Regex,
+    /// nginx `combined` (and `common`) access log format.
+    Nginx,
+    /// Apache `combined` (and `common`) access log format.
+    Apache,
+    /// BSD syslog, RFC 3164 (`<pri>` optional, as in files written by syslog daemons).
+    SyslogRfc3164,
+    /// IETF syslog, RFC 5424.
+    SyslogRfc5424,
+}
+
+/// What [`Parser::write_record`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The record holds the parsed fields.
+    Parsed,
+    /// The line did not parse; the record holds it raw, with a `parse_error` field.
+    Failed,
+}
+
+/// A parser that cannot be built from its configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ParserError {
+    #[error("parser \"regex\" needs a pattern: set regex = \"(?P<field>...)...\" on the input")]
+    MissingPattern,
+    #[error("a regex is only used with parser = \"regex\" (this input uses {0:?})")]
+    UnusedPattern(ParserKind),
+    #[error("invalid regex: {0}")]
+    BadPattern(#[from] regex::Error),
+    #[error("the regex has no named capture group (?P<name>...), so it would produce no fields")]
+    NoNamedGroups,
+}
+
+/// A configured parser. Cheap to share by reference; parsing allocates little.
+#[derive(Debug)]
+pub struct Parser {
+    kind: ParserKind,
+    imp: Imp,
+}
+
+#[derive(Debug)]
+enum Imp {
+    None,
+    Json,
+    Regex(UserRegex),
+    Combined(Combined),
+    Syslog3164(Syslog3164),
+    Syslog5424(Syslog5424),
+}
+
+impl Parser {
+    /// Builds the parser of `kind`; `pattern` is the regex of [`ParserKind::Regex`] (and
+    /// an error with any other kind, so a forgotten `parser = "regex"` is noticed).
+    pub fn new(kind: ParserKind, pattern: Option<&str>) -> Result<Parser, ParserError> {
+        let imp = match (kind, pattern) {
+            (ParserKind::Regex, None) => return Err(ParserError::MissingPattern),
+            (ParserKind::Regex, Some(p)) => Imp::Regex(UserRegex::new(p)?),
+            (other, Some(_)) => return Err(ParserError::UnusedPattern(other)),
+            (ParserKind::None, None) => Imp::None,
+            (ParserKind::Json, None) => Imp::Json,
+            (ParserKind::Nginx | ParserKind::Apache, None) => Imp::Combined(Combined::new()),
+            (ParserKind::SyslogRfc3164, None) => Imp::Syslog3164(Syslog3164::new()),
+            (ParserKind::SyslogRfc5424, None) => Imp::Syslog5424(Syslog5424::new()),
+        };
+        Ok(Parser { kind, imp })
+    }
+
+    pub fn kind(&self) -> ParserKind {
+        self.kind
+    }
+
+    /// Appends the record map for `line` (without its newline) to `out`. Always writes
+    /// exactly one map; see the crate documentation.
+    pub fn write_record(&self, line: &[u8], out: &mut Vec<u8>) -> Outcome {
+        let result = match &self.imp {
+            Imp::None => {
+                write_map_len(out, 1);
+                write_field(out, "message", &Value::Text(line));
+                return Outcome::Parsed;
+            }
+            Imp::Json => json::write(line, out),
+            Imp::Regex(p) => p.write(line, out),
+            Imp::Combined(p) => p.write(line, out),
+            Imp::Syslog3164(p) => p.write(line, out),
+            Imp::Syslog5424(p) => p.write(line, out),
+        };
+        match result {
+            Ok(()) => Outcome::Parsed,
+            Err(why) => {
+                write_map_len(out, 2);
+                write_field(out, "message", &Value::Text(line));
+                write_field(out, "parse_error", &Value::Text(why.as_bytes()));
+                Outcome::Failed
+            }
+        }
+    }
+}
+
+/// A field value of the regex-based parsers.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Value<'a> {
+    /// str if valid UTF-8, else bin.
+    Text(&'a [u8]),
+    Int(i64),
+    Static(&'static str),
+}
+
+pub(crate) fn write_map_len(out: &mut Vec<u8>, n: usize) {
+    // Writing into a Vec cannot fail.
+    let _ = rmp::encode::write_map_len(out, n as u32);
+}
+
+pub(crate) fn write_text(out: &mut Vec<u8>, bytes: &[u8]) {
+    let _ = match std::str::from_utf8(bytes) {
+        Ok(s) => rmp::encode::write_str(out, s),
+        Err(_) => rmp::encode::write_bin(out, bytes),
+    };
+}
+
+pub(crate) fn write_field(out: &mut Vec<u8>, key: &str, value: &Value<'_>) {
+    let _ = rmp::encode::write_str(out, key);
+    match *value {
+        Value::Text(b) => write_text(out, b),
+        Value::Int(i) => {
+            let _ = rmp::encode::write_sint(out, i);
+        }
+        Value::Static(s) => {
+            let _ = rmp::encode::write_str(out, s);
+        }
+    }
+}
+
+pub(crate) fn write_fields(out: &mut Vec<u8>, fields: &[(&str, Value<'_>)]) {
+    write_map_len(out, fields.len());
+    for (key, value) in fields {
+        write_field(out, key, value);
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod test_util {
+    use super::*;
+
+    /// Parses `line` and returns the record as JSON, plus the outcome.
+    pub fn parse(parser: &Parser, line: &[u8]) -> (serde_json::Value, Outcome) {
+        let mut out = Vec::new();
+        let outcome = parser.write_record(line, &mut out);
+        let mut cursor = &out[..];
+        let value = rmpv::decode::read_value(&mut cursor).expect("one msgpack value");
+        assert!(cursor.is_empty(), "exactly one value written");
+        (to_json(&value), outcome)
+    }
+
+    fn to_json(v: &rmpv::Value) -> serde_json::Value {
+        use rmpv::Value as V;
+        match v {
+            V::Nil => serde_json::Value::Null,
+            V::Boolean(b) => (*b).into(),
+            V::Integer(i) => match (i.as_i64(), i.as_u64()) {
+                (Some(n), _) => n.into(),
+                (None, Some(n)) => n.into(),
+                _ => serde_json::Value::Null,
+            },
+            V::F32(f) => (*f as f64).into(),
+            V::F64(f) => (*f).into(),
+            V::String(s) => s.as_str().unwrap_or("<invalid utf-8>").into(),
+            V::Binary(b) => format!("bin:{b:?}").into(),
+            V::Array(a) => a.iter().map(to_json).collect(),
+            V::Map(m) => m
+                .iter()
+                .map(|(k, v)| (k.as_str().unwrap_or("?").to_string(), to_json(v)))
+                .collect::<serde_json::Map<_, _>>()
+                .into(),
+            V::Ext(..) => serde_json::Value::Null,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_util::parse;
+    use super::*;
+
+    #[test]
+    fn none_keeps_the_line_and_invalid_utf8_as_bin() {
+        let p = Parser::new(ParserKind::None, None).unwrap();
+        let (v, o) = parse(&p, b"hello world");
+        assert_eq!(o, Outcome::Parsed);
+        assert_eq!(v, serde_json::json!({"message": "hello world"}));
+        let (v, _) = parse(&p, b"bad \xff byte");
+        assert!(v["message"].as_str().unwrap().starts_with("bin:"), "{v}");
+    }
+
+    #[test]
+    fn configuration_mistakes_are_explained() {
+        let e = Parser::new(ParserKind::Regex, None).unwrap_err();
+        assert!(e.to_string().contains("needs a pattern"), "{e}");
+        let e = Parser::new(ParserKind::Json, Some("(?P<a>.)")).unwrap_err();
+        assert!(e.to_string().contains("only used with parser"), "{e}");
+        let e = Parser::new(ParserKind::Regex, Some("(unclosed")).unwrap_err();
+        assert!(e.to_string().contains("invalid regex"), "{e}");
+        let e = Parser::new(ParserKind::Regex, Some("(a)(b)")).unwrap_err();
+        assert!(e.to_string().contains("no named capture group"), "{e}");
+    }
+
+    #[test]
+    fn kinds_have_their_config_names() {
+        #[derive(serde::Deserialize)]
+        struct C {
+            parser: ParserKind,
+        }
+        for (text, kind) in [
+            ("none", ParserKind::None),
+            ("json", ParserKind::Json),
+            ("regex", ParserKind::Regex),
+            ("nginx", ParserKind::Nginx),
+            ("apache", ParserKind::Apache),
+            ("syslog_rfc3164", ParserKind::SyslogRfc3164),
+            ("syslog_rfc5424", ParserKind::SyslogRfc5424),
+        ] {
+            let c: C = serde_json::from_str(&format!("{{\"parser\":\"{text}\"}}")).unwrap();
+            assert_eq!(c.parser, kind);
+        }
+    }
+}

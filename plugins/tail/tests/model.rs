@@ -1,0 +1,301 @@
+//! Model-based test: random sequences of file system actions (write, rename rotation,
+//! copytruncate, delete), restarts and polls are applied to the real `Tailer` on real
+//! files and to a small model of which numbered line lives where and what was emitted
+//! and committed. Afterwards:
+//!
+//! * every written line was emitted *and committed* (delivered) at least once; emissions
+//!   still uncommitted at a restart count for nothing, as an agent's in-flight chunks.
+//!   Excepted are the lines the model says may be lost: truncated away (copytruncate)
+//!   before they were read, or destroyed (truncated, or in a deleted file) and not yet
+//!   committed when the agent restarted;
+//! * if no restart happened with emitted-but-uncommitted lines, every line was emitted
+//!   exactly once;
+//! * the bytes the tailer reports lost to truncation are exactly the bytes of the lines
+//!   the model saw destroyed unread.
+//!
+//! The harness calls `discover()` after every file system action, as if the agent's
+//! periodic scan were always fast enough; the races that this hides (a file created and
+//! deleted between two scans) are outside what the tailer can see at all.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+
+use proptest::prelude::*;
+use sluice_tail::{SourceId, TailConfig, Tailer};
+
+#[derive(Clone, Debug)]
+enum Op {
+    Write {
+        lines: u8,
+        pad: u8,
+    },
+    /// app.log.1 -> app.log.2 (the old .2 is deleted), app.log -> app.log.1, new app.log.
+    Rotate,
+    /// Copy app.log away (outside the globs), then truncate it.
+    CopyTruncate,
+    Delete,
+    /// Drop the tailer and start a new one from its checkpoints.
+    Restart,
+    Poll {
+        budget: u16,
+        commit: bool,
+    },
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        6 => (1u8..5, 0u8..30).prop_map(|(lines, pad)| Op::Write { lines, pad }),
+        1 => Just(Op::Rotate),
+        1 => Just(Op::CopyTruncate),
+        1 => Just(Op::Delete),
+        1 => Just(Op::Restart),
+        4 => (1u16..200, any::<bool>()).prop_map(|(budget, commit)| Op::Poll { budget, commit }),
+    ]
+}
+
+/// One physical file of the model.
+struct ModelFile {
+    /// Current name, `None` once deleted.
+    name: Option<String>,
+    /// Line numbers it holds (in order) with their size in bytes, newline included.
+    lines: Vec<(u64, u64)>,
+}
+
+struct Harness {
+    dir: tempfile::TempDir,
+    cfg: TailConfig,
+    tailer: Tailer,
+    files: Vec<ModelFile>,
+    next_line: u64,
+    /// Emissions per line number over all tailer instances.
+    emitted: HashMap<u64, u32>,
+    /// Lines the current tailer instance has handed out (or resumed past).
+    seen_by_current: HashSet<u64>,
+    committed: HashSet<u64>,
+    /// Lines whose bytes no longer exist in any followed file (truncated away).
+    destroyed: HashSet<u64>,
+    pending: Vec<(SourceId, u64, u64)>,
+    may_be_lost: HashSet<u64>,
+    expected_lost_bytes: u64,
+    reported_lost_bytes: u64,
+    clean: bool,
+    copies: u32,
+}
+
+impl Harness {
+    fn new(read_chunk_bytes: usize) -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir(dir.path().join("copies")).unwrap();
+        let cfg = TailConfig {
+            include: vec![format!("{}/app.log*", dir.path().display())],
+            read_chunk_bytes,
+            max_line_bytes: 1024,
+            ..TailConfig::default()
+        };
+        let tailer = Tailer::new("model", cfg.clone(), &[]).unwrap();
+        Harness {
+            dir,
+            cfg,
+            tailer,
+            files: Vec::new(),
+            next_line: 0,
+            emitted: HashMap::new(),
+            seen_by_current: HashSet::new(),
+            committed: HashSet::new(),
+            destroyed: HashSet::new(),
+            pending: Vec::new(),
+            may_be_lost: HashSet::new(),
+            expected_lost_bytes: 0,
+            reported_lost_bytes: 0,
+            clean: true,
+            copies: 0,
+        }
+    }
+
+    fn path(&self, name: &str) -> std::path::PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn named(&self, name: &str) -> Option<usize> {
+        self.files
+            .iter()
+            .position(|f| f.name.as_deref() == Some(name))
+    }
+
+    fn apply(&mut self, op: &Op) {
+        match *op {
+            Op::Write { lines, pad } => {
+                let idx = match self.named("app.log") {
+                    Some(i) => i,
+                    None => {
+                        self.files.push(ModelFile {
+                            name: Some("app.log".into()),
+                            lines: Vec::new(),
+                        });
+                        self.files.len() - 1
+                    }
+                };
+                let mut text = Vec::new();
+                for _ in 0..lines {
+                    let no = self.next_line;
+                    self.next_line += 1;
+                    let line = format!("line-{no:06}-{}\n", "x".repeat(pad as usize));
+                    self.files[idx].lines.push((no, line.len() as u64));
+                    text.extend_from_slice(line.as_bytes());
+                }
+                let mut f = OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(self.path("app.log"))
+                    .unwrap();
+                f.write_all(&text).unwrap();
+            }
+            Op::Rotate => {
+                if let Some(i) = self.named("app.log.2") {
+                    fs::remove_file(self.path("app.log.2")).unwrap();
+                    self.files[i].name = None;
+                }
+                for (from, to) in [("app.log.1", "app.log.2"), ("app.log", "app.log.1")] {
+                    if let Some(i) = self.named(from) {
+                        fs::rename(self.path(from), self.path(to)).unwrap();
+                        self.files[i].name = Some(to.into());
+                    }
+                }
+                fs::File::create(self.path("app.log")).unwrap();
+                self.files.push(ModelFile {
+                    name: Some("app.log".into()),
+                    lines: Vec::new(),
+                });
+            }
+            Op::CopyTruncate => {
+                if let Some(i) = self.named("app.log") {
+                    self.copies += 1;
+                    let copy = self.dir.path().join(format!("copies/{}", self.copies));
+                    fs::copy(self.path("app.log"), copy).unwrap();
+                    OpenOptions::new()
+                        .write(true)
+                        .open(self.path("app.log"))
+                        .unwrap()
+                        .set_len(0)
+                        .unwrap();
+                    for (no, len) in std::mem::take(&mut self.files[i].lines) {
+                        self.destroyed.insert(no);
+                        if !self.seen_by_current.contains(&no) {
+                            self.expected_lost_bytes += len;
+                            if !self.committed.contains(&no) {
+                                self.may_be_lost.insert(no);
+                            }
+                        }
+                    }
+                }
+            }
+            Op::Delete => {
+                if let Some(i) = self.named("app.log") {
+                    fs::remove_file(self.path("app.log")).unwrap();
+                    self.files[i].name = None;
+                }
+            }
+            Op::Restart => {
+                self.reported_lost_bytes += self.tailer.stats().bytes_lost_to_truncation;
+                if !self.pending.is_empty() {
+                    self.clean = false;
+                }
+                self.pending.clear();
+                // Closing a deleted file loses what was not committed from it; what was
+                // truncated away and not committed cannot be read again either.
+                let deleted = self.files.iter().filter(|f| f.name.is_none());
+                let gone = deleted.flat_map(|f| f.lines.iter().map(|(no, _)| *no));
+                for no in gone.chain(self.destroyed.iter().copied()) {
+                    if !self.committed.contains(&no) {
+                        self.may_be_lost.insert(no);
+                    }
+                }
+                let cps = self.tailer.checkpoints();
+                let fresh = Tailer::new("model", self.cfg.clone(), &cps).unwrap();
+                self.tailer = fresh;
+                // The new instance resumes right after the committed lines.
+                self.seen_by_current = self.committed.clone();
+                return; // Tailer::new scans by itself
+            }
+            Op::Poll { budget, commit } => {
+                self.poll(budget as usize);
+                if commit {
+                    self.commit_all();
+                }
+                return;
+            }
+        }
+        self.tailer.discover().unwrap();
+    }
+
+    fn poll(&mut self, budget: usize) -> usize {
+        let mut got = Vec::new();
+        let n = self
+            .tailer
+            .poll(budget, &mut |l| {
+                let text = std::str::from_utf8(l.bytes).unwrap();
+                let no: u64 = text[5..11].parse().unwrap();
+                assert!(!l.truncated);
+                got.push((l.source.clone(), l.end, no));
+            })
+            .unwrap();
+        for (source, end, no) in got {
+            *self.emitted.entry(no).or_default() += 1;
+            self.seen_by_current.insert(no);
+            self.pending.push((source, end, no));
+        }
+        n
+    }
+
+    fn commit_all(&mut self) {
+        for (source, end, no) in self.pending.drain(..) {
+            self.tailer.commit(&source, end);
+            self.committed.insert(no);
+        }
+    }
+
+    fn finish(mut self) {
+        self.tailer.discover().unwrap();
+        while self.poll(1 << 20) > 0 {
+            self.commit_all();
+        }
+        self.commit_all();
+        self.reported_lost_bytes += self.tailer.stats().bytes_lost_to_truncation;
+        for no in 0..self.next_line {
+            let count = self.emitted.get(&no).copied().unwrap_or(0);
+            if !self.may_be_lost.contains(&no) {
+                assert!(
+                    self.committed.contains(&no),
+                    "line {no} never delivered (emitted {count} times)"
+                );
+            }
+            if self.clean {
+                assert!(
+                    count <= 1,
+                    "line {no} emitted {count} times without an unclean restart"
+                );
+            }
+        }
+        assert_eq!(
+            self.reported_lost_bytes, self.expected_lost_bytes,
+            "bytes lost to truncation"
+        );
+        // Everything is read and committed: only files still matched by the globs stay open.
+        let live = self.files.iter().filter(|f| f.name.is_some()).count() as u64;
+        assert_eq!(self.tailer.stats().files_open, live);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    #[test]
+    fn tailer_agrees_with_model(ops in proptest::collection::vec(op(), 1..60), chunk in 7usize..64) {
+        let mut h = Harness::new(chunk);
+        for op in &ops {
+            h.apply(op);
+        }
+        h.finish();
+    }
+}

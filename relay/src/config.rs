@@ -1,0 +1,525 @@
+//! The relay's configuration file (TOML). Every key, its default and its meaning are
+//! declared here, once: `--check-config` and docs/relay-config.md follow this file.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sluice_core::tls::ServerTlsFiles;
+use sluice_core::units::{ByteSize, Span};
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelayConfig {
+    pub relay: RelaySection,
+    pub server: ServerSection,
+    #[serde(default)]
+    pub spool: SpoolSection,
+    #[serde(default)]
+    pub metrics: MetricsSection,
+    #[serde(default, rename = "sink")]
+    pub sinks: Vec<SinkConfig>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelaySection {
+    /// Name of this relay node; part of every object key, so two relays never overwrite
+    /// each other's objects. Letters, digits, '-' and '_'.
+    pub id: String,
+    /// Where the spool, sink cursors and the ledger live.
+    pub data_dir: PathBuf,
+    /// How long a graceful shutdown may take to flush the sinks.
+    #[serde(default = "default_shutdown_timeout")]
+    pub shutdown_timeout: Span,
+}
+
+fn default_shutdown_timeout() -> Span {
+    Span::secs(30)
+}
+
+/// When the relay acknowledges a chunk to its sender.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AckMode {
+    /// After the chunk is durable in the spool (fsync, per the spool's policy).
+    #[default]
+    Spool,
+    /// After every required sink has delivered the chunk.
+    EndToEnd,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSection {
+    /// Address for the Forward protocol listener, e.g. "0.0.0.0:24224".
+    pub listen: SocketAddr,
+    /// TLS files. Required unless `insecure = true`.
+    #[serde(default)]
+    pub tls: Option<ServerTlsFiles>,
+    /// Accept plain TCP. Only for tests and for Fluentd clients that cannot do TLS.
+    #[serde(default)]
+    pub insecure: bool,
+    /// Shared key for the HELO/PING/PONG handshake; when set, clients must authenticate.
+    #[serde(default)]
+    pub shared_key: Option<String>,
+    /// Per-client shared keys, by the hostname a client sends in PING. A client named
+    /// here must use its own key; others use `shared_key` (or are refused without one).
+    #[serde(default)]
+    pub client_keys: std::collections::BTreeMap<String, String>,
+    /// Optional user authentication inside the handshake: username -> password. Clients
+    /// then send a username and a salted password digest in PING as well.
+    #[serde(default)]
+    pub users: std::collections::BTreeMap<String, String>,
+    /// Per-client (by IP address) ingest limit, enforced by not reading the socket.
+    #[serde(default)]
+    pub rate_limit: Option<RateLimit>,
+    /// Host name the relay announces in PONG.
+    #[serde(default = "default_hostname")]
+    pub hostname: String,
+    #[serde(default)]
+    pub ack: AckMode,
+    /// Largest frame accepted on the wire; a larger frame closes that connection.
+    #[serde(default = "default_max_frame")]
+    pub max_frame: ByteSize,
+    /// Largest decompressed chunk.
+    #[serde(default = "default_max_decompressed")]
+    pub max_decompressed: ByteSize,
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// A connection that sends nothing for this long is closed.
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout: Span,
+    /// TLS handshake and HELO/PING/PONG must finish within this.
+    #[serde(default = "default_handshake_timeout")]
+    pub handshake_timeout: Span,
+}
+
+/// Bytes a client (one IP address, all its connections together) may send per second.
+/// Beyond it the relay stops reading that client's sockets for a while: TCP pushes back,
+/// nothing is dropped, and other clients are not affected.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimit {
+    pub bytes_per_sec: ByteSize,
+    /// How much may arrive at once before the rate applies; defaults to one second's worth.
+    #[serde(default)]
+    pub burst: Option<ByteSize>,
+}
+
+impl ServerSection {
+    /// Whether clients must pass the HELO/PING/PONG handshake.
+    pub fn requires_auth(&self) -> bool {
+        self.shared_key.is_some() || !self.client_keys.is_empty()
+    }
+}
+
+fn default_hostname() -> String {
+    std::env::var("HOSTNAME").unwrap_or_else(|_| "sluice-relay".into())
+}
+fn default_max_frame() -> ByteSize {
+    ByteSize::mib(16)
+}
+fn default_max_decompressed() -> ByteSize {
+    ByteSize::mib(64)
+}
+fn default_max_connections() -> usize {
+    4096
+}
+fn default_idle_timeout() -> Span {
+    Span::secs(300)
+}
+fn default_handshake_timeout() -> Span {
+    Span::secs(10)
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FsyncMode {
+    /// fsync every group commit before acknowledging (default; nothing acknowledged is lost).
+    #[default]
+    Always,
+    /// fsync at most every `fsync_interval`; a power loss can lose the last interval.
+    Interval,
+    /// Leave it to the OS; a power loss can lose anything not yet written back.
+    Never,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpoolSection {
+    /// Defaults to `<data_dir>/spool`.
+    #[serde(default)]
+    pub dir: Option<PathBuf>,
+    #[serde(default = "default_segment")]
+    pub segment_size: ByteSize,
+    /// When the spool holds this much, the relay stops acknowledging and reading.
+    #[serde(default = "default_spool_max")]
+    pub max_size: ByteSize,
+    #[serde(default)]
+    pub fsync: FsyncMode,
+    #[serde(default = "default_fsync_interval")]
+    pub fsync_interval: Span,
+}
+
+impl Default for SpoolSection {
+    fn default() -> Self {
+        SpoolSection {
+            dir: None,
+            segment_size: default_segment(),
+            max_size: default_spool_max(),
+            fsync: FsyncMode::Always,
+            fsync_interval: default_fsync_interval(),
+        }
+    }
+}
+
+fn default_segment() -> ByteSize {
+    ByteSize::mib(64)
+}
+fn default_spool_max() -> ByteSize {
+    ByteSize::gib(10)
+}
+fn default_fsync_interval() -> Span {
+    Span::secs(1)
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSection {
+    /// Prometheus `/metrics`, `/health`, `/ready`. Empty string disables it.
+    #[serde(default = "default_metrics_listen")]
+    pub listen: Option<SocketAddr>,
+}
+
+impl Default for MetricsSection {
+    fn default() -> Self {
+        MetricsSection {
+            listen: default_metrics_listen(),
+        }
+    }
+}
+
+fn default_metrics_listen() -> Option<SocketAddr> {
+    "127.0.0.1:24231".parse().ok()
+}
+
+/// Where a newly added sink starts reading the spool.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StartFrom {
+    /// The oldest data still in the spool.
+    #[default]
+    Oldest,
+    /// Only data that arrives from now on.
+    Now,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(try_from = "toml::Table", into = "toml::Table")]
+pub struct SinkConfig {
+    pub common: SinkCommon,
+    pub kind: SinkKind,
+}
+
+impl std::ops::Deref for SinkConfig {
+    type Target = SinkCommon;
+    fn deref(&self) -> &SinkCommon {
+        &self.common
+    }
+}
+
+/// The keys every sink has, whatever its type.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SinkCommon {
+    /// Unique name; the sink's cursor and ledger counts are kept under it.
+    pub name: String,
+    /// A disabled sink keeps its cursor (and holds spool data) but delivers nothing.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// In `end_to_end` ack mode, chunks are acknowledged once every required sink has them.
+    #[serde(default = "yes")]
+    pub required: bool,
+    #[serde(default)]
+    pub start_from: StartFrom,
+    /// How long to wait after a failed delivery, doubling up to `retry_max`.
+    #[serde(default = "default_retry_min")]
+    pub retry_min: Span,
+    #[serde(default = "default_retry_max")]
+    pub retry_max: Span,
+}
+
+const COMMON_KEYS: [&str; 6] = [
+    "name",
+    "enabled",
+    "required",
+    "start_from",
+    "retry_min",
+    "retry_max",
+];
+
+// serde cannot combine `flatten` with `deny_unknown_fields`, and a typo in a sink key
+// must be an error, so the table is split by hand: common keys, then the type's keys.
+impl TryFrom<toml::Table> for SinkConfig {
+    type Error = String;
+    fn try_from(mut table: toml::Table) -> Result<Self, String> {
+        let mut common = toml::Table::new();
+        for key in COMMON_KEYS {
+            if let Some(v) = table.remove(key) {
+                common.insert(key.to_string(), v);
+            }
+        }
+        let name = common
+            .get("name")
+            .and_then(|v| v.as_str())
+            .unwrap_or("?")
+            .to_string();
+        let common: SinkCommon = common
+            .try_into()
+            .map_err(|e: toml::de::Error| format!("sink {name:?}: {}", e.message()))?;
+        if !table.contains_key("type") {
+            return Err(format!(
+                "sink {name:?}: missing key `type` (one of kafka, object_store, file, discard)"
+            ));
+        }
+        let kind: SinkKind = table
+            .try_into()
+            .map_err(|e: toml::de::Error| format!("sink {name:?}: {}", e.message()))?;
+        Ok(SinkConfig { common, kind })
+    }
+}
+
+impl From<SinkConfig> for toml::Table {
+    fn from(s: SinkConfig) -> toml::Table {
+        let mut t = toml::Table::try_from(&s.common).unwrap_or_default();
+        if let Ok(kind) = toml::Table::try_from(&s.kind) {
+            t.extend(kind);
+        }
+        t
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_retry_min() -> Span {
+    Span::millis(200)
+}
+fn default_retry_max() -> Span {
+    Span::secs(30)
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum SinkKind {
+    Kafka(KafkaSink),
+    ObjectStore(ObjectSink),
+    /// Counts and forgets; for benchmarks.
+    Discard,
+    /// Appends the JSON envelopes to a local file; for debugging.
+    File {
+        path: PathBuf,
+    },
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaSink {
+    /// Bootstrap servers, "host:port,host:port".
+    pub brokers: String,
+    pub topic: String,
+    /// librdkafka compression codec: none, gzip, snappy, lz4, zstd.
+    #[serde(default = "default_compression")]
+    pub compression: String,
+    /// Largest message the sink produces (keep at or below the topic's max.message.bytes).
+    /// A larger event is not produced: it is counted as dropped (reason too_large) and logged.
+    #[serde(default = "default_kafka_max_message")]
+    pub max_message: ByteSize,
+    /// How long a batch may wait for broker acknowledgements before it is retried.
+    #[serde(default = "default_kafka_timeout")]
+    pub delivery_timeout: Span,
+    /// Extra librdkafka properties, passed as they are.
+    #[serde(default)]
+    pub properties: std::collections::BTreeMap<String, String>,
+}
+
+fn default_compression() -> String {
+    "lz4".into()
+}
+fn default_kafka_max_message() -> ByteSize {
+    ByteSize::mib(1)
+}
+fn default_kafka_timeout() -> Span {
+    Span::secs(30)
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ObjectSink {
+    /// `file:///path`, `s3://bucket`, `gs://bucket`, `az://container`.
+    pub url: String,
+    /// Key prefix inside the bucket.
+    #[serde(default)]
+    pub prefix: String,
+    /// Options for object_store, e.g. endpoint, region, allow_http, access_key_id.
+    /// Credentials are better taken from the environment (AWS_ACCESS_KEY_ID, ...).
+    #[serde(default)]
+    pub options: std::collections::BTreeMap<String, String>,
+    /// An object is written when this much (uncompressed) is gathered ...
+    #[serde(default = "default_object_size")]
+    pub max_object_size: ByteSize,
+    /// ... or when the oldest gathered event waited this long.
+    #[serde(default = "default_object_age")]
+    pub max_object_age: Span,
+}
+
+fn default_object_size() -> ByteSize {
+    ByteSize::mib(64)
+}
+fn default_object_age() -> Span {
+    Span::secs(10)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config {path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+impl RelayConfig {
+    pub fn load(path: &Path) -> Result<RelayConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(path, &text)
+    }
+
+    pub fn parse(path: &Path, text: &str) -> Result<RelayConfig, ConfigError> {
+        let config: RelayConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        config.validate().map_err(|message| ConfigError::Invalid {
+            path: path.to_owned(),
+            message,
+        })?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let id_ok = !self.relay.id.is_empty()
+            && self
+                .relay
+                .id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+        if !id_ok {
+            return Err(format!(
+                "relay.id {:?} must be non-empty and use only letters, digits, '-' and '_' (it is part of object keys)",
+                self.relay.id
+            ));
+        }
+        match (&self.server.tls, self.server.insecure) {
+            (None, false) => {
+                return Err("server.tls is missing: set server.tls.cert and server.tls.key, or set server.insecure = true to accept plain TCP (not for production)".into())
+            }
+            (Some(_), true) => {
+                return Err("server.tls and server.insecure = true are both set: choose one".into())
+            }
+            _ => {}
+        }
+        if let Some(limit) = &self.server.rate_limit {
+            let burst = limit.burst.unwrap_or(limit.bytes_per_sec).as_u64();
+            if limit.bytes_per_sec.as_u64() == 0
+                || limit.bytes_per_sec.as_u64() > u32::MAX as u64
+                || burst == 0
+                || burst > u32::MAX as u64
+            {
+                return Err(
+                    "server.rate_limit: bytes_per_sec and burst must be between 1 byte and 4 GiB"
+                        .into(),
+                );
+            }
+        }
+        if !self.server.users.is_empty() && !self.server.requires_auth() {
+            return Err("server.users needs server.shared_key (or server.client_keys): user names and passwords are checked inside the shared-key handshake".into());
+        }
+        if self
+            .server
+            .users
+            .iter()
+            .any(|(u, p)| u.is_empty() || p.is_empty())
+        {
+            return Err("server.users: user names and passwords must not be empty".into());
+        }
+        if self.server.client_keys.values().any(String::is_empty)
+            || self.server.shared_key.as_deref() == Some("")
+        {
+            return Err(
+                "server.shared_key and server.client_keys must not be empty strings".into(),
+            );
+        }
+        if self.sinks.is_empty() {
+            return Err("no [[sink]] configured: the relay would spool forever. Add at least one sink (kafka, object_store, file or discard)".into());
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for sink in &self.sinks {
+            if !names.insert(sink.name.as_str()) {
+                return Err(format!(
+                    "two sinks are named {:?}: sink names must be unique",
+                    sink.name
+                ));
+            }
+            if sink.name.is_empty() || sink.name.contains(['/', '\\']) {
+                return Err(format!(
+                    "sink name {:?} must be non-empty and contain no '/'",
+                    sink.name
+                ));
+            }
+            if let SinkKind::Kafka(k) = &sink.kind {
+                if k.topic.is_empty() || k.brokers.is_empty() {
+                    return Err(format!(
+                        "sink {:?}: brokers and topic must be set",
+                        sink.name
+                    ));
+                }
+            }
+            if let SinkKind::ObjectStore(o) = &sink.kind {
+                url::Url::parse(&o.url).map_err(|e| {
+                    format!("sink {:?}: url {:?} is not a URL ({e}); use file:///dir, s3://bucket, gs://bucket or az://container", sink.name, o.url)
+                })?;
+            }
+        }
+        if self.server.ack == AckMode::EndToEnd
+            && !self.sinks.iter().any(|s| s.enabled && s.required)
+        {
+            return Err(
+                "server.ack = \"end_to_end\" needs at least one enabled sink with required = true"
+                    .into(),
+            );
+        }
+        if self.spool.max_size < self.spool.segment_size {
+            return Err(format!(
+                "spool.max_size ({}) is smaller than spool.segment_size ({})",
+                self.spool.max_size, self.spool.segment_size
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn spool_dir(&self) -> PathBuf {
+        self.spool
+            .dir
+            .clone()
+            .unwrap_or_else(|| self.relay.data_dir.join("spool"))
+    }
+}

@@ -1,0 +1,174 @@
+//! The JSON envelope every sink writes, one per event:
+//!
+//! ```json
+//! {"time":"2026-11-23T05:00:00.123456789Z","tag":"app.log","source":"web-1:app:…","seq":4242,"record":{"message":"…"}}
+//! ```
+//!
+//! `source` and `seq` are the event's provenance (null when the sender gave none), so
+//! `SELECT DISTINCT source, seq` removes any duplicate an at-least-once path produced.
+
+use sluice_core::forward::{record_to_json, EventTime};
+
+/// Appends one envelope (without a trailing newline) to `out`.
+pub fn write(
+    out: &mut Vec<u8>,
+    time: EventTime,
+    tag: &str,
+    source: Option<&str>,
+    seq: Option<u64>,
+    record: &[u8],
+) -> Result<(), sluice_core::forward::DecodeError> {
+    out.extend_from_slice(b"{\"time\":\"");
+    write_rfc3339(out, time);
+    out.extend_from_slice(b"\",\"tag\":");
+    write_json_str(out, tag);
+    out.extend_from_slice(b",\"source\":");
+    match source {
+        Some(s) => write_json_str(out, s),
+        None => out.extend_from_slice(b"null"),
+    }
+    out.extend_from_slice(b",\"seq\":");
+    match seq {
+        Some(s) => out.extend_from_slice(itoa(s, &mut [0u8; 20])),
+        None => out.extend_from_slice(b"null"),
+    }
+    out.extend_from_slice(b",\"record\":");
+    record_to_json(record, out)?;
+    out.push(b'}');
+    Ok(())
+}
+
+fn write_json_str(out: &mut Vec<u8>, s: &str) {
+    // serde_json writes straight into the Vec; a &str cannot fail to serialize.
+    let _ = serde_json::to_writer(&mut *out, s);
+}
+
+fn itoa(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    &buf[i..]
+}
+
+/// Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+pub fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+/// Days since 1970-01-01 of a civil date (the inverse of [`civil_from_days`]).
+pub fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let mp = if m > 2 { m - 3 } else { m + 9 } as i64;
+    let doy = (153 * mp + 2) / 5 + d as i64 - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// `YYYY-MM-DDTHH:MM:SS.nnnnnnnnnZ`
+pub fn write_rfc3339(out: &mut Vec<u8>, t: EventTime) {
+    use std::io::Write;
+    let secs = t.secs as i64;
+    let (y, m, d) = civil_from_days(secs.div_euclid(86_400));
+    let rem = secs.rem_euclid(86_400);
+    let _ = write!(
+        out,
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:09}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60,
+        t.nanos
+    );
+}
+
+/// The event-time hour an event belongs to, as hours since the epoch.
+pub fn hour_of(t: EventTime) -> u64 {
+    t.secs as u64 / 3600
+}
+
+/// `YYYY-MM-DDTHH` for an hour number (how the ledger and reports name hours).
+pub fn hour_label(hour: u64) -> String {
+    let secs = hour as i64 * 3600;
+    let (y, m, d) = civil_from_days(secs.div_euclid(86_400));
+    format!("{y:04}-{m:02}-{d:02}T{:02}", secs.rem_euclid(86_400) / 3600)
+}
+
+/// The hour number of a `YYYY-MM-DDTHH` label; `None` when it is not one.
+pub fn parse_hour_label(label: &str) -> Option<u64> {
+    let b = label.as_bytes();
+    if b.len() != 13 || b[4] != b'-' || b[7] != b'-' || b[10] != b'T' {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| label.get(r)?.parse::<u32>().ok();
+    let (y, m, d, h) = (num(0..4)?, num(5..7)?, num(8..10)?, num(11..13)?);
+    if !(1..=12).contains(&m) || !(1..=31).contains(&d) || h > 23 {
+        return None;
+    }
+    let days = days_from_civil(y as i64, m, d);
+    u64::try_from(days * 24 + h as i64).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hour_labels_round_trip() {
+        for hour in [0, 1, 498_729, 500_000, 1_000_000] {
+            assert_eq!(
+                parse_hour_label(&hour_label(hour)),
+                Some(hour),
+                "{}",
+                hour_label(hour)
+            );
+        }
+        assert_eq!(hour_label(498_729), "2026-11-23T09");
+        assert_eq!(parse_hour_label("2026-13-01T00"), None);
+        assert_eq!(parse_hour_label("498729"), None);
+    }
+
+    #[test]
+    fn rfc3339() {
+        let mut out = Vec::new();
+        write_rfc3339(
+            &mut out,
+            EventTime {
+                secs: 1_795_000_000,
+                nanos: 5,
+            },
+        );
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "2026-11-18T11:06:40.000000005Z"
+        );
+        assert_eq!(hour_label(1_795_000_000 / 3600), "2026-11-18T11");
+        let mut out = Vec::new();
+        write_rfc3339(&mut out, EventTime { secs: 0, nanos: 0 });
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "1970-01-01T00:00:00.000000000Z"
+        );
+    }
+
+    #[test]
+    fn numbers() {
+        assert_eq!(itoa(0, &mut [0; 20]), b"0");
+        assert_eq!(itoa(u64::MAX, &mut [0; 20]), b"18446744073709551615");
+    }
+}

@@ -1,0 +1,205 @@
+//! The relay's Prometheus metrics. Every place the relay can drop or refuse data has a
+//! counter here, labelled by reason, and a warning in the log next to it.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Reason {
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SinkLabel {
+    pub sink: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SinkReason {
+    pub sink: String,
+    pub reason: String,
+}
+
+pub struct RelayMetrics {
+    pub connections_active: Gauge,
+    pub connections_total: Counter,
+    /// Connections closed because of the client: TLS failure, auth, malformed frame, ...
+    pub connections_rejected: Family<Reason, Counter>,
+    pub chunks_received: Counter,
+    pub events_received: Counter,
+    pub bytes_received: Counter,
+    /// Events of resent chunks that were already accepted, trimmed by dedup.
+    pub events_duplicate: Counter,
+    pub acks_sent: Counter,
+    pub spool_bytes: Gauge,
+    pub spool_full: Gauge,
+    pub spool_commits: Counter,
+    pub spool_errors: Counter,
+    pub spool_torn_bytes: Counter,
+    pub spool_corrupt_segments: Counter,
+    pub sink_events: Family<SinkLabel, Counter>,
+    pub sink_bytes: Family<SinkLabel, Counter>,
+    pub sink_retries: Family<SinkLabel, Counter>,
+    pub sink_dropped: Family<SinkReason, Counter>,
+    pub sink_lag_bytes: Family<SinkLabel, Gauge>,
+    pub sink_latency: Family<SinkLabel, Histogram>,
+}
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 2.0, 16))
+}
+
+impl Default for RelayMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl RelayMetrics {
+    pub fn new() -> Self {
+        RelayMetrics {
+            connections_active: Default::default(),
+            connections_total: Default::default(),
+            connections_rejected: Default::default(),
+            chunks_received: Default::default(),
+            events_received: Default::default(),
+            bytes_received: Default::default(),
+            events_duplicate: Default::default(),
+            acks_sent: Default::default(),
+            spool_bytes: Default::default(),
+            spool_full: Default::default(),
+            spool_commits: Default::default(),
+            spool_errors: Default::default(),
+            spool_torn_bytes: Default::default(),
+            spool_corrupt_segments: Default::default(),
+            sink_events: Default::default(),
+            sink_bytes: Default::default(),
+            sink_retries: Default::default(),
+            sink_dropped: Default::default(),
+            sink_lag_bytes: Default::default(),
+            sink_latency: Family::new_with_constructor(latency_histogram),
+        }
+    }
+
+    pub fn register(&self, r: &mut Registry) {
+        let r = r.sub_registry_with_prefix("sluice_relay");
+        r.register(
+            "connections_active",
+            "Open client connections",
+            self.connections_active.clone(),
+        );
+        r.register(
+            "connections",
+            "Client connections accepted",
+            self.connections_total.clone(),
+        );
+        r.register(
+            "connections_rejected",
+            "Client connections closed because of the client, by reason",
+            self.connections_rejected.clone(),
+        );
+        r.register(
+            "chunks_received",
+            "Chunks received and spooled",
+            self.chunks_received.clone(),
+        );
+        r.register(
+            "events_received",
+            "Events received and spooled",
+            self.events_received.clone(),
+        );
+        r.register(
+            "bytes_received",
+            "Wire bytes of received frames",
+            self.bytes_received.clone(),
+        );
+        r.register(
+            "events_duplicate",
+            "Events of resent chunks trimmed by dedup",
+            self.events_duplicate.clone(),
+        );
+        r.register(
+            "acks_sent",
+            "Chunk acknowledgements sent",
+            self.acks_sent.clone(),
+        );
+        r.register(
+            "spool_bytes",
+            "Bytes held in the spool",
+            self.spool_bytes.clone(),
+        );
+        r.register(
+            "spool_full",
+            "1 while the spool is at its size limit (the relay stops acknowledging)",
+            self.spool_full.clone(),
+        );
+        r.register(
+            "spool_commits",
+            "Spool group commits",
+            self.spool_commits.clone(),
+        );
+        r.register(
+            "spool_errors",
+            "Spool write errors",
+            self.spool_errors.clone(),
+        );
+        r.register(
+            "spool_torn_bytes",
+            "Bytes of torn spool tails truncated at recovery",
+            self.spool_torn_bytes.clone(),
+        );
+        r.register(
+            "spool_corrupt_segments",
+            "Corrupt spool segments set aside at recovery",
+            self.spool_corrupt_segments.clone(),
+        );
+        r.register(
+            "sink_events",
+            "Events delivered, by sink",
+            self.sink_events.clone(),
+        );
+        r.register(
+            "sink_bytes",
+            "Bytes delivered, by sink",
+            self.sink_bytes.clone(),
+        );
+        r.register(
+            "sink_retries",
+            "Failed deliveries that will be retried",
+            self.sink_retries.clone(),
+        );
+        r.register(
+            "sink_dropped",
+            "Events a sink could not take and skipped, by sink and reason",
+            self.sink_dropped.clone(),
+        );
+        r.register(
+            "sink_lag_bytes",
+            "Spool bytes a sink has not delivered yet",
+            self.sink_lag_bytes.clone(),
+        );
+        r.register(
+            "sink_latency_seconds",
+            "Time from receipt to delivery",
+            self.sink_latency.clone(),
+        );
+    }
+
+    pub fn reject(&self, reason: &str) {
+        self.connections_rejected
+            .get_or_create(&Reason {
+                reason: reason.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn sink(&self, sink: &str) -> SinkLabel {
+        SinkLabel {
+            sink: sink.to_string(),
+        }
+    }
+}

@@ -1,0 +1,622 @@
+//! The Forward protocol server: accepts TLS (or, when configured, plain TCP)
+//! connections, authenticates them (HELO/PING/PONG shared key), decodes chunks, hands
+//! them to the spool writer and acknowledges each chunk once it is durable (or, in
+//! `end_to_end` mode, once every required sink has it).
+//!
+//! Every way a client can misbehave ends *that* connection with one warning naming the
+//! peer and the cause, and a `connections_rejected{reason}` count; nothing a client does
+//! blocks the others. Nothing unacknowledged is ever considered delivered: a connection
+//! that dies with chunks in flight simply leaves them to be resent.
+
+use std::io;
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use futures::StreamExt;
+use sluice_core::forward::{
+    encode_ack, shared_key_digest, ClientFrame, DecodeError, Helo, Limits, Pong, ServerCodec,
+    ServerFrame,
+};
+use sluice_core::tls::ReloadingServerConfig;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot, watch, Semaphore};
+use tokio_util::codec::{Encoder, FramedRead};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{AckMode, RateLimit, ServerSection};
+use crate::metrics::RelayMetrics;
+use crate::writer::{Accepted, WriteRequest, WriterMsg};
+use sluice_spool::Position;
+
+pub struct ServerState {
+    pub config: ServerSection,
+    pub tls: Option<ReloadingServerConfig>,
+    pub writer: mpsc::Sender<WriterMsg>,
+    /// Delivered positions of the required sinks, for end-to-end acks.
+    pub required_sinks: Vec<watch::Receiver<Position>>,
+    pub metrics: Arc<RelayMetrics>,
+}
+
+/// Chunks a connection may have waiting for durability before it stops reading.
+const IN_FLIGHT_PER_CONNECTION: usize = 64;
+
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<ServerState>,
+    stop: CancellationToken,
+    conns: CancellationToken,
+) {
+    let slots = Arc::new(Semaphore::new(state.config.max_connections));
+    let rate = state
+        .config
+        .rate_limit
+        .as_ref()
+        .map(|l| Arc::new(ClientRate::new(l)));
+    let mut rate_cleaned = tokio::time::Instant::now();
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = stop.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, limit = state.config.max_connections, "connection refused: max_connections reached");
+            state.metrics.reject("max_connections");
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        if let Some(rate) = &rate {
+            if rate_cleaned.elapsed() > Duration::from_secs(60) {
+                rate.limiter.retain_recent();
+                rate_cleaned = tokio::time::Instant::now();
+            }
+        }
+        let state = state.clone();
+        let conns = conns.clone();
+        let rate = rate.clone();
+        tokio::spawn(async move {
+            state.metrics.connections_total.inc();
+            state.metrics.connections_active.inc();
+            let link = Link {
+                peer,
+                state: &state,
+                conns,
+                rate,
+            };
+            if let Err(reject) = connection(stream, link).await {
+                tracing::warn!(%peer, reason = reject.reason, "{}", reject.message);
+                state.metrics.reject(reject.reason);
+            }
+            state.metrics.connections_active.dec();
+            drop(permit);
+        });
+    }
+}
+
+/// Why a connection was closed by the relay.
+pub struct Reject {
+    pub reason: &'static str,
+    pub message: String,
+}
+
+fn reject(reason: &'static str, message: impl Into<String>) -> Reject {
+    Reject {
+        reason,
+        message: message.into(),
+    }
+}
+
+/// What a connection's tasks share.
+struct Link<'a> {
+    peer: SocketAddr,
+    state: &'a ServerState,
+    conns: CancellationToken,
+    rate: Option<Arc<ClientRate>>,
+}
+
+/// The per-client ingest limit (`server.rate_limit`), a GCRA bucket of bytes per client.
+///
+/// A client is the hostname it authenticated with (HELO/PING/PONG), or its IP address
+/// without the handshake, so every connection of one client shares one budget. It is
+/// enforced by backpressure: after each frame the connection's reader waits until the
+/// bytes it read are within the budget, and while it waits the socket is not read, so TCP
+/// flow control slows the client down. Nothing is dropped; other clients never wait.
+struct ClientRate {
+    limiter: governor::DefaultKeyedRateLimiter<String>,
+    burst: NonZeroU32,
+}
+
+impl ClientRate {
+    fn new(limit: &RateLimit) -> Self {
+        // The config validation keeps both within 1..=u32::MAX.
+        let clamp =
+            |b: u64| NonZeroU32::new(b.clamp(1, u32::MAX as u64) as u32).unwrap_or(NonZeroU32::MIN);
+        let rate = clamp(limit.bytes_per_sec.as_u64());
+        let burst = clamp(limit.burst.unwrap_or(limit.bytes_per_sec).as_u64());
+        ClientRate {
+            limiter: governor::RateLimiter::keyed(
+                governor::Quota::per_second(rate).allow_burst(burst),
+            ),
+            burst,
+        }
+    }
+
+    /// Waits until `client` may have sent `bytes` more.
+    async fn admit(&self, client: &String, mut bytes: u64) {
+        while bytes > 0 {
+            let n = bytes.min(self.burst.get() as u64) as u32;
+            // n <= burst, so the bucket can always hold it eventually.
+            let _ = self
+                .limiter
+                .until_key_n_ready(client, NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN))
+                .await;
+            bytes -= n as u64;
+        }
+    }
+}
+
+/// Counts the bytes read from a socket, for the rate limit.
+struct Metered<R> {
+    inner: R,
+    read: u64,
+    /// Bytes read over the connection's life (heartbeats included: the idle timeout
+    /// looks at this, since the decoder swallows heartbeats without yielding a frame).
+    total: u64,
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for Metered<R> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        // Hand the inner reader at most READ_WINDOW bytes of the buffer: tokio-rustls
+        // zero-fills all the unfilled space it is given on every read, and a frame
+        // buffer grown to megabytes made that memset a sixth of the relay's CPU.
+        let window = buf.remaining().min(READ_WINDOW);
+        let mut sub = buf.take(window);
+        let polled = Pin::new(&mut self.inner).poll_read(cx, &mut sub);
+        let n = sub.filled().len();
+        // SAFETY: the inner reader initialised and filled these n bytes of buf's unfilled part.
+        unsafe { buf.assume_init(n) };
+        buf.advance(n);
+        self.read += n as u64;
+        self.total += n as u64;
+        polled
+    }
+}
+
+/// The most one read may fill; a TLS record is at most 16 KiB of plaintext.
+const READ_WINDOW: usize = 64 * 1024;
+
+async fn connection(stream: tokio::net::TcpStream, link: Link<'_>) -> Result<(), Reject> {
+    let (peer, state) = (link.peer, link.state);
+    let handshake = state.config.handshake_timeout.get();
+    match &state.tls {
+        Some(tls) => {
+            // Look at the first byte before handing the socket to rustls: a port probe
+            // (connect, close) is not an error worth a warning, and a client speaking plain
+            // Forward to this port deserves to be told so in those words.
+            let deadline = tokio::time::Instant::now() + handshake;
+            let mut first = [0u8; 1];
+            match tokio::time::timeout_at(deadline, stream.peek(&mut first)).await {
+                Err(_) => {
+                    return Err(reject(
+                        "tls_timeout",
+                        format!("no TLS handshake started within {handshake:?}"),
+                    ))
+                }
+                Ok(Err(e)) => return Err(reject("io", format!("reading failed: {e}"))),
+                Ok(Ok(0)) => {
+                    tracing::debug!(%peer, "closed before sending anything (a port probe?)");
+                    return Ok(());
+                }
+                Ok(Ok(_)) if first[0] != TLS_HANDSHAKE_RECORD => {
+                    return Err(plaintext_reject(first[0]))
+                }
+                Ok(Ok(_)) => {}
+            }
+            let (config, reload_error) = tls.current();
+            if let Some(e) = reload_error {
+                tracing::warn!(error = %e, "TLS files changed but could not be loaded; still serving the previous certificate");
+            }
+            let acceptor = tokio_rustls::TlsAcceptor::from(config);
+            let tls_stream = match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await
+            {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => return Err(tls_handshake_reject(&e)),
+                Err(_) => {
+                    return Err(reject(
+                        "tls_timeout",
+                        format!("TLS handshake not finished within {handshake:?}"),
+                    ))
+                }
+            };
+            session(tls_stream, link).await
+        }
+        None => session(stream, link).await,
+    }
+}
+
+async fn session<S>(stream: S, link: Link<'_>) -> Result<(), Reject>
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let Link {
+        peer,
+        state,
+        conns,
+        rate,
+    } = link;
+    let (read, mut write) = tokio::io::split(stream);
+    let read = Metered {
+        inner: read,
+        read: 0,
+        total: 0,
+    };
+    let limits = Limits {
+        max_frame_bytes: state.config.max_frame.as_usize(),
+        max_decompressed_bytes: state.config.max_decompressed.as_usize(),
+    };
+    let mut frames = FramedRead::new(read, ServerCodec::new(limits));
+    let mut codec = ServerCodec::new(limits);
+    let mut out = BytesMut::with_capacity(256);
+
+    let client = if state.config.requires_auth() {
+        authenticate(&mut frames, &mut write, &mut codec, &mut out, state).await?
+    } else {
+        peer.ip().to_string()
+    };
+
+    // Acks go out in order from a second task, so reading never waits for durability
+    // (up to IN_FLIGHT_PER_CONNECTION chunks), and a slow spool backs up into this socket.
+    let (ack_tx, mut ack_rx) = mpsc::channel::<(
+        Option<String>,
+        oneshot::Receiver<Result<Accepted, String>>,
+    )>(IN_FLIGHT_PER_CONNECTION);
+    let end_to_end = state.config.ack == AckMode::EndToEnd;
+    let mut required = state.required_sinks.clone();
+    let metrics = state.metrics.clone();
+    let mut acker = tokio::spawn(async move {
+        let mut out = BytesMut::with_capacity(128);
+        while let Some((chunk, reply)) = ack_rx.recv().await {
+            let accepted = match reply.await {
+                Ok(Ok(a)) => a,
+                Ok(Err(e)) => {
+                    return Err(reject(
+                        "spool",
+                        format!("chunk not accepted: {e}; closing so the client resends"),
+                    ))
+                }
+                Err(_) => {
+                    return Err(reject(
+                        "shutdown",
+                        "relay shutting down before the chunk was durable",
+                    ))
+                }
+            };
+            if accepted.duplicates > 0 {
+                tracing::debug!(
+                    chunk = chunk.as_deref().unwrap_or("-"),
+                    new = accepted.accepted,
+                    duplicates = accepted.duplicates,
+                    "resent chunk: events already spooled were trimmed"
+                );
+            }
+            // A frame without a chunk id asks for no ack, so nothing waits for its sinks:
+            // holding the connection's window for it would only slow the sender down
+            // (fluent-logger sends one frame per event) without protecting anything.
+            if end_to_end && chunk.is_some() {
+                for sink in &mut required {
+                    if sink.wait_for(|p| *p >= accepted.end).await.is_err() {
+                        return Err(reject(
+                            "shutdown",
+                            "relay shutting down before a sink had the chunk",
+                        ));
+                    }
+                }
+            }
+            if let Some(id) = chunk {
+                out.clear();
+                encode_ack(&id, &mut out);
+                if let Err(e) = write.write_all(&out).await {
+                    return Err(reject("io", format!("writing ack failed: {e}")));
+                }
+                metrics.acks_sent.inc();
+            }
+        }
+        let _ = write.shutdown().await;
+        Ok(())
+    });
+
+    let idle = state.config.idle_timeout.get();
+    // The acker ends early only on an error (a chunk the spool refused, a failed write):
+    // then the connection closes at once, so the client resends now rather than after
+    // its ack timeout.
+    let mut acker_ended = None;
+    let mut seen = 0u64;
+    let result = loop {
+        let next = tokio::select! {
+            _ = conns.cancelled() => break Ok(()),
+            ended = &mut acker => {
+                acker_ended = Some(ended);
+                break Ok(());
+            }
+            n = tokio::time::timeout(idle, frames.next()) => n,
+        };
+        let frame = match next {
+            // Heartbeats are bytes without a frame: they keep the connection alive.
+            Err(_) if frames.get_ref().total != seen => {
+                seen = frames.get_ref().total;
+                continue;
+            }
+            Err(_) => {
+                break Err(reject(
+                    "idle",
+                    format!("no data for {idle:?}; closing idle connection"),
+                ))
+            }
+            Ok(None) => break Ok(()),
+            // A TLS peer that closes without close_notify between frames lost nothing:
+            // frames are self-delimiting, so only a cut inside a frame is an error.
+            Ok(Some(Err(DecodeError::Io(e))))
+                if e.kind() == io::ErrorKind::UnexpectedEof && frames.read_buffer().is_empty() =>
+            {
+                tracing::debug!(%peer, "client closed without TLS close_notify");
+                break Ok(());
+            }
+            Ok(Some(Err(e))) => break Err(decode_reject(e, frames.read_buffer().len())),
+            Ok(Some(Ok(frame))) => frame,
+        };
+        seen = frames.get_ref().total;
+        if let Some(rate) = &rate {
+            let read = std::mem::take(&mut frames.get_mut().read);
+            tokio::select! {
+                _ = conns.cancelled() => break Ok(()),
+                _ = rate.admit(&client, read) => {}
+            }
+        }
+        match frame {
+            ClientFrame::Ping(_) => {
+                break Err(reject("protocol", "unexpected PING after the handshake"))
+            }
+            ClientFrame::Events(batch) => {
+                let chunk = batch.options.chunk.clone();
+                let (tx, rx) = oneshot::channel();
+                if state
+                    .writer
+                    .send(WriterMsg::Write(WriteRequest { batch, reply: tx }))
+                    .await
+                    .is_err()
+                {
+                    break Err(reject("shutdown", "relay shutting down"));
+                }
+                if ack_tx.send((chunk, rx)).await.is_err() {
+                    break Ok(()); // the acker ended with its own error, reported below
+                }
+            }
+        }
+    };
+    drop(ack_tx);
+    let acked = match acker_ended {
+        Some(ended) => ended,
+        None => acker.await,
+    }
+    .unwrap_or(Ok(()));
+    result.and(acked)
+}
+
+/// Content type of a TLS record carrying a handshake message (a ClientHello comes first).
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
+fn plaintext_reject(first: u8) -> Reject {
+    let looks_like = match first {
+        0x90..=0x9f | 0xdc | 0xdd => "a plain Forward frame",
+        b'A'..=b'Z' => "text, perhaps HTTP",
+        _ => "not a TLS ClientHello",
+    };
+    reject(
+        "plaintext",
+        format!(
+            "not TLS: the first byte 0x{first:02x} is {looks_like}; the client speaks plain TCP to this TLS port (configure TLS on the client, or use a listener with insecure = true)"
+        ),
+    )
+}
+
+/// Names what went wrong in a TLS handshake in the operator's words. rustls reports the
+/// client's refusal of *our* certificate only as the alert the client sent, so the alert
+/// is translated into its usual cause.
+fn tls_handshake_reject(e: &io::Error) -> Reject {
+    use rustls::{AlertDescription, CertificateError, Error, InvalidMessage};
+    let Some(tls) = e.get_ref().and_then(|i| i.downcast_ref::<Error>()) else {
+        return reject("tls", format!("TLS handshake failed: {e}"));
+    };
+    let message = match tls {
+        Error::InvalidMessage(InvalidMessage::InvalidContentType) => {
+            return reject(
+                "plaintext",
+                "not TLS: the client speaks plain TCP to this TLS port (configure TLS on the client, or a separate listener with insecure = true)",
+            )
+        }
+        Error::AlertReceived(alert) => {
+            let cause = match alert {
+                AlertDescription::UnknownCA => "it does not trust the CA that signed the relay's certificate",
+                AlertDescription::CertificateExpired => "it says the relay's certificate is expired or not yet valid",
+                AlertDescription::BadCertificate => "the relay's certificate is not valid for the name the client connected to (hostname mismatch?) or is malformed",
+                AlertDescription::CertificateUnknown => "it could not verify the relay's certificate",
+                _ => "the client aborted the handshake",
+            };
+            format!("TLS handshake failed: the client sent alert {alert:?}: {cause}")
+        }
+        Error::NoCertificatesPresented => {
+            "TLS handshake failed: the client presented no certificate, but server.tls.client_auth = \"required\"".to_string()
+        }
+        Error::InvalidCertificate(cert) => {
+            let cause = match cert {
+                CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
+                    "the client's certificate is expired"
+                }
+                CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
+                    "the client's certificate is not valid yet"
+                }
+                CertificateError::UnknownIssuer => {
+                    "the client's certificate is not signed by server.tls.client_ca (unknown CA)"
+                }
+                _ => "the client's certificate was refused",
+            };
+            format!("TLS handshake failed: {cause} ({cert})")
+        }
+        other => format!("TLS handshake failed: {other}"),
+    };
+    reject("tls", message)
+}
+
+/// Maps a decoder error to a reason and a message. `buffered` is what the connection had
+/// read of an unfinished frame when the error happened.
+fn decode_reject(e: DecodeError, buffered: usize) -> Reject {
+    let reason = match &e {
+        DecodeError::FrameTooLarge { .. } | DecodeError::DecompressedTooLarge { .. } => {
+            "frame_too_large"
+        }
+        DecodeError::UnexpectedEof { .. } => "truncated",
+        DecodeError::Io(io) if io.kind() == io::ErrorKind::UnexpectedEof => {
+            return reject(
+                "truncated",
+                format!("connection closed inside a frame ({buffered} bytes buffered; TLS closed without close_notify)"),
+            )
+        }
+        DecodeError::Io(_) => {
+            return reject("io", format!("reading failed: {e}; closing connection"))
+        }
+        _ => "malformed",
+    };
+    reject(reason, format!("bad frame: {e}; closing connection"))
+}
+
+/// HELO / PING / PONG. Returns the client's hostname, which names the client from here on.
+async fn authenticate<R, W>(
+    frames: &mut FramedRead<R, ServerCodec>,
+    write: &mut W,
+    codec: &mut ServerCodec,
+    out: &mut BytesMut,
+    state: &ServerState,
+) -> Result<String, Reject>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let nonce: [u8; 16] = rand::random();
+    // With users configured, HELO carries a salt for the password digest.
+    let auth_salt: Vec<u8> = if state.config.users.is_empty() {
+        Vec::new()
+    } else {
+        rand::random::<[u8; 16]>().to_vec()
+    };
+    out.clear();
+    codec
+        .encode(
+            ServerFrame::Helo(Helo {
+                nonce: nonce.to_vec(),
+                auth_salt: auth_salt.clone(),
+                keepalive: true,
+            }),
+            out,
+        )
+        .map_err(|e| reject("io", format!("encoding HELO: {e}")))?;
+    write
+        .write_all(out)
+        .await
+        .map_err(|e| reject("io", format!("sending HELO: {e}")))?;
+    let timeout = state.config.handshake_timeout.get();
+    let ping = match tokio::time::timeout(timeout, frames.next()).await {
+        Err(_) => {
+            return Err(reject(
+                "auth",
+                format!("no PING within {timeout:?} after HELO"),
+            ))
+        }
+        Ok(None) => return Err(reject("auth", "closed during the handshake")),
+        Ok(Some(Err(e))) => return Err(decode_reject(e, frames.read_buffer().len())),
+        Ok(Some(Ok(ClientFrame::Events(_)))) => return Err(reject(
+            "auth",
+            "sent events before authenticating (PING expected; is the client's shared_key set?)",
+        )),
+        Ok(Some(Ok(ClientFrame::Ping(p)))) => p,
+    };
+    let config = &state.config;
+    let own_key = config.client_keys.get(&ping.client_hostname);
+    let key = own_key.or(config.shared_key.as_ref());
+    let ok = key.is_some_and(|key| {
+        shared_key_digest(&ping.shared_key_salt, &ping.client_hostname, &nonce, key)
+            == ping.shared_key_hexdigest
+    });
+    let key_refusal = match (ok, own_key, key) {
+        (true, _, _) => "",
+        (false, Some(_), _) => {
+            "shared key mismatch: not the key server.client_keys has for this hostname"
+        }
+        (false, None, Some(_)) => "shared key mismatch",
+        (false, None, None) => {
+            "unknown client: its hostname is not in server.client_keys and there is no shared_key"
+        }
+    };
+    let user_refusal = if !ok || config.users.is_empty() {
+        None
+    } else {
+        match config.users.get(&ping.username) {
+            _ if ping.username.is_empty() => {
+                Some("no username sent, but server.users requires one".to_string())
+            }
+            None => Some(format!("unknown user {:?}", ping.username)),
+            Some(password) if !ping.password_matches(&auth_salt, password) => {
+                Some(format!("wrong password for user {:?}", ping.username))
+            }
+            Some(_) => None,
+        }
+    };
+    let refusal = user_refusal
+        .clone()
+        .unwrap_or_else(|| key_refusal.to_string());
+    let key_ok = ok;
+    let ok = key_ok && user_refusal.is_none();
+    let pong = Pong {
+        auth_ok: ok,
+        // The details stay in the relay's log: a client learns only that it failed.
+        reason: match (key_ok, ok) {
+            (_, true) => String::new(),
+            (false, _) => "shared key mismatch".into(),
+            (true, false) => "user authentication failed".into(),
+        },
+        server_hostname: config.hostname.clone(),
+        shared_key_hexdigest: shared_key_digest(
+            &ping.shared_key_salt,
+            &config.hostname,
+            &nonce,
+            key.map(String::as_str).unwrap_or_default(),
+        ),
+    };
+    out.clear();
+    codec
+        .encode(ServerFrame::Pong(pong), out)
+        .map_err(|e| reject("io", format!("encoding PONG: {e}")))?;
+    let _ = write.write_all(out).await;
+    if !ok {
+        return Err(reject(
+            "auth",
+            format!("{refusal} (client hostname {:?})", ping.client_hostname),
+        ));
+    }
+    Ok(ping.client_hostname)
+}

@@ -1,0 +1,545 @@
+//! The spool writer: the one thread that owns the [`Spool`].
+//!
+//! Connections hand it [`WriteRequest`]s through a bounded channel. It takes as many as
+//! are waiting (group commit), trims what dedup has already seen, appends the rest,
+//! commits once (one fsync for the whole group) and only then answers every request.
+//! So an acknowledgement never precedes durability, and a busy relay pays one fsync per
+//! group rather than per chunk.
+//!
+//! Dedup: for every source the highest seq accepted so far. A chunk's seqs ascend, so a
+//! resent or overlapping chunk loses a prefix. The table (and the received counts) is
+//! snapshotted into the spool at each segment roll, *after* the commit that made the
+//! previous segment durable, and rebuilt at start by replaying the spool from the
+//! snapshot; taking the maximum is idempotent, so replaying a little too much is harmless.
+//! Were the snapshot written before that commit, a crash could leave it ahead of the
+//! data, and a resend of the lost tail would be trimmed as a duplicate: lost.
+//!
+//! Backpressure: while the spool is at its size limit the writer stops taking requests;
+//! the channel fills, connections stop reading their sockets, agents stop sending.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use sluice_core::forward::{EventBatch, EventTime};
+use sluice_spool::{Position, Spool, SpoolError};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::envelope::hour_of;
+use crate::ledger::{Counts, Ledger};
+use crate::metrics::RelayMetrics;
+use crate::record;
+
+/// A chunk to spool; the reply says where it ended up (or why it could not be).
+pub struct WriteRequest {
+    pub batch: EventBatch,
+    pub reply: oneshot::Sender<Result<Accepted, String>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Accepted {
+    /// The spool position right after this chunk: once a sink's cursor reaches it, the
+    /// sink has the chunk.
+    pub end: Position,
+    pub accepted: usize,
+    pub duplicates: usize,
+}
+
+pub enum WriterMsg {
+    Write(WriteRequest),
+    /// Periodic housekeeping: persist sink cursors, collect garbage, export counts.
+    Tick,
+    /// Finish the current group, persist, and stop.
+    Shutdown,
+}
+
+const SNAPSHOT: &str = "relay-state";
+const MAX_GROUP: usize = 1024;
+
+#[derive(Default, Serialize, Deserialize)]
+struct State {
+    dedup: HashMap<String, u64>,
+    received: Counts,
+    duplicates: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(tag = "version")]
+enum StateFile {
+    #[serde(rename = "1")]
+    V1(State),
+}
+
+pub struct SpoolWriter {
+    spool: Spool,
+    state: State,
+    pending_snapshot: Option<(Position, Vec<u8>)>,
+    /// Where the snapshot on disk is: it keeps the segments after it from collection.
+    snapshot_at: Position,
+    ledger: Arc<Mutex<Ledger>>,
+    metrics: Arc<RelayMetrics>,
+    committed: watch::Sender<Position>,
+    sink_cursors: Vec<(String, watch::Receiver<Position>)>,
+    /// Sources whose chunk could not be spooled (disk full, I/O error), with that chunk's
+    /// first seq. Their later chunks, already pipelined behind it, must be refused too
+    /// until the failed one is resent: accepting them would raise the dedup high-water
+    /// mark past the failed chunk, and its resend would then be trimmed as a duplicate.
+    refused: std::collections::HashMap<String, u64>,
+    /// Tests: make the next spool append fail, as a full disk would.
+    #[cfg(test)]
+    fail_next_append: bool,
+    buf: Vec<u8>,
+}
+
+impl SpoolWriter {
+    /// Rebuilds the dedup table and received counts from the snapshot and the spool.
+    pub fn recover(
+        spool: Spool,
+        ledger: Arc<Mutex<Ledger>>,
+        metrics: Arc<RelayMetrics>,
+    ) -> Result<(SpoolWriter, watch::Receiver<Position>), SpoolError> {
+        let (mut state, from) = match spool.read_snapshot(SNAPSHOT)? {
+            Some((at, bytes)) => match serde_json::from_slice(&bytes) {
+                Ok(StateFile::V1(s)) => (s, at),
+                Err(e) => {
+                    tracing::warn!(error = %e, "relay state snapshot unreadable; rebuilding from the whole spool");
+                    (State::default(), spool.head())
+                }
+            },
+            None => (State::default(), spool.head()),
+        };
+        let from = from.max(spool.head());
+        let mut reader = spool.reader(from)?;
+        let mut buf = Vec::new();
+        let mut replayed = 0u64;
+        loop {
+            match reader.next(&mut buf) {
+                Ok(Some(_)) => {}
+                Ok(None) => break,
+                Err(e) => {
+                    // Open() checked every segment, so this is damage since then. Starting
+                    // matters more: dedup then knows less, which can duplicate, never lose.
+                    tracing::error!(error = %e, "spool damaged while rebuilding the dedup table; continuing with what was read (resent chunks past this point may be duplicated)");
+                    metrics.spool_errors.inc();
+                    break;
+                }
+            }
+            match record::decode(&buf) {
+                Ok(chunk) => {
+                    apply(&mut state, &chunk);
+                    replayed += 1;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "unreadable spool record skipped during dedup rebuild")
+                }
+            }
+        }
+        tracing::info!(
+            replayed,
+            sources = state.dedup.len(),
+            "dedup table rebuilt from spool"
+        );
+        let tail = spool.tail();
+        let (committed, rx) = watch::channel(tail);
+        let mut writer = SpoolWriter {
+            spool,
+            state,
+            pending_snapshot: None,
+            snapshot_at: tail,
+            ledger,
+            metrics,
+            committed,
+            sink_cursors: Vec::new(),
+            refused: std::collections::HashMap::new(),
+            #[cfg(test)]
+            fail_next_append: false,
+            buf: Vec::with_capacity(1 << 20),
+        };
+        // A snapshot at the tail right away: it bounds garbage collection from now on
+        // and makes the next recovery short.
+        let snap = writer.snapshot_bytes();
+        writer.spool.write_snapshot(SNAPSHOT, tail, &snap)?;
+        writer.export();
+        Ok((writer, rx))
+    }
+
+    pub fn spool(&self) -> &Spool {
+        &self.spool
+    }
+
+    pub fn spool_mut(&mut self) -> &mut Spool {
+        &mut self.spool
+    }
+
+    /// Registers a sink's persisted cursor, which bounds garbage collection.
+    pub fn watch_cursor(&mut self, sink: String, cursor: watch::Receiver<Position>) {
+        self.sink_cursors.push((sink, cursor));
+    }
+
+    fn snapshot_bytes(&self) -> Vec<u8> {
+        // Serializing plain maps cannot fail.
+        serde_json::to_vec(&StateFile::V1(State {
+            dedup: self.state.dedup.clone(),
+            received: self.state.received.clone(),
+            duplicates: self.state.duplicates,
+        }))
+        .unwrap_or_default()
+    }
+
+    /// Runs until every sender of `rx` is gone.
+    pub fn run(mut self, mut rx: mpsc::Receiver<WriterMsg>) {
+        let mut group: Vec<(WriteRequest, Result<Accepted, String>)> =
+            Vec::with_capacity(MAX_GROUP);
+        while let Some(first) = rx.blocking_recv() {
+            let mut tick = false;
+            let mut shutdown = false;
+            let mut next = Some(first);
+            while let Some(msg) = next.take() {
+                match msg {
+                    WriterMsg::Tick => tick = true,
+                    WriterMsg::Shutdown => {
+                        shutdown = true;
+                        break;
+                    }
+                    WriterMsg::Write(req) => {
+                        let result = self.append(&req.batch);
+                        group.push((req, result));
+                    }
+                }
+                if group.len() < MAX_GROUP {
+                    next = rx.try_recv().ok();
+                }
+            }
+            if !group.is_empty() {
+                self.commit(&mut group);
+            }
+            if shutdown {
+                break;
+            }
+            if tick || self.spool.is_full() {
+                self.housekeeping();
+            }
+            // Backpressure: take no more chunks until the sinks made room.
+            while self.spool.is_full() {
+                self.metrics.spool_full.set(1);
+                std::thread::sleep(Duration::from_millis(50));
+                self.housekeeping();
+            }
+            self.metrics.spool_full.set(0);
+        }
+        self.housekeeping();
+        tracing::info!("spool writer stopped");
+    }
+
+    fn append(&mut self, batch: &EventBatch) -> Result<Accepted, String> {
+        let first_seq = batch
+            .options
+            .provenance
+            .as_ref()
+            .and_then(|p| Some((p.source.as_str(), *p.seqs.first()?)));
+        if let Some((source, first)) = first_seq {
+            if let Some(&failed) = self.refused.get(source) {
+                if first > failed {
+                    return Err(format!("an earlier chunk of source {source} (from seq {failed}) could not be spooled; later chunks are refused until it is resent, to keep the order"));
+                }
+                self.refused.remove(source);
+            }
+        }
+        let result = self.append_in_order(batch);
+        if let (Err(_), Some((source, first))) = (&result, first_seq) {
+            let failed = self.refused.entry(source.to_string()).or_insert(first);
+            *failed = (*failed).min(first);
+        }
+        result
+    }
+
+    fn append_in_order(&mut self, batch: &EventBatch) -> Result<Accepted, String> {
+        #[cfg(test)]
+        if std::mem::take(&mut self.fail_next_append) {
+            return Err("injected append failure".into());
+        }
+        let (skip, from) = match batch.options.provenance.as_ref() {
+            Some(p) if p.seqs.len() == batch.count => {
+                let high = self.state.dedup.get(&p.source).copied();
+                let skip = match high {
+                    Some(h) => p.seqs.partition_point(|&s| s <= h),
+                    None => 0,
+                };
+                (skip, entry_offset(batch, skip)?)
+            }
+            Some(p) => {
+                return Err(format!(
+                    "chunk has {} entries but its provenance lists {} seqs",
+                    batch.count,
+                    p.seqs.len()
+                ))
+            }
+            None => (0, 0),
+        };
+        if skip > 0 {
+            self.state.duplicates += skip as u64;
+            self.metrics.events_duplicate.inc_by(skip as u64);
+        }
+        if skip == batch.count {
+            return Ok(Accepted {
+                end: self.spool.tail(),
+                accepted: 0,
+                duplicates: skip,
+            });
+        }
+        self.buf.clear();
+        record::encode(&mut self.buf, EventTime::now(), batch, skip, from)
+            .map_err(|e| e.to_string())?;
+        let segment_before = self.spool.active_segment();
+        let pos = self.spool.append(&self.buf).map_err(|e| {
+            self.metrics.spool_errors.inc();
+            tracing::warn!(error = %e, "spool append failed; the chunk is not acknowledged");
+            e.to_string()
+        })?;
+        if pos.segment != segment_before {
+            // The state before this chunk is the state at the start of its segment.
+            let at = Position {
+                segment: pos.segment,
+                offset: 0,
+            };
+            self.pending_snapshot = Some((at, self.snapshot_bytes()));
+        }
+        let chunk = record::decode(&self.buf).map_err(|e| e.to_string())?;
+        // The decoder counted events per hour while validating them; use that unless it
+        // is missing (then parse the entries again, as recovery does).
+        let known: u64 = batch.hours.iter().map(|&(_, n)| n as u64).sum();
+        if known == batch.count as u64 {
+            apply_dedup(&mut self.state, &chunk);
+            let mut skip = skip as u64;
+            for &(hour, n) in &batch.hours {
+                let n = n as u64;
+                let taken = n.min(skip);
+                skip -= taken;
+                self.state.received.add(chunk.tag, hour, n - taken);
+            }
+        } else {
+            apply(&mut self.state, &chunk);
+        }
+        self.metrics.chunks_received.inc();
+        self.metrics.events_received.inc_by(chunk.count as u64);
+        self.metrics
+            .bytes_received
+            .inc_by(chunk.entries.len() as u64);
+        Ok(Accepted {
+            end: self.spool.tail(),
+            accepted: batch.count - skip,
+            duplicates: skip,
+        })
+    }
+
+    fn commit(&mut self, group: &mut Vec<(WriteRequest, Result<Accepted, String>)>) {
+        let committed = self.spool.commit();
+        self.metrics.spool_commits.inc();
+        match committed {
+            Ok(synced) => {
+                if synced {
+                    if let Some((at, bytes)) = self.pending_snapshot.take() {
+                        match self.spool.write_snapshot(SNAPSHOT, at, &bytes) {
+                            Ok(()) => self.snapshot_at = at,
+                            Err(e) => {
+                                tracing::warn!(error = %e, "writing the relay state snapshot failed; will retry at the next roll")
+                            }
+                        }
+                    }
+                }
+                self.committed.send_replace(self.spool.tail());
+                for (req, result) in group.drain(..) {
+                    let _ = req.reply.send(result);
+                }
+            }
+            Err(e) => {
+                self.metrics.spool_errors.inc();
+                tracing::warn!(error = %e, "spool commit failed; chunks of this group are not acknowledged");
+                for (req, _) in group.drain(..) {
+                    let _ = req.reply.send(Err(format!("spool commit failed: {e}")));
+                }
+            }
+        }
+    }
+
+    fn housekeeping(&mut self) {
+        for (sink, cursor) in &mut self.sink_cursors {
+            if cursor.has_changed().unwrap_or(false) {
+                let pos = *cursor.borrow_and_update();
+                if let Err(e) = self.spool.set_cursor(sink, pos) {
+                    tracing::warn!(sink = %sink, error = %e, "persisting the sink cursor failed");
+                }
+            }
+        }
+        self.unpin_snapshot();
+        match self.spool.gc() {
+            Ok(0) => {}
+            Ok(freed) => tracing::debug!(freed, "spool segments collected"),
+            Err(e) => tracing::warn!(error = %e, "spool garbage collection failed"),
+        }
+        self.metrics.spool_bytes.set(self.spool.used_bytes() as i64);
+        self.export();
+    }
+
+    /// A snapshot older than every sink's cursor keeps segments nobody needs. Normally
+    /// the snapshot taken at the next roll replaces it, but that one is written only with
+    /// a successful commit: on a full disk no append succeeds, nothing is collected, and
+    /// the relay would stay stuck even after the sinks drained. So move it up to the tail
+    /// here, after an fsync, so that it never covers data that is not on disk.
+    fn unpin_snapshot(&mut self) {
+        let Some(oldest) = self.spool.cursors().values().min().copied() else {
+            return;
+        };
+        if self.snapshot_at.segment >= oldest.segment.min(self.spool.active_segment()) {
+            return;
+        }
+        if let Err(e) = self.spool.sync() {
+            tracing::warn!(error = %e, "spool sync before moving the snapshot failed");
+            return;
+        }
+        let tail = self.spool.tail();
+        let bytes = self.snapshot_bytes();
+        match self.spool.write_snapshot(SNAPSHOT, tail, &bytes) {
+            Ok(()) => {
+                self.snapshot_at = tail;
+                self.pending_snapshot = None;
+                self.committed.send_replace(tail);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "moving the relay state snapshot forward failed; will retry")
+            }
+        }
+    }
+
+    fn export(&self) {
+        let mut ledger = self.ledger.lock().unwrap_or_else(|e| e.into_inner());
+        ledger.received = self.state.received.clone();
+        ledger.duplicates = self.state.duplicates;
+    }
+}
+
+/// Byte offset of entry `index` in the batch's entries.
+fn entry_offset(batch: &EventBatch, index: usize) -> Result<usize, String> {
+    if index == 0 {
+        return Ok(0);
+    }
+    if index >= batch.count {
+        return Ok(batch.entries.len());
+    }
+    let base = batch.entries.as_ptr() as usize;
+    let mut end = 0;
+    for (i, entry) in batch.iter().enumerate() {
+        let entry = entry.map_err(|e| format!("entry {i}: {e}"))?;
+        end = entry.record.as_ptr() as usize - base + entry.record.len();
+        if i + 1 == index {
+            break;
+        }
+    }
+    Ok(end)
+}
+
+fn apply_dedup(state: &mut State, chunk: &record::SpooledChunk<'_>) {
+    if let (Some(source), Some(last)) = (chunk.source, chunk.last_seq()) {
+        match state.dedup.get_mut(source) {
+            Some(high) => *high = (*high).max(last),
+            None => {
+                state.dedup.insert(source.to_string(), last);
+            }
+        }
+    }
+}
+
+fn apply(state: &mut State, chunk: &record::SpooledChunk<'_>) {
+    apply_dedup(state, chunk);
+    // Count per event-time hour; chunks rarely span hours, so batch the adds.
+    let mut run: Option<(u64, u64)> = None;
+    for event in chunk.events() {
+        let Ok((entry, _)) = event else { continue };
+        let hour = hour_of(entry.time);
+        match &mut run {
+            Some((h, n)) if *h == hour => *n += 1,
+            _ => {
+                if let Some((h, n)) = run {
+                    state.received.add(chunk.tag, h, n);
+                }
+                run = Some((hour, 1));
+            }
+        }
+    }
+    if let Some((h, n)) = run {
+        state.received.add(chunk.tag, h, n);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sluice_core::forward::{write_entry, Options, Provenance};
+    use sluice_spool::{FsyncPolicy, SpoolConfig};
+
+    fn batch(source: &str, seqs: std::ops::Range<u64>) -> EventBatch {
+        let mut entries = Vec::new();
+        let seqs: Vec<u64> = seqs.collect();
+        for s in &seqs {
+            write_entry(
+                &mut entries,
+                EventTime {
+                    secs: 1_700_000_000,
+                    nanos: 0,
+                },
+                &[("n", s.to_string().as_bytes())],
+            );
+        }
+        EventBatch {
+            tag: "t".into(),
+            count: seqs.len(),
+            entries,
+            options: Options {
+                provenance: Some(Provenance {
+                    source: source.into(),
+                    seqs,
+                }),
+                ..Options::default()
+            },
+            hours: Vec::new(),
+        }
+    }
+
+    /// A chunk that failed to spool must not be overtaken by the next chunk of its
+    /// source: that would raise the dedup mark past it and trim its resend as a duplicate.
+    #[test]
+    fn a_failed_chunk_is_not_overtaken_by_the_next_one_of_its_source() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = SpoolConfig {
+            segment_bytes: 1 << 20,
+            max_bytes: 1 << 30,
+            fsync: FsyncPolicy::Never,
+        };
+        let (spool, _) = sluice_spool::Spool::open(dir.path(), cfg).unwrap();
+        let ledger = Arc::new(Mutex::new(Ledger::default()));
+        let (mut w, _) =
+            SpoolWriter::recover(spool, ledger, Arc::new(RelayMetrics::new())).unwrap();
+
+        w.fail_next_append = true;
+        assert!(w.append(&batch("s", 0..10)).is_err(), "injected failure");
+        let refused = w.append(&batch("s", 10..20)).unwrap_err();
+        assert!(refused.contains("earlier chunk of source s"), "{refused}");
+        assert_eq!(
+            w.append(&batch("other", 0..5)).unwrap().accepted,
+            5,
+            "other sources go on"
+        );
+        // The resend, in order: all of it is new.
+        assert_eq!(w.append(&batch("s", 0..10)).unwrap().accepted, 10);
+        assert_eq!(w.append(&batch("s", 10..20)).unwrap().accepted, 10);
+        // A real resend is still trimmed.
+        let again = w.append(&batch("s", 0..20)).unwrap();
+        assert_eq!((again.accepted, again.duplicates), (0, 20));
+        assert_eq!(
+            w.state.received.total(),
+            25,
+            "ledger counts from the hours fallback path"
+        );
+    }
+}

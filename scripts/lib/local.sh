@@ -1,0 +1,54 @@
+# shellcheck shell=bash
+# Helpers for running sluice on this machine: scripts/quickstart and bench/*.sh.
+
+# free_port: a loopback TCP port nobody listens on right now.
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+# local_certs DIR CA_NAME DAYS: a CA (DIR/ca.pem) and a relay certificate for localhost and
+# 127.0.0.1 signed by it (DIR/relay.pem, DIR/relay.key).
+local_certs() {
+  local dir=$1 name=$2 days=$3
+  mkdir -p "$dir"
+  openssl req -x509 -newkey rsa:2048 -nodes -days "$days" -subj "/CN=$name" \
+    -keyout "$dir/ca.key" -out "$dir/ca.pem" 2>/dev/null
+  openssl req -newkey rsa:2048 -nodes -subj "/CN=localhost" \
+    -keyout "$dir/relay.key" -out "$dir/relay.csr" 2>/dev/null
+  printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n' >"$dir/ext.cnf"
+  openssl x509 -req -in "$dir/relay.csr" -CA "$dir/ca.pem" -CAkey "$dir/ca.key" \
+    -CAcreateserial -days "$days" -extfile "$dir/ext.cnf" -out "$dir/relay.pem" 2>/dev/null
+}
+
+# wait_port PORT: until something accepts connections on 127.0.0.1:PORT (10 s at most).
+wait_port() {
+  local _
+  for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done
+  echo "nothing listens on 127.0.0.1:$1 after 10 s" >&2
+  return 1
+}
+
+# start_discard_relay BIN WORK FSYNC PORT: a release relay over TLS (WORK/tls from
+# local_certs) whose only sink discards; sets RELAY to its pid and waits until it listens.
+start_discard_relay() {
+  local bin=$1 work=$2 fsync=$3 port=$4
+  rm -rf "$work/relay-data"
+  cat >"$work/relay.toml" <<TOML
+[relay]
+id = "bench"
+data_dir = "$work/relay-data"
+[server]
+listen = "127.0.0.1:$port"
+tls = { cert = "$work/tls/relay.pem", key = "$work/tls/relay.key" }
+[spool]
+fsync = "$fsync"
+segment_size = "64 MiB"
+max_size = "8 GiB"
+[metrics]
+listen = "127.0.0.1:$(free_port)"
+[[sink]]
+name = "discard"
+type = "discard"
+TOML
+  SLUICE_LOG=warn "$bin/sluice-relay" --config "$work/relay.toml" 2>"$work/relay.log" &
+  RELAY=$!
+  wait_port "$port"
+}

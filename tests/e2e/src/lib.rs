@@ -1,0 +1,594 @@
+//! Harness for the end-to-end tests: certificates made at test time, free loopback
+//! ports, the real `sluice-relay` and `sluice-agent` binaries as child processes, the
+//! services `scripts/test` started (tansu, moto), and the independent Python readers.
+//!
+//! Waiting is always on a condition with a deadline ([`wait_for`]), never a bare sleep.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Addresses of the services `scripts/test` started.
+pub struct Services {
+    pub kafka: String,
+    pub s3_endpoint: String,
+    pub python: PathBuf,
+    pub py_dir: PathBuf,
+}
+
+impl Services {
+    /// Panics with instructions when the tests run outside `scripts/test`.
+    pub fn from_env() -> Services {
+        let get = |k: &str| {
+            std::env::var(k).unwrap_or_else(|_| {
+                panic!("{k} is not set: run the end-to-end tests through scripts/test, which starts tansu and moto and sets it")
+            })
+        };
+        Services {
+            kafka: get("SLUICE_TEST_KAFKA"),
+            s3_endpoint: get("SLUICE_TEST_S3_ENDPOINT"),
+            python: get("SLUICE_TEST_PYTHON").into(),
+            py_dir: get("SLUICE_TEST_PY_DIR").into(),
+        }
+    }
+
+    /// Runs one of the tests/py helpers and parses the JSON object it prints.
+    pub fn py(&self, script: &str, args: &[&str]) -> serde_json::Value {
+        let out = Command::new(&self.python)
+            .arg(self.py_dir.join(script))
+            .args(args)
+            .stderr(Stdio::inherit())
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {script}: {e}"));
+        assert!(
+            out.status.success(),
+            "{script} {args:?} failed: {}",
+            out.status
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "{script} printed no JSON ({e}): {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
+    }
+
+    pub fn create_topic(&self, topic: &str, partitions: u32) {
+        self.py(
+            "kafka_create_topic.py",
+            &[
+                "--brokers",
+                &self.kafka,
+                "--topic",
+                topic,
+                "--partitions",
+                &partitions.to_string(),
+            ],
+        );
+    }
+
+    pub fn create_bucket(&self, bucket: &str) {
+        self.py(
+            "s3_make_bucket.py",
+            &["--endpoint", &self.s3_endpoint, "--bucket", bucket],
+        );
+    }
+
+    pub fn kafka_summary(&self, topic: &str, expect: u64) -> serde_json::Value {
+        self.py(
+            "kafka_summary.py",
+            &[
+                "--brokers",
+                &self.kafka,
+                "--topic",
+                topic,
+                "--expect",
+                &expect.to_string(),
+                "--timeout",
+                "120",
+            ],
+        )
+    }
+
+    pub fn s3_summary(&self, bucket: &str) -> serde_json::Value {
+        self.py(
+            "s3_summary.py",
+            &["--endpoint", &self.s3_endpoint, "--bucket", bucket],
+        )
+    }
+}
+
+/// A unique, valid name for topics and buckets of one test.
+pub fn unique_name(prefix: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!("{prefix}-{}-{}", std::process::id(), nanos % 1_000_000_000)
+}
+
+/// A loopback port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free loopback port")
+}
+
+/// Polls `cond` every 50 ms until it holds or `timeout` passes; panics with `what`.
+pub fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Certificates generated at test time: a CA and a server certificate for
+/// `localhost` / 127.0.0.1 signed by it, as PEM files in `dir`.
+pub struct Certs {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl Certs {
+    pub fn generate(dir: &Path, name: &str) -> Certs {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+        let ca_key = KeyPair::generate().expect("CA key");
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, format!("sluice test CA {name}"));
+        let ca_cert = ca_params.self_signed(&ca_key).expect("CA cert");
+        let issuer = Issuer::new(ca_params, ca_key);
+        let key = KeyPair::generate().expect("server key");
+        let params = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+            .expect("server params");
+        let cert = params.signed_by(&key, &issuer).expect("server cert");
+        let certs = Certs {
+            ca: dir.join(format!("{name}-ca.pem")),
+            cert: dir.join(format!("{name}-server.pem")),
+            key: dir.join(format!("{name}-server.key")),
+        };
+        std::fs::write(&certs.ca, ca_cert.pem()).expect("write CA");
+        std::fs::write(&certs.cert, cert.pem()).expect("write cert");
+        std::fs::write(&certs.key, key.serialize_pem()).expect("write key");
+        certs
+    }
+}
+
+/// Where cargo put the binaries (target/debug next to this test executable's deps/).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} does not exist: build the binaries first (cargo build --workspace --bins; scripts/test does)",
+        path.display()
+    );
+    path
+}
+
+/// Children get SIGKILL when the test thread that started them ends, even when the test
+/// process itself is killed (Drop does not run then): no orphans holding ports.
+pub fn die_with_test(cmd: &mut Command) -> &mut Command {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: prctl is async-signal-safe and touches only the child being set up.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        })
+    }
+}
+
+/// A running sluice binary; killed on drop if still running.
+pub struct Proc {
+    pub name: String,
+    pub child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn start(binary: &str, config: &Path, log: &Path) -> Proc {
+        let log_file = std::fs::File::create(log).expect("log file");
+        let child = die_with_test(&mut Command::new(bin(binary)))
+            .arg("--config")
+            .arg(config)
+            .env("SLUICE_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {binary}: {e}"));
+        Proc {
+            name: binary.to_string(),
+            child: Some(child),
+            log: log.to_owned(),
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().map(|c| c.id() as i32).unwrap_or(0)
+    }
+
+    /// SIGTERM, then waits for a clean exit.
+    pub fn stop(&mut self, timeout: Duration) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        unsafe {
+            libc::kill(child.id() as i32, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                assert!(
+                    status.success(),
+                    "{} exited with {status}; log:\n{}",
+                    self.name,
+                    self.log_text()
+                );
+                return;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "{} did not stop within {timeout:?}; log:\n{}",
+                    self.name,
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// kill -9.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        match &mut self.child {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Waits until something accepts TCP connections on `addr`.
+pub fn wait_listening(addr: SocketAddr, proc_: &mut Proc) {
+    wait_for(
+        &format!("{} to listen on {addr}", proc_.name),
+        Duration::from_secs(30),
+        || {
+            assert!(
+                proc_.is_running(),
+                "{} exited early; log:\n{}",
+                proc_.name,
+                proc_.log_text()
+            );
+            TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+        },
+    );
+}
+
+/// GET `path` from a metrics endpoint (plain HTTP/1.0, no client library needed).
+pub fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).ok()?;
+    Some(body)
+}
+
+/// Sum of a metric's samples whose label set contains `labels` (e.g. `sink="kafka"`).
+pub fn metric(addr: SocketAddr, name: &str, labels: &str) -> Option<f64> {
+    let text = http_get(addr, "/metrics")?;
+    let mut sum = None;
+    for line in text.lines() {
+        if line.starts_with('#') {
+            continue;
+        }
+        let Some(rest) = line.strip_prefix(name) else {
+            continue;
+        };
+        let (labels_part, value) = match rest.strip_prefix('{') {
+            Some(r) => match r.split_once('}') {
+                Some((l, v)) => (l, v),
+                None => continue,
+            },
+            None if rest.starts_with(' ') => ("", rest),
+            None => continue,
+        };
+        if !labels.is_empty() && !labels_part.contains(labels) {
+            continue;
+        }
+        if let Ok(v) = value.trim().parse::<f64>() {
+            *sum.get_or_insert(0.0) += v;
+        }
+    }
+    sum
+}
+
+/// Appends `count` numbered lines (`line 00000001 <padding>`) starting at `first`.
+pub fn write_numbered_lines(path: &Path, first: u64, count: u64) {
+    let mut f = std::io::BufWriter::new(
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .expect("open log"),
+    );
+    for n in first..first + count {
+        writeln!(
+            f,
+            "line {n:08} GET /api/v1/items/{} 200 {}ms agent=test",
+            n % 9973,
+            n % 250
+        )
+        .expect("write line");
+    }
+    f.flush().expect("flush");
+}
+
+impl Services {
+    /// The same services, with Kafka and/or S3 replaced (for example by a [`PrivateService`]).
+    pub fn with(&self, kafka: Option<&str>, s3_endpoint: Option<&str>) -> Services {
+        Services {
+            kafka: kafka.unwrap_or(&self.kafka).to_string(),
+            s3_endpoint: s3_endpoint.unwrap_or(&self.s3_endpoint).to_string(),
+            python: self.python.clone(),
+            py_dir: self.py_dir.clone(),
+        }
+    }
+}
+
+/// A tansu or moto of one test's own, for tests that take a service away (SIGSTOP) and
+/// bring it back (SIGCONT) without disturbing the shared ones. Both keep their data in
+/// memory, so a paused service is the honest model of "the broker is down" here: killing
+/// it would also erase what it already holds and nothing could be checked afterwards.
+pub struct PrivateService {
+    pub addr: String,
+    child: Child,
+}
+
+impl PrivateService {
+    pub fn tansu(svc: &Services, log: &Path) -> PrivateService {
+        let port = free_port();
+        let addr = format!("127.0.0.1:{port}");
+        let url = format!("tcp://{addr}");
+        let child = die_with_test(&mut Command::new("tansu"))
+            .args([
+                "broker",
+                "--storage-engine",
+                "memory://tansu/",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
+            .env("RUST_LOG", "warn")
+            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(log).expect("tansu log"))
+            .spawn()
+            .expect("cannot start tansu (scripts/test installs it into ~/.cargo/bin)");
+        let service = PrivateService { addr, child };
+        svc.py("wait_ready.py", &["--kafka", &service.addr]);
+        service
+    }
+
+    pub fn moto(svc: &Services, log: &Path) -> PrivateService {
+        let port = free_port();
+        let server = svc.python.parent().expect("venv bin").join("moto_server");
+        let child = die_with_test(&mut Command::new(server))
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(log).expect("moto log"))
+            .spawn()
+            .expect("cannot start moto_server from the test venv");
+        let service = PrivateService {
+            addr: format!("http://127.0.0.1:{port}"),
+            child,
+        };
+        svc.py("wait_ready.py", &["--s3", &service.addr]);
+        service
+    }
+
+    /// SIGSTOP: the port stays open but nothing answers, like a hung or partitioned server.
+    pub fn pause(&self) {
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGSTOP);
+        }
+    }
+
+    pub fn resume(&self) {
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGCONT);
+        }
+    }
+}
+
+impl Drop for PrivateService {
+    fn drop(&mut self) {
+        self.resume();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Resident set size of a process in KiB (`VmRSS`), 0 when it is gone.
+pub fn rss_kib(pid: i32) -> u64 {
+    proc_status_kib(pid, "VmRSS:")
+}
+
+/// Peak resident set size of a process in KiB (`VmHWM`), 0 when it is gone.
+pub fn peak_rss_kib(pid: i32) -> u64 {
+    proc_status_kib(pid, "VmHWM:")
+}
+
+fn proc_status_kib(pid: i32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| {
+                    l.strip_prefix(field)
+                        .map(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+                })
+                .flatten()
+        })
+        .unwrap_or(0)
+}
+
+/// A test CA that issues more than [`Certs::generate`] does: client certificates for
+/// mutual TLS, certificates for other names, expired ones.
+pub struct TestCa {
+    pub ca: PathBuf,
+    dir: PathBuf,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+}
+
+/// A certificate and its key, as PEM files.
+pub struct Issued {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl TestCa {
+    pub fn new(dir: &Path, name: &str) -> TestCa {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+        let key = KeyPair::generate().expect("CA key");
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(DnType::CommonName, format!("sluice test CA {name}"));
+        let cert = params.self_signed(&key).expect("CA cert");
+        let ca = dir.join(format!("{name}-ca.pem"));
+        std::fs::write(&ca, cert.pem()).expect("write CA");
+        TestCa {
+            ca,
+            dir: dir.to_owned(),
+            issuer: Issuer::new(params, key),
+        }
+    }
+
+    /// Issues `<name>.pem` / `<name>.key` for `names` (usable as server and client
+    /// certificate); `expired` makes one whose validity ended in 2021.
+    pub fn issue(&self, name: &str, names: &[&str], expired: bool) -> Issued {
+        use rcgen::{date_time_ymd, CertificateParams, DnType, ExtendedKeyUsagePurpose, KeyPair};
+        let key = KeyPair::generate().expect("key");
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let mut params = CertificateParams::new(names).expect("params");
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        if expired {
+            params.not_before = date_time_ymd(2020, 1, 1);
+            params.not_after = date_time_ymd(2021, 1, 1);
+        }
+        let cert = params.signed_by(&key, &self.issuer).expect("cert");
+        let issued = Issued {
+            cert: self.dir.join(format!("{name}.pem")),
+            key: self.dir.join(format!("{name}.key")),
+        };
+        std::fs::write(&issued.cert, cert.pem()).expect("write cert");
+        std::fs::write(&issued.key, key.serialize_pem()).expect("write key");
+        issued
+    }
+}
+
+/// A log file's text without ANSI colour codes, so `peer=...` fields can be matched.
+pub fn plain_log(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // CSI: ESC [ parameters final-byte
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// A relay over TLS whose only sink is `file`: every event's JSON envelope, one per line,
+/// in `out`. For tests that need no Kafka or S3.
+pub struct FileRelay {
+    pub proc_: Proc,
+    pub forward: SocketAddr,
+    pub metrics: SocketAddr,
+    pub out: PathBuf,
+}
+
+impl FileRelay {
+    pub fn start(dir: &Path, certs: &Certs) -> FileRelay {
+        let forward: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let out = dir.join("relay-out.ndjson");
+        let text = format!(
+            "[relay]\nid = \"relay-file\"\ndata_dir = \"{data}\"\nshutdown_timeout = \"20s\"\n\n\
+             [server]\nlisten = \"{forward}\"\nack = \"spool\"\n\
+             tls = {{ cert = \"{cert}\", key = \"{key}\" }}\n\n\
+             [spool]\nsegment_size = \"16 MiB\"\nmax_size = \"2 GiB\"\n\n\
+             [metrics]\nlisten = \"{metrics}\"\n\n\
+             [[sink]]\nname = \"file\"\ntype = \"file\"\npath = \"{out}\"\n",
+            data = dir.join("relay-data").display(),
+            cert = certs.cert.display(),
+            key = certs.key.display(),
+            out = out.display(),
+        );
+        let config = dir.join("relay.toml");
+        std::fs::write(&config, text).expect("relay config");
+        let mut proc_ = Proc::start("sluice-relay", &config, &dir.join("relay.log"));
+        wait_listening(forward, &mut proc_);
+        FileRelay {
+            proc_,
+            forward,
+            metrics,
+            out,
+        }
+    }
+
+    /// Events the file sink wrote.
+    pub fn delivered(&self) -> u64 {
+        metric(
+            self.metrics,
+            "sluice_relay_sink_events_total",
+            "sink=\"file\"",
+        )
+        .unwrap_or(0.0) as u64
+    }
+}

@@ -1,0 +1,133 @@
+//! Every example config in `configs/` loads, and `--check-config` explains mistakes in
+//! plain words (naming the file and the key).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use sluice_e2e::bin;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn configs(dir: &Path, out: &mut Vec<PathBuf>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            configs(&path, out);
+        } else if path.extension().is_some_and(|e| e == "toml") {
+            out.push(path);
+        }
+    }
+}
+
+fn check(binary: &str, config: &Path) -> (bool, String) {
+    let out = Command::new(bin(binary))
+        .arg("--config")
+        .arg(config)
+        .arg("--check-config")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+#[test]
+fn every_example_config_loads() {
+    let mut all = Vec::new();
+    configs(&repo().join("configs"), &mut all);
+    assert!(all.len() >= 4, "expected example configs, found {all:?}");
+    for path in all {
+        let name = path.file_name().unwrap().to_string_lossy().to_string();
+        let binary = if name.contains("agent") {
+            "sluice-agent"
+        } else if name.contains("relay") {
+            "sluice-relay"
+        } else {
+            panic!(
+                "{}: name it *agent*.toml or *relay*.toml so the test knows which binary reads it",
+                path.display()
+            )
+        };
+        let (ok, text) = check(binary, &path);
+        assert!(ok, "{} does not load:\n{text}", path.display());
+        assert!(text.contains(": ok"), "{text}");
+    }
+}
+
+fn broken(binary: &str, text: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("broken.toml");
+    std::fs::write(&path, text).unwrap();
+    let (ok, out) = check(binary, &path);
+    assert!(!ok, "a broken config was accepted:\n{text}");
+    assert!(
+        out.contains("broken.toml"),
+        "the error does not name the file: {out}"
+    );
+    out
+}
+
+#[test]
+fn check_config_explains_mistakes() {
+    let relay_base = std::fs::read_to_string(repo().join("configs/relay.toml")).unwrap();
+
+    let out = broken(
+        "sluice-relay",
+        &relay_base.replace("max_connections = 4096", "max_conections = 4096"),
+    );
+    assert!(
+        out.contains("max_conections"),
+        "unknown key not named: {out}"
+    );
+
+    let out = broken(
+        "sluice-relay",
+        &relay_base.replace("tls = { cert", "# tls = { cert"),
+    );
+    assert!(out.contains("server.tls is missing"), "{out}");
+
+    let out = broken(
+        "sluice-relay",
+        &relay_base.replace("max_size = \"20 GiB\"", "max_size = \"20 parsecs\""),
+    );
+    assert!(out.contains("unknown size unit"), "{out}");
+
+    let out = broken(
+        "sluice-relay",
+        &relay_base.replace("topic = \"logs\"", "topic = \"logs\"\ncompresion = \"lz4\""),
+    );
+    assert!(
+        out.contains("compresion") && out.contains("kafka"),
+        "sink typo not named: {out}"
+    );
+
+    let out = broken(
+        "sluice-relay",
+        &relay_base.replace("type = \"kafka\"", "type = \"kafak\""),
+    );
+    assert!(out.contains("kafak"), "{out}");
+
+    let agent_base = std::fs::read_to_string(repo().join("configs/agent.toml")).unwrap();
+    let out = broken(
+        "sluice-agent",
+        &agent_base.replace("include = [\"/var/log/app/*.log\"]", "include = []"),
+    );
+    assert!(out.contains("include is empty"), "{out}");
+
+    let out = broken(
+        "sluice-agent",
+        &agent_base.replace("relay-1.internal:24224", "relay-1.internal"),
+    );
+    assert!(out.contains("host:port"), "{out}");
+
+    let out = broken(
+        "sluice-agent",
+        &agent_base.replace("chunk_age = \"1s\"", "chunk_age = \"soon\""),
+    );
+    assert!(out.contains("not a duration"), "{out}");
+}

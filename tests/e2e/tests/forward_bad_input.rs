@@ -1,0 +1,324 @@
+//! Bad input against the real relay over real TLS on loopback: every way a client can
+//! misbehave closes *that* connection with one warning naming the peer and the cause and
+//! one `sluice_relay_connections_rejected_total{reason}` count; a well-behaved client on
+//! another connection is still acknowledged and delivered, and whatever the bad
+//! connection had acknowledged before it misbehaved reaches the sink too.
+//!
+//! No Kafka or S3 needed: the relay writes to a `file` sink in a temp dir.
+
+mod forward_common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+use forward_common::*;
+use sluice_e2e::*;
+
+#[test]
+fn random_bytes_close_only_that_connection() {
+    let s = setup();
+    let relay = start_relay(s.dir.path(), &s.server, RelayOptions::default());
+    let files = tls_files(&s.ca.ca, None, "localhost");
+
+    let mut bad = Conn::connect(relay.forward, &files).unwrap();
+    bad.send_acked("before-noise-", 1, 100).unwrap();
+    let peer = bad.local;
+    // With this seed the first byte is 0xb1, a short string: not a Forward frame.
+    let _ = bad.send(&noise(64 << 10, 0x5eed_0001));
+    bad.expect_closed();
+    drop(bad);
+
+    let line = relay.expect_rejected(Some(peer), "malformed", "bad frame");
+    assert!(line.contains("not a Forward frame"), "{line}");
+    good_client_still_served(&relay, &files, None);
+    wait_delivered(&relay, "before-noise-", 100);
+    assert_eq!(relay.rejected("malformed"), 1.0);
+}
+
+#[test]
+fn truncated_frame_closes_only_that_connection() {
+    let s = setup();
+    let relay = start_relay(s.dir.path(), &s.server, RelayOptions::default());
+    let files = tls_files(&s.ca.ca, None, "localhost");
+
+    let mut bad = Conn::connect(relay.forward, &files).unwrap();
+    bad.send_acked("before-cut-", 1, 100).unwrap();
+    let peer = bad.local;
+    let whole = chunk("cut-", 1, 100, "cut");
+    bad.send(&whole[..whole.len() / 2]).unwrap();
+    bad.close();
+
+    let line = relay.expect_rejected(Some(peer), "truncated", "connection closed inside a frame");
+    assert!(
+        line.contains(&format!("{} bytes", whole.len() / 2)),
+        "{line}"
+    );
+    good_client_still_served(&relay, &files, None);
+    wait_delivered(&relay, "before-cut-", 100);
+    assert!(
+        delivered(&relay.sink, "cut-").is_empty(),
+        "half a frame is nothing"
+    );
+}
+
+#[test]
+fn oversized_frame_is_refused_before_it_is_buffered() {
+    let s = setup();
+    let relay = start_relay(s.dir.path(), &s.server, RelayOptions::default());
+    let files = tls_files(&s.ca.ca, None, "localhost");
+
+    let mut bad = Conn::connect(relay.forward, &files).unwrap();
+    bad.send_acked("before-big-", 1, 100).unwrap();
+    let peer = bad.local;
+    // [tag, bin32 of 64 MiB, ...]: the header alone says it is too large, so the relay
+    // closes the connection after a few bytes instead of reading 64 MiB.
+    let mut header = vec![0x93, 0xa3, b'b', b'i', b'g', 0xc6];
+    header.extend_from_slice(&(64u32 << 20).to_be_bytes());
+    bad.send(&header).unwrap();
+    let mut written = header.len();
+    let filler = vec![0u8; 64 << 10];
+    while written < 8 * MAX_FRAME && bad.send(&filler).is_ok() {
+        written += filler.len();
+    }
+    bad.expect_closed();
+    drop(bad);
+
+    let line = relay.expect_rejected(Some(peer), "frame_too_large", "frame too large");
+    assert!(line.contains(&format!("limit {MAX_FRAME}")), "{line}");
+    good_client_still_served(&relay, &files, None);
+    wait_delivered(&relay, "before-big-", 100);
+}
+
+#[test]
+fn wrong_shared_key_is_refused() {
+    let s = setup();
+    let relay = start_relay(
+        s.dir.path(),
+        &s.server,
+        RelayOptions {
+            shared_key: Some("the right key"),
+            ..Default::default()
+        },
+    );
+    let files = tls_files(&s.ca.ca, None, "localhost");
+
+    let mut bad = Conn::connect(relay.forward, &files).unwrap();
+    let peer = bad.local;
+    assert!(!bad.authenticate("a wrong key").unwrap(), "PONG says no");
+    bad.expect_closed();
+    drop(bad);
+
+    let line = relay.expect_rejected(Some(peer), "auth", "shared key mismatch");
+    assert!(
+        line.contains("test-client"),
+        "names the client's hostname: {line}"
+    );
+    good_client_still_served(&relay, &files, Some("the right key"));
+}
+
+#[test]
+fn relay_refuses_an_expired_client_certificate() {
+    let s = setup();
+    let relay = start_relay(
+        s.dir.path(),
+        &s.server,
+        RelayOptions {
+            client_ca: Some(&s.ca.ca),
+            ..Default::default()
+        },
+    );
+    let expired = s.ca.issue("client-expired", &["agent-1"], true);
+    let valid = s.ca.issue("client-valid", &["agent-2"], false);
+
+    let (peer, _) = refused(
+        relay.forward,
+        &tls_files(&s.ca.ca, Some(&expired), "localhost"),
+        "expired-",
+    );
+    relay.expect_rejected(Some(peer), "tls", "the client's certificate is expired");
+    good_client_still_served(
+        &relay,
+        &tls_files(&s.ca.ca, Some(&valid), "localhost"),
+        None,
+    );
+    assert!(delivered(&relay.sink, "expired-").is_empty());
+}
+
+#[test]
+fn relay_refuses_a_client_certificate_from_an_unknown_ca() {
+    let s = setup();
+    let relay = start_relay(
+        s.dir.path(),
+        &s.server,
+        RelayOptions {
+            client_ca: Some(&s.ca.ca),
+            ..Default::default()
+        },
+    );
+    let stranger_ca = TestCa::new(s.dir.path(), "stranger");
+    let stranger = stranger_ca.issue("client-stranger", &["agent-x"], false);
+    let valid = s.ca.issue("client-valid", &["agent-2"], false);
+
+    let (peer, _) = refused(
+        relay.forward,
+        &tls_files(&s.ca.ca, Some(&stranger), "localhost"),
+        "stranger-",
+    );
+    relay.expect_rejected(Some(peer), "tls", "unknown CA");
+    good_client_still_served(
+        &relay,
+        &tls_files(&s.ca.ca, Some(&valid), "localhost"),
+        None,
+    );
+    assert!(delivered(&relay.sink, "stranger-").is_empty());
+}
+
+#[test]
+fn client_that_does_not_trust_the_relay_ca_is_reported() {
+    let s = setup();
+    let relay = start_relay(s.dir.path(), &s.server, RelayOptions::default());
+    let other = TestCa::new(s.dir.path(), "other");
+
+    let (peer, err) = refused(
+        relay.forward,
+        &tls_files(&other.ca, None, "localhost"),
+        "x-",
+    );
+    let err = err.expect("the client refuses the relay");
+    assert!(err.to_string().contains("UnknownIssuer"), "{err}");
+    relay.expect_rejected(Some(peer), "tls", "alert UnknownCA");
+    good_client_still_served(&relay, &tls_files(&s.ca.ca, None, "localhost"), None);
+}
+
+#[test]
+fn hostname_mismatch_is_refused_by_the_client_and_reported_by_the_relay() {
+    let s = setup();
+    let relay = start_relay(s.dir.path(), &s.server, RelayOptions::default());
+
+    let (peer, err) = refused(
+        relay.forward,
+        &tls_files(&s.ca.ca, None, "relay.example.net"),
+        "x-",
+    );
+    let err = err.expect("the client refuses a certificate for another name");
+    assert!(
+        err.to_string().contains("NotValidForName") || err.to_string().contains("not valid for"),
+        "{err}"
+    );
+    relay.expect_rejected(Some(peer), "tls", "hostname mismatch");
+    good_client_still_served(&relay, &tls_files(&s.ca.ca, None, "localhost"), None);
+}
+
+#[test]
+fn plaintext_to_the_tls_port_is_named_as_such() {
+    let s = setup();
+    let relay = start_relay(s.dir.path(), &s.server, RelayOptions::default());
+
+    let mut plain = TcpStream::connect(relay.forward).unwrap();
+    plain
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    let peer = plain.local_addr().unwrap();
+    let _ = plain.write_all(&chunk("plain-", 1, 10, "p"));
+    let mut rest = Vec::new();
+    let _ = plain.read_to_end(&mut rest); // the relay closes without answering
+    assert!(rest.is_empty(), "no answer to plaintext: {rest:?}");
+
+    let line = relay.expect_rejected(Some(peer), "plaintext", "not TLS");
+    assert!(line.contains("a plain Forward frame"), "{line}");
+    good_client_still_served(&relay, &tls_files(&s.ca.ca, None, "localhost"), None);
+    assert!(delivered(&relay.sink, "plain-").is_empty());
+}
+
+/// The agent refuses a relay whose certificate expired, says why, and keeps its lines;
+/// once the relay's certificate files are replaced (no restart), new connections get the
+/// new certificate and every line arrives.
+#[test]
+fn agent_refuses_an_expired_relay_certificate_until_it_is_replaced() {
+    const LINES: u64 = 2_000;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new(dir.path(), "relay");
+    let expired = ca.issue("server", &["localhost", "127.0.0.1"], true);
+    let relay = start_relay(dir.path(), &expired, RelayOptions::default());
+
+    let log = dir.path().join("app.log");
+    write_numbered_lines(&log, 1, LINES);
+    let agent_metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let agent_cfg = dir.path().join("agent.toml");
+    std::fs::write(
+        &agent_cfg,
+        format!(
+            r#"
+[agent]
+id = "agent-expiry"
+data_dir = "{data}"
+
+[[input]]
+type = "tail"
+name = "app"
+tag = "app.log"
+include = ["{log}"]
+
+[output]
+relays = ["{relay}"]
+tls = {{ ca = "{ca}", server_name = "localhost" }}
+chunk_age = "200ms"
+retry_max = "500ms"
+
+[metrics]
+listen = "{agent_metrics}"
+"#,
+            data = dir.path().join("agent-data").display(),
+            log = log.display(),
+            relay = relay.forward,
+            ca = ca.ca.display(),
+        ),
+    )
+    .unwrap();
+    let agent = Proc::start("sluice-agent", &agent_cfg, &dir.path().join("agent.log"));
+    wait_for(
+        "the agent to refuse the expired certificate",
+        Duration::from_secs(30),
+        || plain_log(&agent.log).contains("TLS handshake with the relay failed"),
+    );
+    let agent_log = plain_log(&agent.log);
+    assert!(
+        agent_log.contains("Expired") || agent_log.contains("expired"),
+        "{agent_log}"
+    );
+    relay.expect_rejected(None, "tls", "alert CertificateExpired");
+    assert_eq!(
+        metric(relay.metrics, "sluice_relay_events_received_total", "").unwrap_or(0.0),
+        0.0
+    );
+
+    // Rotate: a valid certificate under the same file names; the relay is not restarted.
+    let fresh = ca.issue("server-fresh", &["localhost", "127.0.0.1"], false);
+    std::fs::copy(&fresh.key, &expired.key).unwrap();
+    std::fs::copy(&fresh.cert, &expired.cert).unwrap();
+    wait_delivered_numbered(&relay, LINES);
+    assert!(
+        relay.log().contains("TLS certificate reloaded"),
+        "{}",
+        relay.log()
+    );
+    assert!(
+        metric(
+            agent_metrics,
+            "sluice_agent_relay_errors_total",
+            "reason=\"tls\""
+        )
+        .unwrap_or(0.0)
+            >= 1.0
+    );
+}
+
+/// Waits until the file sink holds every numbered line 1..=count of [`write_numbered_lines`].
+fn wait_delivered_numbered(relay: &Relay, count: u64) {
+    wait_for(
+        &format!("{count} numbered lines in the file sink"),
+        Duration::from_secs(60),
+        || delivered(&relay.sink, "line ").len() as u64 == count,
+    );
+}

@@ -1,0 +1,219 @@
+//! Per-client controls of the relay's Forward server, against the real binary over TLS:
+//! a rate limit enforced by backpressure (slower, never dropped, others unaffected),
+//! per-client shared keys, and certificate files replaced without a restart.
+
+mod forward_common;
+
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use forward_common::*;
+use sluice_core::forward::{
+    write_entry, ClientCodec, ClientFrame, EventBatch, EventTime, Options, ServerFrame,
+};
+use sluice_core::tls::load_certs;
+use tokio_util::codec::Encoder;
+
+/// An uncompressed PackedForward chunk whose events carry `pad` bytes of filler each, so
+/// its size on the wire is what the test says.
+fn padded_chunk(prefix: &str, first: u64, count: u64, pad: usize, id: &str) -> Vec<u8> {
+    let filler = "x".repeat(pad);
+    let mut entries = Vec::new();
+    for n in first..first + count {
+        let message = format!("{prefix}{n:08}");
+        write_entry(
+            &mut entries,
+            EventTime::now(),
+            &[("message", message.as_bytes()), ("pad", filler.as_bytes())],
+        );
+    }
+    let batch = EventBatch {
+        hours: Vec::new(),
+        tag: "forward.limits".into(),
+        entries,
+        count: count as usize,
+        options: Options {
+            chunk: Some(id.to_string()),
+            ..Options::default()
+        },
+    };
+    let mut out = BytesMut::new();
+    ClientCodec::new(Default::default())
+        .encode(ClientFrame::Events(batch), &mut out)
+        .unwrap();
+    out.to_vec()
+}
+
+#[test]
+fn rate_limit_slows_one_client_by_backpressure_and_not_the_others() {
+    const CHUNKS: u64 = 16;
+    const PER_CHUNK: u64 = 64; // events of ~1 KiB: 64 KiB chunks, 1 MiB in all
+    let s = setup();
+    let relay = start_relay(
+        s.dir.path(),
+        &s.server,
+        RelayOptions {
+            shared_key: Some("k"),
+            server_extra: r#"rate_limit = { bytes_per_sec = "256 KiB", burst = "64 KiB" }"#,
+            ..Default::default()
+        },
+    );
+    let files = tls_files(&s.ca.ca, None, "localhost");
+
+    let greedy = {
+        let files = files.clone();
+        let addr = relay.forward;
+        std::thread::spawn(move || {
+            let mut conn = Conn::connect(addr, &files).unwrap();
+            assert!(conn.authenticate_as("greedy", "k").unwrap());
+            let started = Instant::now();
+            let mut wire = 0;
+            for c in 0..CHUNKS {
+                let frame = padded_chunk("greedy-", c * PER_CHUNK, PER_CHUNK, 1000, &c.to_string());
+                wire += frame.len();
+                conn.send(&frame).unwrap();
+            }
+            for c in 0..CHUNKS {
+                match conn.next_frame().unwrap() {
+                    Some(ServerFrame::Ack(id)) => {
+                        assert_eq!(id, c.to_string())
+                    }
+                    other => panic!("expected ack {c}, got {other:?}"),
+                }
+            }
+            conn.close();
+            (started.elapsed(), wire)
+        })
+    };
+
+    // While the greedy client is held back, another client goes through at once.
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut modest = Conn::connect(relay.forward, &files).unwrap();
+    assert!(modest.authenticate_as("modest", "k").unwrap());
+    let t = Instant::now();
+    modest.send_acked("modest-", 1, 100).unwrap();
+    let modest_ack = t.elapsed();
+    modest.close();
+    assert!(
+        !greedy.is_finished(),
+        "the greedy client should still be throttled"
+    );
+
+    let (took, wire) = greedy.join().unwrap();
+    let floor = Duration::from_secs_f64((wire - (64 << 10)) as f64 / (256 << 10) as f64);
+    eprintln!(
+        "greedy: {wire} bytes acknowledged after {took:?} (rate floor {floor:?}); modest acked in {modest_ack:?}"
+    );
+    assert!(
+        took >= floor.mul_f64(0.9),
+        "rate limit not enforced: {took:?}"
+    );
+    assert!(took < floor * 3, "throttled far beyond the rate: {took:?}");
+    assert!(modest_ack < Duration::from_secs(2), "{modest_ack:?}");
+    // Slowed down, not dropped: every event arrives, and nobody was disconnected.
+    wait_delivered(&relay, "greedy-", CHUNKS * PER_CHUNK);
+    wait_delivered(&relay, "modest-", 100);
+    assert!(
+        !relay.log().contains("WARN sluice_relay::server"),
+        "{}",
+        relay.log()
+    );
+}
+
+#[test]
+fn per_client_shared_keys() {
+    let s = setup();
+    let relay = start_relay(
+        s.dir.path(),
+        &s.server,
+        RelayOptions {
+            shared_key: Some("common key"),
+            server_extra: r#"client_keys = { "agent-a" = "key of a" }"#,
+            ..Default::default()
+        },
+    );
+    let files = tls_files(&s.ca.ca, None, "localhost");
+    let auth = |hostname: &str, key: &str| -> (bool, std::net::SocketAddr) {
+        let mut conn = Conn::connect(relay.forward, &files).unwrap();
+        let ok = conn.authenticate_as(hostname, key).unwrap();
+        let peer = conn.local;
+        if ok {
+            conn.send_acked(&format!("{hostname}-"), 1, 10).unwrap();
+            conn.close();
+        } else {
+            conn.expect_closed();
+        }
+        (ok, peer)
+    };
+
+    assert!(auth("agent-a", "key of a").0, "its own key");
+    assert!(auth("agent-b", "common key").0, "the common key");
+    let (ok, peer) = auth("agent-a", "common key");
+    assert!(!ok, "a client with its own key cannot use the common one");
+    relay.expect_rejected(
+        Some(peer),
+        "auth",
+        "server.client_keys has for this hostname",
+    );
+    let (ok, peer) = auth("agent-b", "key of a");
+    assert!(!ok, "nor another client's key");
+    relay.expect_rejected(Some(peer), "auth", "shared key mismatch");
+    wait_delivered(&relay, "agent-a-", 10);
+    wait_delivered(&relay, "agent-b-", 10);
+
+    // Without a common key, a hostname that has none of its own is refused.
+    let dir2 = tempfile::tempdir().unwrap();
+    let strict = start_relay(
+        dir2.path(),
+        &s.server,
+        RelayOptions {
+            server_extra: r#"client_keys = { "agent-a" = "key of a" }"#,
+            ..Default::default()
+        },
+    );
+    let mut conn = Conn::connect(strict.forward, &files).unwrap();
+    assert!(!conn.authenticate_as("stranger", "anything").unwrap());
+    strict.expect_rejected(Some(conn.local), "auth", "unknown client");
+    let mut conn = Conn::connect(strict.forward, &files).unwrap();
+    assert!(conn.authenticate_as("agent-a", "key of a").unwrap());
+    conn.send_acked("strict-", 1, 10).unwrap();
+    conn.close();
+    wait_delivered(&strict, "strict-", 10);
+}
+
+#[test]
+fn replaced_certificate_files_are_served_to_new_connections_without_restart() {
+    let s = setup();
+    let relay = start_relay(s.dir.path(), &s.server, RelayOptions::default());
+    let files = tls_files(&s.ca.ca, None, "localhost");
+    let served =
+        |conn: &Conn| -> Vec<u8> { conn.tls.conn.peer_certificates().unwrap()[0].to_vec() };
+
+    let mut old = Conn::connect(relay.forward, &files).unwrap();
+    let first = served(&old);
+    let next =
+        s.ca.issue("server-next", &["localhost", "127.0.0.1"], false);
+    std::fs::copy(&next.key, &s.server.key).unwrap();
+    std::fs::copy(&next.cert, &s.server.cert).unwrap();
+
+    let mut new = Conn::connect(relay.forward, &files).unwrap();
+    assert_ne!(
+        served(&new),
+        first,
+        "a new connection gets the new certificate"
+    );
+    assert_eq!(served(&new), load_certs(&next.cert).unwrap()[0].to_vec());
+    new.send_acked("new-", 1, 10).unwrap();
+    // The connection made before the change goes on with the old certificate.
+    old.send_acked("old-", 1, 10).unwrap();
+    new.close();
+    old.close();
+    wait_delivered(&relay, "new-", 10);
+    wait_delivered(&relay, "old-", 10);
+    assert!(
+        relay.log().contains("TLS certificate reloaded"),
+        "{}",
+        relay.log()
+    );
+    assert!(relay.proc_.child.is_some(), "same process");
+}

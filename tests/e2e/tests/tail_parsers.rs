@@ -1,0 +1,222 @@
+//! Parsers end to end: the real agent tails an nginx access log with `parser = "nginx"`
+//! and ships over TLS to the real relay (file sink). Parsed lines arrive as fields; a
+//! line that does not parse arrives raw with `parse_error`, and the agent counts it.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use sluice_e2e::*;
+
+#[test]
+fn nginx_lines_arrive_parsed_and_a_bad_line_arrives_raw_and_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = Certs::generate(dir.path(), "relay");
+    let relay = FileRelay::start(dir.path(), &certs);
+    let log = dir.path().join("access.log");
+    let lines = [
+        r#"203.0.113.7 - alice [23/Nov/2026:05:00:00 +0000] "GET /api/v1/items?id=42 HTTP/1.1" 200 512 "-" "curl/8.5.0""#,
+        "this is not an access log line",
+        r#"198.51.100.2 - - [23/Nov/2026:05:00:01 +0000] "POST /login HTTP/2.0" 302 - "https://example.com/" "Mozilla/5.0""#,
+    ];
+    std::fs::write(&log, lines.join("\n") + "\n").unwrap();
+
+    let agent_metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let config = dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[agent]
+id = "agent-parsers"
+data_dir = "{data}"
+
+[[input]]
+type = "tail"
+name = "web"
+tag = "nginx.access"
+include = ["{log}"]
+parser = "nginx"
+
+[output]
+relays = ["{relay}"]
+tls = {{ ca = "{ca}", server_name = "localhost" }}
+chunk_age = "100ms"
+
+[metrics]
+listen = "{agent_metrics}"
+"#,
+            data = dir.path().join("agent-data").display(),
+            log = log.display(),
+            relay = relay.forward,
+            ca = certs.ca.display(),
+        ),
+    )
+    .unwrap();
+    let mut agent = Proc::start("sluice-agent", &config, &dir.path().join("agent.log"));
+    wait_for("3 events at the relay", Duration::from_secs(60), || {
+        assert!(agent.is_running(), "agent exited:\n{}", agent.log_text());
+        relay.delivered() >= 3
+    });
+    let errors = metric(
+        agent_metrics,
+        "sluice_agent_parse_errors_total",
+        "input=\"web\"",
+    );
+    agent.stop(Duration::from_secs(20));
+
+    let text = std::fs::read_to_string(&relay.out).unwrap();
+    let records: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["record"].clone())
+        .collect();
+    assert_eq!(records.len(), 3, "{text}");
+    assert_eq!(
+        records[0],
+        serde_json::json!({"remote": "203.0.113.7", "user": "alice",
+            "time": "23/Nov/2026:05:00:00 +0000", "method": "GET",
+            "path": "/api/v1/items?id=42", "protocol": "HTTP/1.1", "code": 200, "size": 512,
+            "referer": "-", "agent": "curl/8.5.0"})
+    );
+    assert_eq!(
+        records[1],
+        serde_json::json!({"message": "this is not an access log line",
+            "parse_error": "not in combined/common log format"})
+    );
+    assert_eq!(records[2]["method"], "POST");
+    assert_eq!(records[2]["code"], 302);
+    assert!(records[2].get("size").is_none(), "{}", records[2]);
+    assert_eq!(errors, Some(1.0), "parse errors counted per input");
+}
+
+fn agent_config(
+    dir: &std::path::Path,
+    relay: &FileRelay,
+    certs: &Certs,
+    input: &str,
+) -> std::path::PathBuf {
+    let config = dir.join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[agent]
+id = "agent-parsers"
+data_dir = "{data}"
+
+[[input]]
+type = "tail"
+name = "app"
+tag = "app.log"
+{input}
+
+[output]
+relays = ["{relay}"]
+tls = {{ ca = "{ca}", server_name = "localhost" }}
+chunk_age = "100ms"
+
+[metrics]
+listen = "127.0.0.1:{port}"
+"#,
+            data = dir.join("agent-data").display(),
+            relay = relay.forward,
+            ca = certs.ca.display(),
+            port = free_port(),
+        ),
+    )
+    .unwrap();
+    config
+}
+
+fn records(relay: &FileRelay) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(&relay.out)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["record"].clone())
+        .collect()
+}
+
+#[test]
+fn multiline_joins_stack_traces_before_the_regex_parser() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = Certs::generate(dir.path(), "relay");
+    let relay = FileRelay::start(dir.path(), &certs);
+    let log = dir.path().join("app.log");
+    std::fs::write(
+        &log,
+        "2026-11-23 10:00:00 ERROR request failed\n\
+         java.lang.IllegalStateException: no connection\n\
+         \tat com.example.Db.query(Db.java:42)\n\
+         \tat com.example.Api.handle(Api.java:7)\n\
+         2026-11-23 10:00:01 INFO recovered\n",
+    )
+    .unwrap();
+    let config = agent_config(
+        dir.path(),
+        &relay,
+        &certs,
+        &format!(
+            r#"include = ["{}"]
+parser = "regex"
+regex = '(?s)^(?P<time>\S+ \S+) (?P<level>[A-Z]+) (?P<message>.*)$'
+multiline = {{ start = '^\d{{4}}-\d{{2}}-\d{{2}} ', timeout = "200ms" }}"#,
+            log.display()
+        ),
+    );
+    let mut agent = Proc::start("sluice-agent", &config, &dir.path().join("agent.log"));
+    // The last event has no next start line: the timeout sends it.
+    wait_for("2 events at the relay", Duration::from_secs(60), || {
+        assert!(agent.is_running(), "agent exited:\n{}", agent.log_text());
+        relay.delivered() >= 2
+    });
+    agent.stop(Duration::from_secs(20));
+    let got = records(&relay);
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert_eq!(
+        got[0],
+        serde_json::json!({"time": "2026-11-23 10:00:00", "level": "ERROR",
+            "message": "request failed\njava.lang.IllegalStateException: no connection\n\tat com.example.Db.query(Db.java:42)\n\tat com.example.Api.handle(Api.java:7)"})
+    );
+    assert_eq!(got[1]["message"], "recovered");
+    // Acknowledged to the end: the checkpoint covers the event the timeout sent.
+    let checkpoints =
+        std::fs::read_to_string(dir.path().join("agent-data/checkpoints.json")).unwrap();
+    let size = std::fs::metadata(&log).unwrap().len();
+    assert!(
+        checkpoints.contains(&format!("\"offset\": {size}")),
+        "{checkpoints}"
+    );
+}
+
+#[test]
+fn max_read_rate_paces_reading_and_loses_nothing() {
+    const LINES: u64 = 4_000; // about 260 KB
+    let dir = tempfile::tempdir().unwrap();
+    let certs = Certs::generate(dir.path(), "relay");
+    let relay = FileRelay::start(dir.path(), &certs);
+    let log = dir.path().join("app.log");
+    write_numbered_lines(&log, 1, LINES);
+    let size = std::fs::metadata(&log).unwrap().len();
+    let config = agent_config(
+        dir.path(),
+        &relay,
+        &certs,
+        &format!(
+            "include = [\"{}\"]\nmax_read_rate = \"100 KiB\"",
+            log.display()
+        ),
+    );
+    let started = std::time::Instant::now();
+    let mut agent = Proc::start("sluice-agent", &config, &dir.path().join("agent.log"));
+    wait_for("every line at the relay", Duration::from_secs(60), || {
+        assert!(agent.is_running(), "agent exited:\n{}", agent.log_text());
+        relay.delivered() >= LINES
+    });
+    let took = started.elapsed();
+    agent.stop(Duration::from_secs(20));
+    // A lower bound only (a slow machine is slower, never faster): the bucket starts
+    // with a tenth of a second's worth.
+    let floor = Duration::from_secs_f64((size as f64 / 102_400.0) - 0.2);
+    eprintln!("{size} bytes at 100 KiB/s took {took:?} (at least {floor:?})");
+    assert!(took >= floor, "read {size} bytes in {took:?}: not paced");
+    assert_eq!(records(&relay).len() as u64, LINES);
+}
