@@ -14,11 +14,14 @@
 //!
 //! [`Tailer`]: crate::Tailer
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+
+/// The watcher thread's nice value, where allowed (see [`raise_priority`]).
+const WATCH_NICE: libc::c_int = -10;
 
 /// Handles waiting to be adopted, at most; beyond, new files wait for the scan (and a
 /// warning says so).
@@ -85,9 +88,10 @@ impl Watcher {
         let thread = {
             let (fd, shared) = (fd.clone(), shared.clone());
             let (include, exclude) = (include.to_vec(), exclude.to_vec());
+            let input = input.to_owned();
             std::thread::Builder::new()
                 .name(format!("tail-watch-{input}"))
-                .spawn(move || run(&fd, &shared, &include, &exclude))
+                .spawn(move || run(&input, &fd, &shared, &include, &exclude))
         };
         if let Err(e) = thread {
             tracing::warn!(input, error = %e, "cannot start the file watcher thread; new files are found by the periodic scan only");
@@ -154,9 +158,38 @@ pub(crate) fn dirs_of(pattern: &str) -> Vec<PathBuf> {
         .unwrap_or_default()
 }
 
-fn run(fd: &Fd, shared: &Shared, include: &[glob::Pattern], exclude: &[glob::Pattern]) {
+/// Asks the scheduler to run this thread ahead of the busy ones when it wakes up.
+///
+/// Why: a file can only be opened while it still has a name. A writer that rotates fast
+/// can create, fill and delete a file within ~20 ms; on a loaded machine a thread of
+/// default priority can wait longer than that for a CPU, and the file is gone unread.
+/// The thread does almost nothing (an open and an fstat per new file), so its priority
+/// costs others nothing measurable. Best effort: lowering the nice value needs
+/// CAP_SYS_NICE or an RLIMIT_NICE that allows it (the systemd unit sets `LimitNICE=-10`);
+/// without, the thread keeps the default priority and a debug line says so.
+fn raise_priority(input: &str) {
+    // SAFETY: plain syscalls on the calling thread; results are checked.
+    let rc = unsafe {
+        let tid = libc::gettid();
+        libc::setpriority(libc::PRIO_PROCESS as _, tid as libc::id_t, WATCH_NICE)
+    };
+    if rc != 0 {
+        tracing::debug!(input, nice = WATCH_NICE, error = %std::io::Error::last_os_error(),
+            "cannot raise the file watcher's priority; it keeps the default");
+    }
+}
+
+fn run(
+    input: &str,
+    fd: &Fd,
+    shared: &Shared,
+    include: &[glob::Pattern],
+    exclude: &[glob::Pattern],
+) {
+    raise_priority(input);
     // Room for many events; each is a header plus a NUL-padded name.
     let mut buf = vec![0u8; 64 * 1024];
+    let mut batch = Batch::default();
     let mut warned_full = false;
     while !shared.stop.load(Ordering::SeqCst) {
         let mut pfd = libc::pollfd {
@@ -169,19 +202,104 @@ fn run(fd: &Fd, shared: &Shared, include: &[glob::Pattern], exclude: &[glob::Pat
         if ready <= 0 {
             continue;
         }
-        // SAFETY: the buffer is valid for its length; the result is checked.
-        let n = unsafe { libc::read(fd.0, buf.as_mut_ptr().cast(), buf.len()) };
-        if n <= 0 {
-            continue;
+        // Everything queued, then each name once: see `Batch`.
+        batch.clear();
+        loop {
+            // SAFETY: the buffer is valid for its length; the result is checked. The
+            // descriptor is non-blocking: -1 (EAGAIN) ends the batch.
+            let n = unsafe { libc::read(fd.0, buf.as_mut_ptr().cast(), buf.len()) };
+            if n <= 0 {
+                break;
+            }
+            batch.parse(&buf[..n as usize], shared);
         }
-        let mut at = 0;
+        for path in batch.paths() {
+            if !include.iter().any(|p| p.matches_path(path))
+                || exclude.iter().any(|p| p.matches_path(path))
+            {
+                continue;
+            }
+            // Opening is all that is urgent; everything else is the tailer's job.
+            let Ok(handle) = File::open(path) else {
+                continue; // already gone again: nothing anyone could read
+            };
+            let opened_at = shared.clock.fetch_add(1, Ordering::SeqCst);
+            let Ok(meta) = handle.metadata() else {
+                continue;
+            };
+            if !meta.is_file() {
+                continue;
+            }
+            use std::os::unix::fs::MetadataExt;
+            let mut pending = lock(&shared.pending);
+            if pending.len() >= MAX_PENDING {
+                if !warned_full {
+                    tracing::warn!(
+                        max = MAX_PENDING,
+                        "too many new files waiting to be read; later ones are found by the periodic scan"
+                    );
+                    warned_full = true;
+                }
+                continue;
+            }
+            warned_full = false;
+            pending.push(Opened {
+                path: path.clone(),
+                handle,
+                dev: meta.dev(),
+                ino: meta.ino(),
+                opened_at,
+            });
+        }
+    }
+}
+
+/// The names that appeared since the watcher last looked, each once, renamed-in names
+/// first.
+///
+/// Why: an open can block for milliseconds behind the writer's own rename (the
+/// filesystem holds the directory lock while it flushes the data of a file renamed over
+/// another). A watcher that opens once per event falls behind a fast rotator by one such
+/// wait per event, and a file that was created, rotated twice and deleted in the meantime
+/// is lost. Opening each name once per batch keeps it level with the writer. Renamed-in
+/// names go first because rotation deletes those files next; a newly created live file
+/// stays around longest.
+#[derive(Debug, Default)]
+struct Batch {
+    /// In order of first appearance.
+    moved: Vec<PathBuf>,
+    created: Vec<PathBuf>,
+    seen_moved: HashSet<PathBuf>,
+    seen_created: HashSet<PathBuf>,
+}
+
+impl Batch {
+    fn clear(&mut self) {
+        self.moved.clear();
+        self.created.clear();
+        self.seen_moved.clear();
+        self.seen_created.clear();
+    }
+
+    fn paths(&self) -> impl Iterator<Item = &PathBuf> {
+        self.moved.iter().chain(
+            self.created
+                .iter()
+                .filter(|p| !self.seen_moved.contains(*p)),
+        )
+    }
+
+    /// Adds the events in `bytes`, one `read` of the inotify descriptor.
+    fn parse(&mut self, bytes: &[u8], shared: &Shared) {
         let header = std::mem::size_of::<libc::inotify_event>();
-        while at + header <= n as usize {
+        let mut at = 0;
+        while at + header <= bytes.len() {
             // SAFETY: the kernel wrote a whole event header at `at`; read it unaligned.
             let event: libc::inotify_event =
-                unsafe { std::ptr::read_unaligned(buf[at..].as_ptr().cast()) };
-            let name_bytes = &buf[at + header..at + header + event.len as usize];
-            at += header + event.len as usize;
+                unsafe { std::ptr::read_unaligned(bytes[at..].as_ptr().cast()) };
+            let end = (at + header + event.len as usize).min(bytes.len());
+            let name_bytes = &bytes[at + header..end];
+            at = end;
             if event.mask & libc::IN_Q_OVERFLOW != 0 {
                 tracing::warn!("inotify queue overflowed; the periodic scan finds the files");
                 continue;
@@ -206,42 +324,14 @@ fn run(fd: &Fd, shared: &Shared, include: &[glob::Pattern], exclude: &[glob::Pat
             };
             use std::os::unix::ffi::OsStrExt;
             let path = dir.join(std::ffi::OsStr::from_bytes(&name_bytes[..name_len]));
-            if !include.iter().any(|p| p.matches_path(&path))
-                || exclude.iter().any(|p| p.matches_path(&path))
-            {
-                continue;
-            }
-            // Opening is all that is urgent; everything else is the tailer's job.
-            let Ok(handle) = File::open(&path) else {
-                continue; // already gone again: nothing anyone could read
+            let (list, seen) = if event.mask & libc::IN_MOVED_TO != 0 {
+                (&mut self.moved, &mut self.seen_moved)
+            } else {
+                (&mut self.created, &mut self.seen_created)
             };
-            let opened_at = shared.clock.fetch_add(1, Ordering::SeqCst);
-            let Ok(meta) = handle.metadata() else {
-                continue;
-            };
-            if !meta.is_file() {
-                continue;
+            if seen.insert(path.clone()) {
+                list.push(path);
             }
-            use std::os::unix::fs::MetadataExt;
-            let mut pending = lock(&shared.pending);
-            if pending.len() >= MAX_PENDING {
-                if !warned_full {
-                    tracing::warn!(
-                        max = MAX_PENDING,
-                        "too many new files waiting to be read; later ones are found by the periodic scan"
-                    );
-                    warned_full = true;
-                }
-                continue;
-            }
-            warned_full = false;
-            pending.push(Opened {
-                path,
-                handle,
-                dev: meta.dev(),
-                ino: meta.ino(),
-                opened_at,
-            });
         }
     }
 }
