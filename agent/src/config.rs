@@ -86,6 +86,16 @@ pub struct TailInput {
     /// The pattern of `parser = "regex"`; its named groups become the fields.
     #[serde(default)]
     pub regex: Option<String>,
+    /// The record field that holds the event time. Unset: nginx, apache and syslog use
+    /// their `time` field, the other parsers the time the line was read. "" always uses
+    /// the read time.
+    #[serde(default)]
+    pub time_key: Option<String>,
+    /// How `time_key` is written: "auto" (default: a number is epoch seconds, a string
+    /// RFC 3339), "rfc3339", "epoch", "epoch_ms", or a strftime pattern such as
+    /// "%Y-%m-%d %H:%M:%S%.f%z". Times without a zone are UTC.
+    #[serde(default)]
+    pub time_format: Option<String>,
     /// Join the lines of one event (a stack trace) into one record before parsing.
     #[serde(default)]
     pub multiline: Option<MultilineConfig>,
@@ -114,6 +124,14 @@ fn default_multiline_timeout() -> Span {
 }
 fn default_multiline_max() -> ByteSize {
     ByteSize::mib(1)
+}
+
+impl TailInput {
+    /// The parser of this input, with its event time field.
+    pub fn build_parser(&self) -> Result<sluice_parsers::Parser, sluice_parsers::ParserError> {
+        sluice_parsers::Parser::new(self.parser, self.regex.as_deref())?
+            .with_time(self.time_key.as_deref(), self.time_format.as_deref())
+    }
 }
 
 impl MultilineConfig {
@@ -306,7 +324,7 @@ impl AgentConfig {
             if t.tag.is_empty() {
                 return Err(format!("input {:?}: tag must not be empty", t.name));
             }
-            sluice_parsers::Parser::new(t.parser, t.regex.as_deref())
+            t.build_parser()
                 .map_err(|e| format!("input {:?}: {e}", t.name))?;
             if let Some(m) = &t.multiline {
                 m.build()

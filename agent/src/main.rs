@@ -35,13 +35,7 @@ struct Cli {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    sluice_core::logging::init();
     let config = match AgentConfig::load(&cli.config) {
         Ok(c) => c,
         Err(e) => {
@@ -57,8 +51,13 @@ fn main() -> std::process::ExitCode {
             config.agent.data_dir.display()
         );
         for InputConfig::Tail(t) in &config.inputs {
+            // check() built the parser already: this cannot fail here.
+            let time = match t.build_parser().ok().as_ref().and_then(|p| p.time_field()) {
+                Some(f) => format!("field {:?} as {:?}", f.key(), f.format()),
+                None => "when read".to_string(),
+            };
             println!(
-                "  input {:?}: tail {:?} as tag {:?}, start at {:?}, parser {:?}",
+                "  input {:?}: tail {:?} as tag {:?}, start at {:?}, parser {:?}, event time {time}",
                 t.name, t.include, t.tag, t.start_at, t.parser
             );
         }
@@ -124,7 +123,8 @@ async fn run(config: AgentConfig) -> anyhow::Result<()> {
             .collect();
         let tailer =
             Tailer::new(&t.name, cfg, &mine).with_context(|| format!("input {:?}", t.name))?;
-        let parser = sluice_parsers::Parser::new(t.parser, t.regex.as_deref())
+        let parser = t
+            .build_parser()
             .with_context(|| format!("input {:?}", t.name))?;
         inputs.push(Input {
             tag: t.tag.clone(),
@@ -143,6 +143,13 @@ async fn run(config: AgentConfig) -> anyhow::Result<()> {
                     input: t.name.clone(),
                 })
                 .clone(),
+            time_errors: metrics
+                .time_errors
+                .get_or_create(&metrics::InputLabel {
+                    input: t.name.clone(),
+                })
+                .clone(),
+            time_warned: std::cell::Cell::new(None),
         });
     }
 

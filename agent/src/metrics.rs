@@ -19,6 +19,7 @@ pub struct InputLabel {
 #[derive(Default)]
 pub struct AgentMetrics {
     pub parse_errors: Family<InputLabel, Counter>,
+    pub time_errors: Family<InputLabel, Counter>,
     pub lines_read: Counter,
     pub bytes_read: Counter,
     pub lines_truncated: Gauge,
@@ -66,6 +67,11 @@ impl AgentMetrics {
             "parse_errors",
             "Lines the input's parser could not parse, sent raw with a parse_error field",
             self.parse_errors.clone(),
+        );
+        r.register(
+            "time_errors",
+            "Records whose time_key field was missing or did not match time_format; they keep the read time",
+            self.time_errors.clone(),
         );
         r.register("files_open", "Files held open", self.files_open.clone());
         r.register(

@@ -21,7 +21,8 @@ use flate2::write::GzEncoder;
 use flate2::Compression;
 use prometheus_client::metrics::counter::Counter;
 use sluice_core::forward::{
-    encode_compressed_packed_forward, write_entry_header, EventTime, Provenance,
+    encode_compressed_packed_forward, set_entry_time, write_entry_header, EventTime, Provenance,
+    ENTRY_HEADER_LEN,
 };
 use sluice_parsers::{Event, Multiline, Outcome, Parser, Pending};
 use sluice_tail::{CheckpointStore, SourceId, Tailer};
@@ -54,6 +55,10 @@ pub struct Input {
     pub parser: Parser,
     /// This input's `sluice_agent_parse_errors_total`.
     pub parse_errors: Counter,
+    /// This input's `sluice_agent_time_errors_total`.
+    pub time_errors: Counter,
+    /// When a time error was last logged: one line per minute per input, not per line.
+    pub time_warned: std::cell::Cell<Option<Instant>>,
     /// Joins the lines of one event before parsing, if configured.
     pub multiline: Option<Multiline>,
     /// Caps how fast this input's files are read, if configured.
@@ -97,6 +102,8 @@ impl ReadRate {
 struct EventWriter<'a> {
     parser: &'a Parser,
     parse_errors: &'a Counter,
+    time_errors: &'a Counter,
+    time_warned: &'a std::cell::Cell<Option<Instant>>,
     chunk_size: usize,
     time: EventTime,
     index: usize,
@@ -127,14 +134,48 @@ impl EventWriter<'_> {
                 })
             }
         };
+        let entry = c.entries.len();
         write_entry_header(&mut c.entries, self.time);
         if self.parser.write_record(bytes, &mut c.entries) == Outcome::Failed {
             self.parse_errors.inc();
+        } else {
+            let record = &c.entries[entry + ENTRY_HEADER_LEN..];
+            match self.parser.record_time(record, self.time.secs) {
+                None => {}
+                Some(Ok(t)) => set_entry_time(
+                    &mut c.entries[entry..],
+                    EventTime {
+                        secs: t.secs,
+                        nanos: t.nanos,
+                    },
+                ),
+                Some(Err(e)) => self.time_error(e, source, offset),
+            }
         }
         c.seqs.push(offset);
         c.end = end;
         if c.entries.len() >= self.chunk_size {
             full.push((self.index, source.clone()));
+        }
+    }
+}
+
+impl EventWriter<'_> {
+    /// Counts a record whose time field was unusable (it keeps the read time) and says
+    /// so in the log at most once a minute per input, naming the first such line.
+    #[cold]
+    fn time_error(&self, e: sluice_parsers::TimeError, source: &SourceId, offset: u64) {
+        self.time_errors.inc();
+        if self
+            .time_warned
+            .get()
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(60))
+        {
+            self.time_warned.set(Some(Instant::now()));
+            let field = self.parser.time_field();
+            tracing::warn!(%source, offset, field = field.map(|f| f.key()), format = ?field.map(|f| f.format()),
+                error = e.as_str(), total = self.time_errors.get(),
+                "record time unusable; the event keeps the time it was read (sluice_agent_time_errors_total counts them; logged once a minute)");
         }
     }
 }
@@ -224,6 +265,8 @@ impl Pipeline {
                     let writer = EventWriter {
                         parser: &input.parser,
                         parse_errors: &input.parse_errors,
+                        time_errors: &input.time_errors,
+                        time_warned: &input.time_warned,
                         chunk_size: self.chunk_size,
                         time: EventTime::now(),
                         index,
@@ -270,6 +313,8 @@ impl Pipeline {
                 let writer = EventWriter {
                     parser: &input.parser,
                     parse_errors: &input.parse_errors,
+                    time_errors: &input.time_errors,
+                    time_warned: &input.time_warned,
                     chunk_size: self.chunk_size,
                     time: now,
                     index,

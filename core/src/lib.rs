@@ -10,6 +10,7 @@
 
 pub mod durable;
 pub mod forward;
+pub mod logging;
 pub mod metrics;
 pub mod tls;
 pub mod units;

@@ -169,6 +169,18 @@ pub fn write_entry_header(out: &mut Vec<u8>, time: EventTime) {
     out.extend_from_slice(&time.nanos.to_be_bytes());
 }
 
+/// Bytes [`write_entry_header`] writes; the record follows them.
+pub const ENTRY_HEADER_LEN: usize = ENTRY_PREFIX.len() + 8;
+
+/// Changes the time of an entry in place (the header is fixed-size, so nothing moves):
+/// `entry` starts with the bytes [`write_entry_header`] wrote.
+pub fn set_entry_time(entry: &mut [u8], time: EventTime) {
+    debug_assert_eq!(entry[..ENTRY_PREFIX.len()], ENTRY_PREFIX);
+    let at = ENTRY_PREFIX.len();
+    entry[at..at + 4].copy_from_slice(&time.secs.to_be_bytes());
+    entry[at + 4..at + 8].copy_from_slice(&time.nanos.to_be_bytes());
+}
+
 /// Writes one canonical entry whose record maps string keys to values. A value that is
 /// valid UTF-8 is written as msgpack str, any other as bin, so no byte is lost.
 pub fn write_entry(out: &mut Vec<u8>, time: EventTime, fields: &[(&str, &[u8])]) {

@@ -71,7 +71,10 @@ mod tests;
 
 use std::io;
 
-pub use batch::{write_entry, write_entry_header, Entry, EntryIter, EventBatch, EventTime};
+pub use batch::{
+    set_entry_time, write_entry, write_entry_header, Entry, EntryIter, EventBatch, EventTime,
+    ENTRY_HEADER_LEN,
+};
 pub use frame::{
     encode_ack, encode_compressed_packed_forward, gzip_entries, ClientCodec, ClientFrame, Options,
     Provenance, ServerCodec, ServerFrame,

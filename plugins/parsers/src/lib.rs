@@ -36,9 +36,11 @@
 mod json;
 mod multiline;
 mod patterns;
+mod time;
 
 pub use multiline::{Event, Multiline, Pending};
 use patterns::{Combined, Syslog3164, Syslog5424, UserRegex};
+pub use time::{TimeError, TimeField, TimeFormat, Timestamp};
 
 /// Containers (maps, arrays) nest at most this deep in a record, the record map being
 /// level 1. Deeper JSON is delivered raw with a parse error.
@@ -85,6 +87,10 @@ pub enum ParserError {
     BadPattern(#[from] regex::Error),
     #[error("the regex has no named capture group (?P<name>...), so it would produce no fields")]
     NoNamedGroups,
+    #[error("time_format {0:?}: {1}")]
+    BadTimeFormat(String, &'static str),
+    #[error("time_format is set but time_key is not: name the record field that holds the time (parser {0:?} has no default)")]
+    TimeFormatWithoutKey(ParserKind),
 }
 
 /// A configured parser. Cheap to share by reference; parsing allocates little.
@@ -92,6 +98,10 @@ pub enum ParserError {
 pub struct Parser {
     kind: ParserKind,
     imp: Imp,
+    /// Where the event time comes from; `None`: the read time.
+    time: Option<TimeField>,
+    /// `time` was configured (not a parser default): a record without the field counts.
+    time_explicit: bool,
 }
 
 #[derive(Debug)]
@@ -118,11 +128,75 @@ impl Parser {
             (ParserKind::SyslogRfc3164, None) => Imp::Syslog3164(Syslog3164::new()),
             (ParserKind::SyslogRfc5424, None) => Imp::Syslog5424(Syslog5424::new()),
         };
-        Ok(Parser { kind, imp })
+        Ok(Parser {
+            kind,
+            imp,
+            time: None,
+            time_explicit: false,
+        })
     }
 
     pub fn kind(&self) -> ParserKind {
         self.kind
+    }
+
+    /// Takes the event time from the record field `key` read as `format` (see
+    /// [`TimeFormat::parse`]). Unset, the parsers with a time field use it (nginx, apache:
+    /// `%d/%b/%Y:%H:%M:%S %z`; syslog 5424: RFC 3339; syslog 3164: `%b %e %H:%M:%S`, UTC,
+    /// the year from the read time) and the others keep the read time; `key = ""` keeps
+    /// the read time everywhere. `format` defaults to `auto` (a number is epoch seconds,
+    /// a string RFC 3339), or to the parser's own format when `key` is its time field.
+    pub fn with_time(
+        mut self,
+        key: Option<&str>,
+        format: Option<&str>,
+    ) -> Result<Parser, ParserError> {
+        let default = match self.kind {
+            ParserKind::Nginx | ParserKind::Apache => Some(("time", "%d/%b/%Y:%H:%M:%S %z")),
+            ParserKind::SyslogRfc5424 => Some(("time", "rfc3339")),
+            ParserKind::SyslogRfc3164 => Some(("time", "%b %e %H:%M:%S")),
+            ParserKind::None | ParserKind::Json | ParserKind::Regex => None,
+        };
+        let format = format.map(TimeFormat::parse).transpose()?;
+        let (key, format, explicit) = match (key, default) {
+            (Some(""), _) => {
+                self.time = None;
+                return Ok(self);
+            }
+            (Some(k), Some((dk, df))) if k == dk => {
+                (k, format.unwrap_or(TimeFormat::parse(df)?), true)
+            }
+            (Some(k), _) => (k, format.unwrap_or(TimeFormat::Auto), true),
+            (None, Some((dk, df))) => (dk, format.unwrap_or(TimeFormat::parse(df)?), false),
+            (None, None) if format.is_some() => {
+                return Err(ParserError::TimeFormatWithoutKey(self.kind))
+            }
+            (None, None) => return Ok(self),
+        };
+        self.time = Some(TimeField::new(key, format));
+        self.time_explicit = explicit;
+        Ok(self)
+    }
+
+    /// The configured time field, if the event time comes from the record.
+    pub fn time_field(&self) -> Option<&TimeField> {
+        self.time.as_ref()
+    }
+
+    /// The event time of `record` (as [`write_record`](Self::write_record) wrote it):
+    /// `None` when the read time applies (no time field configured, or none in this
+    /// record and that is normal for the parser), `Some(Err)` when the record should
+    /// have had a usable time and did not; count it and keep the read time.
+    pub fn record_time(
+        &self,
+        record: &[u8],
+        read_secs: u32,
+    ) -> Option<Result<Timestamp, TimeError>> {
+        let field = self.time.as_ref()?;
+        match field.extract(record, read_secs) {
+            Err(TimeError::Missing) if !self.time_explicit => None,
+            other => Some(other),
+        }
     }
 
     /// Appends the record map for `line` (without its newline) to `out`. Always writes

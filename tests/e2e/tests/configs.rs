@@ -130,4 +130,22 @@ fn check_config_explains_mistakes() {
         &agent_base.replace("chunk_age = \"1s\"", "chunk_age = \"soon\""),
     );
     assert!(out.contains("not a duration"), "{out}");
+
+    let parsers_base = std::fs::read_to_string(repo().join("configs/agent-parsers.toml")).unwrap();
+    let out = broken(
+        "sluice-agent",
+        &parsers_base.replace("time_format = \"auto\"", "time_format = \"iso8601\""),
+    );
+    assert!(
+        out.contains("\"api\"") && out.contains("iso8601") && out.contains("rfc3339, epoch"),
+        "{out}"
+    );
+    let out = broken(
+        "sluice-agent",
+        &parsers_base.replace("time_key = \"ts\"", "# no time_key"),
+    );
+    assert!(
+        out.contains("time_format is set but time_key is not"),
+        "{out}"
+    );
 }

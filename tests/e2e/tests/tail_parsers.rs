@@ -86,6 +86,73 @@ listen = "{agent_metrics}"
     assert_eq!(records[2]["code"], 302);
     assert!(records[2].get("size").is_none(), "{}", records[2]);
     assert_eq!(errors, Some(1.0), "parse errors counted per input");
+    // The event time is the log's own (nginx's default time field), not the read time;
+    // the line that did not parse keeps the read time.
+    let times = event_times(&relay);
+    assert_eq!(times[0], "2026-11-23T05:00:00.000000000Z");
+    assert_eq!(times[2], "2026-11-23T05:00:01.000000000Z");
+    assert!(!times[1].starts_with("2026-11-23T05:00:0"), "{times:?}");
+}
+
+/// The `time` of every envelope in the relay's file sink (RFC 3339, UTC, nanoseconds).
+fn event_times(relay: &FileRelay) -> Vec<String> {
+    std::fs::read_to_string(&relay.out)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["time"].as_str().unwrap().to_string()
+        })
+        .collect()
+}
+
+/// JSON lines with their time in epoch milliseconds: each event carries it; a line
+/// without the field arrives with its read time, is counted, and is logged once with
+/// the file it came from.
+#[test]
+fn json_time_key_sets_the_event_time_and_a_missing_one_is_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = Certs::generate(dir.path(), "relay");
+    let relay = FileRelay::start(dir.path(), &certs);
+    let log = dir.path().join("app.log");
+    std::fs::write(
+        &log,
+        "{\"ts\":1795428000250,\"msg\":\"a\"}\n{\"msg\":\"no time\"}\n{\"ts\":\"1795431600000\",\"msg\":\"c\"}\n",
+    )
+    .unwrap();
+    let (config, metrics) = agent_config(
+        dir.path(),
+        &relay,
+        &certs,
+        &format!(
+            r#"include = ["{}"]
+parser = "json"
+time_key = "ts"
+time_format = "epoch_ms""#,
+            log.display()
+        ),
+    );
+    let mut agent = Proc::start("sluice-agent", &config, &dir.path().join("agent.log"));
+    wait_for("3 events at the relay", Duration::from_secs(60), || {
+        assert!(agent.is_running(), "agent exited:\n{}", agent.log_text());
+        relay.delivered() >= 3
+    });
+    let time_errors = metric(metrics, "sluice_agent_time_errors_total", "input=\"app\"");
+    agent.stop(Duration::from_secs(20));
+    let times = event_times(&relay);
+    assert_eq!(times[0], "2026-11-23T10:00:00.250000000Z");
+    assert_eq!(times[2], "2026-11-23T11:00:00.000000000Z");
+    assert_eq!(
+        records(&relay)[1]["msg"],
+        "no time",
+        "delivered all the same"
+    );
+    assert_eq!(time_errors, Some(1.0));
+    let log_text = agent.log_text();
+    assert!(
+        log_text.contains("record time unusable") && log_text.contains("no such field"),
+        "{log_text}"
+    );
 }
 
 fn agent_config(
@@ -93,8 +160,9 @@ fn agent_config(
     relay: &FileRelay,
     certs: &Certs,
     input: &str,
-) -> std::path::PathBuf {
+) -> (std::path::PathBuf, SocketAddr) {
     let config = dir.join("agent.toml");
+    let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     std::fs::write(
         &config,
         format!(
@@ -115,16 +183,15 @@ tls = {{ ca = "{ca}", server_name = "localhost" }}
 chunk_age = "100ms"
 
 [metrics]
-listen = "127.0.0.1:{port}"
+listen = "{metrics}"
 "#,
             data = dir.join("agent-data").display(),
             relay = relay.forward,
             ca = certs.ca.display(),
-            port = free_port(),
         ),
     )
     .unwrap();
-    config
+    (config, metrics)
 }
 
 fn records(relay: &FileRelay) -> Vec<serde_json::Value> {
@@ -150,7 +217,7 @@ fn multiline_joins_stack_traces_before_the_regex_parser() {
          2026-11-23 10:00:01 INFO recovered\n",
     )
     .unwrap();
-    let config = agent_config(
+    let (config, _) = agent_config(
         dir.path(),
         &relay,
         &certs,
@@ -158,6 +225,8 @@ fn multiline_joins_stack_traces_before_the_regex_parser() {
             r#"include = ["{}"]
 parser = "regex"
 regex = '(?s)^(?P<time>\S+ \S+) (?P<level>[A-Z]+) (?P<message>.*)$'
+time_key = "time"
+time_format = "%Y-%m-%d %H:%M:%S"
 multiline = {{ start = '^\d{{4}}-\d{{2}}-\d{{2}} ', timeout = "200ms" }}"#,
             log.display()
         ),
@@ -177,6 +246,13 @@ multiline = {{ start = '^\d{{4}}-\d{{2}}-\d{{2}} ', timeout = "200ms" }}"#,
             "message": "request failed\njava.lang.IllegalStateException: no connection\n\tat com.example.Db.query(Db.java:42)\n\tat com.example.Api.handle(Api.java:7)"})
     );
     assert_eq!(got[1]["message"], "recovered");
+    assert_eq!(
+        event_times(&relay),
+        [
+            "2026-11-23T10:00:00.000000000Z",
+            "2026-11-23T10:00:01.000000000Z"
+        ]
+    );
     // Acknowledged to the end: the checkpoint covers the event the timeout sent.
     let checkpoints =
         std::fs::read_to_string(dir.path().join("agent-data/checkpoints.json")).unwrap();
@@ -196,7 +272,7 @@ fn max_read_rate_paces_reading_and_loses_nothing() {
     let log = dir.path().join("app.log");
     write_numbered_lines(&log, 1, LINES);
     let size = std::fs::metadata(&log).unwrap().len();
-    let config = agent_config(
+    let (config, _) = agent_config(
         dir.path(),
         &relay,
         &certs,

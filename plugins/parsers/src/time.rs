@@ -1,0 +1,557 @@
+//! The event time from a field of the parsed record (`time_key` / `time_format`).
+//!
+//! Without it an event's time is when the agent read the line, which is wrong for every
+//! line read late (after a restart, an outage, a backlog) and puts it into the wrong
+//! hourly object and the wrong reconciliation hour. The field is found in the record the
+//! parser has just written (its top-level map, MessagePack), so every parser gets the same
+//! behaviour and the parsers themselves stay unchanged.
+
+use chrono::format::{Parsed, StrftimeItems};
+
+use crate::ParserError;
+
+/// How the time field is read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TimeFormat {
+    /// A number is seconds since the epoch (fractions allowed), a string is RFC 3339.
+    Auto,
+    /// `2024-05-01T12:00:00.123Z`, `2024-05-01T14:00:00+02:00`.
+    Rfc3339,
+    /// Seconds since the epoch, as a number or a decimal string; fractions allowed.
+    Epoch,
+    /// Milliseconds since the epoch, as a number or a decimal string.
+    EpochMillis,
+    /// A strftime pattern (chrono's syntax). Without `%Y`, the year is the read time's
+    /// (the previous one if that would put the event more than a day in the future);
+    /// without `%z`, the time is UTC.
+    Strftime(String),
+}
+
+impl TimeFormat {
+    pub fn parse(text: &str) -> Result<TimeFormat, ParserError> {
+        Ok(match text {
+            "auto" => TimeFormat::Auto,
+            "rfc3339" => TimeFormat::Rfc3339,
+            "epoch" => TimeFormat::Epoch,
+            "epoch_ms" => TimeFormat::EpochMillis,
+            pattern if pattern.contains('%') => {
+                let items = StrftimeItems::new(pattern).parse().map_err(|_| {
+                    ParserError::BadTimeFormat(pattern.to_string(), "not a valid strftime pattern")
+                })?;
+                if items.is_empty() {
+                    return Err(ParserError::BadTimeFormat(pattern.to_string(), "empty pattern"));
+                }
+                TimeFormat::Strftime(pattern.to_string())
+            }
+            other => {
+                return Err(ParserError::BadTimeFormat(
+                    other.to_string(),
+                    "use auto, rfc3339, epoch, epoch_ms or a strftime pattern such as %Y-%m-%dT%H:%M:%S%z",
+                ))
+            }
+        })
+    }
+}
+
+/// Seconds and nanoseconds since the epoch, as Forward's EventTime carries them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timestamp {
+    pub secs: u32,
+    pub nanos: u32,
+}
+
+/// Why a record's time field could not be used; the event keeps its read time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TimeError {
+    /// The record has no such top-level field.
+    Missing,
+    /// The value does not match the format.
+    Unparsable,
+    /// Before 1970 or after 2106: not representable as an EventTime.
+    OutOfRange,
+}
+
+impl TimeError {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TimeError::Missing => "no such field",
+            TimeError::Unparsable => "value does not match time_format",
+            TimeError::OutOfRange => "time before 1970 or after 2106",
+        }
+    }
+}
+
+/// The configured time field of one input.
+#[derive(Debug)]
+pub struct TimeField {
+    key: String,
+    format: TimeFormat,
+    /// The last value and its result: consecutive lines mostly carry the same second,
+    /// and parsing a date is the expensive part.
+    last: std::cell::RefCell<(Vec<u8>, Option<Timestamp>)>,
+}
+
+impl TimeField {
+    pub fn new(key: &str, format: TimeFormat) -> TimeField {
+        TimeField {
+            key: key.to_string(),
+            format,
+            last: Default::default(),
+        }
+    }
+
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    pub fn format(&self) -> &TimeFormat {
+        &self.format
+    }
+
+    /// The time in `record` (one MessagePack map); `read_secs` gives the year to formats
+    /// that have none.
+    pub fn extract(&self, record: &[u8], read_secs: u32) -> Result<Timestamp, TimeError> {
+        let value = find_field(record, self.key.as_bytes()).ok_or(TimeError::Missing)?;
+        match value {
+            Value::Str(text) => {
+                let mut last = self.last.borrow_mut();
+                if !last.0.is_empty() && last.0 == text {
+                    return last.1.ok_or(TimeError::Unparsable);
+                }
+                let result = self.parse_text(text, read_secs);
+                last.0.clear();
+                last.0.extend_from_slice(text);
+                last.1 = result.ok();
+                result
+            }
+            Value::Int(n) => self.number_time(Num::Int(n)),
+            Value::Float(f) => self.number_time(Num::Float(f)),
+        }
+    }
+
+    fn number_time(&self, n: Num) -> Result<Timestamp, TimeError> {
+        let per_sec: i64 = match self.format {
+            TimeFormat::Auto | TimeFormat::Epoch => 1,
+            TimeFormat::EpochMillis => 1000,
+            TimeFormat::Rfc3339 | TimeFormat::Strftime(_) => return Err(TimeError::Unparsable),
+        };
+        match n {
+            // Integers exactly: 1700000000123 ms is .123 s, not .122999907.
+            Num::Int(i) => from_parts(
+                i.div_euclid(per_sec),
+                (i.rem_euclid(per_sec) * (1_000_000_000 / per_sec)) as u32,
+            ),
+            Num::Float(f) => from_f64(f / per_sec as f64),
+        }
+    }
+
+    fn parse_text(&self, text: &[u8], read_secs: u32) -> Result<Timestamp, TimeError> {
+        let text = std::str::from_utf8(text).map_err(|_| TimeError::Unparsable)?;
+        let text = text.trim();
+        let number = || {
+            text.parse::<i64>()
+                .map(Num::Int)
+                .or_else(|_| text.parse::<f64>().map(Num::Float))
+        };
+        match &self.format {
+            TimeFormat::Auto => match number() {
+                Ok(n) => self.number_time(n),
+                Err(_) => rfc3339(text),
+            },
+            TimeFormat::Rfc3339 => rfc3339(text),
+            TimeFormat::Epoch | TimeFormat::EpochMillis => {
+                self.number_time(number().map_err(|_| TimeError::Unparsable)?)
+            }
+            TimeFormat::Strftime(pattern) => strftime(text, pattern, read_secs),
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Num {
+    Int(i64),
+    Float(f64),
+}
+
+fn rfc3339(text: &str) -> Result<Timestamp, TimeError> {
+    let t = chrono::DateTime::parse_from_rfc3339(text).map_err(|_| TimeError::Unparsable)?;
+    from_parts(t.timestamp(), t.timestamp_subsec_nanos())
+}
+
+fn strftime(text: &str, pattern: &str, read_secs: u32) -> Result<Timestamp, TimeError> {
+    let mut parsed = Parsed::new();
+    chrono::format::parse(&mut parsed, text, StrftimeItems::new(pattern))
+        .map_err(|_| TimeError::Unparsable)?;
+    let offset = parsed.offset.unwrap_or(0);
+    if parsed.year.is_some() || parsed.year_div_100.is_some() || parsed.isoyear.is_some() {
+        let t = parsed
+            .to_naive_datetime_with_offset(offset)
+            .map_err(|_| TimeError::Unparsable)?;
+        return from_parts(
+            t.and_utc().timestamp() - offset as i64,
+            t.and_utc().timestamp_subsec_nanos(),
+        );
+    }
+    // No year (syslog RFC 3164): the read time's, or the year before when that would
+    // put the event more than a day ahead of the read time (read in January, written
+    // in December).
+    let read =
+        chrono::DateTime::from_timestamp(read_secs as i64, 0).ok_or(TimeError::OutOfRange)?;
+    let year = chrono::Datelike::year(&read);
+    for y in [year, year - 1] {
+        let mut p = parsed.clone();
+        p.set_year(y as i64).map_err(|_| TimeError::Unparsable)?;
+        let Ok(t) = p.to_naive_datetime_with_offset(offset) else {
+            continue; // 29 February in a year without one
+        };
+        let secs = t.and_utc().timestamp() - offset as i64;
+        if secs <= read_secs as i64 + 86_400 {
+            return from_parts(secs, t.and_utc().timestamp_subsec_nanos());
+        }
+    }
+    Err(TimeError::Unparsable)
+}
+
+fn from_f64(secs: f64) -> Result<Timestamp, TimeError> {
+    if !secs.is_finite() {
+        return Err(TimeError::Unparsable);
+    }
+    let whole = secs.floor();
+    let nanos = ((secs - whole) * 1e9).round().min(999_999_999.0) as u32;
+    if !(0.0..=u32::MAX as f64).contains(&whole) {
+        return Err(TimeError::OutOfRange);
+    }
+    Ok(Timestamp {
+        secs: whole as u32,
+        nanos,
+    })
+}
+
+fn from_parts(secs: i64, nanos: u32) -> Result<Timestamp, TimeError> {
+    let secs = u32::try_from(secs).map_err(|_| TimeError::OutOfRange)?;
+    Ok(Timestamp {
+        secs,
+        nanos: nanos.min(999_999_999),
+    })
+}
+
+/// A scalar at the top level of a record.
+#[derive(Debug, PartialEq)]
+enum Value<'a> {
+    Str(&'a [u8]),
+    Int(i64),
+    Float(f64),
+}
+
+/// The value of `key` in the MessagePack map `record`, if it is a string or a number.
+fn find_field<'a>(record: &'a [u8], key: &[u8]) -> Option<Value<'a>> {
+    let mut r = Reader {
+        bytes: record,
+        at: 0,
+    };
+    let (kind, n) = r.header()?;
+    if kind != Kind::Map {
+        return None;
+    }
+    for _ in 0..n {
+        let k = r.header_and_body()?;
+        let is_key = matches!(k, Item::Bytes(b) if b == key);
+        if is_key {
+            return match r.header_and_body()? {
+                Item::Bytes(b) => Some(Value::Str(b)),
+                Item::Int(i) => Some(Value::Int(i)),
+                Item::Float(f) => Some(Value::Float(f)),
+                Item::Other => None,
+            };
+        }
+        r.skip_value(0)?;
+    }
+    None
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Kind {
+    Map,
+    Array,
+    Bytes,
+    Int,
+    Float32,
+    Float64,
+    Ext,
+    Nothing,
+}
+
+enum Item<'a> {
+    Bytes(&'a [u8]),
+    Int(i64),
+    Float(f64),
+    Other,
+}
+
+/// Just enough MessagePack to walk a record: the parsers wrote it, but a JSON line can
+/// hold anything, so every read is bounds-checked.
+struct Reader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let s = self.bytes.get(self.at..self.at.checked_add(n)?)?;
+        self.at += n;
+        Some(s)
+    }
+
+    fn be(&mut self, n: usize) -> Option<u64> {
+        Some(
+            self.take(n)?
+                .iter()
+                .fold(0u64, |acc, &b| acc << 8 | b as u64),
+        )
+    }
+
+    /// The kind of the next value and its length (elements, bytes or the value itself
+    /// for integers; for ext, the payload length plus its type byte).
+    fn header(&mut self) -> Option<(Kind, u64)> {
+        let m = *self.take(1)?.first()?;
+        Some(match m {
+            0x00..=0x7f => (Kind::Int, m as u64),
+            0x80..=0x8f => (Kind::Map, (m & 0x0f) as u64),
+            0x90..=0x9f => (Kind::Array, (m & 0x0f) as u64),
+            0xa0..=0xbf => (Kind::Bytes, (m & 0x1f) as u64),
+            0xc0 | 0xc2 | 0xc3 => (Kind::Nothing, 0),
+            0xc4 | 0xd9 => (Kind::Bytes, self.be(1)?),
+            0xc5 | 0xda => (Kind::Bytes, self.be(2)?),
+            0xc6 | 0xdb => (Kind::Bytes, self.be(4)?),
+            0xc7 => (Kind::Ext, self.be(1)? + 1),
+            0xc8 => (Kind::Ext, self.be(2)? + 1),
+            0xc9 => (Kind::Ext, self.be(4)? + 1),
+            0xca => (Kind::Float32, 0),
+            0xcb => (Kind::Float64, 0),
+            0xcc => (Kind::Int, self.be(1)?),
+            0xcd => (Kind::Int, self.be(2)?),
+            0xce => (Kind::Int, self.be(4)?),
+            0xcf => (Kind::Int, self.be(8)?.min(i64::MAX as u64)),
+            0xd0 => (Kind::Int, self.be(1)? as u8 as i8 as i64 as u64),
+            0xd1 => (Kind::Int, self.be(2)? as u16 as i16 as i64 as u64),
+            0xd2 => (Kind::Int, self.be(4)? as u32 as i32 as i64 as u64),
+            0xd3 => (Kind::Int, self.be(8)?),
+            0xd4 => (Kind::Ext, 2),
+            0xd5 => (Kind::Ext, 3),
+            0xd6 => (Kind::Ext, 5),
+            0xd7 => (Kind::Ext, 9),
+            0xd8 => (Kind::Ext, 17),
+            0xdc => (Kind::Array, self.be(2)?),
+            0xdd => (Kind::Array, self.be(4)?),
+            0xde => (Kind::Map, self.be(2)?),
+            0xdf => (Kind::Map, self.be(4)?),
+            0xe0..=0xff => (Kind::Int, m as i8 as i64 as u64),
+            0xc1 => return None, // never used
+        })
+    }
+
+    /// A scalar read whole; containers and ext are skipped and reported as `Other`.
+    fn header_and_body(&mut self) -> Option<Item<'a>> {
+        let (kind, n) = self.header()?;
+        Some(match kind {
+            Kind::Bytes => Item::Bytes(self.take(usize::try_from(n).ok()?)?),
+            Kind::Int => Item::Int(n as i64),
+            Kind::Float32 => Item::Float(f32::from_bits(self.be(4)? as u32) as f64),
+            Kind::Float64 => Item::Float(f64::from_bits(self.be(8)?)),
+            Kind::Nothing => Item::Other,
+            Kind::Ext => {
+                self.take(usize::try_from(n).ok()?)?;
+                Item::Other
+            }
+            Kind::Map | Kind::Array => {
+                let items = if kind == Kind::Map {
+                    n.checked_mul(2)?
+                } else {
+                    n
+                };
+                for _ in 0..items {
+                    self.skip_value(1)?;
+                }
+                Item::Other
+            }
+        })
+    }
+
+    fn skip_value(&mut self, depth: usize) -> Option<()> {
+        if depth > crate::MAX_NESTING {
+            return None;
+        }
+        let (kind, n) = self.header()?;
+        match kind {
+            Kind::Bytes | Kind::Ext => {
+                self.take(usize::try_from(n).ok()?)?;
+            }
+            Kind::Float32 => {
+                self.take(4)?;
+            }
+            Kind::Float64 => {
+                self.take(8)?;
+            }
+            Kind::Int | Kind::Nothing => {}
+            Kind::Map | Kind::Array => {
+                let items = if kind == Kind::Map {
+                    n.checked_mul(2)?
+                } else {
+                    n
+                };
+                for _ in 0..items {
+                    self.skip_value(depth + 1)?;
+                }
+            }
+        }
+        Some(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Parser, ParserKind};
+
+    fn record(parser: ParserKind, line: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        Parser::new(parser, None)
+            .unwrap()
+            .write_record(line, &mut out);
+        out
+    }
+
+    fn at(text: &str) -> u32 {
+        chrono::DateTime::parse_from_rfc3339(text)
+            .unwrap()
+            .timestamp() as u32
+    }
+
+    #[test]
+    fn json_fields_in_every_format() {
+        let now = at("2026-11-23T12:00:00Z");
+        let cases: &[(&str, &str, Result<Timestamp, TimeError>)] = &[
+            (
+                r#"{"ts":"2026-11-23T10:15:30.25+01:00","x":[1,{"a":2}]}"#,
+                "auto",
+                Ok(Timestamp {
+                    secs: at("2026-11-23T09:15:30Z"),
+                    nanos: 250_000_000,
+                }),
+            ),
+            (
+                r#"{"x":{"ts":"nested, not top level"},"ts":1700000000.5}"#,
+                "auto",
+                Ok(Timestamp {
+                    secs: 1_700_000_000,
+                    nanos: 500_000_000,
+                }),
+            ),
+            (
+                r#"{"ts":1700000000123}"#,
+                "epoch_ms",
+                Ok(Timestamp {
+                    secs: 1_700_000_000,
+                    nanos: 123_000_000,
+                }),
+            ),
+            (
+                r#"{"ts":"1700000000"}"#,
+                "epoch",
+                Ok(Timestamp {
+                    secs: 1_700_000_000,
+                    nanos: 0,
+                }),
+            ),
+            (
+                r#"{"ts":"2026-11-23 10:15:30"}"#,
+                "%Y-%m-%d %H:%M:%S",
+                Ok(Timestamp {
+                    secs: at("2026-11-23T10:15:30Z"),
+                    nanos: 0,
+                }),
+            ),
+            (r#"{"ts":"yesterday"}"#, "auto", Err(TimeError::Unparsable)),
+            (r#"{"ts":-5}"#, "epoch", Err(TimeError::OutOfRange)),
+            (r#"{"other":1}"#, "auto", Err(TimeError::Missing)),
+            (r#"{"ts":null}"#, "auto", Err(TimeError::Missing)),
+        ];
+        for (line, format, want) in cases {
+            let field = TimeField::new("ts", TimeFormat::parse(format).unwrap());
+            let got = field.extract(&record(ParserKind::Json, line.as_bytes()), now);
+            assert_eq!(&got, want, "{line} with {format}");
+        }
+    }
+
+    #[test]
+    fn nginx_and_syslog_times() {
+        let now = at("2026-01-02T00:30:00Z");
+        let nginx = record(
+            ParserKind::Nginx,
+            br#"10.0.0.1 - - [01/Jan/2026:23:59:59 -0200] "GET / HTTP/1.1" 200 5 "-" "curl""#,
+        );
+        let f = TimeField::new("time", TimeFormat::parse("%d/%b/%Y:%H:%M:%S %z").unwrap());
+        assert_eq!(
+            f.extract(&nginx, now).unwrap().secs,
+            at("2026-01-02T01:59:59Z")
+        );
+        // Read on 2 January, written on 31 December: last year, not next December.
+        let syslog = record(
+            ParserKind::SyslogRfc3164,
+            b"<13>Dec 31 23:00:00 host app[1]: bye",
+        );
+        let f = TimeField::new("time", TimeFormat::parse("%b %e %H:%M:%S").unwrap());
+        assert_eq!(
+            f.extract(&syslog, now).unwrap().secs,
+            at("2025-12-31T23:00:00Z")
+        );
+        let syslog = record(
+            ParserKind::SyslogRfc3164,
+            b"<13>Jan  2 00:10:00 host app[1]: hi",
+        );
+        assert_eq!(
+            f.extract(&syslog, now).unwrap().secs,
+            at("2026-01-02T00:10:00Z")
+        );
+    }
+
+    #[test]
+    fn the_cache_returns_the_same_answer_as_a_parse() {
+        let f = TimeField::new("ts", TimeFormat::Rfc3339);
+        let now = at("2026-11-23T12:00:00Z");
+        let good = record(ParserKind::Json, br#"{"ts":"2026-11-23T10:00:00Z"}"#);
+        let bad = record(ParserKind::Json, br#"{"ts":"2026-13-23T10:00:00Z"}"#);
+        for _ in 0..2 {
+            assert_eq!(
+                f.extract(&good, now).unwrap().secs,
+                at("2026-11-23T10:00:00Z")
+            );
+            assert_eq!(f.extract(&bad, now), Err(TimeError::Unparsable));
+        }
+    }
+
+    #[test]
+    fn bad_formats_are_explained() {
+        let e = TimeFormat::parse("iso").unwrap_err().to_string();
+        assert!(e.contains("use auto, rfc3339"), "{e}");
+        let e = TimeFormat::parse("%Q").unwrap_err().to_string();
+        assert!(e.contains("not a valid strftime"), "{e}");
+    }
+
+    #[test]
+    fn truncated_or_hostile_records_do_not_panic() {
+        let full = record(
+            ParserKind::Json,
+            br#"{"a":[1,2,{"b":"c"}],"ts":1700000000}"#,
+        );
+        let f = TimeField::new("ts", TimeFormat::Auto);
+        for end in 0..full.len() {
+            let _ = f.extract(&full[..end], 0);
+        }
+        // A map claiming 2^32-1 entries, an array claiming as many.
+        assert!(f.extract(&[0xdf, 0xff, 0xff, 0xff, 0xff], 0).is_err());
+        assert!(f
+            .extract(&[0x81, 0xa1, b'x', 0xdd, 0xff, 0xff, 0xff, 0xff], 0)
+            .is_err());
+    }
+}
