@@ -6,6 +6,12 @@
 #   bench/tail.sh                    # 1 GiB per file (the numbers for bench/RESULTS.md)
 #   SIZE_MB=4 bench/tail.sh          # a quick check that the script works
 #   LINE_SIZES="100" SIZE_MB=256 bench/tail.sh
+#   PARSERS="nginx_read_time nginx" bench/tail.sh   # the cost of taking the log's time
+#
+# PARSERS (default "none") lists how the agent parses, one run each per file:
+#   none             the line as `message`
+#   nginx            parser = "nginx"; the event time comes from the log's time field
+#   nginx_read_time  parser = "nginx" with time_key = "": the same without the time parse
 #
 # Measured per file, from the agent's start until its metrics say every line is
 # acknowledged: lines/s, MB/s (line bytes incl. newline), agent CPU-seconds per GB
@@ -18,6 +24,7 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 SIZE_MB=${SIZE_MB:-1024}
 LINE_SIZES=${LINE_SIZES:-"100 1024"}
+PARSERS=${PARSERS:-none}
 WORK=${WORK:-$ROOT/target/bench-tail}
 TIMEOUT_S=${TIMEOUT_S:-1800}
 
@@ -124,6 +131,13 @@ start_discard_relay "$BIN" "$WORK" interval "$relay_port"
 CLK_TCK=$(getconf CLK_TCK)
 results=()
 for line_bytes in $LINE_SIZES; do
+ for parser in $PARSERS; do
+  case $parser in
+    none) parser_toml='parser = "none"' ;;
+    nginx) parser_toml='parser = "nginx"' ;;
+    nginx_read_time) parser_toml=$'parser = "nginx"\ntime_key = ""' ;;
+    *) echo "unknown parser mode $parser (none, nginx, nginx_read_time)" >&2; exit 2 ;;
+  esac
   file=$WORK/lines-$line_bytes-$SIZE_MB.log
   count_file=$file.count
   if [[ ! -f $file || ! -f $count_file ]]; then
@@ -143,6 +157,7 @@ type = "tail"
 name = "bench"
 tag = "bench.access"
 include = ["$file"]
+$parser_toml
 [output]
 relays = ["127.0.0.1:$relay_port"]
 tls = { ca = "$WORK/tls/ca.pem", server_name = "localhost" }
@@ -176,14 +191,20 @@ TOML
   kill "$AGENT"
   wait "$AGENT" || true
   AGENT=""
-  out=$(python3 - "$line_bytes" "$lines" "$bytes" "$start" "$end" "$ticks" "$CLK_TCK" "$hwm" <<'PY'
+  parse_errors=$(metric "$agent_metrics" sluice_agent_parse_errors_total)
+  time_errors=$(metric "$agent_metrics" sluice_agent_time_errors_total)
+  if [[ $parser != none && ($parse_errors != 0 || $time_errors != 0) ]]; then
+    echo "$parser: $parse_errors parse errors, $time_errors time errors: the figures would not be comparable" >&2
+    exit 1
+  fi
+  out=$(python3 - "$line_bytes" "$lines" "$bytes" "$start" "$end" "$ticks" "$CLK_TCK" "$hwm" "$parser" <<'PY'
 import json, sys
 line_bytes, lines, size = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 start, end, ticks, tck, hwm = float(sys.argv[4]), float(sys.argv[5]), int(sys.argv[6]), int(sys.argv[7]), int(sys.argv[8])
 secs = end - start
 cpu = ticks / tck
 print(json.dumps({
-    "line_bytes": line_bytes, "lines": lines, "bytes": size, "seconds": round(secs, 3),
+    "parser": sys.argv[9], "line_bytes": line_bytes, "lines": lines, "bytes": size, "seconds": round(secs, 3),
     "lines_per_second": round(lines / secs), "mb_per_second": round(size / secs / 1e6, 1),
     "agent_cpu_seconds": round(cpu, 2), "agent_cpu_seconds_per_gb": round(cpu / (size / 1e9), 2),
     "agent_peak_rss_mib": round(hwm / 1024, 1),
@@ -192,15 +213,16 @@ PY
 )
   echo "$out"
   results+=("$out")
+ done
 done
 
 python3 - "${results[@]}" <<'PY'
 import json, sys
-print("\n| line size | lines | MB | seconds | lines/s | MB/s | agent CPU-s per GB | agent peak RSS MiB |")
-print("|---|---|---|---|---|---|---|---|")
+print("\n| parser | line size | lines | MB | seconds | lines/s | MB/s | agent CPU-s per GB | agent peak RSS MiB |")
+print("|---|---|---|---|---|---|---|---|---|")
 for arg in sys.argv[1:]:
     r = json.loads(arg)
-    print(f"| {r['line_bytes']} B | {r['lines']:,} | {r['bytes'] / 1e6:,.0f} | {r['seconds']:.2f} | "
+    print(f"| {r['parser']} | {r['line_bytes']} B | {r['lines']:,} | {r['bytes'] / 1e6:,.0f} | {r['seconds']:.2f} | "
           f"{r['lines_per_second']:,} | {r['mb_per_second']:.1f} | {r['agent_cpu_seconds_per_gb']:.2f} | "
           f"{r['agent_peak_rss_mib']:.1f} |")
 PY
