@@ -188,11 +188,11 @@ TOML
   end=$(date +%s.%N)
   ticks=$(cpu_ticks "$AGENT")
   hwm=$(hwm_kib "$AGENT")
+  parse_errors=$(metric "$agent_metrics" sluice_agent_parse_errors_total)
+  time_errors=$(metric "$agent_metrics" sluice_agent_time_errors_total)
   kill "$AGENT"
   wait "$AGENT" || true
   AGENT=""
-  parse_errors=$(metric "$agent_metrics" sluice_agent_parse_errors_total)
-  time_errors=$(metric "$agent_metrics" sluice_agent_time_errors_total)
   if [[ $parser != none && ($parse_errors != 0 || $time_errors != 0) ]]; then
     echo "$parser: $parse_errors parse errors, $time_errors time errors: the figures would not be comparable" >&2
     exit 1
