@@ -6,7 +6,7 @@
 //! parser has just written (its top-level map, MessagePack), so every parser gets the same
 //! behaviour and the parsers themselves stay unchanged.
 
-use chrono::format::{Parsed, StrftimeItems};
+use chrono::format::{Item as FormatItem, Parsed, StrftimeItems};
 
 use crate::ParserError;
 
@@ -86,6 +86,8 @@ impl TimeError {
 pub struct TimeField {
     key: String,
     format: TimeFormat,
+    /// A strftime pattern, parsed once rather than per line.
+    items: Vec<FormatItem<'static>>,
     /// The last value and its result: consecutive lines mostly carry the same second,
     /// and parsing a date is the expensive part.
     last: std::cell::RefCell<(Vec<u8>, Option<Timestamp>)>,
@@ -93,9 +95,15 @@ pub struct TimeField {
 
 impl TimeField {
     pub fn new(key: &str, format: TimeFormat) -> TimeField {
+        let items = match &format {
+            // Validated by TimeFormat::parse; an invalid pattern parses nothing.
+            TimeFormat::Strftime(p) => StrftimeItems::new(p).parse_to_owned().unwrap_or_default(),
+            _ => Vec::new(),
+        };
         TimeField {
             key: key.to_string(),
             format,
+            items,
             last: Default::default(),
         }
     }
@@ -162,7 +170,7 @@ impl TimeField {
             TimeFormat::Epoch | TimeFormat::EpochMillis => {
                 self.number_time(number().map_err(|_| TimeError::Unparsable)?)
             }
-            TimeFormat::Strftime(pattern) => strftime(text, pattern, read_secs),
+            TimeFormat::Strftime(_) => strftime(text, &self.items, read_secs),
         }
     }
 }
@@ -178,10 +186,16 @@ fn rfc3339(text: &str) -> Result<Timestamp, TimeError> {
     from_parts(t.timestamp(), t.timestamp_subsec_nanos())
 }
 
-fn strftime(text: &str, pattern: &str, read_secs: u32) -> Result<Timestamp, TimeError> {
+fn strftime(
+    text: &str,
+    items: &[FormatItem<'static>],
+    read_secs: u32,
+) -> Result<Timestamp, TimeError> {
+    if items.is_empty() {
+        return Err(TimeError::Unparsable);
+    }
     let mut parsed = Parsed::new();
-    chrono::format::parse(&mut parsed, text, StrftimeItems::new(pattern))
-        .map_err(|_| TimeError::Unparsable)?;
+    chrono::format::parse(&mut parsed, text, items.iter()).map_err(|_| TimeError::Unparsable)?;
     let offset = parsed.offset.unwrap_or(0);
     if parsed.year.is_some() || parsed.year_div_100.is_some() || parsed.isoyear.is_some() {
         let t = parsed
