@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
+use sluice_core::shutdown::StopSignals;
 use sluice_tail::{CheckpointStore, TailConfig, Tailer};
 use tokio_util::sync::CancellationToken;
 
@@ -96,6 +97,7 @@ fn main() -> std::process::ExitCode {
 }
 
 async fn run(config: AgentConfig) -> anyhow::Result<()> {
+    let mut signals = StopSignals::install().context("cannot install the SIGTERM handler")?;
     std::fs::create_dir_all(&config.agent.data_dir)
         .with_context(|| format!("cannot create data_dir {}", config.agent.data_dir.display()))?;
     let metrics = Arc::new(AgentMetrics::default());
@@ -204,7 +206,7 @@ async fn run(config: AgentConfig) -> anyhow::Result<()> {
     tracing::info!(agent = %config.agent.id, relays = ?config.output.relays, "agent started");
 
     tokio::select! {
-        _ = shutdown_signal() => {}
+        _ = signals.wait() => {}
         _ = &mut output_task => {
             anyhow::bail!("the output stopped unexpectedly");
         }
@@ -223,16 +225,4 @@ async fn run(config: AgentConfig) -> anyhow::Result<()> {
     background.cancel();
     tracing::info!("stopped; checkpoints saved");
     Ok(())
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => return std::future::pending().await,
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
 }

@@ -12,5 +12,6 @@ pub mod durable;
 pub mod forward;
 pub mod logging;
 pub mod metrics;
+pub mod shutdown;
 pub mod tls;
 pub mod units;

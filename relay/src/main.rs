@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
+use sluice_core::shutdown::StopSignals;
 use sluice_spool::{FsyncPolicy, Spool, SpoolConfig};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -132,6 +133,7 @@ fn main() -> std::process::ExitCode {
 }
 
 async fn run(config: RelayConfig) -> anyhow::Result<()> {
+    let mut signals = StopSignals::install().context("cannot install the SIGTERM handler")?;
     let data_dir = config.relay.data_dir.clone();
     std::fs::create_dir_all(data_dir.join("sinks"))
         .with_context(|| format!("cannot create data_dir {}", data_dir.display()))?;
@@ -351,7 +353,7 @@ async fn run(config: RelayConfig) -> anyhow::Result<()> {
     ));
     ready.set(true);
 
-    shutdown_signal().await;
+    signals.wait().await;
     tracing::info!("shutting down: no new connections, finishing in-flight chunks");
     ready.set(false);
     accept_stop.cancel();
@@ -385,16 +387,4 @@ async fn run(config: RelayConfig) -> anyhow::Result<()> {
         .context("cannot write the ledger")?;
     tracing::info!("stopped cleanly");
     Ok(())
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => return std::future::pending().await,
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
 }

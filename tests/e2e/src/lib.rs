@@ -555,6 +555,20 @@ pub struct FileRelay {
 
 impl FileRelay {
     pub fn start(dir: &Path, certs: &Certs) -> FileRelay {
+        let (config, forward, metrics, out) = FileRelay::write_config(dir, certs);
+        let mut proc_ = Proc::start("sluice-relay", &config, &dir.join("relay.log"));
+        wait_listening(forward, &mut proc_);
+        FileRelay {
+            proc_,
+            forward,
+            metrics,
+            out,
+        }
+    }
+
+    /// Writes `dir`/relay.toml: Forward over TLS on a free port, a `file` sink. Returns
+    /// the config's path, the Forward and metrics addresses and the sink's output file.
+    pub fn write_config(dir: &Path, certs: &Certs) -> (PathBuf, SocketAddr, SocketAddr, PathBuf) {
         let forward: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let out = dir.join("relay-out.ndjson");
@@ -572,14 +586,7 @@ impl FileRelay {
         );
         let config = dir.join("relay.toml");
         std::fs::write(&config, text).expect("relay config");
-        let mut proc_ = Proc::start("sluice-relay", &config, &dir.join("relay.log"));
-        wait_listening(forward, &mut proc_);
-        FileRelay {
-            proc_,
-            forward,
-            metrics,
-            out,
-        }
+        (config, forward, metrics, out)
     }
 
     /// Events the file sink wrote.

@@ -90,7 +90,7 @@ listen = "{metrics}"
     }
 
     /// Each start logs to its own file, so a failure shows the run that failed. Returns
-    /// once the agent is up (its signal handlers too: a SIGTERM before would kill it).
+    /// once the agent is up, so that a stop or a kill always hits a running pipeline.
     fn start(&mut self) -> Proc {
         self.starts += 1;
         let log = self.dir.join(format!("agent-{}.log", self.starts));
