@@ -96,6 +96,10 @@ pub struct TailInput {
     /// "%Y-%m-%d %H:%M:%S%.f%z". Times without a zone are UTC.
     #[serde(default)]
     pub time_format: Option<String>,
+    /// The zone of times written without one: "UTC" (default), "local" (the host's,
+    /// daylight saving included) or an offset such as "+02:00".
+    #[serde(default)]
+    pub time_zone: Option<String>,
     /// Join the lines of one event (a stack trace) into one record before parsing.
     #[serde(default)]
     pub multiline: Option<MultilineConfig>,
@@ -129,8 +133,11 @@ fn default_multiline_max() -> ByteSize {
 impl TailInput {
     /// The parser of this input, with its event time field.
     pub fn build_parser(&self) -> Result<sluice_parsers::Parser, sluice_parsers::ParserError> {
-        sluice_parsers::Parser::new(self.parser, self.regex.as_deref())?
-            .with_time(self.time_key.as_deref(), self.time_format.as_deref())
+        sluice_parsers::Parser::new(self.parser, self.regex.as_deref())?.with_time(
+            self.time_key.as_deref(),
+            self.time_format.as_deref(),
+            self.time_zone.as_deref(),
+        )
     }
 }
 

@@ -54,7 +54,12 @@ fn main() -> std::process::ExitCode {
         for InputConfig::Tail(t) in &config.inputs {
             // check() built the parser already: this cannot fail here.
             let time = match t.build_parser().ok().as_ref().and_then(|p| p.time_field()) {
-                Some(f) => format!("field {:?} as {:?}", f.key(), f.format()),
+                Some(f) => format!(
+                    "field {:?} as {:?}, zone {:?}",
+                    f.key(),
+                    f.format(),
+                    f.zone()
+                ),
                 None => "when read".to_string(),
             };
             println!(

@@ -40,7 +40,7 @@ mod time;
 
 pub use multiline::{Event, Multiline, Pending};
 use patterns::{Combined, Syslog3164, Syslog5424, UserRegex};
-pub use time::{TimeError, TimeField, TimeFormat, Timestamp};
+pub use time::{TimeError, TimeField, TimeFormat, TimeZone, Timestamp};
 
 /// Containers (maps, arrays) nest at most this deep in a record, the record map being
 /// level 1. Deeper JSON is delivered raw with a parse error.
@@ -89,6 +89,8 @@ pub enum ParserError {
     NoNamedGroups,
     #[error("time_format {0:?}: {1}")]
     BadTimeFormat(String, &'static str),
+    #[error("time_zone {0:?}: use UTC, local or an offset such as +02:00 or -0530")]
+    BadTimeZone(String),
     #[error("time_format is set but time_key is not: name the record field that holds the time (parser {0:?} has no default)")]
     TimeFormatWithoutKey(ParserKind),
 }
@@ -146,11 +148,14 @@ impl Parser {
     /// the year from the read time) and the others keep the read time; `key = ""` keeps
     /// the read time everywhere. `format` defaults to `auto` (a number is epoch seconds,
     /// a string RFC 3339), or to the parser's own format when `key` is its time field.
+    /// `zone` (see [`TimeZone::parse`]; default UTC) applies to times written without one.
     pub fn with_time(
         mut self,
         key: Option<&str>,
         format: Option<&str>,
+        zone: Option<&str>,
     ) -> Result<Parser, ParserError> {
+        let zone = zone.map(TimeZone::parse).transpose()?.unwrap_or_default();
         let default = match self.kind {
             ParserKind::Nginx | ParserKind::Apache => Some(("time", "%d/%b/%Y:%H:%M:%S %z")),
             ParserKind::SyslogRfc5424 => Some(("time", "rfc3339")),
@@ -173,7 +178,7 @@ impl Parser {
             }
             (None, None) => return Ok(self),
         };
-        self.time = Some(TimeField::new(key, format));
+        self.time = Some(TimeField::new(key, format, zone));
         self.time_explicit = explicit;
         Ok(self)
     }

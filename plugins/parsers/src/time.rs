@@ -53,6 +53,64 @@ impl TimeFormat {
     }
 }
 
+/// The zone of times written without one (`time_zone`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TimeZone {
+    #[default]
+    Utc,
+    /// The agent host's zone, daylight saving included (TZ, else /etc/localtime).
+    Local,
+    /// A fixed offset east of UTC, in seconds.
+    Fixed(i32),
+}
+
+impl TimeZone {
+    /// `UTC`, `local`, or an offset such as `+02:00`, `-0530`.
+    pub fn parse(text: &str) -> Result<TimeZone, ParserError> {
+        let bad = || ParserError::BadTimeZone(text.to_string());
+        match text {
+            "UTC" | "utc" | "Z" => return Ok(TimeZone::Utc),
+            "local" => return Ok(TimeZone::Local),
+            _ => {}
+        }
+        let (sign, rest) = match text.as_bytes().first() {
+            Some(b'+') => (1, &text[1..]),
+            Some(b'-') => (-1, &text[1..]),
+            _ => return Err(bad()),
+        };
+        let digits: String = rest.chars().filter(|&c| c != ':').collect();
+        if digits.len() != 4 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(bad());
+        }
+        let (h, m): (i32, i32) = (
+            digits[..2].parse().map_err(|_| bad())?,
+            digits[2..].parse().map_err(|_| bad())?,
+        );
+        if h > 23 || m > 59 {
+            return Err(bad());
+        }
+        Ok(TimeZone::Fixed(sign * (h * 3600 + m * 60)))
+    }
+
+    /// Seconds since the epoch of the wall-clock time `t` written in zone `written` (the
+    /// text's own offset) or, without one, in this zone.
+    fn timestamp(self, t: chrono::NaiveDateTime, written: Option<i32>) -> Option<i64> {
+        let wall = t.and_utc().timestamp();
+        Some(match (written, self) {
+            (Some(offset), _) | (None, TimeZone::Fixed(offset)) => wall - offset as i64,
+            (None, TimeZone::Utc) => wall,
+            (None, TimeZone::Local) => {
+                use chrono::TimeZone as _;
+                // In the hour a clock is set back, the first of the two readings.
+                chrono::Local
+                    .from_local_datetime(&t)
+                    .earliest()?
+                    .timestamp()
+            }
+        })
+    }
+}
+
 /// Seconds and nanoseconds since the epoch, as Forward's EventTime carries them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Timestamp {
@@ -86,6 +144,7 @@ impl TimeError {
 pub struct TimeField {
     key: String,
     format: TimeFormat,
+    zone: TimeZone,
     /// A strftime pattern, parsed once rather than per line.
     items: Vec<FormatItem<'static>>,
     /// The last value and its result: consecutive lines mostly carry the same second,
@@ -94,7 +153,7 @@ pub struct TimeField {
 }
 
 impl TimeField {
-    pub fn new(key: &str, format: TimeFormat) -> TimeField {
+    pub fn new(key: &str, format: TimeFormat, zone: TimeZone) -> TimeField {
         let items = match &format {
             // Validated by TimeFormat::parse; an invalid pattern parses nothing.
             TimeFormat::Strftime(p) => StrftimeItems::new(p).parse_to_owned().unwrap_or_default(),
@@ -103,6 +162,7 @@ impl TimeField {
         TimeField {
             key: key.to_string(),
             format,
+            zone,
             items,
             last: Default::default(),
         }
@@ -114,6 +174,10 @@ impl TimeField {
 
     pub fn format(&self) -> &TimeFormat {
         &self.format
+    }
+
+    pub fn zone(&self) -> TimeZone {
+        self.zone
     }
 
     /// The time in `record` (one MessagePack map); `read_secs` gives the year to formats
@@ -170,7 +234,7 @@ impl TimeField {
             TimeFormat::Epoch | TimeFormat::EpochMillis => {
                 self.number_time(number().map_err(|_| TimeError::Unparsable)?)
             }
-            TimeFormat::Strftime(_) => strftime(text, &self.items, read_secs),
+            TimeFormat::Strftime(_) => strftime(text, &self.items, self.zone, read_secs),
         }
     }
 }
@@ -189,6 +253,7 @@ fn rfc3339(text: &str) -> Result<Timestamp, TimeError> {
 fn strftime(
     text: &str,
     items: &[FormatItem<'static>],
+    zone: TimeZone,
     read_secs: u32,
 ) -> Result<Timestamp, TimeError> {
     if items.is_empty() {
@@ -196,15 +261,12 @@ fn strftime(
     }
     let mut parsed = Parsed::new();
     chrono::format::parse(&mut parsed, text, items.iter()).map_err(|_| TimeError::Unparsable)?;
-    let offset = parsed.offset.unwrap_or(0);
+    let written = parsed.offset;
+    let wall = |p: &Parsed| p.to_naive_datetime_with_offset(written.unwrap_or(0)).ok();
     if parsed.year.is_some() || parsed.year_div_100.is_some() || parsed.isoyear.is_some() {
-        let t = parsed
-            .to_naive_datetime_with_offset(offset)
-            .map_err(|_| TimeError::Unparsable)?;
-        return from_parts(
-            t.and_utc().timestamp() - offset as i64,
-            t.and_utc().timestamp_subsec_nanos(),
-        );
+        let t = wall(&parsed).ok_or(TimeError::Unparsable)?;
+        let secs = zone.timestamp(t, written).ok_or(TimeError::Unparsable)?;
+        return from_parts(secs, t.and_utc().timestamp_subsec_nanos());
     }
     // No year (syslog RFC 3164): the read time's, or the year before when that would
     // put the event more than a day ahead of the read time (read in January, written
@@ -215,10 +277,12 @@ fn strftime(
     for y in [year, year - 1] {
         let mut p = parsed.clone();
         p.set_year(y as i64).map_err(|_| TimeError::Unparsable)?;
-        let Ok(t) = p.to_naive_datetime_with_offset(offset) else {
+        let Some(t) = wall(&p) else {
             continue; // 29 February in a year without one
         };
-        let secs = t.and_utc().timestamp() - offset as i64;
+        let Some(secs) = zone.timestamp(t, written) else {
+            continue; // a local time skipped by a clock change
+        };
         if secs <= read_secs as i64 + 86_400 {
             return from_parts(secs, t.and_utc().timestamp_subsec_nanos());
         }
@@ -491,7 +555,7 @@ mod tests {
             (r#"{"ts":null}"#, "auto", Err(TimeError::Missing)),
         ];
         for (line, format, want) in cases {
-            let field = TimeField::new("ts", TimeFormat::parse(format).unwrap());
+            let field = TimeField::new("ts", TimeFormat::parse(format).unwrap(), TimeZone::Utc);
             let got = field.extract(&record(ParserKind::Json, line.as_bytes()), now);
             assert_eq!(&got, want, "{line} with {format}");
         }
@@ -504,7 +568,11 @@ mod tests {
             ParserKind::Nginx,
             br#"10.0.0.1 - - [01/Jan/2026:23:59:59 -0200] "GET / HTTP/1.1" 200 5 "-" "curl""#,
         );
-        let f = TimeField::new("time", TimeFormat::parse("%d/%b/%Y:%H:%M:%S %z").unwrap());
+        let f = TimeField::new(
+            "time",
+            TimeFormat::parse("%d/%b/%Y:%H:%M:%S %z").unwrap(),
+            TimeZone::Utc,
+        );
         assert_eq!(
             f.extract(&nginx, now).unwrap().secs,
             at("2026-01-02T01:59:59Z")
@@ -514,7 +582,11 @@ mod tests {
             ParserKind::SyslogRfc3164,
             b"<13>Dec 31 23:00:00 host app[1]: bye",
         );
-        let f = TimeField::new("time", TimeFormat::parse("%b %e %H:%M:%S").unwrap());
+        let f = TimeField::new(
+            "time",
+            TimeFormat::parse("%b %e %H:%M:%S").unwrap(),
+            TimeZone::Utc,
+        );
         assert_eq!(
             f.extract(&syslog, now).unwrap().secs,
             at("2025-12-31T23:00:00Z")
@@ -530,8 +602,57 @@ mod tests {
     }
 
     #[test]
+    fn zone_less_times_in_the_configured_zone() {
+        let now = at("2026-07-02T00:00:00Z");
+        let line = record(
+            ParserKind::SyslogRfc3164,
+            b"<13>Jul  1 12:00:00 host app: hi",
+        );
+        let format = || TimeFormat::parse("%b %e %H:%M:%S").unwrap();
+        for (zone, want) in [
+            ("UTC", "2026-07-01T12:00:00Z"),
+            ("+02:00", "2026-07-01T10:00:00Z"),
+            ("-0530", "2026-07-01T17:30:00Z"),
+        ] {
+            let f = TimeField::new("time", format(), TimeZone::parse(zone).unwrap());
+            assert_eq!(f.extract(&line, now).unwrap().secs, at(want), "{zone}");
+        }
+        // A time written with its own offset ignores time_zone.
+        let nginx = record(
+            ParserKind::Nginx,
+            br#"10.0.0.1 - - [01/Jul/2026:12:00:00 +0000] "GET / HTTP/1.1" 200 5 "-" "curl""#,
+        );
+        let f = TimeField::new(
+            "time",
+            TimeFormat::parse("%d/%b/%Y:%H:%M:%S %z").unwrap(),
+            TimeZone::Fixed(7200),
+        );
+        assert_eq!(
+            f.extract(&nginx, now).unwrap().secs,
+            at("2026-07-01T12:00:00Z")
+        );
+        // local: whatever this host's zone is, the same as chrono's own conversion.
+        let f = TimeField::new("time", format(), TimeZone::Local);
+        let naive = chrono::NaiveDate::from_ymd_opt(2026, 7, 1)
+            .unwrap()
+            .and_hms_opt(12, 0, 0)
+            .unwrap();
+        use chrono::TimeZone as _;
+        let want = chrono::Local
+            .from_local_datetime(&naive)
+            .earliest()
+            .unwrap()
+            .timestamp();
+        assert_eq!(f.extract(&line, now).unwrap().secs as i64, want);
+        for bad in ["CET", "+2", "+25:00", "02:00", "+02:0x"] {
+            let e = TimeZone::parse(bad).unwrap_err().to_string();
+            assert!(e.contains("UTC, local or an offset"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
     fn the_cache_returns_the_same_answer_as_a_parse() {
-        let f = TimeField::new("ts", TimeFormat::Rfc3339);
+        let f = TimeField::new("ts", TimeFormat::Rfc3339, TimeZone::Utc);
         let now = at("2026-11-23T12:00:00Z");
         let good = record(ParserKind::Json, br#"{"ts":"2026-11-23T10:00:00Z"}"#);
         let bad = record(ParserKind::Json, br#"{"ts":"2026-13-23T10:00:00Z"}"#);
@@ -558,7 +679,7 @@ mod tests {
             ParserKind::Json,
             br#"{"a":[1,2,{"b":"c"}],"ts":1700000000}"#,
         );
-        let f = TimeField::new("ts", TimeFormat::Auto);
+        let f = TimeField::new("ts", TimeFormat::Auto, TimeZone::Utc);
         for end in 0..full.len() {
             let _ = f.extract(&full[..end], 0);
         }

@@ -148,4 +148,12 @@ fn check_config_explains_mistakes() {
         out.contains("time_format is set but time_key is not"),
         "{out}"
     );
+    let out = broken(
+        "sluice-agent",
+        &parsers_base.replace("time_zone = \"local\"", "time_zone = \"CEST\""),
+    );
+    assert!(
+        out.contains("\"syslog\"") && out.contains("CEST") && out.contains("+02:00"),
+        "{out}"
+    );
 }
