@@ -197,6 +197,34 @@ fn push_json_str(out: &mut Vec<u8>, s: &str) {
 ///
 /// `Ok(None)` if the record has no such field; an error if the value is of another type.
 pub fn record_field<'a>(record: &'a [u8], key: &str) -> Result<Option<&'a [u8]>, DecodeError> {
+    match record_value(record, key)? {
+        None => Ok(None),
+        Some((FieldValue::Bytes(b), _)) => Ok(Some(b)),
+        Some((_, kind)) => Err(malformed(format!(
+            "field {key:?} is a {kind}, not a string"
+        ))),
+    }
+}
+
+/// A scalar field value, as [`record_value`] finds it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum FieldValue<'a> {
+    /// A str or bin value.
+    Bytes(&'a [u8]),
+    Int(i64),
+    /// A float, or an unsigned integer beyond `i64`.
+    Float(f64),
+    /// Nil, bool, a container or ext: not read.
+    Other,
+}
+
+/// Reads field `key` of a raw record, with the msgpack kind of its value in words.
+///
+/// `Ok(None)` if the record has no such field.
+pub fn record_value<'a>(
+    record: &'a [u8],
+    key: &str,
+) -> Result<Option<(FieldValue<'a>, &'static str)>, DecodeError> {
     let mut r = Reader::new(record);
     let n = match r.head()? {
         Head::Map(n) => n,
@@ -210,13 +238,17 @@ pub fn record_field<'a>(record: &'a [u8], key: &str) -> Result<Option<&'a [u8]>,
     for _ in 0..n {
         if read_key(&mut r)? == Some(key.as_bytes()) {
             let head = r.head()?;
-            return match r.bytes_after(head)? {
-                Some(value) => Ok(Some(value)),
-                None => Err(malformed(format!(
-                    "field {key:?} is a {}, not a string",
-                    head.kind()
-                ))),
+            let value = match head {
+                Head::Str(n) | Head::Bin(n) => FieldValue::Bytes(r.take(n)?),
+                Head::Int(i) => FieldValue::Int(i),
+                Head::Uint(u) => {
+                    i64::try_from(u).map_or(FieldValue::Float(u as f64), FieldValue::Int)
+                }
+                Head::F32(f) => FieldValue::Float(f as f64),
+                Head::F64(f) => FieldValue::Float(f),
+                _ => FieldValue::Other,
             };
+            return Ok(Some((value, head.kind())));
         }
         r.value(MAX_DEPTH)?;
     }

@@ -80,7 +80,7 @@ pub use frame::{
     Provenance, ServerCodec, ServerFrame,
 };
 pub use handshake::{password_digest, shared_key_digest, Helo, Ping, Pong};
-pub use json::{record_field, record_to_json};
+pub use json::{record_field, record_to_json, record_value, FieldValue};
 
 /// How deeply arrays and maps may nest inside one record (the record map is level 1).
 pub const MAX_DEPTH: usize = 64;

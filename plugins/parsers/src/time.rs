@@ -7,6 +7,7 @@
 //! behaviour and the parsers themselves stay unchanged.
 
 use chrono::format::{Item as FormatItem, Parsed, StrftimeItems};
+use sluice_core::forward::{record_value, FieldValue};
 
 use crate::ParserError;
 
@@ -183,9 +184,12 @@ impl TimeField {
     /// The time in `record` (one MessagePack map); `read_secs` gives the year to formats
     /// that have none.
     pub fn extract(&self, record: &[u8], read_secs: u32) -> Result<Timestamp, TimeError> {
-        let value = find_field(record, self.key.as_bytes()).ok_or(TimeError::Missing)?;
+        let value = match record_value(record, &self.key) {
+            Ok(Some((value, _))) => value,
+            Ok(None) | Err(_) => return Err(TimeError::Missing),
+        };
         match value {
-            Value::Str(text) => {
+            FieldValue::Bytes(text) => {
                 let mut last = self.last.borrow_mut();
                 if !last.0.is_empty() && last.0 == text {
                     return last.1.ok_or(TimeError::Unparsable);
@@ -196,8 +200,9 @@ impl TimeField {
                 last.1 = result.ok();
                 result
             }
-            Value::Int(n) => self.number_time(Num::Int(n)),
-            Value::Float(f) => self.number_time(Num::Float(f)),
+            FieldValue::Int(n) => self.number_time(Num::Int(n)),
+            FieldValue::Float(f) => self.number_time(Num::Float(f)),
+            FieldValue::Other => Err(TimeError::Missing),
         }
     }
 
@@ -311,179 +316,6 @@ fn from_parts(secs: i64, nanos: u32) -> Result<Timestamp, TimeError> {
         secs,
         nanos: nanos.min(999_999_999),
     })
-}
-
-/// A scalar at the top level of a record.
-#[derive(Debug, PartialEq)]
-enum Value<'a> {
-    Str(&'a [u8]),
-    Int(i64),
-    Float(f64),
-}
-
-/// The value of `key` in the MessagePack map `record`, if it is a string or a number.
-fn find_field<'a>(record: &'a [u8], key: &[u8]) -> Option<Value<'a>> {
-    let mut r = Reader {
-        bytes: record,
-        at: 0,
-    };
-    let (kind, n) = r.header()?;
-    if kind != Kind::Map {
-        return None;
-    }
-    for _ in 0..n {
-        let k = r.header_and_body()?;
-        let is_key = matches!(k, Item::Bytes(b) if b == key);
-        if is_key {
-            return match r.header_and_body()? {
-                Item::Bytes(b) => Some(Value::Str(b)),
-                Item::Int(i) => Some(Value::Int(i)),
-                Item::Float(f) => Some(Value::Float(f)),
-                Item::Other => None,
-            };
-        }
-        r.skip_value(0)?;
-    }
-    None
-}
-
-#[derive(Debug, PartialEq, Eq)]
-enum Kind {
-    Map,
-    Array,
-    Bytes,
-    Int,
-    Float32,
-    Float64,
-    Ext,
-    Nothing,
-}
-
-enum Item<'a> {
-    Bytes(&'a [u8]),
-    Int(i64),
-    Float(f64),
-    Other,
-}
-
-/// Just enough MessagePack to walk a record: the parsers wrote it, but a JSON line can
-/// hold anything, so every read is bounds-checked.
-struct Reader<'a> {
-    bytes: &'a [u8],
-    at: usize,
-}
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
-        let s = self.bytes.get(self.at..self.at.checked_add(n)?)?;
-        self.at += n;
-        Some(s)
-    }
-
-    fn be(&mut self, n: usize) -> Option<u64> {
-        Some(
-            self.take(n)?
-                .iter()
-                .fold(0u64, |acc, &b| acc << 8 | b as u64),
-        )
-    }
-
-    /// The kind of the next value and its length (elements, bytes or the value itself
-    /// for integers; for ext, the payload length plus its type byte).
-    fn header(&mut self) -> Option<(Kind, u64)> {
-        let m = *self.take(1)?.first()?;
-        Some(match m {
-            0x00..=0x7f => (Kind::Int, m as u64),
-            0x80..=0x8f => (Kind::Map, (m & 0x0f) as u64),
-            0x90..=0x9f => (Kind::Array, (m & 0x0f) as u64),
-            0xa0..=0xbf => (Kind::Bytes, (m & 0x1f) as u64),
-            0xc0 | 0xc2 | 0xc3 => (Kind::Nothing, 0),
-            0xc4 | 0xd9 => (Kind::Bytes, self.be(1)?),
-            0xc5 | 0xda => (Kind::Bytes, self.be(2)?),
-            0xc6 | 0xdb => (Kind::Bytes, self.be(4)?),
-            0xc7 => (Kind::Ext, self.be(1)? + 1),
-            0xc8 => (Kind::Ext, self.be(2)? + 1),
-            0xc9 => (Kind::Ext, self.be(4)? + 1),
-            0xca => (Kind::Float32, 0),
-            0xcb => (Kind::Float64, 0),
-            0xcc => (Kind::Int, self.be(1)?),
-            0xcd => (Kind::Int, self.be(2)?),
-            0xce => (Kind::Int, self.be(4)?),
-            0xcf => (Kind::Int, self.be(8)?.min(i64::MAX as u64)),
-            0xd0 => (Kind::Int, self.be(1)? as u8 as i8 as i64 as u64),
-            0xd1 => (Kind::Int, self.be(2)? as u16 as i16 as i64 as u64),
-            0xd2 => (Kind::Int, self.be(4)? as u32 as i32 as i64 as u64),
-            0xd3 => (Kind::Int, self.be(8)?),
-            0xd4 => (Kind::Ext, 2),
-            0xd5 => (Kind::Ext, 3),
-            0xd6 => (Kind::Ext, 5),
-            0xd7 => (Kind::Ext, 9),
-            0xd8 => (Kind::Ext, 17),
-            0xdc => (Kind::Array, self.be(2)?),
-            0xdd => (Kind::Array, self.be(4)?),
-            0xde => (Kind::Map, self.be(2)?),
-            0xdf => (Kind::Map, self.be(4)?),
-            0xe0..=0xff => (Kind::Int, m as i8 as i64 as u64),
-            0xc1 => return None, // never used
-        })
-    }
-
-    /// A scalar read whole; containers and ext are skipped and reported as `Other`.
-    fn header_and_body(&mut self) -> Option<Item<'a>> {
-        let (kind, n) = self.header()?;
-        Some(match kind {
-            Kind::Bytes => Item::Bytes(self.take(usize::try_from(n).ok()?)?),
-            Kind::Int => Item::Int(n as i64),
-            Kind::Float32 => Item::Float(f32::from_bits(self.be(4)? as u32) as f64),
-            Kind::Float64 => Item::Float(f64::from_bits(self.be(8)?)),
-            Kind::Nothing => Item::Other,
-            Kind::Ext => {
-                self.take(usize::try_from(n).ok()?)?;
-                Item::Other
-            }
-            Kind::Map | Kind::Array => {
-                let items = if kind == Kind::Map {
-                    n.checked_mul(2)?
-                } else {
-                    n
-                };
-                for _ in 0..items {
-                    self.skip_value(1)?;
-                }
-                Item::Other
-            }
-        })
-    }
-
-    fn skip_value(&mut self, depth: usize) -> Option<()> {
-        if depth > crate::MAX_NESTING {
-            return None;
-        }
-        let (kind, n) = self.header()?;
-        match kind {
-            Kind::Bytes | Kind::Ext => {
-                self.take(usize::try_from(n).ok()?)?;
-            }
-            Kind::Float32 => {
-                self.take(4)?;
-            }
-            Kind::Float64 => {
-                self.take(8)?;
-            }
-            Kind::Int | Kind::Nothing => {}
-            Kind::Map | Kind::Array => {
-                let items = if kind == Kind::Map {
-                    n.checked_mul(2)?
-                } else {
-                    n
-                };
-                for _ in 0..items {
-                    self.skip_value(depth + 1)?;
-                }
-            }
-        }
-        Some(())
-    }
 }
 
 #[cfg(test)]
