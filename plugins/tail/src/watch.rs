@@ -14,7 +14,7 @@
 //!
 //! [`Tailer`]: crate::Tailer
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -160,11 +160,12 @@ pub(crate) fn dirs_of(pattern: &str) -> Vec<PathBuf> {
 
 /// Asks the scheduler to run this thread ahead of the busy ones when it wakes up.
 ///
-/// Why: a file can only be opened while it still has a name. A writer that rotates fast
-/// can create, fill and delete a file within ~20 ms; on a loaded machine a thread of
-/// default priority can wait longer than that for a CPU, and the file is gone unread.
-/// The thread does almost nothing (an open and an fstat per new file), so its priority
-/// costs others nothing measurable. Best effort: lowering the nice value needs
+/// Why: a file can only be opened while it still has a name, and a writer that rotates
+/// fast can create, fill and delete a file within milliseconds. The batching in `run` is
+/// what keeps the watcher level with such a writer (see [`Batch`]); the priority only
+/// keeps a busy machine from adding a wait for a CPU on top. The thread does almost
+/// nothing (an open and an fstat per new name), so its priority costs others nothing
+/// measurable. Best effort: lowering the nice value needs
 /// CAP_SYS_NICE or an RLIMIT_NICE that allows it (the systemd unit sets `LimitNICE=-10`);
 /// without, the thread keeps the default priority and a debug line says so.
 fn raise_priority(input: &str) {
@@ -266,27 +267,26 @@ fn run(
 /// stays around longest.
 #[derive(Debug, Default)]
 struct Batch {
-    /// In order of first appearance.
-    moved: Vec<PathBuf>,
-    created: Vec<PathBuf>,
-    seen_moved: HashSet<PathBuf>,
-    seen_created: HashSet<PathBuf>,
+    /// Each name once, in order of first appearance, and whether it was renamed in.
+    names: Vec<(PathBuf, bool)>,
+    /// Name → its place in `names`.
+    index: HashMap<PathBuf, usize>,
 }
 
 impl Batch {
     fn clear(&mut self) {
-        self.moved.clear();
-        self.created.clear();
-        self.seen_moved.clear();
-        self.seen_created.clear();
+        self.names.clear();
+        self.index.clear();
     }
 
     fn paths(&self) -> impl Iterator<Item = &PathBuf> {
-        self.moved.iter().chain(
-            self.created
+        let with = |moved: bool| {
+            self.names
                 .iter()
-                .filter(|p| !self.seen_moved.contains(*p)),
-        )
+                .filter(move |(_, m)| *m == moved)
+                .map(|(p, _)| p)
+        };
+        with(true).chain(with(false))
     }
 
     /// Adds the events in `bytes`, one `read` of the inotify descriptor.
@@ -324,14 +324,70 @@ impl Batch {
             };
             use std::os::unix::ffi::OsStrExt;
             let path = dir.join(std::ffi::OsStr::from_bytes(&name_bytes[..name_len]));
-            let (list, seen) = if event.mask & libc::IN_MOVED_TO != 0 {
-                (&mut self.moved, &mut self.seen_moved)
-            } else {
-                (&mut self.created, &mut self.seen_created)
-            };
-            if seen.insert(path.clone()) {
-                list.push(path);
+            let moved = event.mask & libc::IN_MOVED_TO != 0;
+            match self.index.get(&path) {
+                Some(&i) => self.names[i].1 |= moved,
+                None => {
+                    self.index.insert(path.clone(), self.names.len());
+                    self.names.push((path, moved));
+                }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One inotify event as the kernel lays it out: header, then the NUL-padded name.
+    fn event(wd: i32, mask: u32, name: &str) -> Vec<u8> {
+        let len = (name.len() + 1).next_multiple_of(16);
+        let header = libc::inotify_event {
+            wd,
+            mask,
+            cookie: 0,
+            len: len as u32,
+        };
+        // SAFETY: inotify_event is plain old data; we copy its bytes.
+        let mut out = unsafe {
+            std::slice::from_raw_parts(
+                (&header as *const libc::inotify_event).cast::<u8>(),
+                std::mem::size_of::<libc::inotify_event>(),
+            )
+        }
+        .to_vec();
+        out.extend_from_slice(name.as_bytes());
+        out.resize(out.len() + len - name.len(), 0);
+        out
+    }
+
+    #[test]
+    fn a_batch_names_each_file_once_renamed_in_names_first() {
+        let shared = Shared::default();
+        lock(&shared.dirs).insert(1, PathBuf::from("/logs"));
+        // Two rotations seen late: create, rename .1 -> .2, rename live -> .1, create...
+        let mut bytes = Vec::new();
+        for (mask, name) in [
+            (libc::IN_CREATE, "app.log"),
+            (libc::IN_MOVED_TO, "app.log.2"),
+            (libc::IN_MOVED_TO, "app.log.1"),
+            (libc::IN_CREATE, "app.log"),
+            (libc::IN_MOVED_TO, "app.log.2"),
+            (libc::IN_MOVED_TO, "app.log.1"),
+            (libc::IN_CREATE | libc::IN_ISDIR, "subdir"),
+        ] {
+            bytes.extend(event(1, mask, name));
+        }
+        bytes.extend(event(9, libc::IN_CREATE, "unknown-watch.log"));
+        let mut batch = Batch::default();
+        // Split over two reads, as a full buffer would be.
+        let cut = 3 * event(1, libc::IN_CREATE, "app.log").len();
+        batch.parse(&bytes[..cut], &shared);
+        batch.parse(&bytes[cut..], &shared);
+        let got: Vec<_> = batch.paths().map(|p| p.display().to_string()).collect();
+        assert_eq!(got, ["/logs/app.log.2", "/logs/app.log.1", "/logs/app.log"]);
+        batch.clear();
+        assert_eq!(batch.paths().count(), 0);
     }
 }
