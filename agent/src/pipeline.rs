@@ -158,9 +158,7 @@ impl EventWriter<'_> {
             full.push((self.index, source.clone()));
         }
     }
-}
 
-impl EventWriter<'_> {
     /// Counts a record whose time field was unusable (it keeps the read time) and says
     /// so in the log at most once a minute per input, naming the first such line.
     #[cold]

@@ -3,7 +3,8 @@
 //! state saved, instead of death by signal where it stood.
 //!
 //! The signal is sent the moment the process has a SIGTERM handler (its `SigCgt` mask in
-//! /proc), which the binaries now install before anything else.
+//! /proc), which the binaries now install before anything else. The same runs check that
+//! a log written to a file carries no colour escape codes.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -39,6 +40,8 @@ fn stop_as_soon_as_possible(mut proc_: Proc, started: &str, last_words: &str) {
     proc_.stop(Duration::from_secs(30)); // asserts exit status 0
     let log = proc_.log_text();
     assert!(log.contains(last_words), "{log}");
+    // stderr is a file here, as under systemd: plain text, no colour escape codes.
+    assert!(!log.contains('\x1b'), "ANSI escapes in a log file:\n{log}");
     eprintln!(
         "{}: SIGTERM {} startup had finished; clean exit",
         proc_.name,

@@ -120,23 +120,14 @@ fn json_time_key_sets_the_event_time_and_a_missing_one_is_counted() {
         "{\"ts\":1795428000250,\"msg\":\"a\"}\n{\"msg\":\"no time\"}\n{\"ts\":\"1795431600000\",\"msg\":\"c\"}\n",
     )
     .unwrap();
-    let (config, metrics) = agent_config(
-        dir.path(),
-        &relay,
-        &certs,
-        &format!(
-            r#"include = ["{}"]
+    let input = format!(
+        r#"include = ["{}"]
 parser = "json"
 time_key = "ts"
 time_format = "epoch_ms""#,
-            log.display()
-        ),
+        log.display()
     );
-    let mut agent = Proc::start("sluice-agent", &config, &dir.path().join("agent.log"));
-    wait_for("3 events at the relay", Duration::from_secs(60), || {
-        assert!(agent.is_running(), "agent exited:\n{}", agent.log_text());
-        relay.delivered() >= 3
-    });
+    let (mut agent, metrics) = ship(dir.path(), &relay, &certs, &input, 3);
     let time_errors = metric(metrics, "sluice_agent_time_errors_total", "input=\"app\"");
     agent.stop(Duration::from_secs(20));
     let times = event_times(&relay);
@@ -153,6 +144,28 @@ time_format = "epoch_ms""#,
         log_text.contains("record time unusable") && log_text.contains("no such field"),
         "{log_text}"
     );
+}
+
+/// Starts an agent with the `[[input]]` body `input` and waits until the relay's file
+/// sink has `events` events; returns the running agent and its metrics address.
+fn ship(
+    dir: &std::path::Path,
+    relay: &FileRelay,
+    certs: &Certs,
+    input: &str,
+    events: u64,
+) -> (Proc, SocketAddr) {
+    let (config, metrics) = agent_config(dir, relay, certs, input);
+    let mut agent = Proc::start("sluice-agent", &config, &dir.join("agent.log"));
+    wait_for(
+        &format!("{events} events at the relay"),
+        Duration::from_secs(60),
+        || {
+            assert!(agent.is_running(), "agent exited:\n{}", agent.log_text());
+            relay.delivered() >= events
+        },
+    );
+    (agent, metrics)
 }
 
 fn agent_config(
@@ -217,26 +230,17 @@ fn multiline_joins_stack_traces_before_the_regex_parser() {
          2026-11-23 10:00:01 INFO recovered\n",
     )
     .unwrap();
-    let (config, _) = agent_config(
-        dir.path(),
-        &relay,
-        &certs,
-        &format!(
-            r#"include = ["{}"]
+    let input = format!(
+        r#"include = ["{}"]
 parser = "regex"
 regex = '(?s)^(?P<time>\S+ \S+) (?P<level>[A-Z]+) (?P<message>.*)$'
 time_key = "time"
 time_format = "%Y-%m-%d %H:%M:%S"
 multiline = {{ start = '^\d{{4}}-\d{{2}}-\d{{2}} ', timeout = "200ms" }}"#,
-            log.display()
-        ),
+        log.display()
     );
-    let mut agent = Proc::start("sluice-agent", &config, &dir.path().join("agent.log"));
     // The last event has no next start line: the timeout sends it.
-    wait_for("2 events at the relay", Duration::from_secs(60), || {
-        assert!(agent.is_running(), "agent exited:\n{}", agent.log_text());
-        relay.delivered() >= 2
-    });
+    let (mut agent, _) = ship(dir.path(), &relay, &certs, &input, 2);
     agent.stop(Duration::from_secs(20));
     let got = records(&relay);
     assert_eq!(got.len(), 2, "{got:?}");
