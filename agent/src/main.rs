@@ -1,23 +1,11 @@
 //! `sluice-agent`: tails files, cuts them into chunks, forwards the chunks to a relay
 //! over TLS, and advances its checkpoints only after the relay acknowledged them.
 
-mod config;
-mod metrics;
-mod output;
-mod pipeline;
-
 use std::path::PathBuf;
-use std::sync::Arc;
 
-use anyhow::Context;
 use clap::Parser;
-use sluice_core::shutdown::StopSignals;
-use sluice_tail::{CheckpointStore, TailConfig, Tailer};
-use tokio_util::sync::CancellationToken;
-
-use config::{AgentConfig, InputConfig};
-use metrics::AgentMetrics;
-use pipeline::{Input, Pipeline};
+use sluice_agent::config::{AgentConfig, InputConfig};
+use sluice_agent::run;
 
 #[derive(Parser)]
 #[command(
@@ -101,133 +89,3 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-async fn run(config: AgentConfig) -> anyhow::Result<()> {
-    let mut signals = StopSignals::install().context("cannot install the SIGTERM handler")?;
-    std::fs::create_dir_all(&config.agent.data_dir)
-        .with_context(|| format!("cannot create data_dir {}", config.agent.data_dir.display()))?;
-    let metrics = Arc::new(AgentMetrics::default());
-    let mut registry = prometheus_client::registry::Registry::default();
-    metrics.register(&mut registry);
-
-    let checkpoint_path = config.agent.data_dir.join("checkpoints.json");
-    let (store, saved) = CheckpointStore::open(&checkpoint_path)?;
-    let mut inputs = Vec::new();
-    for InputConfig::Tail(t) in &config.inputs {
-        let cfg = TailConfig {
-            include: t.include.clone(),
-            exclude: t.exclude.clone(),
-            start_at: t.start_at,
-            max_line_bytes: t.max_line.as_usize(),
-            long_lines: t.long_lines,
-            partial_line_timeout: t.partial_line_timeout.get(),
-            max_deleted_bytes: t.max_deleted.as_u64(),
-            ..TailConfig::default()
-        };
-        let mine: Vec<_> = saved
-            .iter()
-            .filter(|c| c.input == t.name)
-            .cloned()
-            .collect();
-        let tailer =
-            Tailer::new(&t.name, cfg, &mine).with_context(|| format!("input {:?}", t.name))?;
-        let parser = t
-            .build_parser()
-            .with_context(|| format!("input {:?}", t.name))?;
-        inputs.push(Input {
-            tag: t.tag.clone(),
-            tailer,
-            parser,
-            multiline: t
-                .multiline
-                .as_ref()
-                .map(|m| m.build())
-                .transpose()
-                .with_context(|| format!("input {:?}: multiline", t.name))?,
-            rate: t.max_read_rate.map(|r| pipeline::ReadRate::new(r.as_u64())),
-            parse_errors: metrics
-                .parse_errors
-                .get_or_create(&metrics::InputLabel {
-                    input: t.name.clone(),
-                })
-                .clone(),
-            time_errors: metrics
-                .time_errors
-                .get_or_create(&metrics::InputLabel {
-                    input: t.name.clone(),
-                })
-                .clone(),
-            time_warned: std::cell::Cell::new(None),
-        });
-    }
-
-    let tls = if config.output.insecure {
-        tracing::warn!("output.insecure = true: sending plain TCP without TLS");
-        None
-    } else {
-        Some(sluice_core::tls::client_config(&config.output.tls)?)
-    };
-
-    let background = CancellationToken::new();
-    let ready = Arc::new(sluice_core::metrics::Readiness::default());
-    if let Some(addr) = config.metrics.listen {
-        let bound = sluice_core::metrics::serve(
-            addr,
-            Arc::new(registry),
-            ready.clone(),
-            background.clone(),
-        )
-        .await
-        .with_context(|| format!("cannot bind the metrics endpoint {addr}"))?;
-        tracing::info!(%bound, "metrics endpoint listening");
-    }
-
-    let (chunk_tx, chunk_rx) = tokio::sync::mpsc::channel(config.output.in_flight.max(2));
-    let (commit_tx, commit_rx) = std::sync::mpsc::channel();
-    let stop_reading = CancellationToken::new();
-    let pipeline = Pipeline {
-        agent_id: config.agent.id.clone(),
-        inputs,
-        store,
-        chunk_size: config.output.chunk_size.as_usize(),
-        chunk_age: config.output.chunk_age.get(),
-        metrics: metrics.clone(),
-    };
-    let reader = {
-        let stop = stop_reading.clone();
-        std::thread::Builder::new()
-            .name("tail".into())
-            .spawn(move || pipeline.run(chunk_tx, commit_rx, stop))
-            .context("cannot start the reading thread")?
-    };
-    let abort_output = CancellationToken::new();
-    let output = output::Output {
-        config: config.output.clone(),
-        agent_id: config.agent.id.clone(),
-        tls,
-        metrics: metrics.clone(),
-    };
-    let mut output_task = tokio::spawn(output.run(chunk_rx, commit_tx, abort_output.clone()));
-    ready.set(true);
-    tracing::info!(agent = %config.agent.id, relays = ?config.output.relays, "agent started");
-
-    tokio::select! {
-        _ = signals.wait() => {}
-        _ = &mut output_task => {
-            anyhow::bail!("the output stopped unexpectedly");
-        }
-    }
-    tracing::info!(timeout = ?config.agent.shutdown_timeout.get(), "shutting down: sending what was read, waiting for acknowledgements");
-    ready.set(false);
-    stop_reading.cancel();
-    if tokio::time::timeout(config.agent.shutdown_timeout.get(), &mut output_task)
-        .await
-        .is_err()
-    {
-        abort_output.cancel();
-        let _ = output_task.await;
-    }
-    let _ = tokio::task::spawn_blocking(move || reader.join()).await;
-    background.cancel();
-    tracing::info!("stopped; checkpoints saved");
-    Ok(())
-}

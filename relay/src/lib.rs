@@ -1,0 +1,286 @@
+//! The sluice relay as a library: the Forward server, dedup, the spool writer, the
+//! sinks, the ledger and reconciliation. `src/main.rs` is the thin command line on top;
+//! the end-to-end tests build their configs from [`config`]'s types.
+
+pub mod config;
+pub mod envelope;
+pub mod ledger;
+pub mod metrics;
+pub mod reconcile;
+pub mod record;
+pub mod server;
+pub mod sinks;
+pub mod writer;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use sluice_core::shutdown::StopSignals;
+use sluice_spool::{FsyncPolicy, Spool, SpoolConfig};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use config::{FsyncMode, RelayConfig, SinkKind, StartFrom};
+use ledger::Ledger;
+use metrics::RelayMetrics;
+use sinks::{Deliver, SinkProgress, SinkRun};
+use writer::{SpoolWriter, WriterMsg};
+
+/// Runs the relay until SIGTERM or SIGINT, then drains and stops cleanly.
+pub async fn run(config: RelayConfig) -> anyhow::Result<()> {
+    let mut signals = StopSignals::install().context("cannot install the SIGTERM handler")?;
+    let data_dir = config.relay.data_dir.clone();
+    std::fs::create_dir_all(data_dir.join("sinks"))
+        .with_context(|| format!("cannot create data_dir {}", data_dir.display()))?;
+    let metrics = Arc::new(RelayMetrics::new());
+    let mut registry = prometheus_client::registry::Registry::default();
+    metrics.register(&mut registry);
+
+    let fsync = match config.spool.fsync {
+        FsyncMode::Always => FsyncPolicy::Always,
+        FsyncMode::Interval => FsyncPolicy::Interval(config.spool.fsync_interval.get()),
+        FsyncMode::Never => FsyncPolicy::Never,
+    };
+    let spool_dir = config.spool_dir();
+    let (spool, recovery) = Spool::open(
+        &spool_dir,
+        SpoolConfig {
+            segment_bytes: config.spool.segment_size.as_u64(),
+            max_bytes: config.spool.max_size.as_u64(),
+            fsync,
+        },
+    )
+    .with_context(|| format!("cannot open the spool in {}", spool_dir.display()))?;
+    if recovery.torn_bytes_truncated > 0 || !recovery.corrupt_segments.is_empty() {
+        tracing::warn!(torn_bytes = recovery.torn_bytes_truncated, corrupt = ?recovery.corrupt_segments, "spool recovered after an unclean stop");
+    }
+    metrics
+        .spool_torn_bytes
+        .inc_by(recovery.torn_bytes_truncated);
+    metrics
+        .spool_corrupt_segments
+        .inc_by(recovery.corrupt_segments.len() as u64);
+    tracing::info!(
+        segments = recovery.segments,
+        batches = recovery.batches,
+        bytes = recovery.bytes,
+        "spool opened"
+    );
+
+    let ledger = Arc::new(Mutex::new(Ledger {
+        relay: config.relay.id.clone(),
+        ..Default::default()
+    }));
+    let (mut writer, committed) = SpoolWriter::recover(spool, ledger.clone(), metrics.clone())?;
+
+    // Sinks removed from the config give up their cursor, so the spool can be collected.
+    let configured: std::collections::BTreeSet<&str> =
+        config.sinks.iter().map(|s| s.name.as_str()).collect();
+    for old in writer.spool().cursors().keys().cloned().collect::<Vec<_>>() {
+        if !configured.contains(old.as_str()) {
+            tracing::warn!(sink = %old, "sink no longer configured: its cursor is removed and its spooled data may be collected");
+            writer.spool_mut().remove_cursor(&old)?;
+            // Set its state aside too, so that adding a sink of that name later starts
+            // where its `start_from` says, not at a cursor long since collected.
+            let state = sinks::state_path(&data_dir, &old);
+            if state.exists() {
+                let aside = state.with_extension("json.removed");
+                std::fs::rename(&state, &aside)
+                    .with_context(|| format!("cannot move {} aside", state.display()))?;
+            }
+        }
+    }
+
+    let sink_stop = CancellationToken::new();
+    let sink_abort = CancellationToken::new();
+    let mut sink_tasks = Vec::new();
+    let mut required = Vec::new();
+    for sink in &config.sinks {
+        let state_path = sinks::state_path(&data_dir, &sink.name);
+        let state = sinks::load_state(&state_path).map_err(anyhow::Error::msg)?;
+        let spool = writer.spool();
+        let start = state
+            .cursor
+            .or_else(|| spool.cursors().get(&sink.name).copied())
+            .unwrap_or(match sink.start_from {
+                StartFrom::Oldest => spool.head(),
+                StartFrom::Now => spool.tail(),
+            });
+        if start < spool.head() {
+            tracing::warn!(sink = %sink.name, "the sink's cursor points before the oldest spooled data; starting at the oldest");
+        }
+        let start = start.max(spool.head());
+        writer.spool_mut().set_cursor(&sink.name, start)?;
+        if !sink.enabled {
+            tracing::warn!(sink = %sink.name, "sink disabled: it delivers nothing and keeps its spooled data");
+            // Its lag still shows, and grows, so a paused migration step is visible.
+            let gauge = metrics
+                .sink_lag_bytes
+                .get_or_create(&metrics.sink(&sink.name))
+                .clone();
+            let (committed, stop) = (committed.clone(), sink_stop.clone());
+            let segment_size = config.spool.segment_size.as_u64();
+            tokio::spawn(async move {
+                loop {
+                    gauge.set(sinks::lag_bytes(start, *committed.borrow(), segment_size) as i64);
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                }
+            });
+            continue;
+        }
+        let deliver: Box<dyn Deliver> = match &sink.kind {
+            SinkKind::Kafka(k) => {
+                Box::new(sinks::kafka::KafkaSink::new(&sink.name, k).map_err(anyhow::Error::msg)?)
+            }
+            SinkKind::ObjectStore(o) => Box::new(
+                sinks::object::ObjectSink::new(&config.relay.id, o).map_err(anyhow::Error::msg)?,
+            ),
+            SinkKind::Discard => Box::new(sinks::discard::DiscardSink),
+            SinkKind::File { path } => Box::new(sinks::file::FileSink {
+                path: path.clone(),
+                buf: Vec::new(),
+            }),
+        };
+        let mut deliver = deliver;
+        deliver.restore(state.resume.clone());
+        let (delivered, delivered_rx) = watch::channel(start);
+        let (persisted, persisted_rx) = watch::channel(start);
+        writer.watch_cursor(sink.name.clone(), persisted_rx);
+        if sink.required {
+            required.push(delivered_rx);
+        }
+        let run = SinkRun {
+            config: sink.clone(),
+            deliver,
+            reader: writer.spool().reader(start)?,
+            state,
+            state_path,
+            committed: committed.clone(),
+            segment_size: config.spool.segment_size.as_u64(),
+            progress: SinkProgress {
+                delivered,
+                persisted,
+            },
+            ledger: ledger.clone(),
+            metrics: metrics.clone(),
+            stop: sink_stop.clone(),
+            abort: sink_abort.clone(),
+        };
+        tracing::info!(sink = %sink.name, cursor = ?start, "sink started");
+        sink_tasks.push(tokio::spawn(sinks::run_sink(run)));
+    }
+
+    let (writer_tx, writer_rx) = mpsc::channel::<WriterMsg>(256);
+    let writer_thread = std::thread::Builder::new()
+        .name("spool-writer".into())
+        .spawn(move || writer.run(writer_rx))
+        .context("cannot start the spool writer")?;
+
+    let background = CancellationToken::new();
+    {
+        let tx = writer_tx.clone();
+        let ledger = ledger.clone();
+        let path = data_dir.join("ledger.json");
+        let stop = background.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                let _ = tx.try_send(WriterMsg::Tick);
+                let snapshot = ledger.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                if let Err(e) = tokio::task::spawn_blocking({
+                    let path = path.clone();
+                    move || snapshot.save(&path)
+                })
+                .await
+                .unwrap_or(Ok(()))
+                {
+                    tracing::warn!(error = %e, "cannot write the ledger");
+                }
+            }
+        });
+    }
+
+    let ready = Arc::new(sluice_core::metrics::Readiness::default());
+    if let Some(addr) = config.metrics.listen {
+        let bound = sluice_core::metrics::serve(
+            addr,
+            Arc::new(registry),
+            ready.clone(),
+            background.clone(),
+        )
+        .await
+        .with_context(|| format!("cannot bind the metrics endpoint {addr}"))?;
+        tracing::info!(%bound, "metrics endpoint listening");
+    }
+
+    let tls = match &config.server.tls {
+        Some(files) => Some(sluice_core::tls::ReloadingServerConfig::new(files.clone())?),
+        None => {
+            tracing::warn!("server.insecure = true: accepting plain TCP without TLS");
+            None
+        }
+    };
+    let listener = tokio::net::TcpListener::bind(config.server.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.server.listen))?;
+    tracing::info!(addr = %listener.local_addr()?, relay = %config.relay.id, "forward server listening");
+    let state = Arc::new(server::ServerState {
+        config: config.server.clone(),
+        tls,
+        writer: writer_tx.clone(),
+        required_sinks: required,
+        metrics: metrics.clone(),
+    });
+    let accept_stop = CancellationToken::new();
+    let conns_stop = CancellationToken::new();
+    let server_task = tokio::spawn(server::serve(
+        listener,
+        state.clone(),
+        accept_stop.clone(),
+        conns_stop.clone(),
+    ));
+    ready.set(true);
+
+    signals.wait().await;
+    tracing::info!("shutting down: no new connections, finishing in-flight chunks");
+    ready.set(false);
+    accept_stop.cancel();
+    let _ = server_task.await;
+    conns_stop.cancel();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while metrics.connections_active.get() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = writer_tx.send(WriterMsg::Shutdown).await;
+    drop(state);
+    drop(writer_tx);
+    let _ = tokio::task::spawn_blocking(move || writer_thread.join()).await;
+
+    tracing::info!(timeout = ?config.relay.shutdown_timeout.get(), "flushing sinks");
+    sink_stop.cancel();
+    let flush = futures::future::join_all(sink_tasks);
+    tokio::pin!(flush);
+    if tokio::time::timeout(config.relay.shutdown_timeout.get(), &mut flush)
+        .await
+        .is_err()
+    {
+        tracing::warn!("sinks did not flush within shutdown_timeout; undelivered data stays in the spool for the next start");
+        sink_abort.cancel();
+        flush.await;
+    }
+    background.cancel();
+    let snapshot = ledger.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    snapshot
+        .save(&data_dir.join("ledger.json"))
+        .context("cannot write the ledger")?;
+    tracing::info!("stopped cleanly");
+    Ok(())
+}
