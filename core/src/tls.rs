@@ -32,7 +32,9 @@ pub enum TlsError {
 }
 
 /// Whether the relay asks connecting clients for a certificate.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum ClientAuth {
     /// No client certificate is requested (authenticate with the shared key instead).
@@ -45,7 +47,7 @@ pub enum ClientAuth {
 }
 
 /// The relay's TLS files.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ServerTlsFiles {
     /// PEM certificate chain, leaf first.
@@ -60,7 +62,7 @@ pub struct ServerTlsFiles {
 }
 
 /// The agent's TLS files for talking to relays.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ClientTlsFiles {
     /// PEM CA bundle that signs the relays' certificates. Without it the Mozilla roots are used.

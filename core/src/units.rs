@@ -80,6 +80,18 @@ impl fmt::Display for ByteSize {
     }
 }
 
+impl schemars::JsonSchema for ByteSize {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "ByteSize".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": ["string", "integer"],
+            "description": "a size: \"64 MiB\", \"512 KiB\", \"1 GiB\", or a number of bytes"
+        })
+    }
+}
+
 impl Serialize for ByteSize {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&self.to_string())
@@ -163,6 +175,18 @@ impl fmt::Display for Span {
         } else {
             write!(f, "{ms}ms")
         }
+    }
+}
+
+impl schemars::JsonSchema for Span {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Span".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": ["string", "integer"],
+            "description": "a duration: \"250ms\", \"5s\", \"2m\", \"1h\", or a number of seconds"
+        })
     }
 }
 

@@ -8,6 +8,12 @@ use serde::{Deserialize, Serialize};
 use sluice_core::tls::ServerTlsFiles;
 use sluice_core::units::{ByteSize, Span};
 
+pub use crate::sinks::discard::DiscardSink;
+pub use crate::sinks::file::FileSink;
+pub use crate::sinks::kafka::KafkaSink;
+pub use crate::sinks::object::ObjectSink;
+pub use crate::sinks::{SinkCommon, SinkConfig, SinkKind, StartFrom};
+
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RelayConfig {
@@ -204,183 +210,6 @@ fn default_metrics_listen() -> Option<SocketAddr> {
     "127.0.0.1:24231".parse().ok()
 }
 
-/// Where a newly added sink starts reading the spool.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum StartFrom {
-    /// The oldest data still in the spool.
-    #[default]
-    Oldest,
-    /// Only data that arrives from now on.
-    Now,
-}
-
-#[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(try_from = "toml::Table", into = "toml::Table")]
-pub struct SinkConfig {
-    pub common: SinkCommon,
-    pub kind: SinkKind,
-}
-
-impl std::ops::Deref for SinkConfig {
-    type Target = SinkCommon;
-    fn deref(&self) -> &SinkCommon {
-        &self.common
-    }
-}
-
-/// The keys every sink has, whatever its type.
-#[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct SinkCommon {
-    /// Unique name; the sink's cursor and ledger counts are kept under it.
-    pub name: String,
-    /// A disabled sink keeps its cursor (and holds spool data) but delivers nothing.
-    #[serde(default = "yes")]
-    pub enabled: bool,
-    /// In `end_to_end` ack mode, chunks are acknowledged once every required sink has them.
-    #[serde(default = "yes")]
-    pub required: bool,
-    #[serde(default)]
-    pub start_from: StartFrom,
-    /// How long to wait after a failed delivery, doubling up to `retry_max`.
-    #[serde(default = "default_retry_min")]
-    pub retry_min: Span,
-    #[serde(default = "default_retry_max")]
-    pub retry_max: Span,
-}
-
-const COMMON_KEYS: [&str; 6] = [
-    "name",
-    "enabled",
-    "required",
-    "start_from",
-    "retry_min",
-    "retry_max",
-];
-
-// serde cannot combine `flatten` with `deny_unknown_fields`, and a typo in a sink key
-// must be an error, so the table is split by hand: common keys, then the type's keys.
-impl TryFrom<toml::Table> for SinkConfig {
-    type Error = String;
-    fn try_from(mut table: toml::Table) -> Result<Self, String> {
-        let mut common = toml::Table::new();
-        for key in COMMON_KEYS {
-            if let Some(v) = table.remove(key) {
-                common.insert(key.to_string(), v);
-            }
-        }
-        let name = common
-            .get("name")
-            .and_then(|v| v.as_str())
-            .unwrap_or("?")
-            .to_string();
-        let common: SinkCommon = common
-            .try_into()
-            .map_err(|e: toml::de::Error| format!("sink {name:?}: {}", e.message()))?;
-        if !table.contains_key("type") {
-            return Err(format!(
-                "sink {name:?}: missing key `type` (one of kafka, object_store, file, discard)"
-            ));
-        }
-        let kind: SinkKind = table
-            .try_into()
-            .map_err(|e: toml::de::Error| format!("sink {name:?}: {}", e.message()))?;
-        Ok(SinkConfig { common, kind })
-    }
-}
-
-impl From<SinkConfig> for toml::Table {
-    fn from(s: SinkConfig) -> toml::Table {
-        let mut t = toml::Table::try_from(&s.common).unwrap_or_default();
-        if let Ok(kind) = toml::Table::try_from(&s.kind) {
-            t.extend(kind);
-        }
-        t
-    }
-}
-
-fn yes() -> bool {
-    true
-}
-fn default_retry_min() -> Span {
-    Span::millis(200)
-}
-fn default_retry_max() -> Span {
-    Span::secs(30)
-}
-
-#[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
-pub enum SinkKind {
-    Kafka(KafkaSink),
-    ObjectStore(ObjectSink),
-    /// Counts and forgets; for benchmarks.
-    Discard,
-    /// Appends the JSON envelopes to a local file; for debugging.
-    File {
-        path: PathBuf,
-    },
-}
-
-#[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct KafkaSink {
-    /// Bootstrap servers, "host:port,host:port".
-    pub brokers: String,
-    pub topic: String,
-    /// librdkafka compression codec: none, gzip, snappy, lz4, zstd.
-    #[serde(default = "default_compression")]
-    pub compression: String,
-    /// Largest message the sink produces (keep at or below the topic's max.message.bytes).
-    /// A larger event is not produced: it is counted as dropped (reason too_large) and logged.
-    #[serde(default = "default_kafka_max_message")]
-    pub max_message: ByteSize,
-    /// How long a batch may wait for broker acknowledgements before it is retried.
-    #[serde(default = "default_kafka_timeout")]
-    pub delivery_timeout: Span,
-    /// Extra librdkafka properties, passed as they are.
-    #[serde(default)]
-    pub properties: std::collections::BTreeMap<String, String>,
-}
-
-fn default_compression() -> String {
-    "lz4".into()
-}
-fn default_kafka_max_message() -> ByteSize {
-    ByteSize::mib(1)
-}
-fn default_kafka_timeout() -> Span {
-    Span::secs(30)
-}
-
-#[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct ObjectSink {
-    /// `file:///path`, `s3://bucket`, `gs://bucket`, `az://container`.
-    pub url: String,
-    /// Key prefix inside the bucket.
-    #[serde(default)]
-    pub prefix: String,
-    /// Options for object_store, e.g. endpoint, region, allow_http, access_key_id.
-    /// Credentials are better taken from the environment (AWS_ACCESS_KEY_ID, ...).
-    #[serde(default)]
-    pub options: std::collections::BTreeMap<String, String>,
-    /// An object is written when this much (uncompressed) is gathered ...
-    #[serde(default = "default_object_size")]
-    pub max_object_size: ByteSize,
-    /// ... or when the oldest gathered event waited this long.
-    #[serde(default = "default_object_age")]
-    pub max_object_age: Span,
-}
-
-fn default_object_size() -> ByteSize {
-    ByteSize::mib(64)
-}
-fn default_object_age() -> Span {
-    Span::secs(10)
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config {path}: {source}")]
@@ -469,7 +298,7 @@ impl RelayConfig {
             );
         }
         if self.sinks.is_empty() {
-            return Err("no [[sink]] configured: the relay would spool forever. Add at least one sink (kafka, object_store, file or discard)".into());
+            return Err(format!("no [[sink]] configured: the relay would spool forever. Add at least one sink (type one of {})", SinkKind::TYPES.join(", ")));
         }
         let mut names = std::collections::BTreeSet::new();
         for sink in &self.sinks {
@@ -485,19 +314,7 @@ impl RelayConfig {
                     sink.name
                 ));
             }
-            if let SinkKind::Kafka(k) = &sink.kind {
-                if k.topic.is_empty() || k.brokers.is_empty() {
-                    return Err(format!(
-                        "sink {:?}: brokers and topic must be set",
-                        sink.name
-                    ));
-                }
-            }
-            if let SinkKind::ObjectStore(o) = &sink.kind {
-                url::Url::parse(&o.url).map_err(|e| {
-                    format!("sink {:?}: url {:?} is not a URL ({e}); use file:///dir, s3://bucket, gs://bucket or az://container", sink.name, o.url)
-                })?;
-            }
+            sink.kind.spec().validate(&sink.name)?;
         }
         if self.server.ack == AckMode::EndToEnd
             && !self.sinks.iter().any(|s| s.enabled && s.required)

@@ -1,5 +1,5 @@
-//! The ledger: how many events the relay received and each sink delivered (or had to
-//! drop), per tag and event-time hour. `sluice-relay reconcile` compares it with what is
+//! The ledger: how many events the relay received, and how many each sink was offered,
+//! delivered or had to drop, per tag and event-time hour. `sluice-relay reconcile` compares it with what is
 //! really in Kafka and object storage.
 //!
 //! Exactness across crashes: received counts are part of the dedup snapshot and are
@@ -94,8 +94,14 @@ impl Counts {
     }
 }
 
+/// One sink's counts. `offered` is what the sink was given (after `start_from`, and
+/// later routing and filters); every offered event ends up delivered or dropped, and a
+/// difference is a delivery still under way.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SinkCounts {
+    /// Absent in state files written before offered was counted: read as empty.
+    #[serde(default)]
+    pub offered: Counts,
     pub delivered: Counts,
     pub dropped: Counts,
 }

@@ -3,9 +3,11 @@
 //! the end-to-end tests build their configs from [`config`]'s types.
 
 pub mod config;
+pub mod dedup;
 pub mod envelope;
 pub mod ledger;
 pub mod metrics;
+pub mod readback;
 pub mod reconcile;
 pub mod record;
 pub mod server;
@@ -21,10 +23,10 @@ use sluice_spool::{FsyncPolicy, Spool, SpoolConfig};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use config::{FsyncMode, RelayConfig, SinkKind, StartFrom};
+use config::{FsyncMode, RelayConfig, StartFrom};
 use ledger::Ledger;
 use metrics::RelayMetrics;
-use sinks::{Deliver, SinkProgress, SinkRun};
+use sinks::{SinkProgress, SinkRun};
 use writer::{SpoolWriter, WriterMsg};
 
 /// Runs the relay until SIGTERM or SIGINT, then drains and stops cleanly.
@@ -132,19 +134,14 @@ pub async fn run(config: RelayConfig) -> anyhow::Result<()> {
             });
             continue;
         }
-        let deliver: Box<dyn Deliver> = match &sink.kind {
-            SinkKind::Kafka(k) => {
-                Box::new(sinks::kafka::KafkaSink::new(&sink.name, k).map_err(anyhow::Error::msg)?)
-            }
-            SinkKind::ObjectStore(o) => Box::new(
-                sinks::object::ObjectSink::new(&config.relay.id, o).map_err(anyhow::Error::msg)?,
-            ),
-            SinkKind::Discard => Box::new(sinks::discard::DiscardSink),
-            SinkKind::File { path } => Box::new(sinks::file::FileSink {
-                path: path.clone(),
-                buf: Vec::new(),
-            }),
-        };
+        let deliver = sink
+            .kind
+            .spec()
+            .build(&sinks::SinkContext {
+                name: &sink.name,
+                relay: &config.relay.id,
+            })
+            .map_err(anyhow::Error::msg)?;
         let mut deliver = deliver;
         deliver.restore(state.resume.clone());
         let (delivered, delivered_rx) = watch::channel(start);
@@ -154,7 +151,7 @@ pub async fn run(config: RelayConfig) -> anyhow::Result<()> {
             required.push(delivered_rx);
         }
         let run = SinkRun {
-            config: sink.clone(),
+            config: sink.common.clone(),
             deliver,
             reader: writer.spool().reader(start)?,
             state,

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::bail;
 use clap::{Parser, Subcommand};
-use sluice_relay::config::{RelayConfig, SinkKind};
+use sluice_relay::config::RelayConfig;
 use sluice_relay::{reconcile, run};
 
 #[derive(Parser)]
@@ -66,12 +66,7 @@ fn main() -> std::process::ExitCode {
             config.spool.fsync
         );
         for s in &config.sinks {
-            let kind = match &s.kind {
-                SinkKind::Kafka(k) => format!("kafka topic {} at {}", k.topic, k.brokers),
-                SinkKind::ObjectStore(o) => format!("object store {}", o.url),
-                SinkKind::Discard => "discard".into(),
-                SinkKind::File { path } => format!("file {}", path.display()),
-            };
+            let kind = s.kind.spec().describe();
             println!(
                 "  sink {:?}: {kind}{}{}",
                 s.name,
@@ -112,4 +107,3 @@ fn main() -> std::process::ExitCode {
         }
     }
 }
-

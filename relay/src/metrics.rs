@@ -44,6 +44,7 @@ pub struct RelayMetrics {
     pub sink_events: Family<SinkLabel, Counter>,
     pub sink_bytes: Family<SinkLabel, Counter>,
     pub sink_retries: Family<SinkLabel, Counter>,
+    pub sink_permanent_errors: Family<SinkLabel, Counter>,
     pub sink_dropped: Family<SinkReason, Counter>,
     pub sink_lag_bytes: Family<SinkLabel, Gauge>,
     pub sink_latency: Family<SinkLabel, Histogram>,
@@ -79,6 +80,7 @@ impl RelayMetrics {
             sink_events: Default::default(),
             sink_bytes: Default::default(),
             sink_retries: Default::default(),
+            sink_permanent_errors: Default::default(),
             sink_dropped: Default::default(),
             sink_lag_bytes: Default::default(),
             sink_latency: Family::new_with_constructor(latency_histogram),
@@ -171,6 +173,11 @@ impl RelayMetrics {
             "sink_retries",
             "Failed deliveries that will be retried",
             self.sink_retries.clone(),
+        );
+        r.register(
+            "sink_permanent_errors",
+            "Failed deliveries that will fail again until someone acts (credentials, permissions, a missing destination, an undecodable spool record), by sink",
+            self.sink_permanent_errors.clone(),
         );
         r.register(
             "sink_dropped",

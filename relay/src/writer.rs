@@ -6,28 +6,24 @@
 //! So an acknowledgement never precedes durability, and a busy relay pays one fsync per
 //! group rather than per chunk.
 //!
-//! Dedup: for every source the highest seq accepted so far. A chunk's seqs ascend, so a
-//! resent or overlapping chunk loses a prefix. The table (and the received counts) is
-//! snapshotted into the spool at each segment roll, *after* the commit that made the
-//! previous segment durable, and rebuilt at start by replaying the spool from the
-//! snapshot; taking the maximum is idempotent, so replaying a little too much is harmless.
-//! Were the snapshot written before that commit, a crash could leave it ahead of the
-//! data, and a resend of the lost tail would be trimmed as a duplicate: lost.
+//! Dedup ([`crate::dedup`]) decides what of a chunk is new. Its table (and the received
+//! counts) is snapshotted into the spool at each segment roll, *after* the commit that
+//! made the previous segment durable, and rebuilt at start by replaying the spool from
+//! the snapshot. Were the snapshot written before that commit, a crash could leave it
+//! ahead of the data, and a resend of the lost tail would be trimmed as a duplicate: lost.
 //!
 //! Backpressure: while the spool is at its size limit the writer stops taking requests;
 //! the channel fills, connections stop reading their sockets, agents stop sending.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
 use sluice_core::forward::{EventBatch, EventTime};
 use sluice_spool::{Position, Spool, SpoolError};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::envelope::hour_of;
-use crate::ledger::{Counts, Ledger};
+use crate::dedup::Dedup;
+use crate::ledger::Ledger;
 use crate::metrics::RelayMetrics;
 use crate::record;
 
@@ -57,23 +53,9 @@ pub enum WriterMsg {
 const SNAPSHOT: &str = "relay-state";
 const MAX_GROUP: usize = 1024;
 
-#[derive(Default, Serialize, Deserialize)]
-struct State {
-    dedup: HashMap<String, u64>,
-    received: Counts,
-    duplicates: u64,
-}
-
-#[derive(Serialize, Deserialize)]
-#[serde(tag = "version")]
-enum StateFile {
-    #[serde(rename = "1")]
-    V1(State),
-}
-
 pub struct SpoolWriter {
     spool: Spool,
-    state: State,
+    dedup: Dedup,
     pending_snapshot: Option<(Position, Vec<u8>)>,
     /// Where the snapshot on disk is: it keeps the segments after it from collection.
     snapshot_at: Position,
@@ -81,11 +63,6 @@ pub struct SpoolWriter {
     metrics: Arc<RelayMetrics>,
     committed: watch::Sender<Position>,
     sink_cursors: Vec<(String, watch::Receiver<Position>)>,
-    /// Sources whose chunk could not be spooled (disk full, I/O error), with that chunk's
-    /// first seq. Their later chunks, already pipelined behind it, must be refused too
-    /// until the failed one is resent: accepting them would raise the dedup high-water
-    /// mark past the failed chunk, and its resend would then be trimmed as a duplicate.
-    refused: std::collections::HashMap<String, u64>,
     /// Tests: make the next spool append fail, as a full disk would.
     #[cfg(test)]
     fail_next_append: bool,
@@ -99,15 +76,15 @@ impl SpoolWriter {
         ledger: Arc<Mutex<Ledger>>,
         metrics: Arc<RelayMetrics>,
     ) -> Result<(SpoolWriter, watch::Receiver<Position>), SpoolError> {
-        let (mut state, from) = match spool.read_snapshot(SNAPSHOT)? {
-            Some((at, bytes)) => match serde_json::from_slice(&bytes) {
-                Ok(StateFile::V1(s)) => (s, at),
+        let (mut dedup, from) = match spool.read_snapshot(SNAPSHOT)? {
+            Some((at, bytes)) => match Dedup::from_snapshot(&bytes) {
+                Ok(d) => (d, at),
                 Err(e) => {
                     tracing::warn!(error = %e, "relay state snapshot unreadable; rebuilding from the whole spool");
-                    (State::default(), spool.head())
+                    (Dedup::default(), spool.head())
                 }
             },
-            None => (State::default(), spool.head()),
+            None => (Dedup::default(), spool.head()),
         };
         let from = from.max(spool.head());
         let mut reader = spool.reader(from)?;
@@ -127,7 +104,7 @@ impl SpoolWriter {
             }
             match record::decode(&buf) {
                 Ok(chunk) => {
-                    apply(&mut state, &chunk);
+                    dedup.replay(&chunk);
                     replayed += 1;
                 }
                 Err(e) => {
@@ -137,21 +114,20 @@ impl SpoolWriter {
         }
         tracing::info!(
             replayed,
-            sources = state.dedup.len(),
+            sources = dedup.sources(),
             "dedup table rebuilt from spool"
         );
         let tail = spool.tail();
         let (committed, rx) = watch::channel(tail);
         let mut writer = SpoolWriter {
             spool,
-            state,
+            dedup,
             pending_snapshot: None,
             snapshot_at: tail,
             ledger,
             metrics,
             committed,
             sink_cursors: Vec::new(),
-            refused: std::collections::HashMap::new(),
             #[cfg(test)]
             fail_next_append: false,
             buf: Vec::with_capacity(1 << 20),
@@ -178,13 +154,7 @@ impl SpoolWriter {
     }
 
     fn snapshot_bytes(&self) -> Vec<u8> {
-        // Serializing plain maps cannot fail.
-        serde_json::to_vec(&StateFile::V1(State {
-            dedup: self.state.dedup.clone(),
-            received: self.state.received.clone(),
-            duplicates: self.state.duplicates,
-        }))
-        .unwrap_or_default()
+        self.dedup.snapshot()
     }
 
     /// Runs until every sender of `rx` is gone.
@@ -233,23 +203,19 @@ impl SpoolWriter {
     }
 
     fn append(&mut self, batch: &EventBatch) -> Result<Accepted, String> {
-        let first_seq = batch
+        let range = batch
             .options
             .provenance
             .as_ref()
-            .and_then(|p| Some((p.source.as_str(), *p.seqs.first()?)));
-        if let Some((source, first)) = first_seq {
-            if let Some(&failed) = self.refused.get(source) {
-                if first > failed {
-                    return Err(format!("an earlier chunk of source {source} (from seq {failed}) could not be spooled; later chunks are refused until it is resent, to keep the order"));
-                }
-                self.refused.remove(source);
+            .and_then(|p| Some((p.source.as_str(), *p.seqs.first()?, *p.seqs.last()?)));
+        if let Some((source, first, last)) = range {
+            if let Err(e) = self.dedup.admit(source, first, last) {
+                return Err(format!("an earlier chunk of source {source} (from seq {}) could not be spooled; later chunks are refused until it is resent, to keep the order", e.failed));
             }
         }
         let result = self.append_in_order(batch);
-        if let (Err(_), Some((source, first))) = (&result, first_seq) {
-            let failed = self.refused.entry(source.to_string()).or_insert(first);
-            *failed = (*failed).min(first);
+        if let (Err(_), Some((source, first, _))) = (&result, range) {
+            self.dedup.refuse(source, first);
         }
         result
     }
@@ -261,11 +227,7 @@ impl SpoolWriter {
         }
         let (skip, from) = match batch.options.provenance.as_ref() {
             Some(p) if p.seqs.len() == batch.count => {
-                let high = self.state.dedup.get(&p.source).copied();
-                let skip = match high {
-                    Some(h) => p.seqs.partition_point(|&s| s <= h),
-                    None => 0,
-                };
+                let skip = self.dedup.duplicate_prefix(&p.source, &p.seqs);
                 (skip, entry_offset(batch, skip)?)
             }
             Some(p) => {
@@ -278,7 +240,7 @@ impl SpoolWriter {
             None => (0, 0),
         };
         if skip > 0 {
-            self.state.duplicates += skip as u64;
+            self.dedup.count_duplicates(skip as u64);
             self.metrics.events_duplicate.inc_by(skip as u64);
         }
         if skip == batch.count {
@@ -310,16 +272,18 @@ impl SpoolWriter {
         // is missing (then parse the entries again, as recovery does).
         let known: u64 = batch.hours.iter().map(|&(_, n)| n as u64).sum();
         if known == batch.count as u64 {
-            apply_dedup(&mut self.state, &chunk);
+            if let (Some(source), Some(last)) = (chunk.source, chunk.last_seq()) {
+                self.dedup.accept(source, last);
+            }
             let mut skip = skip as u64;
             for &(hour, n) in &batch.hours {
                 let n = n as u64;
                 let taken = n.min(skip);
                 skip -= taken;
-                self.state.received.add(chunk.tag, hour, n - taken);
+                self.dedup.count_received(chunk.tag, hour, n - taken);
             }
         } else {
-            apply(&mut self.state, &chunk);
+            self.dedup.replay(&chunk);
         }
         self.metrics.chunks_received.inc();
         self.metrics.events_received.inc_by(chunk.count as u64);
@@ -414,8 +378,8 @@ impl SpoolWriter {
 
     fn export(&self) {
         let mut ledger = self.ledger.lock().unwrap_or_else(|e| e.into_inner());
-        ledger.received = self.state.received.clone();
-        ledger.duplicates = self.state.duplicates;
+        ledger.received = self.dedup.received().clone();
+        ledger.duplicates = self.dedup.duplicates();
     }
 }
 
@@ -437,39 +401,6 @@ fn entry_offset(batch: &EventBatch, index: usize) -> Result<usize, String> {
         }
     }
     Ok(end)
-}
-
-fn apply_dedup(state: &mut State, chunk: &record::SpooledChunk<'_>) {
-    if let (Some(source), Some(last)) = (chunk.source, chunk.last_seq()) {
-        match state.dedup.get_mut(source) {
-            Some(high) => *high = (*high).max(last),
-            None => {
-                state.dedup.insert(source.to_string(), last);
-            }
-        }
-    }
-}
-
-fn apply(state: &mut State, chunk: &record::SpooledChunk<'_>) {
-    apply_dedup(state, chunk);
-    // Count per event-time hour; chunks rarely span hours, so batch the adds.
-    let mut run: Option<(u64, u64)> = None;
-    for event in chunk.events() {
-        let Ok((entry, _)) = event else { continue };
-        let hour = hour_of(entry.time);
-        match &mut run {
-            Some((h, n)) if *h == hour => *n += 1,
-            _ => {
-                if let Some((h, n)) = run {
-                    state.received.add(chunk.tag, h, n);
-                }
-                run = Some((hour, 1));
-            }
-        }
-    }
-    if let Some((h, n)) = run {
-        state.received.add(chunk.tag, h, n);
-    }
 }
 
 #[cfg(test)]
@@ -537,7 +468,7 @@ mod tests {
         let again = w.append(&batch("s", 0..20)).unwrap();
         assert_eq!((again.accepted, again.duplicates), (0, 20));
         assert_eq!(
-            w.state.received.total(),
+            w.dedup.received().total(),
             25,
             "ledger counts from the hours fallback path"
         );

@@ -1,371 +1,132 @@
-//! Fan-out: every sink reads the spool on its own cursor, in its own task.
+//! The relay's sinks: one folder per sink type, dispatched in one place.
 //!
-//! The driver ([`run_sink`]) gathers spooled chunks, hands them to the sink's
-//! [`Deliver`] implementation, retries with exponential backoff and jitter until the
-//! sink takes them, and only then advances the cursor. A failing sink retries forever
-//! without blocking any other sink; its data stays in the spool (and the spool's size
-//! limit turns into backpressure towards the agents).
+//! Each folder (`kafka/`, `object/`, `file/`, `discard/`) holds everything about its
+//! type: the config struct (its keys, defaults and docs), validation, the one-line
+//! summary `--check-config` prints, building the running [`Deliver`], and reading back
+//! what really landed for `sluice-relay reconcile`. The config struct implements
+//! [`SinkSpec`]; the [`sink_kinds!`] list below is the only place that names every type.
 //!
-//! The cursor and the sink's ledger counts are written together to
-//! `<data_dir>/sinks/<name>.json` (atomically), so after a crash they agree; a chunk
-//! delivered but not yet recorded is delivered again, and must not duplicate: object keys
-//! are deterministic, so object storage overwrites; the Kafka sink saves its partition
-//! offsets with the cursor and, after a crash, reads back what the lost delivery had
-//! already written and skips it (see `kafka.rs`).
+//! Adding a sink type: a new folder with a config struct implementing [`SinkSpec`] and a
+//! [`Deliver`], plus one line in [`sink_kinds!`]. The driver ([`run_sink`]), the ledger,
+//! the docs tables and the report pick it up from there.
+//!
+//! Keys every sink has (`name`, `enabled`, `required`, `start_from`, retries) live once,
+//! in [`SinkCommon`].
+
+mod common;
+mod driver;
+mod spec;
 
 pub mod discard;
 pub mod file;
 pub mod kafka;
 pub mod object;
 
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
-
 use serde::{Deserialize, Serialize};
-use sluice_spool::{Position, SpoolReader};
-use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
 
-use crate::config::SinkConfig;
-use crate::envelope::hour_of;
-use crate::ledger::{Ledger, SinkCounts};
-use crate::metrics::RelayMetrics;
-use crate::record::{self, SpooledChunk};
+pub use common::{SinkCommon, StartFrom};
+pub use driver::{lag_bytes, load_state, run_sink, state_path, SinkProgress, SinkRun, SinkState};
+pub use spec::{
+    Deliver, DeliverError, DeliverFuture, Delivered, Gathered, ReadBackContext, SinkContext,
+    SinkSpec,
+};
 
-/// Spooled chunks gathered for one delivery: raw spool payloads back to back.
-pub struct Gathered {
-    buf: Vec<u8>,
-    bounds: Vec<(usize, usize)>,
-    /// Where this gathering started (part of object keys) and the cursor after it.
-    pub start: Position,
-    pub end: Position,
-    pub events: u64,
-    pub oldest_received: Option<u64>,
-}
-
-impl Gathered {
-    fn new(start: Position) -> Self {
-        Gathered {
-            buf: Vec::new(),
-            bounds: Vec::new(),
-            start,
-            end: start,
-            events: 0,
-            oldest_received: None,
+/// Declares the sink types: the `SinkKind` enum (serde `type` key), the list of type
+/// names, and the one dispatch to each type's [`SinkSpec`].
+macro_rules! sink_kinds {
+    ($( $(#[$doc:meta])* $variant:ident($config:ty) = $type_name:literal, )+) => {
+        /// A sink's type and its type-specific keys (`type = "..."`).
+        #[derive(Clone, Debug, Deserialize, Serialize, schemars::JsonSchema)]
+        #[serde(tag = "type", deny_unknown_fields)]
+        pub enum SinkKind {
+            $( $(#[$doc])* #[serde(rename = $type_name)] $variant($config), )+
         }
-    }
 
-    fn clear(&mut self, start: Position) {
-        self.buf.clear();
-        self.bounds.clear();
-        self.start = start;
-        self.end = start;
-        self.events = 0;
-        self.oldest_received = None;
-    }
+        impl SinkKind {
+            /// Every sink type, as written in `type = "..."`.
+            pub const TYPES: &'static [&'static str] = &[$($type_name),+];
 
-    pub fn bytes(&self) -> usize {
-        self.buf.len()
-    }
+            pub fn type_name(&self) -> &'static str {
+                match self { $(SinkKind::$variant(_) => $type_name,)+ }
+            }
 
-    pub fn is_empty(&self) -> bool {
-        self.bounds.is_empty()
-    }
+            /// The type's own declaration.
+            pub fn spec(&self) -> &dyn SinkSpec {
+                match self { $(SinkKind::$variant(c) => c,)+ }
+            }
 
-    /// The gathered chunks, decoded (borrowing the buffer).
-    pub fn chunks(&self) -> impl Iterator<Item = Result<SpooledChunk<'_>, record::RecordError>> {
-        self.bounds
-            .iter()
-            .map(|&(a, b)| record::decode(&self.buf[a..b]))
-    }
-}
-
-/// What one delivery did.
-#[derive(Default)]
-pub struct Delivered {
-    /// Events the destination took, and events it could never take (skipped, counted).
-    pub counts: SinkCounts,
-    pub bytes: u64,
-}
-
-impl Delivered {
-    pub fn delivered(&mut self, tag: &str, time: sluice_core::forward::EventTime) {
-        self.counts.delivered.add(tag, hour_of(time), 1);
-    }
-    pub fn dropped(&mut self, tag: &str, time: sluice_core::forward::EventTime) {
-        self.counts.dropped.add(tag, hour_of(time), 1);
-    }
-}
-
-/// A destination.
-pub trait Deliver: Send {
-    /// Delivers every event of `batch`, or fails as a whole (and is called again with the
-    /// same batch). An event the destination can never take (e.g. larger than Kafka's
-    /// message limit) is skipped, counted in `dropped` and logged, not retried forever.
-    fn deliver<'a>(
-        &'a mut self,
-        batch: &'a Gathered,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Delivered, String>> + Send + 'a>>;
-
-    /// How much to gather before delivering, and how long the oldest chunk may wait.
-    fn gather_limits(&self) -> (usize, Duration);
-
-    /// State the sink needs after a crash to avoid delivering twice, saved atomically
-    /// with the cursor after every successful delivery.
-    fn recovery_state(&self) -> Option<serde_json::Value> {
-        None
-    }
-
-    /// State to save (with the unchanged cursor) before a delivery starts, so that a crash
-    /// in the middle of it can be recognised; `None` saves nothing.
-    fn intent_state(&self) -> Option<serde_json::Value> {
-        None
-    }
-
-    /// Called once at start with the last state saved by [`Deliver::recovery_state`] or
-    /// [`Deliver::intent_state`].
-    fn restore(&mut self, _state: Option<serde_json::Value>) {}
-}
-
-#[derive(Serialize, Deserialize, Default, Clone)]
-pub struct SinkState {
-    pub cursor: Option<Position>,
-    pub counts: SinkCounts,
-    /// The sink's own recovery data ([`Deliver::recovery_state`]).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub resume: Option<serde_json::Value>,
-}
-
-#[derive(Serialize, Deserialize)]
-#[serde(tag = "version")]
-enum SinkStateFile {
-    #[serde(rename = "1")]
-    V1(SinkState),
-}
-
-pub fn state_path(data_dir: &Path, sink: &str) -> PathBuf {
-    data_dir.join("sinks").join(format!("{sink}.json"))
-}
-
-pub fn load_state(path: &Path) -> Result<SinkState, String> {
-    match std::fs::read(path) {
-        Ok(bytes) => match serde_json::from_slice(&bytes) {
-            Ok(SinkStateFile::V1(s)) => Ok(s),
-            Err(e) => Err(format!("sink state {} is unreadable: {e}", path.display())),
-        },
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(SinkState::default()),
-        Err(e) => Err(format!("cannot read sink state {}: {e}", path.display())),
-    }
-}
-
-fn save_state(path: &Path, state: &SinkState) -> std::io::Result<()> {
-    let bytes = serde_json::to_vec(&SinkStateFile::V1(state.clone()))?;
-    sluice_core::durable::write_atomic(path, &bytes)
-}
-
-/// Positions a sink publishes: `delivered` (for end-to-end acks) and `persisted` (the
-/// cursor on disk, which bounds spool garbage collection).
-pub struct SinkProgress {
-    pub delivered: watch::Sender<Position>,
-    pub persisted: watch::Sender<Position>,
-}
-
-pub struct SinkRun {
-    pub config: SinkConfig,
-    pub deliver: Box<dyn Deliver>,
-    pub reader: SpoolReader,
-    pub state: SinkState,
-    pub state_path: PathBuf,
-    pub committed: watch::Receiver<Position>,
-    /// The spool's segment size, to turn two positions into a byte distance.
-    pub segment_size: u64,
-    pub progress: SinkProgress,
-    pub ledger: Arc<Mutex<Ledger>>,
-    pub metrics: Arc<RelayMetrics>,
-    /// Stop gathering new data.
-    pub stop: CancellationToken,
-    /// Give up on the current delivery (shutdown timeout passed).
-    pub abort: CancellationToken,
-}
-
-/// Reads the spool and delivers until `stop`, then flushes what was gathered.
-pub async fn run_sink(mut s: SinkRun) {
-    let name = s.config.name.clone();
-    let label = s.metrics.sink(&name);
-    let (max_bytes, max_wait) = s.deliver.gather_limits();
-    let mut gathered = Gathered::new(s.reader.position());
-    let mut scratch = Vec::new();
-    let mut first_at: Option<Instant> = None;
-    publish_ledger(&s, &name);
-    loop {
-        // Gather what is committed, up to the limit.
-        let mut read_any = false;
-        while gathered.bytes() < max_bytes {
-            match s.reader.next(&mut scratch) {
-                Ok(Some((_, next))) => {
-                    read_any = true;
-                    let a = gathered.buf.len();
-                    gathered.buf.extend_from_slice(&scratch);
-                    gathered.bounds.push((a, gathered.buf.len()));
-                    gathered.end = next;
-                    if let Ok(chunk) = record::decode(&scratch) {
-                        gathered.events += chunk.count as u64;
-                        gathered.oldest_received.get_or_insert(chunk.received_at);
-                    }
-                    first_at.get_or_insert_with(Instant::now);
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    // A checksum error in the middle of the spool: never skip silently.
-                    tracing::error!(sink = %name, error = %e, "cannot read the spool; sink stalls until the spool is repaired");
-                    s.metrics.sink_retries.get_or_create(&label).inc();
-                    tokio::select! {
-                        _ = s.stop.cancelled() => return,
-                        _ = tokio::time::sleep(Duration::from_secs(5)) => {}
-                    }
-                    break;
-                }
+            /// The JSON schema of each type's keys (for the generated docs tables).
+            pub fn schemas() -> Vec<(&'static str, schemars::Schema)> {
+                vec![$(($type_name, schemars::schema_for!($config)),)+]
             }
         }
-        let lag = lag_bytes(gathered.start, *s.committed.borrow(), s.segment_size);
-        s.metrics
-            .sink_lag_bytes
-            .get_or_create(&label)
-            .set(lag as i64);
-        let stopping = s.stop.is_cancelled();
-        let due = gathered.bytes() >= max_bytes
-            || first_at.is_some_and(|t| t.elapsed() >= max_wait)
-            || (stopping && !gathered.is_empty());
-        if due {
-            if !deliver_with_retry(&mut s, &gathered, &name).await {
-                return; // aborted: the cursor stays where it was; the data stays in the spool
-            }
-            gathered.clear(gathered.end);
-            first_at = None;
-            s.progress.delivered.send_replace(gathered.start);
-            // Persist before gathering again: a gathering must start where the last
-            // recorded one ended, or a crash could re-gather across two deliveries and
-            // write the same events under two object keys.
-            persist(&mut s, gathered.start, &name);
-            continue;
-        }
-        if stopping {
-            persist(&mut s, gathered.start, &name);
-            return;
-        }
-        if read_any {
-            continue;
-        }
-        // Caught up: wait for new data, the gather deadline or shutdown.
-        let wait = match first_at {
-            Some(t) => max_wait.saturating_sub(t.elapsed()),
-            None => Duration::from_millis(500),
-        };
-        tokio::select! {
-            _ = s.stop.cancelled() => {}
-            _ = s.committed.changed() => {}
-            _ = tokio::time::sleep(wait) => {}
-        }
+    };
+}
+
+sink_kinds! {
+    /// Kafka, through librdkafka: one message per event.
+    Kafka(kafka::KafkaSink) = "kafka",
+    /// Object storage (S3, GCS, Azure, a local directory): gzip NDJSON per tag and hour.
+    ObjectStore(object::ObjectSink) = "object_store",
+    /// Appends the JSON envelopes to a local file; for debugging.
+    File(file::FileSink) = "file",
+    /// Counts and forgets; for benchmarks.
+    Discard(discard::DiscardSink) = "discard",
+}
+
+/// One `[[sink]]`: the keys every sink has, then its type's keys.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(try_from = "toml::Table", into = "toml::Table")]
+pub struct SinkConfig {
+    pub common: SinkCommon,
+    pub kind: SinkKind,
+}
+
+impl std::ops::Deref for SinkConfig {
+    type Target = SinkCommon;
+    fn deref(&self) -> &SinkCommon {
+        &self.common
     }
 }
 
-async fn deliver_with_retry(s: &mut SinkRun, gathered: &Gathered, name: &str) -> bool {
-    let label = s.metrics.sink(name);
-    if let Some(intent) = s.deliver.intent_state() {
-        s.state.resume = Some(intent);
-        // Without this record a crash mid-delivery could go unnoticed: retry until saved.
-        while let Err(e) = save_state(&s.state_path, &s.state) {
-            tracing::warn!(sink = %name, error = %e, path = %s.state_path.display(), "cannot save the sink state before delivering; retrying");
-            tokio::select! {
-                _ = s.abort.cancelled() => return false,
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+// serde cannot combine `flatten` with `deny_unknown_fields`, and a typo in a sink key
+// must be an error, so the table is split by hand: common keys, then the type's keys.
+impl TryFrom<toml::Table> for SinkConfig {
+    type Error = String;
+    fn try_from(mut table: toml::Table) -> Result<Self, String> {
+        let mut common = toml::Table::new();
+        for key in SinkCommon::keys() {
+            if let Some(v) = table.remove(&key) {
+                common.insert(key, v);
             }
         }
-    }
-    let mut backoff = s.config.retry_min.get();
-    let started = Instant::now();
-    loop {
-        let attempt = tokio::select! {
-            _ = s.abort.cancelled() => return false,
-            r = s.deliver.deliver(gathered) => r,
-        };
-        match attempt {
-            Ok(done) => {
-                s.metrics
-                    .sink_events
-                    .get_or_create(&label)
-                    .inc_by(done.counts.delivered.total());
-                s.metrics
-                    .sink_bytes
-                    .get_or_create(&label)
-                    .inc_by(done.bytes);
-                for (tag, hour) in done.counts.dropped.keys() {
-                    let n = done.counts.dropped.get(tag, hour);
-                    s.metrics
-                        .sink_dropped
-                        .get_or_create(&crate::metrics::SinkReason {
-                            sink: name.to_string(),
-                            reason: "too_large".into(),
-                        })
-                        .inc_by(n);
-                }
-                if let Some(received) = gathered.oldest_received {
-                    let now = sluice_core::forward::EventTime::now().as_unix_nanos();
-                    let secs = now.saturating_sub(received) as f64 / 1e9;
-                    s.metrics.sink_latency.get_or_create(&label).observe(secs);
-                }
-                s.state.counts.delivered.merge(&done.counts.delivered);
-                s.state.counts.dropped.merge(&done.counts.dropped);
-                s.state.resume = s.deliver.recovery_state();
-                publish_ledger(s, name);
-                if started.elapsed() > Duration::from_secs(5) {
-                    tracing::info!(sink = %name, after = ?started.elapsed(), "sink recovered; delivery succeeded");
-                }
-                return true;
-            }
-            Err(e) => {
-                s.metrics.sink_retries.get_or_create(&label).inc();
-                // Jitter keeps many relays from hammering a recovering broker in step.
-                let jitter = rand::random::<f64>() * 0.5 + 0.75;
-                let wait = backoff.mul_f64(jitter);
-                tracing::warn!(sink = %name, error = %e, retry_in = ?wait, events = gathered.events, "delivery failed; will retry (data stays in the spool)");
-                tokio::select! {
-                    _ = s.abort.cancelled() => return false,
-                    _ = tokio::time::sleep(wait) => {}
-                }
-                backoff = (backoff * 2).min(s.config.retry_max.get());
-            }
+        let name = common
+            .get("name")
+            .and_then(|v| v.as_str())
+            .unwrap_or("?")
+            .to_string();
+        let common: SinkCommon = common
+            .try_into()
+            .map_err(|e: toml::de::Error| format!("sink {name:?}: {}", e.message()))?;
+        if !table.contains_key("type") {
+            return Err(format!(
+                "sink {name:?}: missing key `type` (one of {})",
+                SinkKind::TYPES.join(", ")
+            ));
         }
+        let kind: SinkKind = table
+            .try_into()
+            .map_err(|e: toml::de::Error| format!("sink {name:?}: {}", e.message()))?;
+        Ok(SinkConfig { common, kind })
     }
 }
 
-fn persist(s: &mut SinkRun, cursor: Position, name: &str) {
-    s.state.cursor = Some(cursor);
-    match save_state(&s.state_path, &s.state) {
-        Ok(()) => {
-            s.progress.persisted.send_replace(cursor);
+impl From<SinkConfig> for toml::Table {
+    fn from(s: SinkConfig) -> toml::Table {
+        let mut t = toml::Table::try_from(&s.common).unwrap_or_default();
+        if let Ok(kind) = toml::Table::try_from(&s.kind) {
+            t.extend(kind);
         }
-        Err(e) => {
-            tracing::warn!(sink = %name, error = %e, path = %s.state_path.display(), "cannot save the sink cursor; will retry")
-        }
-    }
-}
-
-fn publish_ledger(s: &SinkRun, name: &str) {
-    let mut ledger = s.ledger.lock().unwrap_or_else(|e| e.into_inner());
-    ledger
-        .sinks
-        .insert(name.to_string(), s.state.counts.clone());
-}
-
-/// Bytes between a sink's cursor and the spool's committed end. Segments are cut at about
-/// `segment_size`, so across segments this is an estimate within one record per segment.
-pub fn lag_bytes(cursor: Position, committed: Position, segment_size: u64) -> u64 {
-    if committed.segment <= cursor.segment {
-        committed.offset.saturating_sub(cursor.offset)
-    } else {
-        let whole = committed.segment - cursor.segment - 1;
-        segment_size.saturating_sub(cursor.offset) + whole * segment_size + committed.offset
+        t
     }
 }

@@ -25,11 +25,11 @@ use rdkafka::message::{Header, Headers, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use sluice_spool::Position;
 
-use super::{Deliver, Delivered, Gathered};
-use crate::config::KafkaSink as KafkaConfig;
+use super::config::KafkaSink;
 use crate::envelope;
+use crate::sinks::spec::{Deliver, DeliverError, DeliverFuture, Delivered, Gathered};
 
-pub struct KafkaSink {
+pub struct KafkaWriter {
     name: String,
     topic: String,
     brokers: String,
@@ -48,8 +48,8 @@ pub struct KafkaSink {
     retry: Option<(Position, Vec<bool>)>,
 }
 
-impl KafkaSink {
-    pub fn new(name: &str, cfg: &KafkaConfig) -> Result<KafkaSink, String> {
+impl KafkaWriter {
+    pub fn new(name: &str, cfg: &KafkaSink) -> Result<KafkaWriter, String> {
         let mut client = ClientConfig::new();
         client
             .set("bootstrap.servers", &cfg.brokers)
@@ -74,7 +74,7 @@ impl KafkaSink {
         let producer: FutureProducer = client
             .create()
             .map_err(|e| format!("sink {name:?}: cannot create the Kafka producer: {e}"))?;
-        Ok(KafkaSink {
+        Ok(KafkaWriter {
             name: name.to_string(),
             topic: cfg.topic.clone(),
             brokers: cfg.brokers.clone(),
@@ -197,6 +197,25 @@ fn restored_offsets(state: Option<serde_json::Value>) -> Option<BTreeMap<i32, i6
         .collect()
 }
 
+/// Errors that will come back on every retry until someone changes the broker's ACLs,
+/// credentials or topics. Everything else (timeouts, a broker that is down, leader
+/// elections) is worth retrying soon.
+fn classify(message: String, code: Option<RDKafkaErrorCode>) -> DeliverError {
+    use RDKafkaErrorCode::*;
+    match code {
+        Some(
+            TopicAuthorizationFailed
+            | ClusterAuthorizationFailed
+            | SaslAuthenticationFailed
+            | Authentication
+            | InvalidConfig
+            | InvalidRequiredAcks
+            | UnsupportedVersion,
+        ) => DeliverError::Permanent(message),
+        _ => DeliverError::Transient(message),
+    }
+}
+
 fn too_large(e: &KafkaError) -> bool {
     matches!(
         e.rdkafka_error_code(),
@@ -208,7 +227,8 @@ fn too_large(e: &KafkaError) -> bool {
 struct Settler<'m> {
     meta: &'m [(&'m str, sluice_core::forward::EventTime)],
     acked: Vec<bool>,
-    first_error: Option<String>,
+    /// The first failure of this attempt, with librdkafka's code when it has one.
+    first_error: Option<(String, Option<RDKafkaErrorCode>)>,
 }
 
 impl Settler<'_> {
@@ -234,28 +254,28 @@ impl Settler<'_> {
                 done.dropped(tag, time);
             }
             Ok(Err((e, _))) => {
-                self.first_error
-                    .get_or_insert_with(|| format!("Kafka did not acknowledge: {e}"));
+                self.first_error.get_or_insert_with(|| {
+                    (
+                        format!("Kafka did not acknowledge: {e}"),
+                        e.rdkafka_error_code(),
+                    )
+                });
             }
             Err(_) => {
                 self.first_error
-                    .get_or_insert_with(|| "the Kafka producer was shut down".into());
+                    .get_or_insert_with(|| ("the Kafka producer was shut down".into(), None));
             }
         }
     }
 }
 
-impl Deliver for KafkaSink {
-    fn deliver<'a>(
-        &'a mut self,
-        batch: &'a Gathered,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Delivered, String>> + Send + 'a>>
-    {
+impl Deliver for KafkaWriter {
+    fn deliver<'a>(&'a mut self, batch: &'a Gathered) -> DeliverFuture<'a> {
         Box::pin(async move {
             if let Some(from) = self.recover_from.take() {
                 if let Err(e) = self.read_back(from.clone()).await {
                     self.recover_from = Some(from);
-                    return Err(e);
+                    return Err(DeliverError::Transient(e));
                 }
             }
             let mut done = Delivered::default();
@@ -273,9 +293,9 @@ impl Deliver for KafkaSink {
             // before settling, so settling is deferred to the end or to a full queue.
             let mut to_send = Vec::new();
             for chunk in batch.chunks() {
-                let chunk = chunk.map_err(|e| e.to_string())?;
+                let chunk = chunk?;
                 for event in chunk.events() {
-                    let (entry, seq) = event.map_err(|e| e.to_string())?;
+                    let (entry, seq) = event?;
                     let index = meta.len();
                     meta.push((chunk.tag, entry.time));
                     if acked.get(index).copied().unwrap_or(false) {
@@ -306,7 +326,7 @@ impl Deliver for KafkaSink {
             for (index, tag, source, seq, entry) in to_send {
                 self.buf.clear();
                 envelope::write(&mut self.buf, entry.time, tag, source, seq, entry.record)
-                    .map_err(|e| e.to_string())?;
+                    .map_err(|e| DeliverError::Permanent(e.to_string()))?;
                 if self.buf.len() > self.max_message {
                     tracing::warn!(sink = %self.name, tag, source = source.unwrap_or("-"), seq = seq.unwrap_or(0), bytes = self.buf.len(), limit = self.max_message, "event larger than max_message: not produced to Kafka (dropped for this sink, counted)");
                     settler.acked[index] = true;
@@ -367,9 +387,12 @@ impl Deliver for KafkaSink {
                             break;
                         }
                         Err((e, _)) => {
-                            settler
-                                .first_error
-                                .get_or_insert_with(|| format!("producing to {}: {e}", self.topic));
+                            settler.first_error.get_or_insert_with(|| {
+                                (
+                                    format!("producing to {}: {e}", self.topic),
+                                    e.rdkafka_error_code(),
+                                )
+                            });
                             break;
                         }
                     }
@@ -383,7 +406,7 @@ impl Deliver for KafkaSink {
                     .settle(future, i, &mut done, &mut self.offsets, &self.name)
                     .await;
             }
-            if let Some(e) = settler.first_error {
+            if let Some((e, code)) = settler.first_error {
                 self.retry = Some((batch.start, settler.acked));
                 // A fatal error (for example ProducerFenced after a long broker outage)
                 // breaks the idempotent producer for good: start a new one.
@@ -392,15 +415,17 @@ impl Deliver for KafkaSink {
                     .client()
                     .fatal_error()
                     .map(|(code, reason)| format!("{code:?}: {reason}"));
-                let fenced = e.contains("ProducerFenced") || e.contains("InvalidProducerEpoch");
+                let fenced = matches!(
+                    code,
+                    Some(RDKafkaErrorCode::ProducerFenced | RDKafkaErrorCode::InvalidProducerEpoch)
+                );
                 if let Some(reason) = fatal.or_else(|| fenced.then(|| e.clone())) {
                     tracing::warn!(sink = %self.name, reason, "the Kafka producer hit a fatal error; creating a new producer");
-                    self.producer = self
-                        .client
-                        .create()
-                        .map_err(|e| format!("recreating the Kafka producer: {e}"))?;
+                    self.producer = self.client.create().map_err(|e| {
+                        DeliverError::Transient(format!("recreating the Kafka producer: {e}"))
+                    })?;
                 }
-                return Err(e);
+                return Err(classify(e, code));
             }
             if skipped > 0 {
                 tracing::info!(sink = %self.name, skipped, "events found already in Kafka after a crash were not sent again");

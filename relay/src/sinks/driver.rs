@@ -1,0 +1,280 @@
+//! The sink driver: every sink reads the spool on its own cursor, in its own task.
+//!
+//! The driver ([`run_sink`]) gathers spooled chunks, hands them to the sink's
+//! [`Deliver`] implementation, retries with exponential backoff and jitter until the
+//! sink takes them, and only then advances the cursor. A failing sink retries forever
+//! without blocking any other sink; its data stays in the spool (and the spool's size
+//! limit turns into backpressure towards the agents).
+//!
+//! The cursor and the sink's ledger counts are written together to
+//! `<data_dir>/sinks/<name>.json` (atomically), so after a crash they agree; a chunk
+//! delivered but not yet recorded is delivered again, and must not duplicate: object keys
+//! are deterministic, so object storage overwrites; the Kafka sink saves its partition
+//! offsets with the cursor and, after a crash, reads back what the lost delivery had
+//! already written and skips it (see `kafka.rs`).
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use sluice_spool::{Position, SpoolReader};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::common::SinkCommon;
+use super::spec::{Deliver, Gathered};
+use crate::ledger::{Counts, Ledger, SinkCounts};
+use crate::metrics::RelayMetrics;
+
+#[derive(Serialize, Deserialize, Default, Clone)]
+pub struct SinkState {
+    pub cursor: Option<Position>,
+    pub counts: SinkCounts,
+    /// The sink's own recovery data ([`Deliver::recovery_state`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resume: Option<serde_json::Value>,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(tag = "version")]
+enum SinkStateFile {
+    #[serde(rename = "1")]
+    V1(SinkState),
+}
+
+pub fn state_path(data_dir: &Path, sink: &str) -> PathBuf {
+    data_dir.join("sinks").join(format!("{sink}.json"))
+}
+
+pub fn load_state(path: &Path) -> Result<SinkState, String> {
+    match std::fs::read(path) {
+        Ok(bytes) => match serde_json::from_slice(&bytes) {
+            Ok(SinkStateFile::V1(s)) => Ok(s),
+            Err(e) => Err(format!("sink state {} is unreadable: {e}", path.display())),
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(SinkState::default()),
+        Err(e) => Err(format!("cannot read sink state {}: {e}", path.display())),
+    }
+}
+
+fn save_state(path: &Path, state: &SinkState) -> std::io::Result<()> {
+    let bytes = serde_json::to_vec(&SinkStateFile::V1(state.clone()))?;
+    sluice_core::durable::write_atomic(path, &bytes)
+}
+
+/// Positions a sink publishes: `delivered` (for end-to-end acks) and `persisted` (the
+/// cursor on disk, which bounds spool garbage collection).
+pub struct SinkProgress {
+    pub delivered: watch::Sender<Position>,
+    pub persisted: watch::Sender<Position>,
+}
+
+pub struct SinkRun {
+    pub config: SinkCommon,
+    pub deliver: Box<dyn Deliver>,
+    pub reader: SpoolReader,
+    pub state: SinkState,
+    pub state_path: PathBuf,
+    pub committed: watch::Receiver<Position>,
+    /// The spool's segment size, to turn two positions into a byte distance.
+    pub segment_size: u64,
+    pub progress: SinkProgress,
+    pub ledger: Arc<Mutex<Ledger>>,
+    pub metrics: Arc<RelayMetrics>,
+    /// Stop gathering new data.
+    pub stop: CancellationToken,
+    /// Give up on the current delivery (shutdown timeout passed).
+    pub abort: CancellationToken,
+}
+
+/// Reads the spool and delivers until `stop`, then flushes what was gathered.
+pub async fn run_sink(mut s: SinkRun) {
+    let name = s.config.name.clone();
+    let label = s.metrics.sink(&name);
+    let (max_bytes, max_wait) = s.deliver.gather_limits();
+    let mut gathered = Gathered::new(s.reader.position());
+    let mut scratch = Vec::new();
+    let mut first_at: Option<Instant> = None;
+    publish_ledger(&s, &name, None);
+    loop {
+        // Gather what is committed, up to the limit.
+        let mut read_any = false;
+        while gathered.bytes() < max_bytes {
+            match s.reader.next(&mut scratch) {
+                Ok(Some((_, next))) => {
+                    read_any = true;
+                    gathered.push(&scratch, next);
+                    first_at.get_or_insert_with(Instant::now);
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    // A checksum error in the middle of the spool: never skip silently.
+                    tracing::error!(sink = %name, error = %e, "cannot read the spool; sink stalls until the spool is repaired");
+                    s.metrics.sink_retries.get_or_create(&label).inc();
+                    tokio::select! {
+                        _ = s.stop.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                    }
+                    break;
+                }
+            }
+        }
+        let lag = lag_bytes(gathered.start, *s.committed.borrow(), s.segment_size);
+        s.metrics
+            .sink_lag_bytes
+            .get_or_create(&label)
+            .set(lag as i64);
+        let stopping = s.stop.is_cancelled();
+        let due = gathered.bytes() >= max_bytes
+            || first_at.is_some_and(|t| t.elapsed() >= max_wait)
+            || (stopping && !gathered.is_empty());
+        if due {
+            if !deliver_with_retry(&mut s, &gathered, &name).await {
+                return; // aborted: the cursor stays where it was; the data stays in the spool
+            }
+            gathered.clear(gathered.end);
+            first_at = None;
+            s.progress.delivered.send_replace(gathered.start);
+            // Persist before gathering again: a gathering must start where the last
+            // recorded one ended, or a crash could re-gather across two deliveries and
+            // write the same events under two object keys.
+            persist(&mut s, gathered.start, &name);
+            continue;
+        }
+        if stopping {
+            persist(&mut s, gathered.start, &name);
+            return;
+        }
+        if read_any {
+            continue;
+        }
+        // Caught up: wait for new data, the gather deadline or shutdown.
+        let wait = match first_at {
+            Some(t) => max_wait.saturating_sub(t.elapsed()),
+            None => Duration::from_millis(500),
+        };
+        tokio::select! {
+            _ = s.stop.cancelled() => {}
+            _ = s.committed.changed() => {}
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+async fn deliver_with_retry(s: &mut SinkRun, gathered: &Gathered, name: &str) -> bool {
+    let label = s.metrics.sink(name);
+    if let Some(intent) = s.deliver.intent_state() {
+        s.state.resume = Some(intent);
+        // Without this record a crash mid-delivery could go unnoticed: retry until saved.
+        while let Err(e) = save_state(&s.state_path, &s.state) {
+            tracing::warn!(sink = %name, error = %e, path = %s.state_path.display(), "cannot save the sink state before delivering; retrying");
+            tokio::select! {
+                _ = s.abort.cancelled() => return false,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    }
+    // The ledger shows this delivery's events as offered and not yet delivered (pending)
+    // while it runs; the state file gets them only with the delivery's success.
+    publish_ledger(s, name, Some(&gathered.offered));
+    let mut backoff = s.config.retry_min.get();
+    let started = Instant::now();
+    loop {
+        let attempt = tokio::select! {
+            _ = s.abort.cancelled() => return false,
+            r = s.deliver.deliver(gathered) => r,
+        };
+        match attempt {
+            Ok(done) => {
+                s.metrics
+                    .sink_events
+                    .get_or_create(&label)
+                    .inc_by(done.counts.delivered.total());
+                s.metrics
+                    .sink_bytes
+                    .get_or_create(&label)
+                    .inc_by(done.bytes);
+                for (tag, hour) in done.counts.dropped.keys() {
+                    let n = done.counts.dropped.get(tag, hour);
+                    s.metrics
+                        .sink_dropped
+                        .get_or_create(&crate::metrics::SinkReason {
+                            sink: name.to_string(),
+                            reason: "too_large".into(),
+                        })
+                        .inc_by(n);
+                }
+                if let Some(received) = gathered.oldest_received {
+                    let now = sluice_core::forward::EventTime::now().as_unix_nanos();
+                    let secs = now.saturating_sub(received) as f64 / 1e9;
+                    s.metrics.sink_latency.get_or_create(&label).observe(secs);
+                }
+                s.state.counts.offered.merge(&gathered.offered);
+                s.state.counts.delivered.merge(&done.counts.delivered);
+                s.state.counts.dropped.merge(&done.counts.dropped);
+                s.state.resume = s.deliver.recovery_state();
+                publish_ledger(s, name, None);
+                if started.elapsed() > Duration::from_secs(5) {
+                    tracing::info!(sink = %name, after = ?started.elapsed(), "sink recovered; delivery succeeded");
+                }
+                return true;
+            }
+            Err(e) => {
+                s.metrics.sink_retries.get_or_create(&label).inc();
+                if e.is_permanent() {
+                    // Retrying soon will not help; retry slowly, in case someone fixes it.
+                    s.metrics.sink_permanent_errors.get_or_create(&label).inc();
+                    backoff = s.config.retry_max.get();
+                }
+                // Jitter keeps many relays from hammering a recovering broker in step.
+                let jitter = rand::random::<f64>() * 0.5 + 0.75;
+                let wait = backoff.mul_f64(jitter);
+                if e.is_permanent() {
+                    tracing::error!(sink = %name, error = %e, retry_in = ?wait, events = gathered.events, "delivery failed and will fail again until the cause is fixed (data stays in the spool)");
+                } else {
+                    tracing::warn!(sink = %name, error = %e, retry_in = ?wait, events = gathered.events, "delivery failed; will retry (data stays in the spool)");
+                }
+                tokio::select! {
+                    _ = s.abort.cancelled() => return false,
+                    _ = tokio::time::sleep(wait) => {}
+                }
+                backoff = (backoff * 2).min(s.config.retry_max.get());
+            }
+        }
+    }
+}
+
+fn persist(s: &mut SinkRun, cursor: Position, name: &str) {
+    s.state.cursor = Some(cursor);
+    match save_state(&s.state_path, &s.state) {
+        Ok(()) => {
+            s.progress.persisted.send_replace(cursor);
+        }
+        Err(e) => {
+            tracing::warn!(sink = %name, error = %e, path = %s.state_path.display(), "cannot save the sink cursor; will retry")
+        }
+    }
+}
+
+/// Publishes the sink's counts to the shared ledger, with `pending` (a delivery under
+/// way) counted as offered.
+fn publish_ledger(s: &SinkRun, name: &str, pending: Option<&Counts>) {
+    let mut counts = s.state.counts.clone();
+    if let Some(pending) = pending {
+        counts.offered.merge(pending);
+    }
+    let mut ledger = s.ledger.lock().unwrap_or_else(|e| e.into_inner());
+    ledger.sinks.insert(name.to_string(), counts);
+}
+
+/// Bytes between a sink's cursor and the spool's committed end. Segments are cut at about
+/// `segment_size`, so across segments this is an estimate within one record per segment.
+pub fn lag_bytes(cursor: Position, committed: Position, segment_size: u64) -> u64 {
+    if committed.segment <= cursor.segment {
+        committed.offset.saturating_sub(cursor.offset)
+    } else {
+        let whole = committed.segment - cursor.segment - 1;
+        segment_size.saturating_sub(cursor.offset) + whole * segment_size + committed.offset
+    }
+}

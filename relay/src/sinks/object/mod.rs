@@ -1,0 +1,135 @@
+//! `type = "object_store"`: S3, GCS, Azure or a local directory, through `object_store`.
+//! gzip NDJSON objects of JSON envelopes, partitioned by tag and *event-time* hour (see
+//! `writer.rs` for the keys and why a repeated upload cannot duplicate).
+
+mod readback;
+mod writer;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use futures::future::BoxFuture;
+use object_store::ObjectStore;
+use serde::{Deserialize, Serialize};
+use sluice_core::units::{ByteSize, Span};
+
+pub use writer::{partition, ObjectWriter};
+
+use crate::readback::Found;
+use crate::sinks::spec::{Deliver, ReadBackContext, SinkContext, SinkSpec};
+
+#[derive(Clone, Debug, Deserialize, Serialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ObjectSink {
+    /// `file:///path`, `s3://bucket`, `gs://bucket`, `az://container`.
+    pub url: String,
+    /// Key prefix inside the bucket.
+    #[serde(default)]
+    pub prefix: String,
+    /// Options for object_store, e.g. endpoint, region, allow_http, access_key_id.
+    /// Credentials are better taken from the environment (AWS_ACCESS_KEY_ID, ...).
+    #[serde(default)]
+    pub options: BTreeMap<String, String>,
+    /// An object is written when this much (uncompressed) is gathered ...
+    #[serde(default = "default_object_size")]
+    pub max_object_size: ByteSize,
+    /// ... or when the oldest gathered event waited this long.
+    #[serde(default = "default_object_age")]
+    pub max_object_age: Span,
+}
+
+fn default_object_size() -> ByteSize {
+    ByteSize::mib(64)
+}
+fn default_object_age() -> Span {
+    Span::secs(10)
+}
+
+impl SinkSpec for ObjectSink {
+    fn validate(&self, name: &str) -> Result<(), String> {
+        url::Url::parse(&self.url).map_err(|e| {
+            format!("sink {name:?}: url {:?} is not a URL ({e}); use file:///dir, s3://bucket, gs://bucket or az://container", self.url)
+        })?;
+        Ok(())
+    }
+
+    fn describe(&self) -> String {
+        format!("object store {}", self.url)
+    }
+
+    fn build(&self, ctx: &SinkContext<'_>) -> Result<Box<dyn Deliver>, String> {
+        let (store, prefix) = self.open()?;
+        Ok(Box::new(ObjectWriter {
+            relay: ctx.relay.to_string(),
+            store,
+            prefix,
+            max_bytes: self.max_object_size.as_usize(),
+            max_age: self.max_object_age.get(),
+        }))
+    }
+
+    fn read_back<'a>(
+        &'a self,
+        ctx: &'a ReadBackContext<'a>,
+    ) -> BoxFuture<'a, Result<Option<Found>, String>> {
+        Box::pin(async move {
+            let (store, prefix) = self.open()?;
+            readback::read(ctx.relay, store.as_ref(), &prefix, &self.url)
+                .await
+                .map(Some)
+        })
+    }
+}
+
+impl ObjectSink {
+    /// The store and the full key prefix (the URL's path, then `prefix`).
+    fn open(&self) -> Result<(Arc<dyn ObjectStore>, String), String> {
+        let (store, url_prefix) = open_store(&self.url, &self.options)?;
+        let prefix = [url_prefix.as_str(), self.prefix.trim_matches('/')]
+            .iter()
+            .filter(|p| !p.is_empty())
+            .copied()
+            .collect::<Vec<_>>()
+            .join("/");
+        Ok((store, prefix))
+    }
+}
+
+/// Opens the store named by `url`. `s3://` also reads the usual `AWS_*` environment
+/// variables; keys in `options` win.
+pub fn open_store(
+    url: &str,
+    options: &BTreeMap<String, String>,
+) -> Result<(Arc<dyn ObjectStore>, String), String> {
+    let parsed = url::Url::parse(url).map_err(|e| format!("url {url:?}: {e}"))?;
+    match parsed.scheme() {
+        "file" => {
+            let dir = parsed
+                .to_file_path()
+                .map_err(|_| format!("url {url:?} is not a usable local path"))?;
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+            let store = object_store::local::LocalFileSystem::new_with_prefix(&dir)
+                .map_err(|e| format!("local store {}: {e}", dir.display()))?;
+            Ok((Arc::new(store), String::new()))
+        }
+        "s3" | "s3a" => {
+            let mut builder = object_store::aws::AmazonS3Builder::from_env().with_url(url);
+            for (k, v) in options {
+                let key: object_store::aws::AmazonS3ConfigKey = k
+                    .parse()
+                    .map_err(|e| format!("option {k:?} is not an S3 option: {e}"))?;
+                builder = builder.with_config(key, v);
+            }
+            let store = builder
+                .build()
+                .map_err(|e| format!("S3 store {url}: {e}"))?;
+            Ok((Arc::new(store), parsed.path().trim_matches('/').to_string()))
+        }
+        _ => {
+            let (store, path) = object_store::parse_url_opts(&parsed, options)
+                .map_err(|e| format!("object store {url}: {e}"))?;
+            Ok((Arc::from(store), path.to_string()))
+        }
+    }
+}

@@ -1,0 +1,215 @@
+//! What a sink is, as the driver and the dispatch see it: the [`SinkSpec`] a sink type's
+//! config implements, the running [`Deliver`], and what they exchange ([`Gathered`],
+//! [`Delivered`], [`DeliverError`]). A leaf: the sink folders and the driver build on it.
+
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use sluice_spool::Position;
+
+use crate::envelope::hour_of;
+use crate::ledger::{Counts, SinkCounts};
+use crate::readback::Found;
+use crate::record::{self, SpooledChunk};
+
+/// What a sink type declares about itself; implemented by each type's config struct.
+pub trait SinkSpec {
+    /// Checks what serde cannot (values that parse but make no sense). `name` is the
+    /// sink's name, for the message.
+    fn validate(&self, name: &str) -> Result<(), String> {
+        let _ = name;
+        Ok(())
+    }
+
+    /// What `--check-config` prints for this sink after its name, e.g. "kafka topic t at b".
+    fn describe(&self) -> String;
+
+    /// The running destination.
+    fn build(&self, ctx: &SinkContext<'_>) -> Result<Box<dyn Deliver>, String>;
+
+    /// What is really in the destination, read back independently of the ledger, for
+    /// `reconcile`; `None` for a sink that keeps nothing (discard).
+    fn read_back<'a>(
+        &'a self,
+        ctx: &'a ReadBackContext<'a>,
+    ) -> BoxFuture<'a, Result<Option<Found>, String>>;
+}
+
+/// What building a sink may need beyond its own config.
+pub struct SinkContext<'a> {
+    /// The sink's name (`[[sink]] name`).
+    pub name: &'a str,
+    /// This relay's id (`relay.id`), part of object keys.
+    pub relay: &'a str,
+}
+
+/// What reading a sink back may need beyond its own config.
+pub struct ReadBackContext<'a> {
+    pub relay: &'a str,
+    /// How long reading Kafka may take before giving up.
+    pub kafka_timeout: Duration,
+}
+
+/// Spooled chunks gathered for one delivery: raw spool payloads back to back.
+pub struct Gathered {
+    buf: Vec<u8>,
+    bounds: Vec<(usize, usize)>,
+    /// Where this gathering started (part of object keys) and the cursor after it.
+    pub start: Position,
+    pub end: Position,
+    pub events: u64,
+    pub oldest_received: Option<u64>,
+    /// What the sink is given, per tag and hour, counted once here by the driver (the
+    /// ledger's "offered"), so that a sink taking everything need not count again.
+    pub offered: Counts,
+}
+
+impl Gathered {
+    pub(crate) fn new(start: Position) -> Self {
+        Gathered {
+            buf: Vec::new(),
+            bounds: Vec::new(),
+            start,
+            end: start,
+            events: 0,
+            oldest_received: None,
+            offered: Counts::default(),
+        }
+    }
+
+    pub(crate) fn clear(&mut self, start: Position) {
+        self.buf.clear();
+        self.bounds.clear();
+        self.start = start;
+        self.end = start;
+        self.events = 0;
+        self.oldest_received = None;
+        self.offered = Counts::default();
+    }
+
+    /// Adds one spool record; `next` is the spool position after it.
+    pub(crate) fn push(&mut self, record: &[u8], next: Position) {
+        let a = self.buf.len();
+        self.buf.extend_from_slice(record);
+        self.bounds.push((a, self.buf.len()));
+        self.end = next;
+        if let Ok(chunk) = record::decode(record) {
+            self.events += chunk.count as u64;
+            self.oldest_received.get_or_insert(chunk.received_at);
+            self.count_offered(&chunk);
+        }
+    }
+
+    /// Counts a spooled chunk's events per tag and event-time hour into `offered`.
+    fn count_offered(&mut self, chunk: &SpooledChunk<'_>) {
+        // Chunks rarely span hours: batch the adds.
+        let mut run: Option<(u64, u64)> = None;
+        for event in chunk.events() {
+            let Ok((entry, _)) = event else { continue };
+            let hour = hour_of(entry.time);
+            match &mut run {
+                Some((h, n)) if *h == hour => *n += 1,
+                _ => {
+                    if let Some((h, n)) = run {
+                        self.offered.add(chunk.tag, h, n);
+                    }
+                    run = Some((hour, 1));
+                }
+            }
+        }
+        if let Some((h, n)) = run {
+            self.offered.add(chunk.tag, h, n);
+        }
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.buf.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.bounds.is_empty()
+    }
+
+    /// The gathered chunks, decoded (borrowing the buffer).
+    pub fn chunks(&self) -> impl Iterator<Item = Result<SpooledChunk<'_>, record::RecordError>> {
+        self.bounds
+            .iter()
+            .map(|&(a, b)| record::decode(&self.buf[a..b]))
+    }
+}
+
+/// What one delivery did.
+#[derive(Default)]
+pub struct Delivered {
+    /// Events the destination took, and events it could never take (skipped, counted).
+    pub counts: SinkCounts,
+    pub bytes: u64,
+}
+
+impl Delivered {
+    pub fn delivered(&mut self, tag: &str, time: sluice_core::forward::EventTime) {
+        self.counts.delivered.add(tag, hour_of(time), 1);
+    }
+    pub fn dropped(&mut self, tag: &str, time: sluice_core::forward::EventTime) {
+        self.counts.dropped.add(tag, hour_of(time), 1);
+    }
+}
+
+/// Why a delivery failed, as far as retrying is concerned. Either way the data stays in
+/// the spool and the delivery is tried again; the kind decides how soon and how loudly.
+#[derive(Debug, thiserror::Error)]
+pub enum DeliverError {
+    /// Worth retrying soon: a timeout, a destination that is down or overloaded.
+    #[error("{0}")]
+    Transient(String),
+    /// Will fail again until someone acts: refused credentials or permissions, a
+    /// destination that does not exist, a spool record that cannot be decoded. Logged at
+    /// error level, counted in `sluice_relay_sink_permanent_errors_total`, retried only
+    /// every `retry_max`.
+    #[error("{0}")]
+    Permanent(String),
+}
+
+impl DeliverError {
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, DeliverError::Permanent(_))
+    }
+}
+
+impl From<crate::record::RecordError> for DeliverError {
+    fn from(e: crate::record::RecordError) -> Self {
+        DeliverError::Permanent(e.to_string())
+    }
+}
+
+/// What [`Deliver::deliver`] returns.
+pub type DeliverFuture<'a> = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<Delivered, DeliverError>> + Send + 'a>,
+>;
+
+/// A destination.
+pub trait Deliver: Send {
+    /// Delivers every event of `batch`, or fails as a whole (and is called again with the
+    /// same batch). An event the destination can never take (e.g. larger than Kafka's
+    /// message limit) is skipped, counted in `dropped` and logged, not retried forever.
+    fn deliver<'a>(&'a mut self, batch: &'a Gathered) -> DeliverFuture<'a>;
+
+    /// How much to gather before delivering, and how long the oldest chunk may wait.
+    fn gather_limits(&self) -> (usize, Duration);
+
+    /// State the sink needs after a crash to avoid delivering twice, saved atomically
+    /// with the cursor after every successful delivery.
+    fn recovery_state(&self) -> Option<serde_json::Value> {
+        None
+    }
+
+    /// State to save (with the unchanged cursor) before a delivery starts, so that a crash
+    /// in the middle of it can be recognised; `None` saves nothing.
+    fn intent_state(&self) -> Option<serde_json::Value> {
+        None
+    }
+
+    /// Called once at start with the last state saved by [`Deliver::recovery_state`] or
+    /// [`Deliver::intent_state`].
+    fn restore(&mut self, _state: Option<serde_json::Value>) {}
+}
