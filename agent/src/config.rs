@@ -7,8 +7,9 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sluice_core::tls::ClientTlsFiles;
 use sluice_core::units::{ByteSize, Span};
-use sluice_parsers::ParserKind;
-use sluice_tail::{LongLines, StartAt};
+
+pub use crate::inputs::tail::{MultilineConfig, TailInput};
+pub use crate::inputs::{InputConfig, InputSpec};
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -45,122 +46,6 @@ fn default_id() -> String {
 
 fn default_shutdown_timeout() -> Span {
     Span::secs(10)
-}
-
-#[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, tag = "type", rename_all = "snake_case")]
-pub enum InputConfig {
-    Tail(TailInput),
-}
-
-#[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct TailInput {
-    /// Unique input name; part of every source id and checkpoint.
-    pub name: String,
-    /// Forward tag of the events.
-    pub tag: String,
-    /// Glob patterns of files to read.
-    pub include: Vec<String>,
-    #[serde(default)]
-    pub exclude: Vec<String>,
-    /// Where to start in files found at the first start: "beginning" or "end".
-    #[serde(default = "default_start_at")]
-    pub start_at: StartAt,
-    /// Longest line; longer lines are split (default) or truncated.
-    #[serde(default = "default_max_line")]
-    pub max_line: ByteSize,
-    #[serde(default = "default_long_lines")]
-    pub long_lines: LongLines,
-    /// A last line without newline is sent after this long.
-    #[serde(default = "default_partial_timeout")]
-    pub partial_line_timeout: Span,
-    /// Bytes that deleted-but-unread files may hold open before the alarm.
-    #[serde(default = "default_max_deleted")]
-    pub max_deleted: ByteSize,
-    /// How each line becomes a record: none (raw `message`), json, regex, nginx, apache,
-    /// syslog_rfc3164, syslog_rfc5424. Lines that do not parse are sent raw with a
-    /// `parse_error` field and counted, never dropped.
-    #[serde(default)]
-    pub parser: ParserKind,
-    /// The pattern of `parser = "regex"`; its named groups become the fields.
-    #[serde(default)]
-    pub regex: Option<String>,
-    /// The record field that holds the event time. Unset: nginx, apache and syslog use
-    /// their `time` field, the other parsers the time the line was read. "" always uses
-    /// the read time.
-    #[serde(default)]
-    pub time_key: Option<String>,
-    /// How `time_key` is written: "auto" (default: a number is epoch seconds, a string
-    /// RFC 3339), "rfc3339", "epoch", "epoch_ms", or a strftime pattern such as
-    /// "%Y-%m-%d %H:%M:%S%.f%z". Times without a zone are UTC.
-    #[serde(default)]
-    pub time_format: Option<String>,
-    /// The zone of times written without one: "UTC" (default), "local" (the host's,
-    /// daylight saving included) or an offset such as "+02:00".
-    #[serde(default)]
-    pub time_zone: Option<String>,
-    /// Join the lines of one event (a stack trace) into one record before parsing.
-    #[serde(default)]
-    pub multiline: Option<MultilineConfig>,
-    /// Read at most this many bytes per second from this input's files (all together).
-    /// Default: no limit.
-    #[serde(default)]
-    pub max_read_rate: Option<ByteSize>,
-}
-
-/// `multiline = { start = "^\\d{4}-", timeout = "1s", max_bytes = "1 MiB" }`
-#[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct MultilineConfig {
-    /// A regex matching the first line of every event; other lines continue the open one.
-    pub start: String,
-    /// The open event is sent when no line came for this long.
-    #[serde(default = "default_multiline_timeout")]
-    pub timeout: Span,
-    /// An event is cut (and the rest starts a new one) at this size.
-    #[serde(default = "default_multiline_max")]
-    pub max_bytes: ByteSize,
-}
-
-fn default_multiline_timeout() -> Span {
-    Span::secs(1)
-}
-fn default_multiline_max() -> ByteSize {
-    ByteSize::mib(1)
-}
-
-impl TailInput {
-    /// The parser of this input, with its event time field.
-    pub fn build_parser(&self) -> Result<sluice_parsers::Parser, sluice_parsers::ParserError> {
-        sluice_parsers::Parser::new(self.parser, self.regex.as_deref())?.with_time(
-            self.time_key.as_deref(),
-            self.time_format.as_deref(),
-            self.time_zone.as_deref(),
-        )
-    }
-}
-
-impl MultilineConfig {
-    pub fn build(&self) -> Result<sluice_parsers::Multiline, sluice_parsers::ParserError> {
-        sluice_parsers::Multiline::new(&self.start, self.timeout.get(), self.max_bytes.as_usize())
-    }
-}
-
-fn default_start_at() -> StartAt {
-    StartAt::Beginning
-}
-fn default_max_line() -> ByteSize {
-    ByteSize::kib(64)
-}
-fn default_long_lines() -> LongLines {
-    LongLines::Split
-}
-fn default_partial_timeout() -> Span {
-    Span::secs(5)
-}
-fn default_max_deleted() -> ByteSize {
-    ByteSize::gib(1)
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -304,45 +189,17 @@ impl AgentConfig {
             return Err("no [[input]] configured: add at least one, e.g. type = \"tail\" with include = [\"/var/log/app/*.log\"]".into());
         }
         let mut names = std::collections::BTreeSet::new();
-        for InputConfig::Tail(t) in &self.inputs {
-            if t.name.is_empty() || t.name.contains(':') {
+        for input in &self.inputs {
+            let name = input.spec().name();
+            if name.is_empty() || name.contains(':') {
                 return Err(format!(
-                    "input name {:?} must be non-empty and contain no ':'",
-                    t.name
+                    "input name {name:?} must be non-empty and contain no ':'"
                 ));
             }
-            if !names.insert(t.name.as_str()) {
-                return Err(format!("two inputs are named {:?}: input names must be unique (they key the checkpoints)", t.name));
+            if !names.insert(name) {
+                return Err(format!("two inputs are named {name:?}: input names must be unique (they key the checkpoints)"));
             }
-            if t.include.is_empty() {
-                return Err(format!(
-                    "input {:?}: include is empty; list the files to read as glob patterns",
-                    t.name
-                ));
-            }
-            for pattern in t.include.iter().chain(&t.exclude) {
-                glob::Pattern::new(pattern).map_err(|e| {
-                    format!(
-                        "input {:?}: {pattern:?} is not a valid glob pattern: {e}",
-                        t.name
-                    )
-                })?;
-            }
-            if t.tag.is_empty() {
-                return Err(format!("input {:?}: tag must not be empty", t.name));
-            }
-            t.build_parser()
-                .map_err(|e| format!("input {:?}: {e}", t.name))?;
-            if let Some(m) = &t.multiline {
-                m.build()
-                    .map_err(|e| format!("input {:?}: multiline.start: {e}", t.name))?;
-            }
-            if t.max_read_rate.is_some_and(|r| r.as_u64() < 1024) {
-                return Err(format!(
-                    "input {:?}: max_read_rate must be at least 1 KiB (per second)",
-                    t.name
-                ));
-            }
+            input.spec().validate()?;
         }
         if self.output.relays.is_empty() {
             return Err("output.relays is empty: list at least one relay as \"host:port\"".into());

@@ -3,20 +3,23 @@
 //! build their configs from [`config`]'s types.
 
 pub mod config;
+pub mod inputs;
 pub mod metrics;
 pub mod output;
 pub mod pipeline;
+pub mod source;
+pub mod transform;
 
 use std::sync::Arc;
 
 use anyhow::Context;
 use sluice_core::shutdown::StopSignals;
-use sluice_tail::{CheckpointStore, TailConfig, Tailer};
+use sluice_tail::CheckpointStore;
 use tokio_util::sync::CancellationToken;
 
-use config::{AgentConfig, InputConfig};
+use config::AgentConfig;
 use metrics::AgentMetrics;
-use pipeline::{Input, Pipeline};
+use pipeline::Pipeline;
 
 /// Runs the agent until SIGTERM or SIGINT, then waits for in-flight acknowledgements.
 pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
@@ -29,54 +32,11 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
 
     let checkpoint_path = config.agent.data_dir.join("checkpoints.json");
     let (store, saved) = CheckpointStore::open(&checkpoint_path)?;
-    let mut inputs = Vec::new();
-    for InputConfig::Tail(t) in &config.inputs {
-        let cfg = TailConfig {
-            include: t.include.clone(),
-            exclude: t.exclude.clone(),
-            start_at: t.start_at,
-            max_line_bytes: t.max_line.as_usize(),
-            long_lines: t.long_lines,
-            partial_line_timeout: t.partial_line_timeout.get(),
-            max_deleted_bytes: t.max_deleted.as_u64(),
-            ..TailConfig::default()
-        };
-        let mine: Vec<_> = saved
-            .iter()
-            .filter(|c| c.input == t.name)
-            .cloned()
-            .collect();
-        let tailer =
-            Tailer::new(&t.name, cfg, &mine).with_context(|| format!("input {:?}", t.name))?;
-        let parser = t
-            .build_parser()
-            .with_context(|| format!("input {:?}", t.name))?;
-        inputs.push(Input {
-            tag: t.tag.clone(),
-            tailer,
-            parser,
-            multiline: t
-                .multiline
-                .as_ref()
-                .map(|m| m.build())
-                .transpose()
-                .with_context(|| format!("input {:?}: multiline", t.name))?,
-            rate: t.max_read_rate.map(|r| pipeline::ReadRate::new(r.as_u64())),
-            parse_errors: metrics
-                .parse_errors
-                .get_or_create(&metrics::InputLabel {
-                    input: t.name.clone(),
-                })
-                .clone(),
-            time_errors: metrics
-                .time_errors
-                .get_or_create(&metrics::InputLabel {
-                    input: t.name.clone(),
-                })
-                .clone(),
-            time_warned: std::cell::Cell::new(None),
-        });
-    }
+    let inputs = config
+        .inputs
+        .iter()
+        .map(|i| i.spec().build(&saved, &metrics))
+        .collect::<anyhow::Result<Vec<_>>>()?;
 
     let tls = if config.output.insecure {
         tracing::warn!("output.insecure = true: sending plain TCP without TLS");

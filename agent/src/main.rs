@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use clap::Parser;
-use sluice_agent::config::{AgentConfig, InputConfig};
+use sluice_agent::config::AgentConfig;
 use sluice_agent::run;
 
 #[derive(Parser)]
@@ -39,21 +39,9 @@ fn main() -> std::process::ExitCode {
             config.agent.id,
             config.agent.data_dir.display()
         );
-        for InputConfig::Tail(t) in &config.inputs {
-            // check() built the parser already: this cannot fail here.
-            let time = match t.build_parser().ok().as_ref().and_then(|p| p.time_field()) {
-                Some(f) => format!(
-                    "field {:?} as {:?}, zone {:?}",
-                    f.key(),
-                    f.format(),
-                    f.zone()
-                ),
-                None => "when read".to_string(),
-            };
-            println!(
-                "  input {:?}: tail {:?} as tag {:?}, start at {:?}, parser {:?}, event time {time}",
-                t.name, t.include, t.tag, t.start_at, t.parser
-            );
+        for input in &config.inputs {
+            let spec = input.spec();
+            println!("  input {:?}: {}", spec.name(), spec.describe());
         }
         println!(
             "  output: relays {:?} ({}), chunks of {} or {}, {} in flight",

@@ -1,6 +1,8 @@
-//! The reading side of the agent, on one blocking thread: tail every input, cut the
-//! lines of each source into chunks by size and age, and apply acknowledgements to the
-//! checkpoints.
+//! The reading side of the agent, on one blocking thread: the pipeline's stages
+//! source → transforms → chunker. Poll every input's [`Source`], pass each line through
+//! the input's [`Transforms`] (multiline, parser, event time; filters slot in there) into
+//! the open chunk of its source, cut chunks by size and age, and apply acknowledgements
+//! to the sources' checkpoints.
 //!
 //! A chunk holds lines of one source only, in file order, and carries the source id and
 //! each line's byte offset as provenance. Because the output sends and the relay
@@ -19,17 +21,15 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use flate2::write::GzEncoder;
 use flate2::Compression;
-use prometheus_client::metrics::counter::Counter;
-use sluice_core::forward::{
-    encode_compressed_packed_forward, set_entry_time, write_entry_header, EventTime, Provenance,
-    ENTRY_HEADER_LEN,
-};
-use sluice_parsers::{Event, Multiline, Outcome, Parser, Pending};
-use sluice_tail::{CheckpointStore, SourceId, Tailer};
+use sluice_core::forward::{encode_compressed_packed_forward, EventTime, Provenance};
+use sluice_parsers::{Event, Pending};
+use sluice_tail::CheckpointStore;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::AgentMetrics;
+use crate::source::{Source, SourceId};
+use crate::transform::{EventWriter, OpenChunk, Transforms};
 
 /// A sealed chunk, encoded once as a whole Forward frame and resent as it is.
 pub struct Chunk {
@@ -49,18 +49,12 @@ pub struct Commit {
     pub end: u64,
 }
 
+/// One configured input: where its lines come from, what they go through, and how fast
+/// it may read.
 pub struct Input {
     pub tag: String,
-    pub tailer: Tailer,
-    pub parser: Parser,
-    /// This input's `sluice_agent_parse_errors_total`.
-    pub parse_errors: Counter,
-    /// This input's `sluice_agent_time_errors_total`.
-    pub time_errors: Counter,
-    /// When a time error was last logged: one line per minute per input, not per line.
-    pub time_warned: std::cell::Cell<Option<Instant>>,
-    /// Joins the lines of one event before parsing, if configured.
-    pub multiline: Option<Multiline>,
+    pub source: Box<dyn Source>,
+    pub transforms: Transforms,
     /// Caps how fast this input's files are read, if configured.
     pub rate: Option<ReadRate>,
 }
@@ -98,86 +92,6 @@ impl ReadRate {
     }
 }
 
-/// Appends events of one input to the open chunks of their sources.
-struct EventWriter<'a> {
-    parser: &'a Parser,
-    parse_errors: &'a Counter,
-    time_errors: &'a Counter,
-    time_warned: &'a std::cell::Cell<Option<Instant>>,
-    chunk_size: usize,
-    time: EventTime,
-    index: usize,
-}
-
-impl EventWriter<'_> {
-    fn add(
-        &self,
-        sources: &mut HashMap<SourceId, OpenChunk>,
-        full: &mut Vec<(usize, SourceId)>,
-        source: &SourceId,
-        offset: u64,
-        end: u64,
-        bytes: &[u8],
-    ) {
-        // One hash per line in the common case (the source has an open chunk).
-        let c = match sources.get_mut(source) {
-            Some(c) => c,
-            None => {
-                // Small at first: with many files most chunks stay small (sealed by age),
-                // and memory must not be files x chunk_size.
-                let room = self.chunk_size.min(64 * 1024);
-                sources.entry(source.clone()).or_insert(OpenChunk {
-                    entries: Vec::with_capacity(room + 4096),
-                    seqs: Vec::with_capacity(room / 64),
-                    end: 0,
-                    opened: Instant::now(),
-                })
-            }
-        };
-        let entry = c.entries.len();
-        write_entry_header(&mut c.entries, self.time);
-        if self.parser.write_record(bytes, &mut c.entries) == Outcome::Failed {
-            self.parse_errors.inc();
-        } else {
-            let record = &c.entries[entry + ENTRY_HEADER_LEN..];
-            match self.parser.record_time(record, self.time.secs) {
-                None => {}
-                Some(Ok(t)) => set_entry_time(
-                    &mut c.entries[entry..],
-                    EventTime {
-                        secs: t.secs,
-                        nanos: t.nanos,
-                    },
-                ),
-                Some(Err(e)) => self.time_error(e, source, offset),
-            }
-        }
-        c.seqs.push(offset);
-        c.end = end;
-        if c.entries.len() >= self.chunk_size {
-            full.push((self.index, source.clone()));
-        }
-    }
-
-    /// Counts a record whose time field was unusable (it keeps the read time) and says
-    /// so in the log at most once a minute per input, naming the first such line.
-    #[cold]
-    fn time_error(&self, e: sluice_parsers::TimeError, source: &SourceId, offset: u64) {
-        self.time_errors.inc();
-        if self
-            .time_warned
-            .get()
-            .is_none_or(|t| t.elapsed() >= Duration::from_secs(60))
-        {
-            self.time_warned.set(Some(Instant::now()));
-            let field = self.parser.time_field();
-            tracing::warn!(%source, offset, field = field.map(|f| f.key()), format = ?field.map(|f| f.format()),
-                error = e.as_str(), total = self.time_errors.get(),
-                "record time unusable; the event keeps the time it was read (sluice_agent_time_errors_total counts them; logged once a minute)");
-        }
-    }
-}
-
 pub struct Pipeline {
     pub agent_id: String,
     pub inputs: Vec<Input>,
@@ -185,13 +99,6 @@ pub struct Pipeline {
     pub chunk_size: usize,
     pub chunk_age: Duration,
     pub metrics: Arc<AgentMetrics>,
-}
-
-struct OpenChunk {
-    entries: Vec<u8>,
-    seqs: Vec<u64>,
-    end: u64,
-    opened: Instant,
 }
 
 const POLL_BYTES: usize = 1 << 20;
@@ -224,7 +131,7 @@ impl Pipeline {
             loop {
                 match commits.try_recv() {
                     Ok(c) => {
-                        self.inputs[c.input].tailer.commit(&c.source, c.end);
+                        self.inputs[c.input].source.commit(&c.source, c.end);
                         dirty = true;
                     }
                     Err(std::sync::mpsc::TryRecvError::Empty) => break,
@@ -244,7 +151,7 @@ impl Pipeline {
                 // Shutting down: only acknowledgements matter now.
                 match commits.recv_timeout(Duration::from_millis(200)) {
                     Ok(c) => {
-                        self.inputs[c.input].tailer.commit(&c.source, c.end);
+                        self.inputs[c.input].source.commit(&c.source, c.end);
                         dirty = true;
                     }
                     Err(RecvTimeoutError::Timeout) => {}
@@ -259,12 +166,11 @@ impl Pipeline {
                 // Open multiline events are finished as they are, like a partial line at
                 // shutdown: their lines were read, they are sent.
                 for (index, input) in self.inputs.iter().enumerate() {
-                    let Some(m) = &input.multiline else { continue };
+                    let Some(m) = &input.transforms.multiline else {
+                        continue;
+                    };
                     let writer = EventWriter {
-                        parser: &input.parser,
-                        parse_errors: &input.parse_errors,
-                        time_errors: &input.time_errors,
-                        time_warned: &input.time_warned,
+                        transforms: &input.transforms,
                         chunk_size: self.chunk_size,
                         time: EventTime::now(),
                         index,
@@ -295,7 +201,7 @@ impl Pipeline {
             }
             if last_discover.is_none_or(|t| t.elapsed() >= DISCOVER_EVERY) {
                 for input in &mut self.inputs {
-                    if let Err(e) = input.tailer.discover() {
+                    if let Err(e) = input.source.discover() {
                         tracing::warn!(error = %e, "file discovery failed");
                     }
                 }
@@ -309,20 +215,17 @@ impl Pipeline {
             for (index, input) in self.inputs.iter_mut().enumerate() {
                 let metrics = &self.metrics;
                 let writer = EventWriter {
-                    parser: &input.parser,
-                    parse_errors: &input.parse_errors,
-                    time_errors: &input.time_errors,
-                    time_warned: &input.time_warned,
+                    transforms: &input.transforms,
                     chunk_size: self.chunk_size,
                     time: now,
                     index,
                 };
                 let sources = &mut open[index];
                 let waiting = &mut pending[index];
-                let multiline = input.multiline.as_ref();
+                let multiline = input.transforms.multiline.as_ref();
                 let budget = input.rate.as_ref().map_or(POLL_BYTES, ReadRate::budget);
                 if budget > 0 {
-                    let polled = input.tailer.poll(budget, &mut |line| {
+                    let polled = input.source.poll(budget, &mut |line| {
                         metrics.lines_read.inc();
                         metrics.bytes_read.inc_by(line.bytes.len() as u64 + 1);
                         let Some(m) = multiline else {
@@ -427,7 +330,7 @@ impl Pipeline {
                         .iter()
                         .zip(&pending)
                         .flat_map(|(input, waiting)| {
-                            let m = input.multiline.as_ref();
+                            let m = input.transforms.multiline.as_ref();
                             waiting
                                 .values()
                                 .filter_map(move |p| m.and_then(|m| m.deadline(p)))
@@ -443,7 +346,7 @@ impl Pipeline {
                     .min(Duration::from_millis(100));
                 match commits.recv_timeout(wait) {
                     Ok(c) => {
-                        self.inputs[c.input].tailer.commit(&c.source, c.end);
+                        self.inputs[c.input].source.commit(&c.source, c.end);
                         dirty = true;
                     }
                     Err(RecvTimeoutError::Timeout) => {}
@@ -489,7 +392,7 @@ impl Pipeline {
         let all: Vec<_> = self
             .inputs
             .iter()
-            .flat_map(|i| i.tailer.checkpoints())
+            .flat_map(|i| i.source.checkpoints())
             .collect();
         match self.store.save(&all) {
             Ok(()) => {
@@ -505,7 +408,7 @@ impl Pipeline {
     fn export_stats(&self) {
         let (mut open, mut held, mut alarm, mut truncated, mut lost) = (0, 0, false, 0, 0);
         for input in &self.inputs {
-            let s = input.tailer.stats();
+            let s = input.source.stats();
             open += s.files_open as i64;
             held += s.deleted_bytes_held as i64;
             alarm |= s.deleted_bytes_alarm;

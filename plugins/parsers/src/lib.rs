@@ -47,7 +47,17 @@ pub use time::{TimeError, TimeField, TimeFormat, TimeZone, Timestamp};
 pub const MAX_NESTING: usize = 32;
 
 /// Which parser an input uses (`parser = "..."` in the agent config).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    serde::Deserialize,
+    serde::Serialize,
+    schemars::JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum ParserKind {
     /// The whole line as `message`.

@@ -126,7 +126,9 @@ impl Default for TailConfig {
 }
 
 /// Where to start reading a file seen for the first time when the [`Tailer`] is created.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum StartAt {
     /// From the first byte.
@@ -136,7 +138,9 @@ pub enum StartAt {
 }
 
 /// What to do with a line longer than [`TailConfig::max_line_bytes`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum LongLines {
     /// Hand the line out in pieces of `max_line_bytes`, each marked `truncated`.
