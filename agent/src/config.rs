@@ -22,11 +22,12 @@ pub struct AgentConfig {
     pub metrics: MetricsSection,
 }
 
-#[derive(Clone, Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AgentSection {
-    /// Name of this agent; part of every source id. Defaults to the host name.
+    /// Name of this agent; part of every source id (no ':').
     #[serde(default = "default_id")]
+    #[schemars(extend("default" = "$HOSTNAME, else /etc/hostname"))]
     pub id: String,
     /// Where the checkpoint file lives.
     pub data_dir: PathBuf,
@@ -48,11 +49,12 @@ fn default_shutdown_timeout() -> Span {
     Span::secs(10)
 }
 
-#[derive(Clone, Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct OutputConfig {
     /// Relays as "host:port"; the agent uses one at a time and fails over in order.
     pub relays: Vec<String>,
+    /// TLS files for talking to relays; without `ca` the public (Mozilla) roots are used.
     #[serde(default)]
     pub tls: ClientTlsFiles,
     /// Plain TCP without TLS (tests, or a Fluentd aggregator without TLS).
@@ -60,11 +62,14 @@ pub struct OutputConfig {
     pub insecure: bool,
     /// Shared key for the HELO/PING/PONG handshake, if the relay requires one.
     #[serde(default)]
+    #[schemars(extend("x-secret" = true))]
     pub shared_key: Option<String>,
-    /// User name and password, for a relay with `server.users` (sent as a salted digest).
+    /// User name, for a relay with `server.users` (with `password`, sent as a salted digest).
     #[serde(default)]
     pub username: Option<String>,
+    /// The password of `username`.
     #[serde(default)]
+    #[schemars(extend("x-secret" = true))]
     pub password: Option<String>,
     /// A chunk is sealed at this many (uncompressed) bytes ...
     #[serde(default = "default_chunk_size")]
@@ -78,10 +83,13 @@ pub struct OutputConfig {
     /// A chunk not acknowledged within this is resent on a new connection.
     #[serde(default = "default_ack_timeout")]
     pub ack_timeout: Span,
+    /// TCP connect, TLS handshake and HELO/PING/PONG must finish within this.
     #[serde(default = "default_connect_timeout")]
     pub connect_timeout: Span,
+    /// The first wait before reconnecting after a failure, doubling up to `retry_max`.
     #[serde(default = "default_retry_min")]
     pub retry_min: Span,
+    /// The longest wait between reconnects.
     #[serde(default = "default_retry_max")]
     pub retry_max: Span,
     /// While there is nothing to send, a Forward heartbeat (`nil`) goes to the relay this
@@ -117,9 +125,10 @@ fn default_retry_max() -> Span {
     Span::secs(10)
 }
 
-#[derive(Clone, Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MetricsSection {
+    /// Prometheus `/metrics`, `/health`, `/ready`.
     #[serde(default = "default_metrics_listen")]
     pub listen: Option<SocketAddr>,
 }
@@ -150,6 +159,51 @@ pub enum ConfigError {
 }
 
 impl AgentConfig {
+    /// The sections of the file, as (title, schema), in the order of docs/agent.md. The
+    /// tables there and the `--check-config` settings are generated from these.
+    pub fn doc_sections() -> Vec<(String, schemars::Schema)> {
+        let mut sections = vec![("[agent]".to_string(), schemars::schema_for!(AgentSection))];
+        for (type_name, schema) in InputConfig::schemas() {
+            sections.push((format!("[[input]] type = \"{type_name}\""), schema));
+        }
+        sections.push(("[output]".to_string(), schemars::schema_for!(OutputConfig)));
+        sections.push((
+            "[metrics]".to_string(),
+            schemars::schema_for!(MetricsSection),
+        ));
+        sections
+    }
+
+    /// `section.key = value` for every key, as loaded (defaults filled in), secrets
+    /// redacted: what `--check-config` prints.
+    pub fn settings(&self) -> Vec<String> {
+        use sluice_core::configdoc::{json, settings};
+        let sections = Self::doc_sections();
+        let schema = |title: &str| {
+            sections
+                .iter()
+                .find(|(t, _)| t == title)
+                .map(|(_, s)| s.clone())
+                .unwrap_or_default()
+        };
+        let mut out = settings("agent", &schema("[agent]"), &json(&self.agent));
+        for input in &self.inputs {
+            // The input's table holds its `type` and its own keys.
+            let value = json(input);
+            let type_name = value.get("type").and_then(|t| t.as_str()).unwrap_or("");
+            let title = format!("[[input]] type = \"{type_name}\"");
+            let path = format!("input.{}", input.spec().name());
+            out.extend(settings(&path, &schema(&title), &value));
+        }
+        out.extend(settings("output", &schema("[output]"), &json(&self.output)));
+        out.extend(settings(
+            "metrics",
+            &schema("[metrics]"),
+            &json(&self.metrics),
+        ));
+        out
+    }
+
     pub fn load(path: &Path) -> Result<AgentConfig, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
@@ -232,4 +286,42 @@ pub fn split_host_port(addr: &str) -> Result<(String, u16), String> {
             .to_string(),
         port,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// docs/agent.md's config reference is generated from the structs above.
+    #[test]
+    fn config_docs_match_docs_agent_md() {
+        let doc = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/agent.md");
+        let tables = sluice_core::configdoc::markdown(&AgentConfig::doc_sections());
+        sluice_core::configdoc::check_docs(&doc, "agent config", &tables).unwrap();
+    }
+
+    #[test]
+    fn settings_redact_secrets() {
+        let text = r#"
+            [agent]
+            id = "a1"
+            data_dir = "/tmp/x"
+            [[input]]
+            type = "tail"
+            name = "app"
+            tag = "app"
+            include = ["/var/log/app.log"]
+            [output]
+            relays = ["127.0.0.1:24224"]
+            shared_key = "hunter2"
+            username = "alice"
+            password = "pw1"
+        "#;
+        let config = AgentConfig::parse(Path::new("t.toml"), text).unwrap();
+        let all = config.settings().join("\n");
+        assert!(!all.contains("hunter2") && !all.contains("pw1"), "{all}");
+        assert!(all.contains("output.username = \"alice\""), "{all}");
+        assert!(all.contains("input.app.max_line = \"64 KiB\""), "{all}");
+        assert!(all.contains("output.chunk_size = \"1 MiB\""), "{all}");
+    }
 }

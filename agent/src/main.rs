@@ -55,6 +55,10 @@ fn main() -> std::process::ExitCode {
             config.output.chunk_age,
             config.output.in_flight
         );
+        println!("  settings (defaults filled in, secrets redacted):");
+        for line in config.settings() {
+            println!("    {line}");
+        }
         return std::process::ExitCode::SUCCESS;
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()

@@ -8,6 +8,7 @@
 //! - [`durable`]: atomic, crash-safe replacement of small state files.
 //! - [`units`]: byte sizes and durations as users write them in configs.
 
+pub mod configdoc;
 pub mod durable;
 pub mod forward;
 pub mod logging;

@@ -71,6 +71,7 @@ pub struct ClientTlsFiles {
     /// Client certificate and key, for relays that require mutual TLS.
     #[serde(default)]
     pub cert: Option<PathBuf>,
+    /// The private key (PEM) of `cert`.
     #[serde(default)]
     pub key: Option<PathBuf>,
     /// Name to verify the relay's certificate against, when it differs from the host in

@@ -27,7 +27,7 @@ pub struct RelayConfig {
     pub sinks: Vec<SinkConfig>,
 }
 
-#[derive(Clone, Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RelaySection {
     /// Name of this relay node; part of every object key, so two relays never overwrite
@@ -45,7 +45,9 @@ fn default_shutdown_timeout() -> Span {
 }
 
 /// When the relay acknowledges a chunk to its sender.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum AckMode {
     /// After the chunk is durable in the spool (fsync, per the spool's policy).
@@ -55,7 +57,7 @@ pub enum AckMode {
     EndToEnd,
 }
 
-#[derive(Clone, Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ServerSection {
     /// Address for the Forward protocol listener, e.g. "0.0.0.0:24224".
@@ -68,20 +70,24 @@ pub struct ServerSection {
     pub insecure: bool,
     /// Shared key for the HELO/PING/PONG handshake; when set, clients must authenticate.
     #[serde(default)]
+    #[schemars(extend("x-secret" = true))]
     pub shared_key: Option<String>,
     /// Per-client shared keys, by the hostname a client sends in PING. A client named
     /// here must use its own key; others use `shared_key` (or are refused without one).
     #[serde(default)]
+    #[schemars(extend("x-secret" = true))]
     pub client_keys: std::collections::BTreeMap<String, String>,
     /// Optional user authentication inside the handshake: username -> password. Clients
     /// then send a username and a salted password digest in PING as well.
     #[serde(default)]
+    #[schemars(extend("x-secret" = true))]
     pub users: std::collections::BTreeMap<String, String>,
     /// Per-client (by IP address) ingest limit, enforced by not reading the socket.
     #[serde(default)]
     pub rate_limit: Option<RateLimit>,
     /// Host name the relay announces in PONG.
     #[serde(default = "default_hostname")]
+    #[schemars(extend("default" = "$HOSTNAME, else sluice-relay"))]
     pub hostname: String,
     #[serde(default)]
     pub ack: AckMode,
@@ -91,6 +97,8 @@ pub struct ServerSection {
     /// Largest decompressed chunk.
     #[serde(default = "default_max_decompressed")]
     pub max_decompressed: ByteSize,
+    /// Connections beyond this are closed at once and counted
+    /// (`connections_rejected{reason="too_many_connections"}`).
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
     /// A connection that sends nothing for this long is closed.
@@ -104,9 +112,10 @@ pub struct ServerSection {
 /// Bytes a client (one IP address, all its connections together) may send per second.
 /// Beyond it the relay stops reading that client's sockets for a while: TCP pushes back,
 /// nothing is dropped, and other clients are not affected.
-#[derive(Clone, Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RateLimit {
+    /// Sustained rate, per client IP address, all its connections together.
     pub bytes_per_sec: ByteSize,
     /// How much may arrive at once before the rate applies; defaults to one second's worth.
     #[serde(default)]
@@ -139,7 +148,9 @@ fn default_handshake_timeout() -> Span {
     Span::secs(10)
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum FsyncMode {
     /// fsync every group commit before acknowledging (default; nothing acknowledged is lost).
@@ -151,12 +162,14 @@ pub enum FsyncMode {
     Never,
 }
 
-#[derive(Clone, Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SpoolSection {
-    /// Defaults to `<data_dir>/spool`.
+    /// Where the spool segments live. Default: `<data_dir>/spool`.
     #[serde(default)]
     pub dir: Option<PathBuf>,
+    /// The spool is written in segments of about this size; a segment is deleted whole
+    /// once every sink is past it.
     #[serde(default = "default_segment")]
     pub segment_size: ByteSize,
     /// When the spool holds this much, the relay stops acknowledging and reading.
@@ -164,6 +177,7 @@ pub struct SpoolSection {
     pub max_size: ByteSize,
     #[serde(default)]
     pub fsync: FsyncMode,
+    /// With `fsync = "interval"`: the longest time between two fsyncs.
     #[serde(default = "default_fsync_interval")]
     pub fsync_interval: Span,
 }
@@ -190,7 +204,7 @@ fn default_fsync_interval() -> Span {
     Span::secs(1)
 }
 
-#[derive(Clone, Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MetricsSection {
     /// Prometheus `/metrics`, `/health`, `/ready`. Empty string disables it.
@@ -224,6 +238,65 @@ pub enum ConfigError {
 }
 
 impl RelayConfig {
+    /// The sections of the file, as (title, schema), in the order of docs/relay.md. The
+    /// tables there and the `--check-config` settings are generated from these.
+    pub fn doc_sections() -> Vec<(String, schemars::Schema)> {
+        let mut sections = vec![
+            ("[relay]".to_string(), schemars::schema_for!(RelaySection)),
+            ("[server]".to_string(), schemars::schema_for!(ServerSection)),
+            ("[spool]".to_string(), schemars::schema_for!(SpoolSection)),
+            (
+                "[metrics]".to_string(),
+                schemars::schema_for!(MetricsSection),
+            ),
+            (
+                format!(
+                    "[[sink]] (every type; `type` is one of {})",
+                    SinkKind::TYPES.join(", ")
+                ),
+                schemars::schema_for!(SinkCommon),
+            ),
+        ];
+        for (type_name, schema) in SinkKind::schemas() {
+            sections.push((format!("[[sink]] type = \"{type_name}\""), schema));
+        }
+        sections
+    }
+
+    /// `section.key = value` for every key, as loaded (defaults filled in), secrets
+    /// redacted: what `--check-config` prints.
+    pub fn settings(&self) -> Vec<String> {
+        use sluice_core::configdoc::json as value;
+        let mut out = Vec::new();
+        let sections = Self::doc_sections();
+        let fixed: [(&str, serde_json::Value); 4] = [
+            ("relay", value(&self.relay)),
+            ("server", value(&self.server)),
+            ("spool", value(&self.spool)),
+            ("metrics", value(&self.metrics)),
+        ];
+        for ((path, v), (_, schema)) in fixed.iter().zip(&sections) {
+            out.extend(sluice_core::configdoc::settings(path, schema, v));
+        }
+        let common = &sections[4].1;
+        for sink in &self.sinks {
+            let path = format!("sink.{}", sink.name);
+            out.extend(sluice_core::configdoc::settings(
+                &path,
+                common,
+                &value(&sink.common),
+            ));
+            let kind = value(&sink.kind);
+            if let Some((_, schema)) = SinkKind::schemas()
+                .into_iter()
+                .find(|(t, _)| *t == sink.kind.type_name())
+            {
+                out.extend(sluice_core::configdoc::settings(&path, &schema, &kind));
+            }
+        }
+        out
+    }
+
     pub fn load(path: &Path) -> Result<RelayConfig, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
@@ -338,5 +411,44 @@ impl RelayConfig {
             .dir
             .clone()
             .unwrap_or_else(|| self.relay.data_dir.join("spool"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// docs/relay.md's config reference is generated from the structs above.
+    #[test]
+    fn config_docs_match_docs_relay_md() {
+        let doc = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/relay.md");
+        let tables = sluice_core::configdoc::markdown(&RelayConfig::doc_sections());
+        sluice_core::configdoc::check_docs(&doc, "relay config", &tables).unwrap();
+    }
+
+    #[test]
+    fn settings_redact_secrets() {
+        let text = r#"
+            [relay]
+            id = "r1"
+            data_dir = "/tmp/x"
+            [server]
+            listen = "127.0.0.1:24224"
+            insecure = true
+            shared_key = "hunter2"
+            users = { alice = "pw1" }
+            [[sink]]
+            name = "d"
+            type = "discard"
+        "#;
+        let config = RelayConfig::parse(Path::new("t.toml"), text).unwrap();
+        let all = config.settings().join("\n");
+        assert!(!all.contains("hunter2") && !all.contains("pw1"), "{all}");
+        assert!(
+            all.contains("server.users = {\"alice\":\"<redacted>\"}"),
+            "{all}"
+        );
+        assert!(all.contains("server.max_frame = \"16 MiB\""), "{all}");
+        assert!(all.contains("sink.d.retry_max = \"30s\""), "{all}");
     }
 }

@@ -74,6 +74,10 @@ fn main() -> std::process::ExitCode {
                 if s.required { "" } else { " (not required)" }
             );
         }
+        println!("  settings (defaults filled in, secrets redacted):");
+        for line in config.settings() {
+            println!("    {line}");
+        }
         return std::process::ExitCode::SUCCESS;
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()

@@ -24,6 +24,7 @@ pub struct TailInput {
     pub tag: String,
     /// Glob patterns of files to read.
     pub include: Vec<String>,
+    /// Glob patterns of paths to leave alone even if `include` matches them.
     #[serde(default)]
     pub exclude: Vec<String>,
     /// Where to start in files found at the first start: "beginning" or "end".
@@ -32,6 +33,7 @@ pub struct TailInput {
     /// Longest line; longer lines are split (default) or truncated.
     #[serde(default = "default_max_line")]
     pub max_line: ByteSize,
+    /// What to do with a line longer than `max_line`.
     #[serde(default = "default_long_lines")]
     pub long_lines: LongLines,
     /// A last line without newline is sent after this long.

@@ -10,6 +10,7 @@ use sluice_core::units::{ByteSize, Span};
 pub struct KafkaSink {
     /// Bootstrap servers, "host:port,host:port".
     pub brokers: String,
+    /// The topic every event goes to (create it first; the sink does not).
     pub topic: String,
     /// librdkafka compression codec: none, gzip, snappy, lz4, zstd.
     #[serde(default = "default_compression")]
