@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use futures::StreamExt;
 use rustls::pki_types::ServerName;
-use sluice_core::forward::{
+use sluice_forward::{
     password_digest, shared_key_digest, ClientCodec, ClientFrame, Limits, Ping, ServerFrame,
 };
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use futures::StreamExt;
-use sluice_core::forward::{
+use sluice_forward::{
     encode_ack, shared_key_digest, ClientFrame, DecodeError, Helo, Limits, Pong, ServerCodec,
     ServerFrame,
 };

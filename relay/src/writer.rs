@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use sluice_core::forward::{EventBatch, EventTime};
+use sluice_forward::{EventBatch, EventTime};
 use sluice_spool::{Position, Spool, SpoolError};
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -475,7 +475,7 @@ fn apply(state: &mut State, chunk: &record::SpooledChunk<'_>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use sluice_core::forward::{write_entry, Options, Provenance};
+    use sluice_forward::{write_entry, Options, Provenance};
     use sluice_spool::{FsyncPolicy, SpoolConfig};
 
     fn batch(source: &str, seqs: std::ops::Range<u64>) -> EventBatch {

@@ -7,7 +7,7 @@
 //! behaviour and the parsers themselves stay unchanged.
 
 use chrono::format::{Item as FormatItem, Parsed, StrftimeItems};
-use sluice_core::forward::{record_value, FieldValue};
+use sluice_forward::{record_value, FieldValue};
 
 use crate::ParserError;
 

@@ -206,7 +206,7 @@ fn too_large(e: &KafkaError) -> bool {
 
 /// The outcome of the messages of one attempt, settled one by one.
 struct Settler<'m> {
-    meta: &'m [(&'m str, sluice_core::forward::EventTime)],
+    meta: &'m [(&'m str, sluice_forward::EventTime)],
     acked: Vec<bool>,
     first_error: Option<String>,
 }

@@ -15,10 +15,9 @@ use std::io::Write;
 use std::sync::Arc;
 use std::time::Duration;
 
-use flate2::write::GzEncoder;
-use flate2::Compression;
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use sluice_forward::GzipWriter;
 
 use super::{Deliver, Delivered, Gathered};
 use crate::config::ObjectSink as ObjectConfig;
@@ -118,7 +117,7 @@ impl Deliver for ObjectSink {
     {
         Box::pin(async move {
             let mut done = Delivered::default();
-            let mut groups: BTreeMap<(&str, u64), GzEncoder<Vec<u8>>> = BTreeMap::new();
+            let mut groups: BTreeMap<(&str, u64), GzipWriter> = BTreeMap::new();
             let mut line = Vec::with_capacity(4096);
             for chunk in batch.chunks() {
                 let chunk = chunk.map_err(|e| e.to_string())?;
@@ -137,9 +136,7 @@ impl Deliver for ObjectSink {
                     line.push(b'\n');
                     let gz = groups
                         .entry((chunk.tag, hour_of(entry.time)))
-                        .or_insert_with(|| {
-                            GzEncoder::new(Vec::with_capacity(1 << 16), Compression::fast())
-                        });
+                        .or_insert_with(|| GzipWriter::with_capacity(1 << 16));
                     gz.write_all(&line).map_err(|e| e.to_string())?;
                     done.delivered(chunk.tag, entry.time);
                 }

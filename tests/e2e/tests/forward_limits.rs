@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use forward_common::*;
-use sluice_core::forward::{
+use sluice_forward::{
     write_entry, ClientCodec, ClientFrame, EventBatch, EventTime, Options, ServerFrame,
 };
 use sluice_core::tls::load_certs;

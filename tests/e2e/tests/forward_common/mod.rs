@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use rustls::pki_types::ServerName;
-use sluice_core::forward::{
+use sluice_forward::{
     encode_compressed_packed_forward, gzip_entries, shared_key_digest, write_entry, ClientCodec,
     ClientFrame, EventTime, Limits, Ping, ServerFrame,
 };
