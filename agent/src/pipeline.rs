@@ -10,7 +10,6 @@
 //! last acknowledged line (at-least-once; the relay trims the resent duplicates).
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::num::NonZeroU32;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
