@@ -45,7 +45,7 @@
 //! assert_eq!(done.server_hostname(), "relay-1");
 //! ```
 
-use crate::handshake::{shared_key_digest, Helo, Ping, Pong};
+use crate::handshake::{Helo, Ping, Pong};
 
 /// The PONG reason when the shared key is wrong (or the client unknown).
 const KEY_REFUSED: &str = "shared key mismatch";
@@ -242,35 +242,31 @@ impl ServerHandshake {
             (false, SharedKey::Default(_)) => Some(Refusal::KeyMismatch),
             (false, SharedKey::Unknown) => Some(Refusal::UnknownClient),
         };
-        match (refusal, key) {
-            (None, Some(key)) => Verdict::Accepted {
-                pong: Pong {
-                    auth_ok: true,
-                    reason: String::new(),
-                    server_hostname: self.hostname.clone(),
-                    shared_key_hexdigest: shared_key_digest(
-                        &ping.shared_key_salt,
-                        &self.hostname,
-                        &self.helo.nonce,
-                        key,
-                    ),
-                },
+        let result = match &refusal {
+            None => Ok(()),
+            Some(_) if key_ok => Err(USER_REFUSED.to_string()),
+            Some(_) => Err(KEY_REFUSED.to_string()),
+        };
+        // On a refusal Pong::new leaves the digest empty: see the module docs.
+        let pong = Pong::new(
+            &ping,
+            &self.helo.nonce,
+            &self.hostname,
+            key.unwrap_or_default(),
+            result,
+        );
+        match refusal {
+            None => Verdict::Accepted {
+                pong,
                 client: AuthenticatedClient {
                     hostname: ping.client_hostname,
                     username: ping.username,
                 },
             },
-            (refusal, _) => Verdict::Refused {
-                pong: Pong {
-                    auth_ok: false,
-                    reason: if key_ok { USER_REFUSED } else { KEY_REFUSED }.to_string(),
-                    server_hostname: self.hostname,
-                    // Empty on purpose: see the module docs.
-                    shared_key_hexdigest: String::new(),
-                },
+            Some(refusal) => Verdict::Refused {
+                pong,
                 client_hostname: ping.client_hostname,
-                // `key` is None only when the client is unknown, which is a refusal.
-                refusal: refusal.unwrap_or(Refusal::UnknownClient),
+                refusal,
             },
         }
     }
@@ -322,7 +318,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
-    use crate::handshake::ct_eq;
+    use crate::handshake::{ct_eq, shared_key_digest};
 
     #[derive(Default)]
     struct Keys {

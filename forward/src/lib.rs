@@ -10,12 +10,16 @@
 //!
 //! # Modules, bottom up
 //!
-//! `error`, `limits` → `msgpack` (untrusted-input reader and writers), `reject`
-//! (reasons a server closes a connection), `gzip` (with the decompression cap) →
-//! `options` (the chunk option map, provenance) → `batch` (entries), `handshake`
-//! (HELO/PING/PONG messages, digests), `json` → `auth` (the handshake state machines),
-//! `frame` (framing and codecs). No module imports one above it;
-//! `scripts/check-module-cycles` checks that.
+//! Each module imports only modules on a line above its own (`scripts/check-module-cycles`
+//! checks that no two modules import each other, directly or through a chain):
+//!
+//! 1. `error` (what can go wrong), `limits` (how much a peer may send)
+//! 2. `msgpack` (the untrusted-input reader, typed readers, writers), `gzip` (compress,
+//!    and inflate under the decompression cap), `reject` (why a server closes a connection)
+//! 3. `options` (the chunk option map: `size`, `chunk`, `compressed`, provenance)
+//! 4. `batch` (entries and their times), `handshake` (HELO/PING/PONG messages, digests,
+//!    `ct_eq`), `json` (records as JSON)
+//! 5. `auth` (the handshake state machines), `frame` (framing, the four modes, codecs)
 //!
 //! # Wire format
 //!
