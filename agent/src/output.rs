@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use futures::StreamExt;
 use rustls::pki_types::ServerName;
-use sluice_core::forward::{
-    password_digest, shared_key_digest, ClientCodec, ClientFrame, Limits, Ping, ServerFrame,
+use sluice_forward::{
+    ClientCodec, ClientFrame, ClientHandshake, ClientHandshakeError, Limits, ServerFrame,
 };
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -45,12 +45,55 @@ enum End {
     /// Nothing left to send and the input is closed.
     Done,
     Failed {
-        reason: &'static str,
+        reason: Failure,
         message: String,
     },
 }
 
-fn failed(reason: &'static str, message: impl Into<String>) -> End {
+/// What went wrong with a relay: the `relay_errors{reason}` label, and what decides
+/// whether the agent stays on that relay or fails over.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Failure {
+    /// No TCP connection.
+    Connect,
+    /// The TLS handshake failed or timed out.
+    Tls,
+    /// The HELO/PING/PONG handshake failed.
+    Auth,
+    /// A chunk was not acknowledged in time.
+    AckTimeout,
+    /// Writing to the connection failed.
+    Io,
+    /// The relay sent something it should not have.
+    Protocol,
+    /// The relay closed the connection.
+    Closed,
+}
+
+impl Failure {
+    fn as_label(self) -> &'static str {
+        match self {
+            Failure::Connect => "connect",
+            Failure::Tls => "tls",
+            Failure::Auth => "auth",
+            Failure::AckTimeout => "ack_timeout",
+            Failure::Io => "io",
+            Failure::Protocol => "protocol",
+            Failure::Closed => "closed",
+        }
+    }
+
+    /// A relay that cannot be reached, refuses us, or does not answer is left at once;
+    /// a connection that merely broke is worth retrying on the same relay.
+    fn relay_unusable(self) -> bool {
+        match self {
+            Failure::Connect | Failure::Tls | Failure::Auth | Failure::AckTimeout => true,
+            Failure::Io | Failure::Protocol | Failure::Closed => false,
+        }
+    }
+}
+
+fn failed(reason: Failure, message: impl Into<String>) -> End {
     End::Failed {
         reason,
         message: message.into(),
@@ -95,8 +138,8 @@ impl Output {
             match end {
                 End::Done => return,
                 End::Failed { reason, message } => {
-                    self.metrics.relay_error(reason);
-                    tracing::warn!(relay = %relay, reason, unacknowledged = window.len(), "{message}");
+                    self.metrics.relay_error(reason.as_label());
+                    tracing::warn!(relay = %relay, reason = reason.as_label(), unacknowledged = window.len(), "{message}");
                     if started.elapsed() > Duration::from_secs(10) {
                         backoff = self.config.retry_min.get();
                     }
@@ -105,7 +148,7 @@ impl Output {
                     // source's chunks keep going where its dedup state is; only a second
                     // failure in a row without any ack moves on.
                     let progress = self.metrics.chunks_acked.get() > acked_before;
-                    let unreachable = matches!(reason, "connect" | "tls" | "auth" | "ack_timeout");
+                    let unreachable = reason.relay_unusable();
                     if relays.len() > 1 && (unreachable || (fruitless && !progress)) {
                         current = (current + 1) % relays.len();
                         tracing::info!(from = %relay, to = %relays[current], "failing over to the next relay");
@@ -139,10 +182,10 @@ impl Output {
         let connect_timeout = self.config.connect_timeout.get();
         let tcp = match tokio::time::timeout(connect_timeout, TcpStream::connect(relay)).await {
             Ok(Ok(s)) => s,
-            Ok(Err(e)) => return failed("connect", format!("cannot connect: {e}")),
+            Ok(Err(e)) => return failed(Failure::Connect, format!("cannot connect: {e}")),
             Err(_) => {
                 return failed(
-                    "connect",
+                    Failure::Connect,
                     format!("no connection within {connect_timeout:?}"),
                 )
             }
@@ -159,13 +202,16 @@ impl Output {
                     None => split_host_port(relay).map(|(h, _)| h).unwrap_or_default(),
                 };
                 let Ok(server_name) = ServerName::try_from(name.clone()) else {
-                    return failed("tls", format!("{name:?} is not a valid TLS server name"));
+                    return failed(
+                        Failure::Tls,
+                        format!("{name:?} is not a valid TLS server name"),
+                    );
                 };
                 let connector = tokio_rustls::TlsConnector::from(config.clone());
                 match tokio::time::timeout(connect_timeout, connector.connect(server_name, tcp)).await {
                     Ok(Ok(tls)) => self.exchange(tls, window, chunks, input_open, commits).await,
-                    Ok(Err(e)) => failed("tls", format!("TLS handshake with the relay failed: {e} (check output.tls.ca and output.tls.server_name)")),
-                    Err(_) => failed("tls", format!("TLS handshake not finished within {connect_timeout:?}")),
+                    Ok(Err(e)) => failed(Failure::Tls, format!("TLS handshake with the relay failed: {e} (check output.tls.ca and output.tls.server_name)")),
+                    Err(_) => failed(Failure::Tls, format!("TLS handshake not finished within {connect_timeout:?}")),
                 }
             }
         }
@@ -192,7 +238,7 @@ impl Output {
         // Resend everything unacknowledged, in order.
         for f in window.iter_mut() {
             if let Err(e) = write.write_all(&f.chunk.frame).await {
-                return failed("io", format!("resending failed: {e}"));
+                return failed(Failure::Io, format!("resending failed: {e}"));
             }
             f.sent_at = Some(Instant::now());
             self.metrics.chunks_resent.inc();
@@ -223,7 +269,7 @@ impl Output {
                     Some(chunk) => {
                         if let Err(e) = write.write_all(&chunk.frame).await {
                             window.push_back(InFlight { chunk, sent_at: None });
-                            return failed("io", format!("sending failed: {e}"));
+                            return failed(Failure::Io, format!("sending failed: {e}"));
                         }
                         self.metrics.chunks_sent.inc();
                         last_write = Instant::now();
@@ -251,17 +297,17 @@ impl Output {
                         }
                         self.metrics.in_flight.set(window.len() as i64);
                     }
-                    Some(Ok(other)) => return failed("protocol", format!("unexpected frame from the relay: {}", frame_name(&other))),
-                    Some(Err(e)) => return failed("protocol", format!("bad response from the relay: {e}")),
-                    None => return failed("closed", "the relay closed the connection"),
+                    Some(Ok(other)) => return failed(Failure::Protocol, format!("unexpected frame from the relay: {}", frame_name(&other))),
+                    Some(Err(e)) => return failed(Failure::Protocol, format!("bad response from the relay: {e}")),
+                    None => return failed(Failure::Closed, "the relay closed the connection"),
                 },
                 _ = tokio::time::sleep_until(deadline.into()) => {
-                    return failed("ack_timeout", format!("no acknowledgement within {ack_timeout:?}; resending on a new connection"));
+                    return failed(Failure::AckTimeout, format!("no acknowledgement within {ack_timeout:?}; resending on a new connection"));
                 }
                 _ = tokio::time::sleep_until(beat_at.into()) => {
                     // Forward's heartbeat: a msgpack nil, skipped by servers.
                     if let Err(e) = write.write_all(&[0xc0]).await {
-                        return failed("io", format!("heartbeat to an idle relay failed: {e}"));
+                        return failed(Failure::Io, format!("heartbeat to an idle relay failed: {e}"));
                     }
                     self.metrics.heartbeats.inc();
                     last_write = Instant::now();
@@ -285,84 +331,76 @@ impl Output {
             Ok(Some(Ok(ServerFrame::Helo(h)))) => h,
             Ok(Some(Ok(other))) => {
                 return Err(failed(
-                    "auth",
+                    Failure::Auth,
                     format!("expected HELO, got {}", frame_name(&other)),
                 ))
             }
-            Ok(Some(Err(e))) => return Err(failed("auth", format!("bad HELO: {e}"))),
+            Ok(Some(Err(e))) => return Err(failed(Failure::Auth, format!("bad HELO: {e}"))),
             Ok(None) => {
                 return Err(failed(
-                    "auth",
+                    Failure::Auth,
                     "the relay closed the connection before HELO",
                 ))
             }
             Err(_) => {
                 return Err(failed(
-                    "auth",
+                    Failure::Auth,
                     format!("no HELO within {timeout:?}; does the relay have a shared_key?"),
                 ))
             }
         };
-        let salt: [u8; 16] = rand::random();
-        let (username, password_digest) = if helo.auth_salt.is_empty() {
-            (String::new(), String::new())
-        } else {
-            match (&self.config.username, &self.config.password) {
-                (Some(user), Some(password)) => (user.clone(), password_digest(&helo.auth_salt, user, password)),
-                _ => {
-                    return Err(failed(
-                        "auth",
-                        "the relay requires a user name and password: set output.username and output.password",
-                    ))
-                }
-            }
+        let user = match (&self.config.username, &self.config.password) {
+            (Some(user), Some(password)) => Some((user.as_str(), password.as_str())),
+            _ => None,
         };
-        let ping = Ping {
-            client_hostname: self.agent_id.clone(),
-            shared_key_salt: salt.to_vec(),
-            shared_key_hexdigest: shared_key_digest(&salt, &self.agent_id, &helo.nonce, key),
-            username,
-            password_digest,
-        };
+        let (ping, awaiting) = ClientHandshake::new(helo)
+            .ping(&self.agent_id, key, user)
+            .map_err(|e| failed(Failure::Auth, handshake_message(&e)))?;
         let mut out = BytesMut::new();
         ClientCodec::new(Limits::default())
             .encode(ClientFrame::Ping(ping), &mut out)
-            .map_err(|e| failed("auth", format!("encoding PING: {e}")))?;
+            .map_err(|e| failed(Failure::Auth, format!("encoding PING: {e}")))?;
         write
             .write_all(&out)
             .await
-            .map_err(|e| failed("io", format!("sending PING: {e}")))?;
+            .map_err(|e| failed(Failure::Io, format!("sending PING: {e}")))?;
         let pong = match tokio::time::timeout(timeout, frames.next()).await {
             Ok(Some(Ok(ServerFrame::Pong(p)))) => p,
             Ok(Some(Ok(other))) => {
                 return Err(failed(
-                    "auth",
+                    Failure::Auth,
                     format!("expected PONG, got {}", frame_name(&other)),
                 ))
             }
-            Ok(Some(Err(e))) => return Err(failed("auth", format!("bad PONG: {e}"))),
+            Ok(Some(Err(e))) => return Err(failed(Failure::Auth, format!("bad PONG: {e}"))),
             Ok(None) => {
                 return Err(failed(
-                    "auth",
+                    Failure::Auth,
                     "the relay closed the connection during authentication",
                 ))
             }
-            Err(_) => return Err(failed("auth", format!("no PONG within {timeout:?}"))),
+            Err(_) => return Err(failed(Failure::Auth, format!("no PONG within {timeout:?}"))),
         };
-        if !pong.auth_ok {
-            return Err(failed(
-                "auth",
-                format!("the relay refused the shared key: {}", pong.reason),
-            ));
+        awaiting
+            .receive_pong(pong)
+            .map(|_authenticated| ())
+            .map_err(|e| failed(Failure::Auth, handshake_message(&e)))
+    }
+}
+
+/// A failed handshake in the agent operator's words, naming the config keys involved.
+fn handshake_message(e: &ClientHandshakeError) -> String {
+    match e {
+        ClientHandshakeError::CredentialsRequired => {
+            "the relay requires a user name and password: set output.username and output.password"
+                .into()
         }
-        let expected = shared_key_digest(&salt, &pong.server_hostname, &helo.nonce, key);
-        if expected != pong.shared_key_hexdigest {
-            return Err(failed(
-                "auth",
-                "the relay's PONG digest is wrong: it does not know our shared key",
-            ));
+        ClientHandshakeError::Refused { reason } => {
+            format!("the relay refused the shared key: {reason}")
         }
-        Ok(())
+        ClientHandshakeError::WrongDigest => {
+            "the relay's PONG digest is wrong: it does not know our shared key".into()
+        }
     }
 }
 

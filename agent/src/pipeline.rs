@@ -12,16 +12,13 @@
 //! last acknowledged line (at-least-once; the relay trims the resent duplicates).
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::num::NonZeroU32;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use flate2::write::GzEncoder;
-use flate2::Compression;
-use sluice_core::forward::{encode_compressed_packed_forward, EventTime, Provenance};
+use sluice_forward::{encode_compressed_packed_forward, EventTime, Gzip, Provenance};
 use sluice_parsers::{Event, Pending};
 use sluice_tail::CheckpointStore;
 use tokio::sync::mpsc;
@@ -420,84 +417,5 @@ impl Pipeline {
         self.metrics.deleted_bytes_alarm.set(alarm as i64);
         self.metrics.lines_truncated.set(truncated);
         self.metrics.bytes_lost_to_truncation.set(lost);
-    }
-}
-
-/// gzip with one deflate state for all chunks. A fresh compressor per chunk allocates and
-/// frees a few hundred KiB every time, which only churns (and fragments) the heap.
-pub(crate) struct Gzip {
-    deflate: flate2::Compress,
-    out: Vec<u8>,
-}
-
-impl Default for Gzip {
-    fn default() -> Gzip {
-        Gzip {
-            deflate: flate2::Compress::new(Compression::fast(), false),
-            out: Vec::new(),
-        }
-    }
-}
-
-impl Gzip {
-    /// `input` as one gzip member (RFC 1952), in a buffer reused by the next call.
-    pub(crate) fn compress(&mut self, input: &[u8]) -> &[u8] {
-        // ID1 ID2 CM=deflate FLG=0 MTIME=0 XFL=0 OS=unknown
-        const HEADER: [u8; 10] = [0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 0xff];
-        self.out.clear();
-        self.out.extend_from_slice(&HEADER);
-        self.deflate.reset();
-        let mut consumed = 0;
-        loop {
-            self.out.reserve((input.len() - consumed) / 2 + 4096);
-            let before = self.deflate.total_in();
-            let status = self.deflate.compress_vec(
-                &input[consumed..],
-                &mut self.out,
-                flate2::FlushCompress::Finish,
-            );
-            consumed += (self.deflate.total_in() - before) as usize;
-            match status {
-                Ok(flate2::Status::StreamEnd) => break,
-                Ok(_) => {}
-                Err(e) => {
-                    // Cannot happen with a valid state; never send a broken member.
-                    tracing::error!(error = %e, "deflate failed; compressing this chunk afresh");
-                    let mut gz = GzEncoder::new(Vec::new(), Compression::fast());
-                    let _ = gz.write_all(input);
-                    self.out = gz.finish().unwrap_or_default();
-                    return &self.out;
-                }
-            }
-        }
-        let mut crc = flate2::Crc::new();
-        crc.update(input);
-        self.out.extend_from_slice(&crc.sum().to_le_bytes());
-        self.out
-            .extend_from_slice(&(input.len() as u32).to_le_bytes());
-        &self.out
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::io::Read;
-
-    use super::Gzip;
-
-    #[test]
-    fn gzip_members_decode_and_the_state_is_reused() {
-        let mut gzip = Gzip::default();
-        let big: Vec<u8> = (0..3_000_000u32)
-            .flat_map(|i| (i % 251).to_le_bytes())
-            .collect();
-        for input in [&b"hello, world\n"[..], &big, b"", b"again"] {
-            let member = gzip.compress(input).to_vec();
-            let mut back = Vec::new();
-            flate2::read::GzDecoder::new(&member[..])
-                .read_to_end(&mut back)
-                .unwrap();
-            assert_eq!(back, input);
-        }
     }
 }

@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use prometheus_client::metrics::counter::Counter;
-use sluice_core::forward::{set_entry_time, write_entry_header, EventTime, ENTRY_HEADER_LEN};
+use sluice_forward::{set_entry_time, write_entry_header, EventTime, ENTRY_HEADER_LEN};
 use sluice_parsers::{Multiline, Outcome, Parser};
 
 use crate::source::SourceId;

@@ -14,7 +14,7 @@ use anyhow::{bail, Context};
 use bytes::{Bytes, BytesMut};
 use clap::Parser;
 use futures::StreamExt;
-use sluice_core::forward::{
+use sluice_forward::{
     encode_compressed_packed_forward, write_entry, ClientCodec, EventTime, Limits, Provenance,
     ServerFrame,
 };

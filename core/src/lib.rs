@@ -1,7 +1,8 @@
 //! What the sluice agent and relay share.
 //!
-//! - [`forward`]: the Fluentd Forward protocol v1 codec (all four modes, gzip,
-//!   chunk/ack, HELO/PING/PONG) with sluice's provenance in the option map.
+//! The Forward protocol codec lives in its own crate, `sluice-forward`, so that crates
+//! needing only the wire format (parsers, tools) do not link TLS, HTTP and metrics.
+//!
 //! - [`tls`]: rustls server and client configuration from PEM files.
 //! - [`metrics`]: the Prometheus registry and the HTTP endpoint for metrics,
 //!   health and readiness.
@@ -10,7 +11,6 @@
 
 pub mod configdoc;
 pub mod durable;
-pub mod forward;
 pub mod logging;
 pub mod metrics;
 pub mod shutdown;

@@ -7,7 +7,7 @@
 //! `source` and `seq` are the event's provenance (null when the sender gave none), so
 //! `SELECT DISTINCT source, seq` removes any duplicate an at-least-once path produced.
 
-use sluice_core::forward::{record_to_json, EventTime};
+use sluice_forward::{record_to_json, EventTime};
 
 /// Appends one envelope (without a trailing newline) to `out`.
 pub fn write(
@@ -17,7 +17,7 @@ pub fn write(
     source: Option<&str>,
     seq: Option<u64>,
     record: &[u8],
-) -> Result<(), sluice_core::forward::DecodeError> {
+) -> Result<(), sluice_forward::DecodeError> {
     out.extend_from_slice(b"{\"time\":\"");
     write_rfc3339(out, time);
     out.extend_from_slice(b"\",\"tag\":");

@@ -7,6 +7,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
+use sluice_forward::RejectReason;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Reason {
@@ -196,10 +197,10 @@ impl RelayMetrics {
         );
     }
 
-    pub fn reject(&self, reason: &str) {
+    pub fn reject(&self, reason: RejectReason) {
         self.connections_rejected
             .get_or_create(&Reason {
-                reason: reason.to_string(),
+                reason: reason.as_label().to_string(),
             })
             .inc();
     }

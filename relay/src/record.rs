@@ -16,7 +16,7 @@
 //! source and the last seq of every batch to rebuild the dedup table) and the sinks can
 //! borrow everything from the read buffer without allocating.
 
-use sluice_core::forward::{Entry, EventBatch, EventTime};
+use sluice_forward::{Entry, EventBatch, EventTime};
 
 pub const VERSION: u8 = 1;
 
@@ -52,7 +52,7 @@ impl<'a> SpooledChunk<'a> {
     pub fn events(
         &self,
     ) -> impl Iterator<Item = Result<(Entry<'a>, Option<u64>), RecordError>> + '_ {
-        let mut entries = sluice_core::forward::EntryIter::new(self.entries);
+        let mut entries = sluice_forward::EntryIter::new(self.entries);
         let mut i = 0usize;
         std::iter::from_fn(move || {
             let next = entries.next()?;

@@ -18,11 +18,11 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use futures::StreamExt;
-use sluice_core::forward::{
-    encode_ack, shared_key_digest, ClientFrame, DecodeError, Helo, Limits, Pong, ServerCodec,
-    ServerFrame,
-};
 use sluice_core::tls::ReloadingServerConfig;
+use sluice_forward::{
+    encode_ack, ClientFrame, DecodeError, KeyLookup, Limits, Refusal, RejectReason, ServerCodec,
+    ServerFrame, ServerHandshake, SharedKey, Verdict,
+};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
@@ -73,7 +73,7 @@ pub async fn serve(
         };
         let Ok(permit) = slots.clone().try_acquire_owned() else {
             tracing::warn!(%peer, limit = state.config.max_connections, "connection refused: max_connections reached");
-            state.metrics.reject("max_connections");
+            state.metrics.reject(RejectReason::MaxConnections);
             continue;
         };
         let _ = stream.set_nodelay(true);
@@ -96,7 +96,7 @@ pub async fn serve(
                 rate,
             };
             if let Err(reject) = connection(stream, link).await {
-                tracing::warn!(%peer, reason = reject.reason, "{}", reject.message);
+                tracing::warn!(%peer, reason = reject.reason.as_label(), "{}", reject.message);
                 state.metrics.reject(reject.reason);
             }
             state.metrics.connections_active.dec();
@@ -107,11 +107,11 @@ pub async fn serve(
 
 /// Why a connection was closed by the relay.
 pub struct Reject {
-    pub reason: &'static str,
+    pub reason: RejectReason,
     pub message: String,
 }
 
-fn reject(reason: &'static str, message: impl Into<String>) -> Reject {
+fn reject(reason: RejectReason, message: impl Into<String>) -> Reject {
     Reject {
         reason,
         message: message.into(),
@@ -214,11 +214,11 @@ async fn connection(stream: tokio::net::TcpStream, link: Link<'_>) -> Result<(),
             match tokio::time::timeout_at(deadline, stream.peek(&mut first)).await {
                 Err(_) => {
                     return Err(reject(
-                        "tls_timeout",
+                        RejectReason::TlsTimeout,
                         format!("no TLS handshake started within {handshake:?}"),
                     ))
                 }
-                Ok(Err(e)) => return Err(reject("io", format!("reading failed: {e}"))),
+                Ok(Err(e)) => return Err(reject(RejectReason::Io, format!("reading failed: {e}"))),
                 Ok(Ok(0)) => {
                     tracing::debug!(%peer, "closed before sending anything (a port probe?)");
                     return Ok(());
@@ -239,7 +239,7 @@ async fn connection(stream: tokio::net::TcpStream, link: Link<'_>) -> Result<(),
                 Ok(Err(e)) => return Err(tls_handshake_reject(&e)),
                 Err(_) => {
                     return Err(reject(
-                        "tls_timeout",
+                        RejectReason::TlsTimeout,
                         format!("TLS handshake not finished within {handshake:?}"),
                     ))
                 }
@@ -296,13 +296,13 @@ where
                 Ok(Ok(a)) => a,
                 Ok(Err(e)) => {
                     return Err(reject(
-                        "spool",
+                        RejectReason::Spool,
                         format!("chunk not accepted: {e}; closing so the client resends"),
                     ))
                 }
                 Err(_) => {
                     return Err(reject(
-                        "shutdown",
+                        RejectReason::Shutdown,
                         "relay shutting down before the chunk was durable",
                     ))
                 }
@@ -322,7 +322,7 @@ where
                 for sink in &mut required {
                     if sink.wait_for(|p| *p >= accepted.end).await.is_err() {
                         return Err(reject(
-                            "shutdown",
+                            RejectReason::Shutdown,
                             "relay shutting down before a sink had the chunk",
                         ));
                     }
@@ -332,7 +332,7 @@ where
                 out.clear();
                 encode_ack(&id, &mut out);
                 if let Err(e) = write.write_all(&out).await {
-                    return Err(reject("io", format!("writing ack failed: {e}")));
+                    return Err(reject(RejectReason::Io, format!("writing ack failed: {e}")));
                 }
                 metrics.acks_sent.inc();
             }
@@ -364,7 +364,7 @@ where
             }
             Err(_) => {
                 break Err(reject(
-                    "idle",
+                    RejectReason::Idle,
                     format!("no data for {idle:?}; closing idle connection"),
                 ))
             }
@@ -390,7 +390,10 @@ where
         }
         match frame {
             ClientFrame::Ping(_) => {
-                break Err(reject("protocol", "unexpected PING after the handshake"))
+                break Err(reject(
+                    RejectReason::Protocol,
+                    "unexpected PING after the handshake",
+                ))
             }
             ClientFrame::Events(batch) => {
                 let chunk = batch.options.chunk.clone();
@@ -401,7 +404,7 @@ where
                     .await
                     .is_err()
                 {
-                    break Err(reject("shutdown", "relay shutting down"));
+                    break Err(reject(RejectReason::Shutdown, "relay shutting down"));
                 }
                 if ack_tx.send((chunk, rx)).await.is_err() {
                     break Ok(()); // the acker ended with its own error, reported below
@@ -428,7 +431,7 @@ fn plaintext_reject(first: u8) -> Reject {
         _ => "not a TLS ClientHello",
     };
     reject(
-        "plaintext",
+        RejectReason::Plaintext,
         format!(
             "not TLS: the first byte 0x{first:02x} is {looks_like}; the client speaks plain TCP to this TLS port (configure TLS on the client, or use a listener with insecure = true)"
         ),
@@ -441,12 +444,12 @@ fn plaintext_reject(first: u8) -> Reject {
 fn tls_handshake_reject(e: &io::Error) -> Reject {
     use rustls::{AlertDescription, CertificateError, Error, InvalidMessage};
     let Some(tls) = e.get_ref().and_then(|i| i.downcast_ref::<Error>()) else {
-        return reject("tls", format!("TLS handshake failed: {e}"));
+        return reject(RejectReason::Tls, format!("TLS handshake failed: {e}"));
     };
     let message = match tls {
         Error::InvalidMessage(InvalidMessage::InvalidContentType) => {
             return reject(
-                "plaintext",
+                RejectReason::Plaintext,
                 "not TLS: the client speaks plain TCP to this TLS port (configure TLS on the client, or a separate listener with insecure = true)",
             )
         }
@@ -480,29 +483,21 @@ fn tls_handshake_reject(e: &io::Error) -> Reject {
         }
         other => format!("TLS handshake failed: {other}"),
     };
-    reject("tls", message)
+    reject(RejectReason::Tls, message)
 }
 
 /// Maps a decoder error to a reason and a message. `buffered` is what the connection had
 /// read of an unfinished frame when the error happened.
 fn decode_reject(e: DecodeError, buffered: usize) -> Reject {
-    let reason = match &e {
-        DecodeError::FrameTooLarge { .. } | DecodeError::DecompressedTooLarge { .. } => {
-            "frame_too_large"
-        }
-        DecodeError::UnexpectedEof { .. } => "truncated",
-        DecodeError::Io(io) if io.kind() == io::ErrorKind::UnexpectedEof => {
-            return reject(
-                "truncated",
-                format!("connection closed inside a frame ({buffered} bytes buffered; TLS closed without close_notify)"),
-            )
-        }
-        DecodeError::Io(_) => {
-            return reject("io", format!("reading failed: {e}; closing connection"))
-        }
-        _ => "malformed",
-    };
-    reject(reason, format!("bad frame: {e}; closing connection"))
+    let reason = RejectReason::of_decode_error(&e);
+    match &e {
+        DecodeError::Io(io) if io.kind() == io::ErrorKind::UnexpectedEof => reject(
+            reason,
+            format!("connection closed inside a frame ({buffered} bytes buffered; TLS closed without close_notify)"),
+        ),
+        DecodeError::Io(_) => reject(reason, format!("reading failed: {e}; closing connection")),
+        _ => reject(reason, format!("bad frame: {e}; closing connection")),
+    }
 }
 
 /// HELO / PING / PONG. Returns the client's hostname, which names the client from here on.
@@ -517,106 +512,86 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let nonce: [u8; 16] = rand::random();
+    let config = &state.config;
     // With users configured, HELO carries a salt for the password digest.
-    let auth_salt: Vec<u8> = if state.config.users.is_empty() {
-        Vec::new()
-    } else {
-        rand::random::<[u8; 16]>().to_vec()
-    };
+    let handshake = ServerHandshake::new(&config.hostname, !config.users.is_empty());
     out.clear();
     codec
-        .encode(
-            ServerFrame::Helo(Helo {
-                nonce: nonce.to_vec(),
-                auth_salt: auth_salt.clone(),
-                keepalive: true,
-            }),
-            out,
-        )
-        .map_err(|e| reject("io", format!("encoding HELO: {e}")))?;
+        .encode(ServerFrame::Helo(handshake.helo().clone()), out)
+        .map_err(|e| reject(RejectReason::Io, format!("encoding HELO: {e}")))?;
     write
         .write_all(out)
         .await
-        .map_err(|e| reject("io", format!("sending HELO: {e}")))?;
-    let timeout = state.config.handshake_timeout.get();
+        .map_err(|e| reject(RejectReason::Io, format!("sending HELO: {e}")))?;
+    let timeout = config.handshake_timeout.get();
     let ping = match tokio::time::timeout(timeout, frames.next()).await {
         Err(_) => {
             return Err(reject(
-                "auth",
+                RejectReason::Auth,
                 format!("no PING within {timeout:?} after HELO"),
             ))
         }
-        Ok(None) => return Err(reject("auth", "closed during the handshake")),
+        Ok(None) => return Err(reject(RejectReason::Auth, "closed during the handshake")),
         Ok(Some(Err(e))) => return Err(decode_reject(e, frames.read_buffer().len())),
         Ok(Some(Ok(ClientFrame::Events(_)))) => return Err(reject(
-            "auth",
+            RejectReason::Auth,
             "sent events before authenticating (PING expected; is the client's shared_key set?)",
         )),
         Ok(Some(Ok(ClientFrame::Ping(p)))) => p,
     };
-    let config = &state.config;
-    let own_key = config.client_keys.get(&ping.client_hostname);
-    let key = own_key.or(config.shared_key.as_ref());
-    let ok = key.is_some_and(|key| {
-        shared_key_digest(&ping.shared_key_salt, &ping.client_hostname, &nonce, key)
-            == ping.shared_key_hexdigest
-    });
-    let key_refusal = match (ok, own_key, key) {
-        (true, _, _) => "",
-        (false, Some(_), _) => {
-            "shared key mismatch: not the key server.client_keys has for this hostname"
-        }
-        (false, None, Some(_)) => "shared key mismatch",
-        (false, None, None) => {
-            "unknown client: its hostname is not in server.client_keys and there is no shared_key"
-        }
-    };
-    let user_refusal = if !ok || config.users.is_empty() {
-        None
-    } else {
-        match config.users.get(&ping.username) {
-            _ if ping.username.is_empty() => {
-                Some("no username sent, but server.users requires one".to_string())
-            }
-            None => Some(format!("unknown user {:?}", ping.username)),
-            Some(password) if !ping.password_matches(&auth_salt, password) => {
-                Some(format!("wrong password for user {:?}", ping.username))
-            }
-            Some(_) => None,
-        }
-    };
-    let refusal = user_refusal
-        .clone()
-        .unwrap_or_else(|| key_refusal.to_string());
-    let key_ok = ok;
-    let ok = key_ok && user_refusal.is_none();
-    let pong = Pong {
-        auth_ok: ok,
-        // The details stay in the relay's log: a client learns only that it failed.
-        reason: match (key_ok, ok) {
-            (_, true) => String::new(),
-            (false, _) => "shared key mismatch".into(),
-            (true, false) => "user authentication failed".into(),
-        },
-        server_hostname: config.hostname.clone(),
-        shared_key_hexdigest: shared_key_digest(
-            &ping.shared_key_salt,
-            &config.hostname,
-            &nonce,
-            key.map(String::as_str).unwrap_or_default(),
-        ),
-    };
+    let verdict = handshake.receive_ping(ping, &ConfiguredKeys(config));
     out.clear();
     codec
-        .encode(ServerFrame::Pong(pong), out)
-        .map_err(|e| reject("io", format!("encoding PONG: {e}")))?;
+        .encode(ServerFrame::Pong(verdict.pong().clone()), out)
+        .map_err(|e| reject(RejectReason::Io, format!("encoding PONG: {e}")))?;
     let _ = write.write_all(out).await;
-    if !ok {
-        return Err(reject(
-            "auth",
-            format!("{refusal} (client hostname {:?})", ping.client_hostname),
-        ));
+    match verdict {
+        Verdict::Accepted { client, .. } => Ok(client.into_hostname()),
+        // The details stay in the relay's log: the PONG tells a client only that it failed.
+        Verdict::Refused {
+            client_hostname,
+            refusal,
+            ..
+        } => Err(reject(
+            RejectReason::Auth,
+            format!(
+                "{} (client hostname {client_hostname:?})",
+                refusal_message(&refusal)
+            ),
+        )),
     }
-    Ok(ping.client_hostname)
+}
+
+/// The relay's keys and users as the handshake looks them up.
+struct ConfiguredKeys<'a>(&'a ServerSection);
+
+impl KeyLookup for ConfiguredKeys<'_> {
+    fn shared_key(&self, client_hostname: &str) -> SharedKey<'_> {
+        match (self.0.client_keys.get(client_hostname), &self.0.shared_key) {
+            (Some(own), _) => SharedKey::Own(own),
+            (None, Some(shared)) => SharedKey::Default(shared),
+            (None, None) => SharedKey::Unknown,
+        }
+    }
+
+    fn password(&self, username: &str) -> Option<&str> {
+        self.0.users.get(username).map(String::as_str)
+    }
+}
+
+/// A refusal in the operator's words, naming the config keys involved.
+fn refusal_message(refusal: &Refusal) -> String {
+    match refusal {
+        Refusal::OwnKeyMismatch => {
+            "shared key mismatch: not the key server.client_keys has for this hostname".into()
+        }
+        Refusal::KeyMismatch => "shared key mismatch".into(),
+        Refusal::UnknownClient => {
+            "unknown client: its hostname is not in server.client_keys and there is no shared_key"
+                .into()
+        }
+        Refusal::NoUsername => "no username sent, but server.users requires one".into(),
+        Refusal::UnknownUser(user) => format!("unknown user {user:?}"),
+        Refusal::WrongPassword(user) => format!("wrong password for user {user:?}"),
+    }
 }

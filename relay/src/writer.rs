@@ -18,7 +18,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use sluice_core::forward::{EventBatch, EventTime};
+use sluice_forward::{EventBatch, EventTime};
 use sluice_spool::{Position, Spool, SpoolError};
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -406,7 +406,7 @@ fn entry_offset(batch: &EventBatch, index: usize) -> Result<usize, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use sluice_core::forward::{write_entry, Options, Provenance};
+    use sluice_forward::{write_entry, Options, Provenance};
     use sluice_spool::{FsyncPolicy, SpoolConfig};
 
     fn batch(source: &str, seqs: std::ops::Range<u64>) -> EventBatch {

@@ -65,6 +65,7 @@
 mod error;
 mod reader;
 mod segment;
+mod shared;
 mod spool;
 mod state;
 

@@ -5,7 +5,7 @@ use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
 use crate::segment::{self, BATCH_HEADER_LEN, MAX_BATCH_BYTES, SEGMENT_HEADER_LEN};
-use crate::spool::Shared;
+use crate::shared::Shared;
 use crate::{Position, SpoolError};
 
 /// Reads committed batches in order, from a start position given to [`crate::Spool::reader`].

@@ -4,29 +4,14 @@ use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, IoSlice, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::Instant;
 
 use crate::reader::SpoolReader;
 use crate::segment::{self, Scan, BATCH_HEADER_LEN, MAX_BATCH_BYTES, SEGMENT_HEADER_LEN};
+use crate::shared::Shared;
 use crate::state::{self, SnapshotFile};
 use crate::{FsyncPolicy, Position, Recovery, SpoolConfig, SpoolError};
-
-/// What the writer shares with readers: the live segments and how many bytes of each
-/// are committed. The newest entry's length is the committed end of the log. A batch
-/// becomes visible only when [`Spool::commit`] publishes it here.
-pub(crate) struct Shared {
-    pub dir: PathBuf,
-    segments: Mutex<BTreeMap<u64, u64>>,
-}
-
-impl Shared {
-    pub(crate) fn segments(&self) -> MutexGuard<'_, BTreeMap<u64, u64>> {
-        // The map is only ever replaced entry by entry; a panic elsewhere cannot leave it
-        // half-updated, so a poisoned lock is still usable.
-        self.segments.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
 
 /// The spool's writer. See the crate docs for the guarantees.
 pub struct Spool {
@@ -185,10 +170,7 @@ impl Spool {
         let used = segments.values().sum();
         rec.segments = segments.len();
         rec.bytes = used;
-        let shared = Arc::new(Shared {
-            dir: dir.to_path_buf(),
-            segments: Mutex::new(segments.clone()),
-        });
+        let shared = Arc::new(Shared::new(dir.to_path_buf(), segments.clone()));
         let spool = Spool {
             dir: dir.to_path_buf(),
             cfg,

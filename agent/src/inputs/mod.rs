@@ -8,28 +8,12 @@
 //! Adding an input type: a new module with a config struct implementing [`InputSpec`]
 //! and a [`Source`], plus one line in [`input_kinds!`].
 
+mod spec;
 pub mod tail;
 
 use serde::{Deserialize, Serialize};
 
-use crate::metrics::AgentMetrics;
-use crate::pipeline::Input;
-use crate::source::FileCheckpoint;
-
-/// What an input type declares about itself; implemented by each type's config struct.
-pub trait InputSpec {
-    /// Unique input name; part of every source id and checkpoint.
-    fn name(&self) -> &str;
-
-    /// Checks what serde cannot.
-    fn validate(&self) -> Result<(), String>;
-
-    /// What `--check-config` prints for this input after its name.
-    fn describe(&self) -> String;
-
-    /// The running input, resuming from the checkpoints saved for it.
-    fn build(&self, saved: &[FileCheckpoint], metrics: &AgentMetrics) -> anyhow::Result<Input>;
-}
+pub use spec::InputSpec;
 
 /// Declares the input types: the `InputConfig` enum (serde `type` key), the list of
 /// type names, and the one dispatch to each type's [`InputSpec`].

@@ -9,7 +9,7 @@ use sluice_core::units::{ByteSize, Span};
 use sluice_parsers::ParserKind;
 use sluice_tail::{LongLines, StartAt, TailConfig, Tailer};
 
-use super::InputSpec;
+use crate::inputs::spec::InputSpec;
 use crate::metrics::{AgentMetrics, InputLabel};
 use crate::pipeline::{Input, ReadRate};
 use crate::source::{FileCheckpoint, Line, Source, SourceError, SourceId, SourceStats};

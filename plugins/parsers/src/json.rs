@@ -2,7 +2,7 @@
 
 use serde_json::Value;
 
-use crate::{write_map_len, MAX_NESTING};
+use crate::record::{write_map_len, MAX_NESTING};
 
 /// Writes the object's record, or explains why the line is not one. Nothing is written
 /// on error.

@@ -33,49 +33,19 @@
 //! # Ok::<(), sluice_parsers::ParserError>(())
 //! ```
 
+mod config;
 mod json;
 mod multiline;
 mod patterns;
+mod record;
 mod time;
 
+pub use config::{ParserError, ParserKind};
 pub use multiline::{Event, Multiline, Pending};
 use patterns::{Combined, Syslog3164, Syslog5424, UserRegex};
+pub use record::MAX_NESTING;
+use record::{write_field, write_map_len, Value};
 pub use time::{TimeError, TimeField, TimeFormat, TimeZone, Timestamp};
-
-/// Containers (maps, arrays) nest at most this deep in a record, the record map being
-/// level 1. Deeper JSON is delivered raw with a parse error.
-pub const MAX_NESTING: usize = 32;
-
-/// Which parser an input uses (`parser = "..."` in the agent config).
-#[derive(
-    Clone,
-    Copy,
-    Debug,
-    Default,
-    PartialEq,
-    Eq,
-    serde::Deserialize,
-    serde::Serialize,
-    schemars::JsonSchema,
-)]
-#[serde(rename_all = "snake_case")]
-pub enum ParserKind {
-    /// The whole line as `message`.
-    #[default]
-    None,
-    /// A JSON object per line.
-    Json,
-    /// Named capture groups of a regular expression (`regex = "..."`).
-    Regex,
-    /// nginx `combined` (and `common`) access log format.
-    Nginx,
-    /// Apache `combined` (and `common`) access log format.
-    Apache,
-    /// BSD syslog, RFC 3164 (`<pri>` optional, as in files written by syslog daemons).
-    SyslogRfc3164,
-    /// IETF syslog, RFC 5424.
-    SyslogRfc5424,
-}
 
 /// What [`Parser::write_record`] did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -84,25 +54,6 @@ pub enum Outcome {
     Parsed,
     /// The line did not parse; the record holds it raw, with a `parse_error` field.
     Failed,
-}
-
-/// A parser that cannot be built from its configuration.
-#[derive(Debug, thiserror::Error)]
-pub enum ParserError {
-    #[error("parser \"regex\" needs a pattern: set regex = \"(?P<field>...)...\" on the input")]
-    MissingPattern,
-    #[error("a regex is only used with parser = \"regex\" (this input uses {0:?})")]
-    UnusedPattern(ParserKind),
-    #[error("invalid regex: {0}")]
-    BadPattern(#[from] regex::Error),
-    #[error("the regex has no named capture group (?P<name>...), so it would produce no fields")]
-    NoNamedGroups,
-    #[error("time_format {0:?}: {1}")]
-    BadTimeFormat(String, &'static str),
-    #[error("time_zone {0:?}: use UTC, local or an offset such as +02:00 or -0530")]
-    BadTimeZone(String),
-    #[error("time_format is set but time_key is not: name the record field that holds the time (parser {0:?} has no default)")]
-    TimeFormatWithoutKey(ParserKind),
 }
 
 /// A configured parser. Cheap to share by reference; parsing allocates little.
@@ -238,47 +189,6 @@ impl Parser {
                 Outcome::Failed
             }
         }
-    }
-}
-
-/// A field value of the regex-based parsers.
-#[derive(Clone, Copy, Debug)]
-pub(crate) enum Value<'a> {
-    /// str if valid UTF-8, else bin.
-    Text(&'a [u8]),
-    Int(i64),
-    Static(&'static str),
-}
-
-pub(crate) fn write_map_len(out: &mut Vec<u8>, n: usize) {
-    // Writing into a Vec cannot fail.
-    let _ = rmp::encode::write_map_len(out, n as u32);
-}
-
-pub(crate) fn write_text(out: &mut Vec<u8>, bytes: &[u8]) {
-    let _ = match std::str::from_utf8(bytes) {
-        Ok(s) => rmp::encode::write_str(out, s),
-        Err(_) => rmp::encode::write_bin(out, bytes),
-    };
-}
-
-pub(crate) fn write_field(out: &mut Vec<u8>, key: &str, value: &Value<'_>) {
-    let _ = rmp::encode::write_str(out, key);
-    match *value {
-        Value::Text(b) => write_text(out, b),
-        Value::Int(i) => {
-            let _ = rmp::encode::write_sint(out, i);
-        }
-        Value::Static(s) => {
-            let _ = rmp::encode::write_str(out, s);
-        }
-    }
-}
-
-pub(crate) fn write_fields(out: &mut Vec<u8>, fields: &[(&str, Value<'_>)]) {
-    write_map_len(out, fields.len());
-    for (key, value) in fields {
-        write_field(out, key, value);
     }
 }
 

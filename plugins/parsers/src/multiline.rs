@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use regex::bytes::Regex;
 
-use crate::ParserError;
+use crate::config::ParserError;
 
 /// A line going in, or a finished event coming out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

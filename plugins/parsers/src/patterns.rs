@@ -4,7 +4,8 @@
 
 use regex::bytes::{Captures, Regex};
 
-use crate::{write_fields, ParserError, Value};
+use crate::config::ParserError;
+use crate::record::{write_fields, Value};
 
 /// `regex`: one string field per named group that took part in the match.
 #[derive(Debug)]

@@ -7,9 +7,9 @@
 //! behaviour and the parsers themselves stay unchanged.
 
 use chrono::format::{Item as FormatItem, Parsed, StrftimeItems};
-use sluice_core::forward::{record_value, FieldValue};
+use sluice_forward::{record_value, FieldValue};
 
-use crate::ParserError;
+use crate::config::ParserError;
 
 /// How the time field is read.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -206,7 +206,7 @@ async fn deliver_with_retry(s: &mut SinkRun, gathered: &Gathered, name: &str) ->
                         .inc_by(n);
                 }
                 if let Some(received) = gathered.oldest_received {
-                    let now = sluice_core::forward::EventTime::now().as_unix_nanos();
+                    let now = sluice_forward::EventTime::now().as_unix_nanos();
                     let secs = now.saturating_sub(received) as f64 / 1e9;
                     s.metrics.sink_latency.get_or_create(&label).observe(secs);
                 }

@@ -147,10 +147,10 @@ pub struct Delivered {
 }
 
 impl Delivered {
-    pub fn delivered(&mut self, tag: &str, time: sluice_core::forward::EventTime) {
+    pub fn delivered(&mut self, tag: &str, time: sluice_forward::EventTime) {
         self.counts.delivered.add(tag, hour_of(time), 1);
     }
-    pub fn dropped(&mut self, tag: &str, time: sluice_core::forward::EventTime) {
+    pub fn dropped(&mut self, tag: &str, time: sluice_forward::EventTime) {
         self.counts.dropped.add(tag, hour_of(time), 1);
     }
 }

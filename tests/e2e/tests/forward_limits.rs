@@ -8,10 +8,10 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use forward_common::*;
-use sluice_core::forward::{
+use sluice_core::tls::load_certs;
+use sluice_forward::{
     write_entry, ClientCodec, ClientFrame, EventBatch, EventTime, Options, ServerFrame,
 };
-use sluice_core::tls::load_certs;
 use tokio_util::codec::Encoder;
 
 /// An uncompressed PackedForward chunk whose events carry `pad` bytes of filler each, so

@@ -225,7 +225,7 @@ fn too_large(e: &KafkaError) -> bool {
 
 /// The outcome of the messages of one attempt, settled one by one.
 struct Settler<'m> {
-    meta: &'m [(&'m str, sluice_core::forward::EventTime)],
+    meta: &'m [(&'m str, sluice_forward::EventTime)],
     acked: Vec<bool>,
     /// The first failure of this attempt, with librdkafka's code when it has one.
     first_error: Option<(String, Option<RDKafkaErrorCode>)>,

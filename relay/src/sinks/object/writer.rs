@@ -14,10 +14,9 @@ use std::io::Write;
 use std::sync::Arc;
 use std::time::Duration;
 
-use flate2::write::GzEncoder;
-use flate2::Compression;
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use sluice_forward::GzipWriter;
 
 use crate::envelope::{self, civil_from_days, hour_of};
 use crate::sinks::spec::{Deliver, DeliverError, DeliverFuture, Delivered, Gathered};
@@ -68,7 +67,7 @@ impl Deliver for ObjectWriter {
     fn deliver<'a>(&'a mut self, batch: &'a Gathered) -> DeliverFuture<'a> {
         Box::pin(async move {
             let mut done = Delivered::default();
-            let mut groups: BTreeMap<(&str, u64), GzEncoder<Vec<u8>>> = BTreeMap::new();
+            let mut groups: BTreeMap<(&str, u64), GzipWriter> = BTreeMap::new();
             let mut line = Vec::with_capacity(4096);
             for chunk in batch.chunks() {
                 let chunk = chunk?;
@@ -87,9 +86,7 @@ impl Deliver for ObjectWriter {
                     line.push(b'\n');
                     let gz = groups
                         .entry((chunk.tag, hour_of(entry.time)))
-                        .or_insert_with(|| {
-                            GzEncoder::new(Vec::with_capacity(1 << 16), Compression::fast())
-                        });
+                        .or_insert_with(|| GzipWriter::with_capacity(1 << 16));
                     gz.write_all(&line)
                         .map_err(|e| DeliverError::Transient(format!("gzip: {e}")))?;
                     done.delivered(chunk.tag, entry.time);

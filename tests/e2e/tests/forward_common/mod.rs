@@ -13,12 +13,12 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use rustls::pki_types::ServerName;
-use sluice_core::forward::{
-    encode_compressed_packed_forward, gzip_entries, shared_key_digest, write_entry, ClientCodec,
-    ClientFrame, EventTime, Limits, Ping, ServerFrame,
-};
 use sluice_core::tls::{client_config, ClientTlsFiles};
 use sluice_e2e::*;
+use sluice_forward::{
+    encode_compressed_packed_forward, gzip_entries, write_entry, ClientCodec, ClientFrame,
+    ClientHandshake, ClientHandshakeError, EventTime, Limits, ServerFrame,
+};
 use tokio_util::codec::{Decoder, Encoder};
 
 pub const MAX_FRAME: usize = 1 << 20;
@@ -218,19 +218,18 @@ impl Conn {
         let Some(ServerFrame::Helo(helo)) = self.next_frame()? else {
             return Err(io::Error::other("expected HELO"));
         };
-        let salt = b"0123456789abcdef".to_vec();
-        let ping = Ping {
-            client_hostname: hostname.into(),
-            shared_key_hexdigest: shared_key_digest(&salt, hostname, &helo.nonce, key),
-            shared_key_salt: salt,
-            username: String::new(),
-            password_digest: String::new(),
-        };
+        let (ping, awaiting) = ClientHandshake::new(helo)
+            .ping(hostname, key, None)
+            .map_err(io::Error::other)?;
         let mut out = BytesMut::new();
         self.codec.encode(ClientFrame::Ping(ping), &mut out)?;
         self.send(&out)?;
         match self.next_frame()? {
-            Some(ServerFrame::Pong(pong)) => Ok(pong.auth_ok),
+            Some(ServerFrame::Pong(pong)) => match awaiting.receive_pong(pong) {
+                Ok(_) => Ok(true),
+                Err(ClientHandshakeError::Refused { .. }) => Ok(false),
+                Err(e) => Err(io::Error::other(e)),
+            },
             other => Err(io::Error::other(format!("expected PONG, got {other:?}"))),
         }
     }

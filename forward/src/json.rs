@@ -3,9 +3,9 @@
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine;
 
-use super::frame::read_key;
-use super::msgpack::{parse_head, Head, Reader};
-use super::{malformed, DecodeError, MAX_DEPTH};
+use crate::error::{malformed, DecodeError};
+use crate::limits::MAX_DEPTH;
+use crate::msgpack::{parse_head, read_key, Head, Reader};
 
 /// Appends the JSON object for one raw msgpack record (a map) to `out`.
 ///
@@ -15,7 +15,7 @@ use super::{malformed, DecodeError, MAX_DEPTH};
 /// written as the string of their JSON. On error `out` is left as it was.
 ///
 /// ```
-/// # use sluice_core::forward::*;
+/// # use sluice_forward::*;
 /// let mut entries = Vec::new();
 /// write_entry(&mut entries, EventTime::default(), &[("msg", "héllo".as_bytes()), ("raw", b"\xff")]);
 /// let batch = EventBatch { tag: "t".into(), entries, count: 1, options: Options::default(), hours: Vec::new() };
@@ -258,7 +258,7 @@ pub fn record_value<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::forward::msgpack::{write_array_len, write_bin, write_map_len, write_str};
+    use crate::msgpack::{write_array_len, write_bin, write_map_len, write_str};
 
     fn json(record: &[u8]) -> String {
         let mut out = Vec::new();

@@ -8,9 +8,12 @@
 use bytes::BytesMut;
 use sha2::{Digest, Sha512};
 
-use super::frame::{read_bool, read_bytes, read_key, read_map_len, read_string};
-use super::msgpack::{write_array_len, write_bin, write_bool, write_map_len, write_str, Reader};
-use super::{malformed, DecodeError, MAX_DEPTH};
+use crate::error::{malformed, DecodeError};
+use crate::limits::MAX_DEPTH;
+use crate::msgpack::{
+    read_bool, read_bytes, read_key, read_map_len, read_string, write_array_len, write_bin,
+    write_bool, write_map_len, write_str, Reader,
+};
 
 /// The server's greeting.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -62,7 +65,7 @@ fn sha512_hex(parts: &[&[u8]]) -> String {
 /// server's): `sha512_hex(salt + hostname + nonce + shared_key)`.
 ///
 /// ```
-/// # use sluice_core::forward::shared_key_digest;
+/// # use sluice_forward::shared_key_digest;
 /// let digest = shared_key_digest(b"salt", "client.example.com", b"nonce", "key");
 /// assert_eq!(digest.len(), 128);
 /// ```
@@ -75,13 +78,16 @@ pub fn password_digest(auth_salt: &[u8], username: &str, password: &str) -> Stri
     sha512_hex(&[auth_salt, username.as_bytes(), password.as_bytes()])
 }
 
-/// Compares digests without stopping at the first difference.
-fn digest_eq(a: &str, b: &str) -> bool {
-    a.len() == b.len()
-        && a.bytes()
-            .zip(b.bytes())
-            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-            == 0
+/// Compares secrets (digests, passwords) in time that depends on their lengths only,
+/// never on where the first difference is, so a peer cannot find a digest byte by byte
+/// by timing refusals. Lengths are not secret here: digests are always 128 hex digits.
+pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
+    // black_box keeps the optimiser from turning the fold into an early-exit comparison.
+    std::hint::black_box(diff) == 0
 }
 
 impl Helo {
@@ -171,13 +177,13 @@ impl Ping {
             nonce,
             shared_key,
         );
-        digest_eq(&expected, &self.shared_key_hexdigest)
+        ct_eq(expected.as_bytes(), self.shared_key_hexdigest.as_bytes())
     }
 
     /// Whether the password digest matches `password` for `auth_salt` and the username.
     pub fn password_matches(&self, auth_salt: &[u8], password: &str) -> bool {
         let expected = password_digest(auth_salt, &self.username, password);
-        digest_eq(&expected, &self.password_digest)
+        ct_eq(expected.as_bytes(), self.password_digest.as_bytes())
     }
 
     pub(crate) fn encode(&self, out: &mut BytesMut) {
@@ -235,7 +241,7 @@ impl Pong {
     /// Whether the server knows `shared_key` (the client checks this).
     pub fn shared_key_matches(&self, salt: &[u8], nonce: &[u8], shared_key: &str) -> bool {
         let expected = shared_key_digest(salt, &self.server_hostname, nonce, shared_key);
-        digest_eq(&expected, &self.shared_key_hexdigest)
+        ct_eq(expected.as_bytes(), self.shared_key_hexdigest.as_bytes())
     }
 
     pub(crate) fn encode(&self, out: &mut BytesMut) {

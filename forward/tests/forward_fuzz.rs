@@ -12,7 +12,7 @@
 //!   `max_frame_bytes + 3 × max_decompressed_bytes` + 64 KiB for the inflater, however large
 //!   a length the input declares. A global allocator counts this thread's live bytes.
 //!
-//! `SLUICE_FUZZ_CASES=100000 cargo test -p sluice-core --test forward_fuzz --release`
+//! `SLUICE_FUZZ_CASES=100000 cargo test -p sluice-forward --test forward_fuzz --release`
 //! runs longer; the default takes a few seconds.
 
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -21,7 +21,7 @@ use std::cell::Cell;
 use bytes::BytesMut;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
-use sluice_core::forward::{
+use sluice_forward::{
     encode_compressed_packed_forward, gzip_entries, shared_key_digest, write_entry, ClientCodec,
     ClientFrame, EventTime, Limits, Ping, Provenance, ServerCodec,
 };

@@ -7,11 +7,13 @@
 //!   allocate per element nor recurse. It also reports a lower bound of the bytes an
 //!   incomplete value needs, which lets the codec refuse an oversized frame early.
 //! - [`Reader`] walks a complete buffer value by value; every step is bounds-checked.
-//! - The `write_*` functions encode into any [`BufMut`] and cannot fail.
+//! - The `read_*` functions read one value of an expected type and name the field in
+//!   their errors; the `write_*` functions encode into any [`BufMut`] and cannot fail.
 
 use bytes::BufMut;
 
-use super::DecodeError;
+use crate::error::{malformed, DecodeError};
+use crate::limits::MAX_DEPTH;
 
 /// The largest `max_depth` [`scan`] accepts; deeper limits are clamped to it.
 const SCAN_STACK: usize = 80;
@@ -399,6 +401,71 @@ pub(crate) fn write_map_len(out: &mut impl BufMut, n: usize) {
     } else {
         out.put_u8(0xdf);
         out.put_u32(n);
+    }
+}
+
+// ---- typed readers: one value of an expected type, `what` naming it in errors ----
+
+/// Reads a str (or bin) that must be UTF-8; `what` names the field in errors.
+pub(crate) fn read_string(r: &mut Reader<'_>, what: &str) -> Result<String, DecodeError> {
+    let bytes = read_bytes(r, what)?;
+    String::from_utf8(bytes).map_err(|_| malformed(format!("{what} is not valid UTF-8")))
+}
+
+/// Reads a str or bin as bytes; `what` names the field in errors.
+pub(crate) fn read_bytes(r: &mut Reader<'_>, what: &str) -> Result<Vec<u8>, DecodeError> {
+    let head = r.head()?;
+    match r.bytes_after(head)? {
+        Some(bytes) => Ok(bytes.to_vec()),
+        None => Err(malformed(format!(
+            "{what} is a {}, not a string",
+            head.kind()
+        ))),
+    }
+}
+
+pub(crate) fn read_bool(r: &mut Reader<'_>, what: &str) -> Result<bool, DecodeError> {
+    match r.head()? {
+        Head::Bool(b) => Ok(b),
+        other => Err(malformed(format!(
+            "{what} is a {}, not a bool",
+            other.kind()
+        ))),
+    }
+}
+
+pub(crate) fn read_uint(r: &mut Reader<'_>, what: &str) -> Result<u64, DecodeError> {
+    match r.head()? {
+        Head::Uint(v) => Ok(v),
+        Head::Int(v) if v >= 0 => Ok(v as u64),
+        other => Err(malformed(format!(
+            "{what} is a {}, not an unsigned int",
+            other.kind()
+        ))),
+    }
+}
+
+/// Reads the header of a map (`what` names it), or `None` for nil.
+pub(crate) fn read_map_len(r: &mut Reader<'_>, what: &str) -> Result<Option<usize>, DecodeError> {
+    match r.head()? {
+        Head::Map(n) => Ok(Some(n)),
+        Head::Nil => Ok(None),
+        other => Err(malformed(format!(
+            "{what} is a {}, not a map",
+            other.kind()
+        ))),
+    }
+}
+
+/// Reads a map key; `None` (key consumed) if it is neither str nor bin.
+pub(crate) fn read_key<'a>(r: &mut Reader<'a>) -> Result<Option<&'a [u8]>, DecodeError> {
+    let head = r.head()?;
+    match r.bytes_after(head)? {
+        Some(key) => Ok(Some(key)),
+        None => {
+            r.skip_after(head, MAX_DEPTH)?;
+            Ok(None)
+        }
     }
 }
 

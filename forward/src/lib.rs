@@ -1,4 +1,25 @@
-//! The Fluentd Forward Protocol v1 codec: what an agent sends, what a relay reads back.
+//! The Fluentd Forward Protocol v1 as sluice speaks it: what an agent sends, what a relay
+//! reads back, and the HELO/PING/PONG handshake between them.
+//!
+//! This crate is the wire layer only. It does no I/O of its own: the codecs plug into
+//! `tokio_util::codec`, and the handshake is a state machine ([`ClientHandshake`],
+//! [`ServerHandshake`]) that turns received messages into messages to send, so the
+//! agent, the relay, tests and tools share one implementation whatever socket they use.
+//! It links no TLS, HTTP or metrics crate, so a crate that only reads records (the
+//! parsers plugin) stays small.
+//!
+//! # Modules, bottom up
+//!
+//! Each module imports only modules on a line above its own (`scripts/check-module-cycles`
+//! checks that no two modules import each other, directly or through a chain):
+//!
+//! 1. `error` (what can go wrong), `limits` (how much a peer may send)
+//! 2. `msgpack` (the untrusted-input reader, typed readers, writers), `gzip` (compress,
+//!    and inflate under the decompression cap), `reject` (why a server closes a connection)
+//! 3. `options` (the chunk option map: `size`, `chunk`, `compressed`, provenance)
+//! 4. `batch` (entries and their times), `handshake` (HELO/PING/PONG messages, digests,
+//!    `ct_eq`), `json` (records as JSON)
+//! 5. `auth` (the handshake state machines), `frame` (framing, the four modes, codecs)
 //!
 //! # Wire format
 //!
@@ -44,7 +65,7 @@
 //!
 //! ```
 //! use bytes::BytesMut;
-//! use sluice_core::forward::*;
+//! use sluice_forward::*;
 //! use tokio_util::codec::Decoder;
 //!
 //! let mut entries = Vec::new();
@@ -61,77 +82,36 @@
 //! # Ok::<(), DecodeError>(())
 //! ```
 
+mod auth;
 mod batch;
+mod error;
 mod frame;
+mod gzip;
 mod handshake;
 mod json;
+mod limits;
 mod msgpack;
+mod options;
+mod reject;
 #[cfg(test)]
 mod tests;
 
-use std::io;
-
+pub use auth::{
+    Authenticated, AuthenticatedClient, AwaitingPong, ClientHandshake, ClientHandshakeError,
+    KeyLookup, Refusal, ServerHandshake, SharedKey, Verdict,
+};
 pub use batch::{
     set_entry_time, write_entry, write_entry_header, Entry, EntryIter, EventBatch, EventTime,
     ENTRY_HEADER_LEN,
 };
+pub use error::DecodeError;
 pub use frame::{
-    encode_ack, encode_compressed_packed_forward, gzip_entries, ClientCodec, ClientFrame, Options,
-    Provenance, ServerCodec, ServerFrame,
+    encode_ack, encode_compressed_packed_forward, ClientCodec, ClientFrame, ServerCodec,
+    ServerFrame,
 };
-pub use handshake::{password_digest, shared_key_digest, Helo, Ping, Pong};
+pub use gzip::{gunzip, gzip_entries, Gzip, GzipWriter};
+pub use handshake::{ct_eq, password_digest, shared_key_digest, Helo, Ping, Pong};
 pub use json::{record_field, record_to_json, record_value, FieldValue};
-
-/// How deeply arrays and maps may nest inside one record (the record map is level 1).
-pub const MAX_DEPTH: usize = 64;
-
-/// Size limits for one connection's decoder.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Limits {
-    /// Largest frame, in bytes as it is on the wire.
-    pub max_frame_bytes: usize,
-    /// Largest gunzipped entries of one CompressedPackedForward frame.
-    pub max_decompressed_bytes: usize,
-}
-
-impl Default for Limits {
-    /// 16 MiB frames, 64 MiB decompressed.
-    fn default() -> Self {
-        Limits {
-            max_frame_bytes: 16 << 20,
-            max_decompressed_bytes: 64 << 20,
-        }
-    }
-}
-
-/// Why bytes from a peer could not be decoded. After any of these the connection's
-/// stream is no longer in sync and should be closed.
-#[derive(Debug, thiserror::Error)]
-pub enum DecodeError {
-    #[error("frame too large: at least {at_least} bytes, limit {limit}")]
-    FrameTooLarge { limit: usize, at_least: usize },
-    /// Gunzipped entries, or entries rewritten to canonical form, would pass
-    /// [`Limits::max_decompressed_bytes`].
-    #[error("entries exceed the limit of {limit} bytes once decompressed or made canonical")]
-    DecompressedTooLarge { limit: usize },
-    #[error("malformed frame: {what}")]
-    Malformed { what: String },
-    #[error("values nest deeper than {limit} levels")]
-    NestingTooDeep { limit: usize },
-    #[error("option size is {declared} but the frame holds {actual} entries")]
-    SizeMismatch { declared: u64, actual: usize },
-    #[error("unsupported compression {0:?} (only \"gzip\")")]
-    UnsupportedCompression(String),
-    #[error("corrupt gzip entries: {0}")]
-    Gzip(#[source] io::Error),
-    #[error("not a Forward frame: a {found} where an array was expected")]
-    NotAFrame { found: &'static str },
-    #[error("connection closed inside a frame ({buffered} bytes buffered)")]
-    UnexpectedEof { buffered: usize },
-    #[error(transparent)]
-    Io(#[from] io::Error),
-}
-
-pub(crate) fn malformed(what: impl Into<String>) -> DecodeError {
-    DecodeError::Malformed { what: what.into() }
-}
+pub use limits::{Limits, MAX_DEPTH};
+pub use options::{Options, Provenance};
+pub use reject::RejectReason;

@@ -2,9 +2,10 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use super::frame::Options;
-use super::msgpack::{self, write_map_len, Head, Reader};
-use super::{malformed, DecodeError, MAX_DEPTH};
+use crate::error::{malformed, DecodeError};
+use crate::limits::MAX_DEPTH;
+use crate::msgpack::{self, write_map_len, Head, Reader};
+use crate::options::Options;
 
 const NANOS_PER_SEC: u64 = 1_000_000_000;
 
@@ -97,7 +98,7 @@ impl EventBatch {
     /// The entries one by one; a malformed entry yields one error and ends the iteration.
     ///
     /// ```
-    /// # use sluice_core::forward::*;
+    /// # use sluice_forward::*;
     /// let mut entries = Vec::new();
     /// write_entry(&mut entries, EventTime { secs: 1, nanos: 2 }, &[("k", b"v")]);
     /// let batch = EventBatch { tag: "t".into(), entries, count: 1, options: Options::default(), hours: Vec::new() };
@@ -157,7 +158,7 @@ impl<'a> Iterator for EntryIter<'a> {
 /// Writes the array header and time of one canonical entry; the record map comes next.
 ///
 /// ```
-/// # use sluice_core::forward::*;
+/// # use sluice_forward::*;
 /// let mut out = Vec::new();
 /// write_entry_header(&mut out, EventTime { secs: 1, nanos: 0 });
 /// rmp::encode::write_map_len(&mut out, 0).unwrap();

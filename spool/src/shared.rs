@@ -1,0 +1,30 @@
+//! The state the spool's writer publishes to its readers. In a module of its own so that
+//! the writer (`spool.rs`, which makes readers) and the readers (`reader.rs`) both
+//! depend on it and not on each other.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Mutex, MutexGuard};
+
+/// What the writer shares with readers: the live segments and how many bytes of each
+/// are committed. The newest entry's length is the committed end of the log. A batch
+/// becomes visible only when [`Spool::commit`](crate::Spool::commit) publishes it here.
+pub(crate) struct Shared {
+    pub dir: PathBuf,
+    segments: Mutex<BTreeMap<u64, u64>>,
+}
+
+impl Shared {
+    pub(crate) fn new(dir: PathBuf, segments: BTreeMap<u64, u64>) -> Self {
+        Shared {
+            dir,
+            segments: Mutex::new(segments),
+        }
+    }
+
+    pub(crate) fn segments(&self) -> MutexGuard<'_, BTreeMap<u64, u64>> {
+        // The map is only ever replaced entry by entry; a panic elsewhere cannot leave it
+        // half-updated, so a poisoned lock is still usable.
+        self.segments.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
