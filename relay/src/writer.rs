@@ -12,8 +12,10 @@
 //! the snapshot. Were the snapshot written before that commit, a crash could leave it
 //! ahead of the data, and a resend of the lost tail would be trimmed as a duplicate: lost.
 //!
-//! Backpressure: while the spool is at its size limit the writer stops taking requests;
-//! the channel fills, connections stop reading their sockets, agents stop sending.
+//! Backpressure: once the spool is at its size limit the writer stops taking requests —
+//! at once, also in the middle of gathering a group — so the spool exceeds its limit by
+//! at most the one chunk that crossed it; the channel fills, connections stop reading
+//! their sockets, agents stop sending.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -177,7 +179,11 @@ impl SpoolWriter {
                         group.push((req, result));
                     }
                 }
-                if group.len() < MAX_GROUP {
+                // A full spool ends the group: the requests still queued wait in the
+                // channel until the sinks made room, so the spool overshoots its limit
+                // by at most the one chunk that crossed it, and no chunk is taken (nor
+                // acknowledged) after the writer has seen the spool full.
+                if group.len() < MAX_GROUP && !self.spool.is_full() {
                     next = rx.try_recv().ok();
                 }
             }
@@ -472,5 +478,59 @@ mod tests {
             25,
             "ledger counts from the hours fallback path"
         );
+    }
+
+    /// Requests queued behind the chunk that fills the spool are not taken in the same
+    /// group: they wait, unanswered, and the spool overshoots by at most that one chunk.
+    #[test]
+    fn a_full_spool_ends_the_group_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = SpoolConfig {
+            segment_bytes: 256 << 10,
+            max_bytes: 1 << 20,
+            fsync: FsyncPolicy::Never,
+        };
+        let (spool, _) = sluice_spool::Spool::open(dir.path(), cfg).unwrap();
+        let metrics = Arc::new(RelayMetrics::new());
+        let ledger = Arc::new(Mutex::new(Ledger::default()));
+        let (w, _) = SpoolWriter::recover(spool, ledger, metrics.clone()).unwrap();
+        let (tx, rx) = mpsc::channel(64);
+        let mut replies = Vec::new();
+        let mut record_bytes = 0;
+        for i in 0..12u64 {
+            let b = batch(&format!("s{i}"), 0..20_000);
+            record_bytes = b.entries.len() + 20_000 * 8;
+            let (reply, answer) = oneshot::channel();
+            tx.try_send(WriterMsg::Write(WriteRequest { batch: b, reply }))
+                .unwrap();
+            replies.push(answer);
+        }
+        // Every request is queued before the writer starts: one group could take all.
+        std::thread::spawn(move || w.run(rx));
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while metrics.spool_full.get() != 1 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the spool never filled"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let answered = replies
+            .iter_mut()
+            .map(|r| r.try_recv())
+            .filter(|r| matches!(r, Ok(Ok(_))))
+            .count();
+        let needed = (1usize << 20).div_ceil(record_bytes);
+        assert!(
+            answered <= needed,
+            "{answered} chunks taken, but the spool was full after {needed}"
+        );
+        assert!(answered >= 1);
+        let used = metrics.spool_bytes.get() as usize;
+        assert!(
+            used <= (1 << 20) + record_bytes + 4096,
+            "spool at {used} bytes, over its limit by more than one chunk ({record_bytes})"
+        );
+        drop(tx); // the writer stays parked on the full spool; the test process ends it
     }
 }
