@@ -112,4 +112,3 @@ fn main() -> std::process::ExitCode {
         }
     }
 }
-
