@@ -632,15 +632,5 @@ pub(crate) fn with_defaults<T: serde::de::DeserializeOwned>(required: serde_json
         .unwrap_or_else(|e| panic!("config defaults from {required}: {e}"))
 }
 
-/// The text of a line-per-event file written by a `file` sink, one JSON envelope a line;
-/// a line cut by a kill is skipped.
-pub fn envelopes(path: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
-}
-
 pub use sluice_core::tls::{ClientAuth, ClientTlsFiles, ServerTlsFiles};
 pub use sluice_core::units::{ByteSize, Span};
