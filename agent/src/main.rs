@@ -88,3 +88,4 @@ fn main() -> std::process::ExitCode {
         }
     }
 }
+

@@ -112,3 +112,4 @@ fn main() -> std::process::ExitCode {
         }
     }
 }
+
