@@ -97,7 +97,7 @@ fn users_with_passwords_are_checked_in_the_handshake() {
         let mut spec = RelaySpec::new(dir, "relay-users", certs.server_tls());
         spec.config.server.shared_key = Some("k".into());
         spec.config.server.users = [("alice".to_string(), "s3cret".to_string())].into();
-        spec.config.sinks.push(sink("discard", SinkKind::Discard));
+        spec.config.sinks.push(discard_sink("discard"));
         let mut relay = spec.start();
         let log = dir.join("app.log");
         write_numbered_lines(&log, 1, 10);
