@@ -2,12 +2,23 @@
 //! ports, the real `sluice-relay` and `sluice-agent` binaries as child processes, the
 //! services `scripts/test` started (tansu, moto), and the independent Python readers.
 //!
+//! Configs are the real config types (`sluice_relay::config`, `sluice_agent::config`),
+//! built with test defaults by [`RelaySpec`] and [`AgentSpec`], tweaked by the test as
+//! plain struct fields, and written with `toml::to_string`; [`Relay`] and [`Agent`] are
+//! the running binaries, with their metrics and their lives (kill -9, restart, stop).
+//!
 //! Waiting is always on a condition with a deadline ([`wait_for`]), never a bare sleep.
+
+mod agent;
+mod relay;
+
+pub use agent::*;
+pub use relay::*;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 /// Addresses of the services `scripts/test` started.
@@ -190,10 +201,12 @@ pub fn die_with_test(cmd: &mut Command) -> &mut Command {
     }
 }
 
-/// A running sluice binary; killed on drop if still running.
+/// A running sluice binary; killed on drop if still running. The child sits behind a
+/// mutex so that "is it still running?" can be asked through a shared reference, from
+/// inside a [`wait_for`] condition that also reads the process's metrics.
 pub struct Proc {
     pub name: String,
-    pub child: Option<Child>,
+    child: std::sync::Mutex<Option<Child>>,
     pub log: PathBuf,
 }
 
@@ -210,9 +223,13 @@ impl Proc {
             .unwrap_or_else(|e| panic!("cannot start {binary}: {e}"));
         Proc {
             name: binary.to_string(),
-            child: Some(child),
+            child: std::sync::Mutex::new(Some(child)),
             log: log.to_owned(),
         }
+    }
+
+    fn child(&self) -> std::sync::MutexGuard<'_, Option<Child>> {
+        self.child.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn log_text(&self) -> String {
@@ -220,13 +237,14 @@ impl Proc {
     }
 
     pub fn pid(&self) -> i32 {
-        self.child.as_ref().map(|c| c.id() as i32).unwrap_or(0)
+        self.child().as_ref().map(|c| c.id() as i32).unwrap_or(0)
     }
 
-    /// SIGTERM, then waits for a clean exit.
-    pub fn stop(&mut self, timeout: Duration) {
-        let Some(mut child) = self.child.take() else {
-            return;
+    /// SIGTERM, then waits up to `timeout` for the exit, and returns its status.
+    /// Panics (with the log) when the process does not exit in time.
+    pub fn terminate(&mut self, timeout: Duration) -> ExitStatus {
+        let Some(mut child) = self.child().take() else {
+            panic!("{} is not running", self.name);
         };
         unsafe {
             libc::kill(child.id() as i32, libc::SIGTERM);
@@ -234,13 +252,7 @@ impl Proc {
         let deadline = Instant::now() + timeout;
         loop {
             if let Ok(Some(status)) = child.try_wait() {
-                assert!(
-                    status.success(),
-                    "{} exited with {status}; log:\n{}",
-                    self.name,
-                    self.log_text()
-                );
-                return;
+                return status;
             }
             if Instant::now() > deadline {
                 let _ = child.kill();
@@ -255,19 +267,45 @@ impl Proc {
         }
     }
 
+    /// SIGTERM, then waits for a clean exit (status 0; anything else panics with the log).
+    /// Does nothing when the process is not running.
+    pub fn stop(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        if self.child().is_none() {
+            return None;
+        }
+        let status = self.terminate(timeout);
+        assert!(
+            status.success(),
+            "{} exited with {status}; log:\n{}",
+            self.name,
+            self.log_text()
+        );
+        Some(status)
+    }
+
     /// kill -9.
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
+        if let Some(mut child) = self.child().take() {
             let _ = child.kill();
             let _ = child.wait();
         }
     }
 
-    pub fn is_running(&mut self) -> bool {
-        match &mut self.child {
+    pub fn is_running(&self) -> bool {
+        match self.child().as_mut() {
             Some(c) => matches!(c.try_wait(), Ok(None)),
             None => false,
         }
+    }
+
+    /// Panics with the log when the process has exited.
+    pub fn assert_running(&self) {
+        assert!(
+            self.is_running(),
+            "{} exited; log:\n{}",
+            self.name,
+            self.log_text()
+        );
     }
 }
 
@@ -278,17 +316,12 @@ impl Drop for Proc {
 }
 
 /// Waits until something accepts TCP connections on `addr`.
-pub fn wait_listening(addr: SocketAddr, proc_: &mut Proc) {
+pub fn wait_listening(addr: SocketAddr, proc_: &Proc) {
     wait_for(
         &format!("{} to listen on {addr}", proc_.name),
         Duration::from_secs(30),
         || {
-            assert!(
-                proc_.is_running(),
-                "{} exited early; log:\n{}",
-                proc_.name,
-                proc_.log_text()
-            );
+            proc_.assert_running();
             TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
         },
     );
@@ -544,58 +577,60 @@ pub fn plain_log(path: &Path) -> String {
     out
 }
 
-/// A relay over TLS whose only sink is `file`: every event's JSON envelope, one per line,
-/// in `out`. For tests that need no Kafka or S3.
-pub struct FileRelay {
-    pub proc_: Proc,
-    pub forward: SocketAddr,
-    pub metrics: SocketAddr,
-    pub out: PathBuf,
-}
-
-impl FileRelay {
-    pub fn start(dir: &Path, certs: &Certs) -> FileRelay {
-        let (config, forward, metrics, out) = FileRelay::write_config(dir, certs);
-        let mut proc_ = Proc::start("sluice-relay", &config, &dir.join("relay.log"));
-        wait_listening(forward, &mut proc_);
-        FileRelay {
-            proc_,
-            forward,
-            metrics,
-            out,
-        }
+impl Certs {
+    /// The relay's side: this server certificate and key.
+    pub fn server_tls(&self) -> ServerTlsFiles {
+        server_tls(&self.cert, &self.key)
     }
 
-    /// Writes `dir`/relay.toml: Forward over TLS on a free port, a `file` sink. Returns
-    /// the config's path, the Forward and metrics addresses and the sink's output file.
-    pub fn write_config(dir: &Path, certs: &Certs) -> (PathBuf, SocketAddr, SocketAddr, PathBuf) {
-        let forward: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let out = dir.join("relay-out.ndjson");
-        let text = format!(
-            "[relay]\nid = \"relay-file\"\ndata_dir = \"{data}\"\nshutdown_timeout = \"20s\"\n\n\
-             [server]\nlisten = \"{forward}\"\nack = \"spool\"\n\
-             tls = {{ cert = \"{cert}\", key = \"{key}\" }}\n\n\
-             [spool]\nsegment_size = \"16 MiB\"\nmax_size = \"2 GiB\"\n\n\
-             [metrics]\nlisten = \"{metrics}\"\n\n\
-             [[sink]]\nname = \"file\"\ntype = \"file\"\npath = \"{out}\"\n",
-            data = dir.join("relay-data").display(),
-            cert = certs.cert.display(),
-            key = certs.key.display(),
-            out = out.display(),
-        );
-        let config = dir.join("relay.toml");
-        std::fs::write(&config, text).expect("relay config");
-        (config, forward, metrics, out)
-    }
-
-    /// Events the file sink wrote.
-    pub fn delivered(&self) -> u64 {
-        metric(
-            self.metrics,
-            "sluice_relay_sink_events_total",
-            "sink=\"file\"",
-        )
-        .unwrap_or(0.0) as u64
+    /// The agent's side: trust this CA, and check the relay's certificate for `localhost`.
+    pub fn client_tls(&self) -> ClientTlsFiles {
+        client_tls(&self.ca)
     }
 }
+
+impl Issued {
+    /// This certificate and key as a relay's server certificate.
+    pub fn server_tls(&self) -> ServerTlsFiles {
+        server_tls(&self.cert, &self.key)
+    }
+}
+
+impl TestCa {
+    /// The agent's side: trust this CA, and check the relay's certificate for `localhost`.
+    pub fn client_tls(&self) -> ClientTlsFiles {
+        client_tls(&self.ca)
+    }
+}
+
+fn server_tls(cert: &Path, key: &Path) -> ServerTlsFiles {
+    ServerTlsFiles {
+        cert: cert.to_owned(),
+        key: key.to_owned(),
+        client_ca: None,
+        client_auth: ClientAuth::None,
+    }
+}
+
+fn client_tls(ca: &Path) -> ClientTlsFiles {
+    ClientTlsFiles {
+        ca: Some(ca.to_owned()),
+        server_name: Some("localhost".into()),
+        ..ClientTlsFiles::default()
+    }
+}
+
+/// A free loopback address (see [`free_port`]).
+pub fn loopback() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], free_port()))
+}
+
+/// A config struct whose required keys are `required` and all others the crate's own
+/// serde defaults, so a test starts from exactly what an operator's minimal config gets.
+pub(crate) fn with_defaults<T: serde::de::DeserializeOwned>(required: serde_json::Value) -> T {
+    serde_json::from_value(required.clone())
+        .unwrap_or_else(|e| panic!("config defaults from {required}: {e}"))
+}
+
+pub use sluice_core::tls::{ClientAuth, ClientTlsFiles, ServerTlsFiles};
+pub use sluice_core::units::{ByteSize, Span};

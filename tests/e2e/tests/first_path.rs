@@ -2,117 +2,42 @@
 //! Kafka (tansu) and S3 (moto) at the same time, checked by independent readers
 //! (confluent-kafka, boto3) and by the relay's own ledger and `reconcile`.
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
 use sluice_e2e::*;
 
-struct Relay {
-    proc_: Proc,
-    forward: SocketAddr,
-    metrics: SocketAddr,
-    config: std::path::PathBuf,
-    data_dir: std::path::PathBuf,
-}
-
-fn relay_config(
+fn relay(
     dir: &Path,
     certs: &Certs,
     svc: &Services,
     topic: &str,
     bucket: &str,
-    ack: &str,
-) -> (String, SocketAddr, SocketAddr) {
-    let forward: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let text = format!(
-        r#"
-[relay]
-id = "relay-test"
-data_dir = "{data}"
-shutdown_timeout = "20s"
-
-[server]
-listen = "{forward}"
-ack = "{ack}"
-tls = {{ cert = "{cert}", key = "{key}" }}
-
-[spool]
-segment_size = "4 MiB"
-max_size = "1 GiB"
-
-[metrics]
-listen = "{metrics}"
-
-[[sink]]
-name = "kafka"
-type = "kafka"
-brokers = "{kafka}"
-topic = "{topic}"
-
-[[sink]]
-name = "s3"
-type = "object_store"
-url = "s3://{bucket}"
-prefix = "logs"
-max_object_age = "1s"
-options = {{ endpoint = "{s3}", allow_http = "true", region = "us-east-1" }}
-"#,
-        data = dir.join("relay-data").display(),
-        cert = certs.cert.display(),
-        key = certs.key.display(),
-        kafka = svc.kafka,
-        s3 = svc.s3_endpoint,
-    );
-    (text, forward, metrics)
+    ack: AckMode,
+) -> Relay {
+    let mut spec = RelaySpec::new(dir, "relay-test", certs.server_tls());
+    spec.config.relay.shutdown_timeout = Span::secs(20);
+    spec.config.server.ack = ack;
+    spec.config.spool.segment_size = ByteSize::mib(4);
+    spec.config.spool.max_size = ByteSize::gib(1);
+    spec.config.sinks.push(svc.kafka_sink(topic));
+    spec.config.sinks.push(svc.s3_sink(bucket));
+    spec.start()
 }
 
-fn start_relay(dir: &Path, text: String, forward: SocketAddr, metrics: SocketAddr) -> Relay {
-    let config = dir.join("relay.toml");
-    std::fs::write(&config, text).unwrap();
-    let mut proc_ = Proc::start("sluice-relay", &config, &dir.join("relay.log"));
-    wait_listening(forward, &mut proc_);
-    Relay {
-        proc_,
-        forward,
-        metrics,
-        config,
-        data_dir: dir.join("relay-data"),
-    }
-}
-
-fn agent_config(dir: &Path, relay: SocketAddr, ca: &Path, log_glob: &str) -> std::path::PathBuf {
-    let text = format!(
-        r#"
-[agent]
-id = "agent-test"
-data_dir = "{data}"
-
-[[input]]
-type = "tail"
-name = "app"
-tag = "app.log"
-include = ["{log_glob}"]
-
-[output]
-relays = ["{relay}"]
-tls = {{ ca = "{ca}", server_name = "localhost" }}
-chunk_size = "256 KiB"
-chunk_age = "200ms"
-in_flight = 8
-retry_max = "1s"
-
-[metrics]
-listen = "127.0.0.1:{mport}"
-"#,
-        data = dir.join("agent-data").display(),
-        ca = ca.display(),
-        mport = free_port(),
+fn agent(dir: &Path, relay: &Relay, ca_certs: &Certs, log: &Path) -> Agent {
+    let mut spec = AgentSpec::new(
+        dir,
+        "agent-test",
+        &[relay.forward],
+        ca_certs.client_tls(),
+        &log.display().to_string(),
     );
-    let path = dir.join("agent.toml");
-    std::fs::write(&path, text).unwrap();
-    path
+    spec.config.output.chunk_size = ByteSize::kib(256);
+    spec.config.output.chunk_age = Span::millis(200);
+    spec.config.output.in_flight = 8;
+    spec.config.output.retry_max = Span::secs(1);
+    spec.start()
 }
 
 #[test]
@@ -126,51 +51,22 @@ fn hundred_thousand_lines_reach_kafka_and_s3_exactly_once() {
     svc.create_topic(&topic, 3);
     svc.create_bucket(&bucket);
 
-    let (text, forward, metrics) =
-        relay_config(dir.path(), &certs, &svc, &topic, &bucket, "end_to_end");
-    let mut relay = start_relay(dir.path(), text, forward, metrics);
+    let mut relay = relay(dir.path(), &certs, &svc, &topic, &bucket, AckMode::EndToEnd);
 
     let log = dir.path().join("app.log");
     write_numbered_lines(&log, 1, LINES);
-    let agent_cfg = agent_config(
-        dir.path(),
-        relay.forward,
-        &certs.ca,
-        &log.display().to_string(),
-    );
-    let mut agent = Proc::start("sluice-agent", &agent_cfg, &dir.path().join("agent.log"));
+    let mut agent = agent(dir.path(), &relay, &certs, &log);
 
-    wait_for(
+    relay.wait(
         "both sinks to deliver every line",
         Duration::from_secs(180),
         || {
-            assert!(
-                agent.is_running(),
-                "agent exited; log:\n{}",
-                agent.log_text()
-            );
-            assert!(
-                relay.proc_.is_running(),
-                "relay exited; log:\n{}",
-                relay.proc_.log_text()
-            );
-            let k = metric(
-                relay.metrics,
-                "sluice_relay_sink_events_total",
-                "sink=\"kafka\"",
-            )
-            .unwrap_or(0.0);
-            let s = metric(
-                relay.metrics,
-                "sluice_relay_sink_events_total",
-                "sink=\"s3\"",
-            )
-            .unwrap_or(0.0);
-            k >= LINES as f64 && s >= LINES as f64
+            agent.assert_running();
+            relay.delivered("kafka") >= LINES && relay.delivered("s3") >= LINES
         },
     );
     agent.stop(Duration::from_secs(30));
-    relay.proc_.stop(Duration::from_secs(60));
+    relay.stop(Duration::from_secs(60));
 
     // Independent readers: not our code.
     let kafka = svc.kafka_summary(&topic, LINES);
@@ -198,7 +94,7 @@ fn hundred_thousand_lines_reach_kafka_and_s3_exactly_once() {
 
     // The relay's own counts agree.
     let ledger: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(relay.data_dir.join("ledger.json")).unwrap())
+        serde_json::from_slice(&std::fs::read(relay.data_dir().join("ledger.json")).unwrap())
             .unwrap();
     let total = |v: &serde_json::Value| -> u64 {
         v.as_object()
@@ -229,7 +125,7 @@ fn hundred_thousand_lines_reach_kafka_and_s3_exactly_once() {
     // And `reconcile`, reading Kafka and the bucket itself, says so too.
     let out = std::process::Command::new(bin("sluice-relay"))
         .args(["--config"])
-        .arg(&relay.config)
+        .arg(&relay.config_path)
         .arg("reconcile")
         .env("AWS_ACCESS_KEY_ID", "testing")
         .env("AWS_SECRET_ACCESS_KEY", "testing")
@@ -244,8 +140,7 @@ fn hundred_thousand_lines_reach_kafka_and_s3_exactly_once() {
     assert!(report.contains("all sinks agree"), "{report}");
 
     // The checkpoint reached the end of the file only through acknowledgements.
-    let checkpoints =
-        std::fs::read_to_string(dir.path().join("agent-data/checkpoints.json")).unwrap();
+    let checkpoints = agent.checkpoints();
     let size = std::fs::metadata(&log).unwrap().len();
     assert!(
         checkpoints.contains(&format!("\"offset\":{size}"))
@@ -263,20 +158,19 @@ fn agent_refuses_a_relay_it_cannot_verify() {
     let topic = unique_name("untrusted");
     let bucket = unique_name("untrusted");
     svc.create_bucket(&bucket);
-    let (text, forward, metrics) =
-        relay_config(dir.path(), &relay_certs, &svc, &topic, &bucket, "spool");
-    let relay = start_relay(dir.path(), text, forward, metrics);
+    let relay = relay(
+        dir.path(),
+        &relay_certs,
+        &svc,
+        &topic,
+        &bucket,
+        AckMode::Spool,
+    );
 
     let log = dir.path().join("app.log");
     write_numbered_lines(&log, 1, 100);
     // The agent trusts a different CA than the one that signed the relay's certificate.
-    let agent_cfg = agent_config(
-        dir.path(),
-        relay.forward,
-        &other_ca.ca,
-        &log.display().to_string(),
-    );
-    let mut agent = Proc::start("sluice-agent", &agent_cfg, &dir.path().join("agent.log"));
+    let mut agent = agent(dir.path(), &relay, &other_ca, &log);
     wait_for(
         "the agent to report the certificate problem",
         Duration::from_secs(30),
@@ -296,24 +190,12 @@ fn agent_refuses_a_relay_it_cannot_verify() {
     wait_for(
         "the relay to count the failed handshake",
         Duration::from_secs(10),
-        || {
-            metric(
-                relay.metrics,
-                "sluice_relay_connections_rejected_total",
-                "reason=\"tls\"",
-            )
-            .unwrap_or(0.0)
-                >= 1.0
-        },
+        || relay.rejected("tls") >= 1.0,
     );
-    assert_eq!(
-        metric(relay.metrics, "sluice_relay_events_received_total", "").unwrap_or(0.0),
-        0.0
-    );
+    assert_eq!(relay.received(), 0);
     agent.stop(Duration::from_secs(20));
     // Nothing was acknowledged, so nothing was checkpointed past the start.
-    let checkpoints =
-        std::fs::read_to_string(dir.path().join("agent-data/checkpoints.json")).unwrap_or_default();
+    let checkpoints = agent.checkpoints();
     let size = std::fs::metadata(&log).unwrap().len();
     assert!(
         !checkpoints.contains(&format!("\"offset\":{size}")),

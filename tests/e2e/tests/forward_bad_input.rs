@@ -9,7 +9,7 @@
 mod forward_common;
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::TcpStream;
 use std::time::Duration;
 
 use forward_common::*;
@@ -18,7 +18,7 @@ use sluice_e2e::*;
 #[test]
 fn random_bytes_close_only_that_connection() {
     let s = setup();
-    let relay = start_relay(s.dir.path(), &s.server, RelayOptions::default());
+    let relay = start_relay(s.dir.path(), &s.server);
     let files = tls_files(&s.ca.ca, None, "localhost");
 
     let mut bad = Conn::connect(relay.forward, &files).unwrap();
@@ -39,7 +39,7 @@ fn random_bytes_close_only_that_connection() {
 #[test]
 fn truncated_frame_closes_only_that_connection() {
     let s = setup();
-    let relay = start_relay(s.dir.path(), &s.server, RelayOptions::default());
+    let relay = start_relay(s.dir.path(), &s.server);
     let files = tls_files(&s.ca.ca, None, "localhost");
 
     let mut bad = Conn::connect(relay.forward, &files).unwrap();
@@ -57,7 +57,7 @@ fn truncated_frame_closes_only_that_connection() {
     good_client_still_served(&relay, &files, None);
     wait_delivered(&relay, "before-cut-", 100);
     assert!(
-        delivered(&relay.sink, "cut-").is_empty(),
+        delivered(&relay.sink_file("file"), "cut-").is_empty(),
         "half a frame is nothing"
     );
 }
@@ -65,7 +65,7 @@ fn truncated_frame_closes_only_that_connection() {
 #[test]
 fn oversized_frame_is_refused_before_it_is_buffered() {
     let s = setup();
-    let relay = start_relay(s.dir.path(), &s.server, RelayOptions::default());
+    let relay = start_relay(s.dir.path(), &s.server);
     let files = tls_files(&s.ca.ca, None, "localhost");
 
     let mut bad = Conn::connect(relay.forward, &files).unwrap();
@@ -93,14 +93,9 @@ fn oversized_frame_is_refused_before_it_is_buffered() {
 #[test]
 fn wrong_shared_key_is_refused() {
     let s = setup();
-    let relay = start_relay(
-        s.dir.path(),
-        &s.server,
-        RelayOptions {
-            shared_key: Some("the right key"),
-            ..Default::default()
-        },
-    );
+    let mut spec = relay_spec(s.dir.path(), &s.server);
+    spec.config.server.shared_key = Some("the right key".into());
+    let relay = spec.start();
     let files = tls_files(&s.ca.ca, None, "localhost");
 
     let mut bad = Conn::connect(relay.forward, &files).unwrap();
@@ -117,17 +112,19 @@ fn wrong_shared_key_is_refused() {
     good_client_still_served(&relay, &files, Some("the right key"));
 }
 
+/// A relay that requires client certificates signed by the test CA.
+fn mutual_tls_relay(s: &Setup) -> Relay {
+    let mut spec = relay_spec(s.dir.path(), &s.server);
+    let tls = spec.config.server.tls.as_mut().unwrap();
+    tls.client_ca = Some(s.ca.ca.clone());
+    tls.client_auth = ClientAuth::Required;
+    spec.start()
+}
+
 #[test]
 fn relay_refuses_an_expired_client_certificate() {
     let s = setup();
-    let relay = start_relay(
-        s.dir.path(),
-        &s.server,
-        RelayOptions {
-            client_ca: Some(&s.ca.ca),
-            ..Default::default()
-        },
-    );
+    let relay = mutual_tls_relay(&s);
     let expired = s.ca.issue("client-expired", &["agent-1"], true);
     let valid = s.ca.issue("client-valid", &["agent-2"], false);
 
@@ -142,20 +139,13 @@ fn relay_refuses_an_expired_client_certificate() {
         &tls_files(&s.ca.ca, Some(&valid), "localhost"),
         None,
     );
-    assert!(delivered(&relay.sink, "expired-").is_empty());
+    assert!(delivered(&relay.sink_file("file"), "expired-").is_empty());
 }
 
 #[test]
 fn relay_refuses_a_client_certificate_from_an_unknown_ca() {
     let s = setup();
-    let relay = start_relay(
-        s.dir.path(),
-        &s.server,
-        RelayOptions {
-            client_ca: Some(&s.ca.ca),
-            ..Default::default()
-        },
-    );
+    let relay = mutual_tls_relay(&s);
     let stranger_ca = TestCa::new(s.dir.path(), "stranger");
     let stranger = stranger_ca.issue("client-stranger", &["agent-x"], false);
     let valid = s.ca.issue("client-valid", &["agent-2"], false);
@@ -171,13 +161,13 @@ fn relay_refuses_a_client_certificate_from_an_unknown_ca() {
         &tls_files(&s.ca.ca, Some(&valid), "localhost"),
         None,
     );
-    assert!(delivered(&relay.sink, "stranger-").is_empty());
+    assert!(delivered(&relay.sink_file("file"), "stranger-").is_empty());
 }
 
 #[test]
 fn client_that_does_not_trust_the_relay_ca_is_reported() {
     let s = setup();
-    let relay = start_relay(s.dir.path(), &s.server, RelayOptions::default());
+    let relay = start_relay(s.dir.path(), &s.server);
     let other = TestCa::new(s.dir.path(), "other");
 
     let (peer, err) = refused(
@@ -194,7 +184,7 @@ fn client_that_does_not_trust_the_relay_ca_is_reported() {
 #[test]
 fn hostname_mismatch_is_refused_by_the_client_and_reported_by_the_relay() {
     let s = setup();
-    let relay = start_relay(s.dir.path(), &s.server, RelayOptions::default());
+    let relay = start_relay(s.dir.path(), &s.server);
 
     let (peer, err) = refused(
         relay.forward,
@@ -213,7 +203,7 @@ fn hostname_mismatch_is_refused_by_the_client_and_reported_by_the_relay() {
 #[test]
 fn plaintext_to_the_tls_port_is_named_as_such() {
     let s = setup();
-    let relay = start_relay(s.dir.path(), &s.server, RelayOptions::default());
+    let relay = start_relay(s.dir.path(), &s.server);
 
     let mut plain = TcpStream::connect(relay.forward).unwrap();
     plain
@@ -228,7 +218,7 @@ fn plaintext_to_the_tls_port_is_named_as_such() {
     let line = relay.expect_rejected(Some(peer), "plaintext", "not TLS");
     assert!(line.contains("a plain Forward frame"), "{line}");
     good_client_still_served(&relay, &tls_files(&s.ca.ca, None, "localhost"), None);
-    assert!(delivered(&relay.sink, "plain-").is_empty());
+    assert!(delivered(&relay.sink_file("file"), "plain-").is_empty());
 }
 
 /// The agent refuses a relay whose certificate expired, says why, and keeps its lines;
@@ -240,58 +230,36 @@ fn agent_refuses_an_expired_relay_certificate_until_it_is_replaced() {
     let dir = tempfile::tempdir().unwrap();
     let ca = TestCa::new(dir.path(), "relay");
     let expired = ca.issue("server", &["localhost", "127.0.0.1"], true);
-    let relay = start_relay(dir.path(), &expired, RelayOptions::default());
+    let relay = start_relay(dir.path(), &expired);
 
     let log = dir.path().join("app.log");
     write_numbered_lines(&log, 1, LINES);
-    let agent_metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let agent_cfg = dir.path().join("agent.toml");
-    std::fs::write(
-        &agent_cfg,
-        format!(
-            r#"
-[agent]
-id = "agent-expiry"
-data_dir = "{data}"
-
-[[input]]
-type = "tail"
-name = "app"
-tag = "app.log"
-include = ["{log}"]
-
-[output]
-relays = ["{relay}"]
-tls = {{ ca = "{ca}", server_name = "localhost" }}
-chunk_age = "200ms"
-retry_max = "500ms"
-
-[metrics]
-listen = "{agent_metrics}"
-"#,
-            data = dir.path().join("agent-data").display(),
-            log = log.display(),
-            relay = relay.forward,
-            ca = ca.ca.display(),
-        ),
-    )
-    .unwrap();
-    let agent = Proc::start("sluice-agent", &agent_cfg, &dir.path().join("agent.log"));
+    let mut spec = AgentSpec::new(
+        dir.path(),
+        "agent-expiry",
+        &[relay.forward],
+        ca.client_tls(),
+        &log.display().to_string(),
+    );
+    spec.config.output.chunk_age = Span::millis(200);
+    spec.config.output.retry_max = Span::millis(500);
+    let agent = spec.spawn();
     wait_for(
         "the agent to refuse the expired certificate",
         Duration::from_secs(30),
-        || plain_log(&agent.log).contains("TLS handshake with the relay failed"),
+        || {
+            agent
+                .plain_log()
+                .contains("TLS handshake with the relay failed")
+        },
     );
-    let agent_log = plain_log(&agent.log);
+    let agent_log = agent.plain_log();
     assert!(
         agent_log.contains("Expired") || agent_log.contains("expired"),
         "{agent_log}"
     );
     relay.expect_rejected(None, "tls", "alert CertificateExpired");
-    assert_eq!(
-        metric(relay.metrics, "sluice_relay_events_received_total", "").unwrap_or(0.0),
-        0.0
-    );
+    assert_eq!(relay.received(), 0);
 
     // Rotate: a valid certificate under the same file names; the relay is not restarted.
     let fresh = ca.issue("server-fresh", &["localhost", "127.0.0.1"], false);
@@ -299,19 +267,11 @@ listen = "{agent_metrics}"
     std::fs::copy(&fresh.cert, &expired.cert).unwrap();
     wait_delivered_numbered(&relay, LINES);
     assert!(
-        relay.log().contains("TLS certificate reloaded"),
+        relay.plain_log().contains("TLS certificate reloaded"),
         "{}",
-        relay.log()
+        relay.plain_log()
     );
-    assert!(
-        metric(
-            agent_metrics,
-            "sluice_agent_relay_errors_total",
-            "reason=\"tls\""
-        )
-        .unwrap_or(0.0)
-            >= 1.0
-    );
+    assert!(agent.counter("sluice_agent_relay_errors_total", "reason=\"tls\"") >= 1.0);
 }
 
 /// Waits until the file sink holds every numbered line 1..=count of [`write_numbered_lines`].
@@ -319,6 +279,6 @@ fn wait_delivered_numbered(relay: &Relay, count: u64) {
     wait_for(
         &format!("{count} numbered lines in the file sink"),
         Duration::from_secs(60),
-        || delivered(&relay.sink, "line ").len() as u64 == count,
+        || delivered(&relay.sink_file("file"), "line ").len() as u64 == count,
     );
 }

@@ -8,7 +8,6 @@
 //! with `chunk` ids and waits for every `{"ack": ...}`, as Fluentd's out_forward does with
 //! `require_ack_response`.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use sluice_e2e::*;
@@ -23,49 +22,13 @@ fn fluent_logger_events_reach_kafka_and_s3() {
     svc.create_topic(&topic, 2);
     svc.create_bucket(&bucket);
 
-    let forward: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let config = dir.path().join("relay.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"
-[relay]
-id = "relay-interop"
-data_dir = "{data}"
+    let mut spec = RelaySpec::insecure(dir.path(), "relay-interop");
+    spec.config.server.ack = AckMode::EndToEnd;
+    spec.config.sinks.push(svc.kafka_sink(&topic));
+    spec.config.sinks.push(svc.s3_sink(&bucket));
+    let mut relay = spec.start();
 
-[server]
-listen = "{forward}"
-insecure = true
-ack = "end_to_end"
-
-[metrics]
-listen = "{metrics}"
-
-[[sink]]
-name = "kafka"
-type = "kafka"
-brokers = "{kafka}"
-topic = "{topic}"
-
-[[sink]]
-name = "s3"
-type = "object_store"
-url = "s3://{bucket}"
-prefix = "logs"
-max_object_age = "1s"
-options = {{ endpoint = "{s3}", allow_http = "true", region = "us-east-1" }}
-"#,
-            data = dir.path().join("relay-data").display(),
-            kafka = svc.kafka,
-            s3 = svc.s3_endpoint,
-        ),
-    )
-    .unwrap();
-    let mut relay = Proc::start("sluice-relay", &config, &dir.path().join("relay.log"));
-    wait_listening(forward, &mut relay);
-
-    let port = forward.port().to_string();
+    let port = relay.forward.port().to_string();
     let started = std::time::Instant::now();
     let plain = svc.py(
         "fluent_send.py",
@@ -105,21 +68,10 @@ options = {{ endpoint = "{s3}", allow_http = "true", region = "us-east-1" }}
     eprintln!("sent {} events in {:?}", 2 * PER_MODE, started.elapsed());
 
     let total = 2 * PER_MODE;
-    wait_for(
+    relay.wait(
         "both sinks to deliver every event",
         Duration::from_secs(120),
-        || {
-            assert!(relay.is_running(), "relay exited:\n{}", relay.log_text());
-            let delivered = |sink: &str| {
-                metric(
-                    metrics,
-                    "sluice_relay_sink_events_total",
-                    &format!("sink=\"{sink}\""),
-                )
-                .unwrap_or(0.0)
-            };
-            delivered("kafka") >= total as f64 && delivered("s3") >= total as f64
-        },
+        || relay.delivered("kafka") >= total && relay.delivered("s3") >= total,
     );
     eprintln!("delivered after {:?}", started.elapsed());
     relay.stop(Duration::from_secs(60));
@@ -150,6 +102,6 @@ options = {{ endpoint = "{s3}", allow_http = "true", region = "us-east-1" }}
         assert_eq!(per_tag("interop.acked"), PER_MODE, "{name}: {summary}");
     }
     // Nobody was turned away.
-    let log = plain_log(&dir.path().join("relay.log"));
+    let log = relay.plain_log();
     assert!(!log.contains("WARN sluice_relay::server"), "{log}");
 }

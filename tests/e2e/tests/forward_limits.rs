@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use forward_common::*;
 use sluice_core::tls::load_certs;
+use sluice_e2e::*;
 use sluice_forward::{
     write_entry, ClientCodec, ClientFrame, EventBatch, EventTime, Options, ServerFrame,
 };
@@ -49,15 +50,13 @@ fn rate_limit_slows_one_client_by_backpressure_and_not_the_others() {
     const CHUNKS: u64 = 16;
     const PER_CHUNK: u64 = 64; // events of ~1 KiB: 64 KiB chunks, 1 MiB in all
     let s = setup();
-    let relay = start_relay(
-        s.dir.path(),
-        &s.server,
-        RelayOptions {
-            shared_key: Some("k"),
-            server_extra: r#"rate_limit = { bytes_per_sec = "256 KiB", burst = "64 KiB" }"#,
-            ..Default::default()
-        },
-    );
+    let mut spec = relay_spec(s.dir.path(), &s.server);
+    spec.config.server.shared_key = Some("k".into());
+    spec.config.server.rate_limit = Some(RateLimit {
+        bytes_per_sec: ByteSize::kib(256),
+        burst: Some(ByteSize::kib(64)),
+    });
+    let relay = spec.start();
     let files = tls_files(&s.ca.ca, None, "localhost");
 
     let greedy = {
@@ -114,24 +113,23 @@ fn rate_limit_slows_one_client_by_backpressure_and_not_the_others() {
     wait_delivered(&relay, "greedy-", CHUNKS * PER_CHUNK);
     wait_delivered(&relay, "modest-", 100);
     assert!(
-        !relay.log().contains("WARN sluice_relay::server"),
+        !relay.plain_log().contains("WARN sluice_relay::server"),
         "{}",
-        relay.log()
+        relay.plain_log()
     );
+}
+
+fn client_keys_of_a() -> std::collections::BTreeMap<String, String> {
+    [("agent-a".to_string(), "key of a".to_string())].into()
 }
 
 #[test]
 fn per_client_shared_keys() {
     let s = setup();
-    let relay = start_relay(
-        s.dir.path(),
-        &s.server,
-        RelayOptions {
-            shared_key: Some("common key"),
-            server_extra: r#"client_keys = { "agent-a" = "key of a" }"#,
-            ..Default::default()
-        },
-    );
+    let mut spec = relay_spec(s.dir.path(), &s.server);
+    spec.config.server.shared_key = Some("common key".into());
+    spec.config.server.client_keys = client_keys_of_a();
+    let relay = spec.start();
     let files = tls_files(&s.ca.ca, None, "localhost");
     let auth = |hostname: &str, key: &str| -> (bool, std::net::SocketAddr) {
         let mut conn = Conn::connect(relay.forward, &files).unwrap();
@@ -163,14 +161,9 @@ fn per_client_shared_keys() {
 
     // Without a common key, a hostname that has none of its own is refused.
     let dir2 = tempfile::tempdir().unwrap();
-    let strict = start_relay(
-        dir2.path(),
-        &s.server,
-        RelayOptions {
-            server_extra: r#"client_keys = { "agent-a" = "key of a" }"#,
-            ..Default::default()
-        },
-    );
+    let mut spec = relay_spec(dir2.path(), &s.server);
+    spec.config.server.client_keys = client_keys_of_a();
+    let strict = spec.start();
     let mut conn = Conn::connect(strict.forward, &files).unwrap();
     assert!(!conn.authenticate_as("stranger", "anything").unwrap());
     strict.expect_rejected(Some(conn.local), "auth", "unknown client");
@@ -184,7 +177,7 @@ fn per_client_shared_keys() {
 #[test]
 fn replaced_certificate_files_are_served_to_new_connections_without_restart() {
     let s = setup();
-    let relay = start_relay(s.dir.path(), &s.server, RelayOptions::default());
+    let relay = start_relay(s.dir.path(), &s.server);
     let files = tls_files(&s.ca.ca, None, "localhost");
     let served =
         |conn: &Conn| -> Vec<u8> { conn.tls.conn.peer_certificates().unwrap()[0].to_vec() };
@@ -211,9 +204,9 @@ fn replaced_certificate_files_are_served_to_new_connections_without_restart() {
     wait_delivered(&relay, "new-", 10);
     wait_delivered(&relay, "old-", 10);
     assert!(
-        relay.log().contains("TLS certificate reloaded"),
+        relay.plain_log().contains("TLS certificate reloaded"),
         "{}",
-        relay.log()
+        relay.plain_log()
     );
-    assert!(relay.proc_.child.is_some(), "same process");
+    assert_eq!(relay.logs().len(), 1, "same process");
 }

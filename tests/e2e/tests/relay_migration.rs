@@ -3,151 +3,33 @@
 //! tailing: add Kafka from "now", pause S3, resume S3 (it catches up from the spool),
 //! remove Kafka. The independent readers then show exactly which lines each side holds.
 
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use sluice_e2e::*;
 
 const N: u64 = 5_000;
 
-struct Relay {
-    dir: PathBuf,
-    certs: Certs,
-    forward: SocketAddr,
-    metrics: SocketAddr,
-    config: PathBuf,
-    proc_: Option<Proc>,
-    lives: usize,
+/// The S3 sink of every phase: no prefix, objects after half a second.
+fn s3_sink(svc: &Services, bucket: &str, enabled: bool) -> SinkConfig {
+    let mut s3 = svc.s3_sink(bucket);
+    s3.common.enabled = enabled;
+    s3.object_store().prefix = String::new();
+    s3.object_store().max_object_age = Span::millis(500);
+    s3
 }
 
-impl Relay {
-    fn start(&mut self, sinks: &str) {
-        let text = format!(
-            r#"
-[relay]
-id = "relay-migration"
-data_dir = "{data}"
-
-[server]
-listen = "{forward}"
-tls = {{ cert = "{cert}", key = "{key}" }}
-
-[spool]
-segment_size = "256 KiB"
-
-[metrics]
-listen = "{metrics}"
-
-{sinks}"#,
-            data = self.dir.join("relay-data").display(),
-            forward = self.forward,
-            cert = self.certs.cert.display(),
-            key = self.certs.key.display(),
-            metrics = self.metrics,
-        );
-        std::fs::write(&self.config, text).unwrap();
-        self.lives += 1;
-        let mut p = Proc::start(
-            "sluice-relay",
-            &self.config,
-            &self.dir.join(format!("relay-{}.log", self.lives)),
-        );
-        wait_listening(self.forward, &mut p);
-        self.proc_ = Some(p);
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut p) = self.proc_.take() {
-            p.stop(Duration::from_secs(30));
-        }
-    }
-
-    fn delivered(&self, sink: &str) -> f64 {
-        metric(
-            self.metrics,
-            "sluice_relay_sink_events_total",
-            &format!("sink=\"{sink}\""),
-        )
-        .unwrap_or(0.0)
-    }
-
-    fn lag(&self, sink: &str) -> Option<f64> {
-        metric(
-            self.metrics,
-            "sluice_relay_sink_lag_bytes",
-            &format!("sink=\"{sink}\""),
-        )
-    }
-
-    fn wait_delivered(&mut self, sink: &str, at_least: u64) {
-        let proc_ = self.proc_.as_mut().unwrap();
-        let metrics = self.metrics;
-        wait_for(
-            &format!("{sink} to deliver {at_least} events"),
-            Duration::from_secs(120),
-            || {
-                assert!(
-                    proc_.is_running(),
-                    "relay exited; log:\n{}",
-                    proc_.log_text()
-                );
-                metric(
-                    metrics,
-                    "sluice_relay_sink_events_total",
-                    &format!("sink=\"{sink}\""),
-                )
-                .unwrap_or(0.0)
-                    >= at_least as f64
-            },
-        );
-    }
+/// Kafka, added during the migration: from now on, not from the oldest spooled data.
+fn kafka_sink(svc: &Services, topic: &str) -> SinkConfig {
+    let mut kafka = svc.kafka_sink(topic);
+    kafka.common.start_from = StartFrom::Now;
+    kafka
 }
 
-fn s3_sink(svc: &Services, bucket: &str, enabled: bool) -> String {
-    format!(
-        "[[sink]]\nname = \"s3\"\ntype = \"object_store\"\nenabled = {enabled}\nurl = \"s3://{bucket}\"\nmax_object_age = \"500ms\"\noptions = {{ endpoint = \"{}\", allow_http = \"true\", region = \"us-east-1\" }}\n\n",
-        svc.s3_endpoint
-    )
-}
-
-fn kafka_sink(svc: &Services, topic: &str) -> String {
-    format!(
-        "[[sink]]\nname = \"kafka\"\ntype = \"kafka\"\nbrokers = \"{}\"\ntopic = \"{topic}\"\nstart_from = \"now\"\n\n",
-        svc.kafka
-    )
-}
-
-fn agent(dir: &Path, relay: SocketAddr, ca: &Path, log: &Path) -> Proc {
-    let text = format!(
-        r#"
-[agent]
-id = "agent-migration"
-data_dir = "{data}"
-
-[[input]]
-type = "tail"
-name = "app"
-tag = "app.log"
-include = ["{log}"]
-
-[output]
-relays = ["{relay}"]
-tls = {{ ca = "{ca}", server_name = "localhost" }}
-chunk_age = "100ms"
-retry_max = "300ms"
-
-[metrics]
-listen = "127.0.0.1:{mport}"
-"#,
-        data = dir.join("agent-data").display(),
-        log = log.display(),
-        ca = ca.display(),
-        mport = free_port(),
-    );
-    let path = dir.join("agent.toml");
-    std::fs::write(&path, text).unwrap();
-    Proc::start("sluice-agent", &path, &dir.join("agent.log"))
+/// A phase: SIGTERM, the new sinks, start.
+fn next_phase(relay: &mut Relay, sinks: Vec<SinkConfig>) {
+    relay.stop(Duration::from_secs(30));
+    relay.reconfigure(|c| c.sinks = sinks);
+    relay.start();
 }
 
 #[test]
@@ -159,50 +41,58 @@ fn migrate_from_object_storage_to_kafka_in_phases() {
     let bucket = unique_name("migration");
     svc.create_topic(&topic, 2);
     svc.create_bucket(&bucket);
-    let mut relay = Relay {
-        certs: Certs::generate(&dir, "relay"),
-        forward: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
-        metrics: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
-        config: dir.join("relay.toml"),
-        dir: dir.clone(),
-        proc_: None,
-        lives: 0,
-    };
+    let certs = Certs::generate(&dir, "relay");
     let log = dir.join("app.log");
+    let delivered = Duration::from_secs(120);
 
     // Phase 1: object storage only.
-    relay.start(&s3_sink(&svc, &bucket, true));
-    let mut agent = agent(&dir, relay.forward, &relay.certs.ca, &log);
+    let mut spec = RelaySpec::new(&dir, "relay-migration", certs.server_tls());
+    spec.config.spool.segment_size = ByteSize::kib(256);
+    spec.config.sinks.push(s3_sink(&svc, &bucket, true));
+    let mut relay = spec.start();
+    let mut spec = AgentSpec::new(
+        &dir,
+        "agent-migration",
+        &[relay.forward],
+        certs.client_tls(),
+        &log.display().to_string(),
+    );
+    spec.config.output.chunk_age = Span::millis(100);
+    spec.config.output.retry_max = Span::millis(300);
+    let mut agent = spec.spawn();
     write_numbered_lines(&log, 1, N);
-    relay.wait_delivered("s3", N);
+    relay.wait_delivered("s3", N, delivered);
 
     // Phase 2: Kafka added, starting from "now": it gets new lines only.
-    relay.stop();
-    relay.start(&(s3_sink(&svc, &bucket, true) + &kafka_sink(&svc, &topic)));
+    next_phase(
+        &mut relay,
+        vec![s3_sink(&svc, &bucket, true), kafka_sink(&svc, &topic)],
+    );
     write_numbered_lines(&log, N + 1, N);
-    relay.wait_delivered("kafka", N);
-    relay.wait_delivered("s3", N);
+    relay.wait_delivered("kafka", N, delivered);
+    relay.wait_delivered("s3", N, delivered);
 
     // Phase 3: S3 disabled: Kafka alone; the spool keeps S3's share, its lag shows it.
-    relay.stop();
-    relay.start(&(s3_sink(&svc, &bucket, false) + &kafka_sink(&svc, &topic)));
+    next_phase(
+        &mut relay,
+        vec![s3_sink(&svc, &bucket, false), kafka_sink(&svc, &topic)],
+    );
     write_numbered_lines(&log, 2 * N + 1, N);
-    relay.wait_delivered("kafka", N);
+    relay.wait_delivered("kafka", N, delivered);
     wait_for(
         "the disabled sink's lag to show the held lines",
         Duration::from_secs(10),
         || relay.lag("s3").unwrap_or(0.0) > 0.0,
     );
-    assert_eq!(relay.delivered("s3"), 0.0, "a disabled sink delivered");
+    assert_eq!(relay.delivered("s3"), 0, "a disabled sink delivered");
 
     // Phase 4: S3 enabled again (it catches up from its cursor), Kafka removed.
-    relay.stop();
-    relay.start(&s3_sink(&svc, &bucket, true));
+    next_phase(&mut relay, vec![s3_sink(&svc, &bucket, true)]);
     write_numbered_lines(&log, 3 * N + 1, N);
-    relay.wait_delivered("s3", 2 * N);
+    relay.wait_delivered("s3", 2 * N, delivered);
     assert!(relay.lag("kafka").is_none(), "a removed sink still reports");
     agent.stop(Duration::from_secs(30));
-    relay.stop();
+    relay.stop(Duration::from_secs(30));
 
     let kafka = svc.kafka_summary(&topic, 2 * N);
     let s3 = svc.s3_summary(&bucket);

@@ -2,84 +2,43 @@
 //! is set aside, each is counted and logged with the file it concerns, and the relay goes
 //! on serving. No Kafka or S3 needed: a file sink is the destination.
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use sluice_e2e::*;
 
-struct Relay {
-    dir: PathBuf,
-    certs: Certs,
-    forward: SocketAddr,
-    metrics: SocketAddr,
-    config: PathBuf,
+/// A relay with small spool segments and one `file` sink, and the certificates its
+/// agents trust.
+fn start_relay(dir: &Path, file_sink: SinkConfig) -> (Relay, Certs) {
+    let certs = Certs::generate(dir, "relay");
+    let mut spec = RelaySpec::new(dir, "relay-recovery", certs.server_tls());
+    spec.config.spool.segment_size = ByteSize::kib(64);
+    spec.config.sinks.push(file_sink);
+    (spec.start(), certs)
 }
 
-impl Relay {
-    fn new(dir: &Path, sinks: &str) -> Relay {
-        let certs = Certs::generate(dir, "relay");
-        let forward: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let config = dir.join("relay.toml");
-        let text = format!(
-            "[relay]\nid = \"relay-recovery\"\ndata_dir = \"{}\"\n\n[server]\nlisten = \"{forward}\"\ntls = {{ cert = \"{}\", key = \"{}\" }}\n\n[spool]\nsegment_size = \"64 KiB\"\n\n[metrics]\nlisten = \"{metrics}\"\n\n{sinks}",
-            dir.join("relay-data").display(),
-            certs.cert.display(),
-            certs.key.display(),
-        );
-        std::fs::write(&config, text).unwrap();
-        Relay {
-            dir: dir.to_owned(),
-            certs,
-            forward,
-            metrics,
-            config,
-        }
-    }
+fn segments(relay: &Relay) -> Vec<PathBuf> {
+    let mut segs: Vec<_> = std::fs::read_dir(relay.spool_dir())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "seg"))
+        .collect();
+    segs.sort();
+    segs
+}
 
-    fn start(&self, life: usize) -> Proc {
-        let mut p = Proc::start(
-            "sluice-relay",
-            &self.config,
-            &self.dir.join(format!("relay-{life}.log")),
-        );
-        wait_listening(self.forward, &mut p);
-        p
-    }
-
-    fn spool_dir(&self) -> PathBuf {
-        self.dir.join("relay-data/spool")
-    }
-
-    fn segments(&self) -> Vec<PathBuf> {
-        let mut segs: Vec<_> = std::fs::read_dir(self.spool_dir())
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .filter(|p| p.extension().is_some_and(|e| e == "seg"))
-            .collect();
-        segs.sort();
-        segs
-    }
-
-    fn agent(&self, log: &Path) -> Proc {
-        let text = format!(
-            "[agent]\nid = \"agent-recovery\"\ndata_dir = \"{}\"\n\n[[input]]\ntype = \"tail\"\nname = \"app\"\ntag = \"app.log\"\ninclude = [\"{}\"]\n\n[output]\nrelays = [\"{}\"]\ntls = {{ ca = \"{}\", server_name = \"localhost\" }}\nchunk_size = \"16 KiB\"\nchunk_age = \"100ms\"\nretry_max = \"300ms\"\n\n[metrics]\nlisten = \"127.0.0.1:{}\"\n",
-            self.dir.join("agent-data").display(),
-            log.display(),
-            self.forward,
-            self.certs.ca.display(),
-            // Never the default port: tests run in parallel.
-            free_port(),
-        );
-        let path = self.dir.join("agent.toml");
-        std::fs::write(&path, text).unwrap();
-        Proc::start("sluice-agent", &path, &self.dir.join("agent.log"))
-    }
-
-    fn metric(&self, name: &str, labels: &str) -> f64 {
-        metric(self.metrics, name, labels).unwrap_or(0.0)
-    }
+fn start_agent(dir: &Path, relay: &Relay, certs: &Certs, log: &Path) -> Agent {
+    let mut spec = AgentSpec::new(
+        dir,
+        "agent-recovery",
+        &[relay.forward],
+        certs.client_tls(),
+        &log.display().to_string(),
+    );
+    spec.config.output.chunk_size = ByteSize::kib(16);
+    spec.config.output.chunk_age = Span::millis(100);
+    spec.config.output.retry_max = Span::millis(300);
+    spec.spawn()
 }
 
 fn distinct_lines(path: &Path) -> (usize, usize) {
@@ -98,27 +57,20 @@ fn distinct_lines(path: &Path) -> (usize, usize) {
 fn a_torn_spool_tail_is_cut_off_and_the_relay_serves_on() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("out.ndjson");
-    let relay = Relay::new(
-        tmp.path(),
-        &format!(
-            "[[sink]]\nname = \"file\"\ntype = \"file\"\npath = \"{}\"\n",
-            out.display()
-        ),
-    );
     let log = tmp.path().join("app.log");
     write_numbered_lines(&log, 1, 2_000);
-    let mut r = relay.start(0);
-    let mut agent = relay.agent(&log);
+    let (mut relay, certs) = start_relay(tmp.path(), file_sink("file", &out));
+    let mut agent = start_agent(tmp.path(), &relay, &certs, &log);
     wait_for(
         "2000 lines in the file sink",
         Duration::from_secs(60),
-        || relay.metric("sluice_relay_sink_events_total", "sink=\"file\"") >= 2_000.0,
+        || relay.delivered("file") >= 2_000,
     );
     agent.stop(Duration::from_secs(20));
-    r.kill();
+    relay.kill();
 
     // A write that never finished: half a batch header and garbage at the end.
-    let active = relay.segments().pop().expect("a segment");
+    let active = segments(&relay).pop().expect("a segment");
     let mut f = std::fs::OpenOptions::new()
         .append(true)
         .open(&active)
@@ -126,26 +78,26 @@ fn a_torn_spool_tail_is_cut_off_and_the_relay_serves_on() {
     std::io::Write::write_all(&mut f, &[0x53, 0x4c, 0x00, 0x17, 0xff, 0x00, 0x42]).unwrap();
     drop(f);
 
-    let mut r = relay.start(1);
+    relay.start();
     assert!(
-        relay.metric("sluice_relay_spool_torn_bytes_total", "") >= 7.0,
+        relay.counter("sluice_relay_spool_torn_bytes_total", "") >= 7.0,
         "torn bytes not counted"
     );
-    let text = r.log_text();
+    let text = relay.log_text();
     assert!(
         text.contains("spool recovered after an unclean stop"),
         "{text}"
     );
     // It serves on: more lines arrive, none twice.
     write_numbered_lines(&log, 2_001, 1_000);
-    let mut agent = relay.agent(&log);
+    let mut agent = start_agent(tmp.path(), &relay, &certs, &log);
     wait_for(
         "3000 lines in the file sink",
         Duration::from_secs(60),
         || distinct_lines(&out).0 >= 3_000,
     );
     agent.stop(Duration::from_secs(20));
-    r.stop(Duration::from_secs(20));
+    relay.stop(Duration::from_secs(20));
     assert_eq!(distinct_lines(&out), (3_000, 3_000));
 }
 
@@ -154,24 +106,16 @@ fn a_corrupt_segment_is_set_aside_counted_and_the_relay_starts() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("out.ndjson");
     // The file sink is disabled, so every segment stays in the spool.
-    let relay = Relay::new(
-        tmp.path(),
-        &format!(
-            "[[sink]]\nname = \"file\"\ntype = \"file\"\nenabled = false\npath = \"{}\"\n",
-            out.display()
-        ),
-    );
+    let mut disabled = file_sink("file", &out);
+    disabled.common.enabled = false;
     let log = tmp.path().join("app.log");
     write_numbered_lines(&log, 1, 60_000);
-    let mut r = relay.start(0);
-    let mut agent = relay.agent(&log);
-    wait_for("60000 events spooled", Duration::from_secs(60), || {
-        assert!(r.is_running(), "relay exited:\n{}", r.log_text());
-        relay.metric("sluice_relay_events_received_total", "") >= 60_000.0
-    });
+    let (mut relay, certs) = start_relay(tmp.path(), disabled);
+    let mut agent = start_agent(tmp.path(), &relay, &certs, &log);
+    relay.wait_received(60_000, Duration::from_secs(60));
     agent.stop(Duration::from_secs(20));
-    r.stop(Duration::from_secs(20));
-    let segments = relay.segments();
+    relay.stop(Duration::from_secs(20));
+    let segments = segments(&relay);
     assert!(
         segments.len() >= 3,
         "want several segments, got {segments:?}"
@@ -184,13 +128,13 @@ fn a_corrupt_segment_is_set_aside_counted_and_the_relay_starts() {
     bytes[at] ^= 0x5a;
     std::fs::write(victim, bytes).unwrap();
 
-    let mut r = relay.start(1);
+    relay.start();
     assert_eq!(
-        relay.metric("sluice_relay_spool_corrupt_segments_total", ""),
+        relay.counter("sluice_relay_spool_corrupt_segments_total", ""),
         1.0
     );
     let name = victim.file_name().unwrap().to_string_lossy().to_string();
-    let text = r.log_text();
+    let text = relay.log_text();
     assert!(
         text.contains(&name),
         "the log does not name {name}:\n{text}"
@@ -205,12 +149,12 @@ fn a_corrupt_segment_is_set_aside_counted_and_the_relay_starts() {
     );
     // And it serves: a new client's lines are accepted and acknowledged.
     write_numbered_lines(&log, 60_001, 500);
-    let mut agent = relay.agent(&log);
+    let mut agent = start_agent(tmp.path(), &relay, &certs, &log);
     wait_for(
         "the new lines to be spooled",
         Duration::from_secs(60),
-        || relay.metric("sluice_relay_events_received_total", "") >= 500.0,
+        || relay.received() >= 500,
     );
     agent.stop(Duration::from_secs(20));
-    r.stop(Duration::from_secs(20));
+    relay.stop(Duration::from_secs(20));
 }

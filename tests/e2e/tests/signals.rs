@@ -6,7 +6,6 @@
 //! /proc), which the binaries now install before anything else. The same runs check that
 //! a log written to a file carries no colour escape codes.
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use sluice_e2e::*;
@@ -25,7 +24,7 @@ fn catches_sigterm(pid: i32) -> bool {
 }
 
 /// Sends SIGTERM as soon as `proc_` catches it; it must exit 0 with `last_words` logged.
-fn stop_as_soon_as_possible(mut proc_: Proc, started: &str, last_words: &str) {
+fn stop_as_soon_as_possible(proc_: &mut Proc, started: &str, last_words: &str) {
     let t0 = Instant::now();
     while !catches_sigterm(proc_.pid()) {
         assert!(proc_.is_running(), "exited early:\n{}", proc_.log_text());
@@ -53,9 +52,12 @@ fn stop_as_soon_as_possible(mut proc_: Proc, started: &str, last_words: &str) {
 fn relay_stops_cleanly_on_an_early_sigterm() {
     let dir = tempfile::tempdir().unwrap();
     let certs = Certs::generate(dir.path(), "relay");
-    let (config, ..) = FileRelay::write_config(dir.path(), &certs);
-    let relay = Proc::start("sluice-relay", &config, &dir.path().join("relay.log"));
-    stop_as_soon_as_possible(relay, "forward server listening", "stopped cleanly");
+    let mut relay = RelaySpec::with_file_sink(dir.path(), certs.server_tls()).spawn();
+    stop_as_soon_as_possible(
+        relay.process_mut(),
+        "forward server listening",
+        "stopped cleanly",
+    );
 }
 
 #[test]
@@ -68,42 +70,18 @@ fn agent_stops_cleanly_on_an_early_sigterm() {
     for i in 0..2000 {
         std::fs::write(logs.join(format!("app-{i}.log")), "a line\n").unwrap();
     }
-    let config = agent_config(dir.path(), &logs, &certs.ca);
-    let agent = Proc::start("sluice-agent", &config, &dir.path().join("agent.log"));
-    stop_as_soon_as_possible(agent, "agent started", "stopped; checkpoints saved");
-}
-
-fn agent_config(dir: &Path, logs: &Path, ca: &Path) -> std::path::PathBuf {
-    let config = dir.join("agent.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"
-[agent]
-id = "agent-signals"
-data_dir = "{data}"
-shutdown_timeout = "2s"
-
-[[input]]
-type = "tail"
-name = "app"
-tag = "app.log"
-include = ["{logs}/*.log"]
-
-[output]
-relays = ["127.0.0.1:{port}"]
-tls = {{ ca = "{ca}", server_name = "localhost" }}
-
-[metrics]
-listen = "127.0.0.1:{metrics}"
-"#,
-            data = dir.join("agent-data").display(),
-            logs = logs.display(),
-            port = free_port(),
-            ca = ca.display(),
-            metrics = free_port(),
-        ),
-    )
-    .unwrap();
-    config
+    let mut spec = AgentSpec::new(
+        dir.path(),
+        "agent-signals",
+        &[loopback()],
+        certs.client_tls(),
+        &format!("{}/*.log", logs.display()),
+    );
+    spec.config.agent.shutdown_timeout = Span::secs(2);
+    let mut agent = spec.spawn();
+    stop_as_soon_as_possible(
+        agent.process_mut(),
+        "agent started",
+        "stopped; checkpoints saved",
+    );
 }

@@ -2,7 +2,6 @@
 //! and ships over TLS to the real relay (file sink). Parsed lines arrive as fields; a
 //! line that does not parse arrives raw with `parse_error`, and the agent counts it.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use sluice_e2e::*;
@@ -11,7 +10,7 @@ use sluice_e2e::*;
 fn nginx_lines_arrive_parsed_and_a_bad_line_arrives_raw_and_counted() {
     let dir = tempfile::tempdir().unwrap();
     let certs = Certs::generate(dir.path(), "relay");
-    let relay = FileRelay::start(dir.path(), &certs);
+    let relay = RelaySpec::with_file_sink(dir.path(), certs.server_tls()).start();
     let log = dir.path().join("access.log");
     let lines = [
         r#"203.0.113.7 - alice [23/Nov/2026:05:00:00 +0000] "GET /api/v1/items?id=42 HTTP/1.1" 200 512 "-" "curl/8.5.0""#,
@@ -20,51 +19,19 @@ fn nginx_lines_arrive_parsed_and_a_bad_line_arrives_raw_and_counted() {
     ];
     std::fs::write(&log, lines.join("\n") + "\n").unwrap();
 
-    let agent_metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let config = dir.path().join("agent.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"
-[agent]
-id = "agent-parsers"
-data_dir = "{data}"
-
-[[input]]
-type = "tail"
-name = "web"
-tag = "nginx.access"
-include = ["{log}"]
-parser = "nginx"
-
-[output]
-relays = ["{relay}"]
-tls = {{ ca = "{ca}", server_name = "localhost" }}
-chunk_age = "100ms"
-
-[metrics]
-listen = "{agent_metrics}"
-"#,
-            data = dir.path().join("agent-data").display(),
-            log = log.display(),
-            relay = relay.forward,
-            ca = certs.ca.display(),
-        ),
-    )
-    .unwrap();
-    let mut agent = Proc::start("sluice-agent", &config, &dir.path().join("agent.log"));
-    wait_for("3 events at the relay", Duration::from_secs(60), || {
-        assert!(agent.is_running(), "agent exited:\n{}", agent.log_text());
-        relay.delivered() >= 3
+    let mut spec = agent_spec(dir.path(), &relay, &certs, &log);
+    let tail = spec.tail();
+    tail.name = "web".into();
+    tail.tag = "nginx.access".into();
+    tail.parser = ParserKind::Nginx;
+    let mut agent = spec.spawn();
+    agent.wait("3 events at the relay", Duration::from_secs(60), || {
+        relay.delivered("file") >= 3
     });
-    let errors = metric(
-        agent_metrics,
-        "sluice_agent_parse_errors_total",
-        "input=\"web\"",
-    );
+    let errors = agent.metric("sluice_agent_parse_errors_total", "input=\"web\"");
     agent.stop(Duration::from_secs(20));
 
-    let text = std::fs::read_to_string(&relay.out).unwrap();
+    let text = std::fs::read_to_string(relay.sink_file("file")).unwrap();
     let records: Vec<serde_json::Value> = text
         .lines()
         .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["record"].clone())
@@ -95,8 +62,8 @@ listen = "{agent_metrics}"
 }
 
 /// The `time` of every envelope in the relay's file sink (RFC 3339, UTC, nanoseconds).
-fn event_times(relay: &FileRelay) -> Vec<String> {
-    std::fs::read_to_string(&relay.out)
+fn event_times(relay: &Relay) -> Vec<String> {
+    std::fs::read_to_string(relay.sink_file("file"))
         .unwrap_or_default()
         .lines()
         .map(|l| {
@@ -113,22 +80,19 @@ fn event_times(relay: &FileRelay) -> Vec<String> {
 fn json_time_key_sets_the_event_time_and_a_missing_one_is_counted() {
     let dir = tempfile::tempdir().unwrap();
     let certs = Certs::generate(dir.path(), "relay");
-    let relay = FileRelay::start(dir.path(), &certs);
+    let relay = RelaySpec::with_file_sink(dir.path(), certs.server_tls()).start();
     let log = dir.path().join("app.log");
     std::fs::write(
         &log,
         "{\"ts\":1795428000250,\"msg\":\"a\"}\n{\"msg\":\"no time\"}\n{\"ts\":\"1795431600000\",\"msg\":\"c\"}\n",
     )
     .unwrap();
-    let input = format!(
-        r#"include = ["{}"]
-parser = "json"
-time_key = "ts"
-time_format = "epoch_ms""#,
-        log.display()
-    );
-    let (mut agent, metrics) = ship(dir.path(), &relay, &certs, &input, 3);
-    let time_errors = metric(metrics, "sluice_agent_time_errors_total", "input=\"app\"");
+    let mut spec = agent_spec(dir.path(), &relay, &certs, &log);
+    spec.tail().parser = ParserKind::Json;
+    spec.tail().time_key = Some("ts".into());
+    spec.tail().time_format = Some("epoch_ms".into());
+    let mut agent = ship(spec, &relay, 3);
+    let time_errors = agent.metric("sluice_agent_time_errors_total", "input=\"app\"");
     agent.stop(Duration::from_secs(20));
     let times = event_times(&relay);
     assert_eq!(times[0], "2026-11-23T10:00:00.250000000Z");
@@ -146,69 +110,37 @@ time_format = "epoch_ms""#,
     );
 }
 
-/// Starts an agent with the `[[input]]` body `input` and waits until the relay's file
-/// sink has `events` events; returns the running agent and its metrics address.
-fn ship(
-    dir: &std::path::Path,
-    relay: &FileRelay,
-    certs: &Certs,
-    input: &str,
-    events: u64,
-) -> (Proc, SocketAddr) {
-    let (config, metrics) = agent_config(dir, relay, certs, input);
-    let mut agent = Proc::start("sluice-agent", &config, &dir.join("agent.log"));
-    wait_for(
+/// Starts the agent of `spec` and waits until the relay's file sink has `events` events.
+fn ship(spec: AgentSpec, relay: &Relay, events: u64) -> Agent {
+    let agent = spec.spawn();
+    agent.wait(
         &format!("{events} events at the relay"),
         Duration::from_secs(60),
-        || {
-            assert!(agent.is_running(), "agent exited:\n{}", agent.log_text());
-            relay.delivered() >= events
-        },
+        || relay.delivered("file") >= events,
     );
-    (agent, metrics)
+    agent
 }
 
-fn agent_config(
+/// The agent of these tests: tails `log`, sends chunks after 100 ms.
+fn agent_spec(
     dir: &std::path::Path,
-    relay: &FileRelay,
+    relay: &Relay,
     certs: &Certs,
-    input: &str,
-) -> (std::path::PathBuf, SocketAddr) {
-    let config = dir.join("agent.toml");
-    let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    std::fs::write(
-        &config,
-        format!(
-            r#"
-[agent]
-id = "agent-parsers"
-data_dir = "{data}"
-
-[[input]]
-type = "tail"
-name = "app"
-tag = "app.log"
-{input}
-
-[output]
-relays = ["{relay}"]
-tls = {{ ca = "{ca}", server_name = "localhost" }}
-chunk_age = "100ms"
-
-[metrics]
-listen = "{metrics}"
-"#,
-            data = dir.join("agent-data").display(),
-            relay = relay.forward,
-            ca = certs.ca.display(),
-        ),
-    )
-    .unwrap();
-    (config, metrics)
+    log: &std::path::Path,
+) -> AgentSpec {
+    let mut spec = AgentSpec::new(
+        dir,
+        "agent-parsers",
+        &[relay.forward],
+        certs.client_tls(),
+        &log.display().to_string(),
+    );
+    spec.config.output.chunk_age = Span::millis(100);
+    spec
 }
 
-fn records(relay: &FileRelay) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(&relay.out)
+fn records(relay: &Relay) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(relay.sink_file("file"))
         .unwrap_or_default()
         .lines()
         .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["record"].clone())
@@ -219,7 +151,7 @@ fn records(relay: &FileRelay) -> Vec<serde_json::Value> {
 fn multiline_joins_stack_traces_before_the_regex_parser() {
     let dir = tempfile::tempdir().unwrap();
     let certs = Certs::generate(dir.path(), "relay");
-    let relay = FileRelay::start(dir.path(), &certs);
+    let relay = RelaySpec::with_file_sink(dir.path(), certs.server_tls()).start();
     let log = dir.path().join("app.log");
     std::fs::write(
         &log,
@@ -230,17 +162,19 @@ fn multiline_joins_stack_traces_before_the_regex_parser() {
          2026-11-23 10:00:01 INFO recovered\n",
     )
     .unwrap();
-    let input = format!(
-        r#"include = ["{}"]
-parser = "regex"
-regex = '(?s)^(?P<time>\S+ \S+) (?P<level>[A-Z]+) (?P<message>.*)$'
-time_key = "time"
-time_format = "%Y-%m-%d %H:%M:%S"
-multiline = {{ start = '^\d{{4}}-\d{{2}}-\d{{2}} ', timeout = "200ms" }}"#,
-        log.display()
-    );
+    let mut spec = agent_spec(dir.path(), &relay, &certs, &log);
+    let tail = spec.tail();
+    tail.parser = ParserKind::Regex;
+    tail.regex = Some(r"(?s)^(?P<time>\S+ \S+) (?P<level>[A-Z]+) (?P<message>.*)$".into());
+    tail.time_key = Some("time".into());
+    tail.time_format = Some("%Y-%m-%d %H:%M:%S".into());
+    tail.multiline = Some(MultilineConfig {
+        start: r"^\d{4}-\d{2}-\d{2} ".into(),
+        timeout: Span::millis(200),
+        max_bytes: ByteSize::mib(1),
+    });
     // The last event has no next start line: the timeout sends it.
-    let (mut agent, _) = ship(dir.path(), &relay, &certs, &input, 2);
+    let mut agent = ship(spec, &relay, 2);
     agent.stop(Duration::from_secs(20));
     let got = records(&relay);
     assert_eq!(got.len(), 2, "{got:?}");
@@ -258,8 +192,7 @@ multiline = {{ start = '^\d{{4}}-\d{{2}}-\d{{2}} ', timeout = "200ms" }}"#,
         ]
     );
     // Acknowledged to the end: the checkpoint covers the event the timeout sent.
-    let checkpoints =
-        std::fs::read_to_string(dir.path().join("agent-data/checkpoints.json")).unwrap();
+    let checkpoints = agent.checkpoints();
     let size = std::fs::metadata(&log).unwrap().len();
     assert!(
         checkpoints.contains(&format!("\"offset\": {size}")),
@@ -272,24 +205,16 @@ fn max_read_rate_paces_reading_and_loses_nothing() {
     const LINES: u64 = 4_000; // about 260 KB
     let dir = tempfile::tempdir().unwrap();
     let certs = Certs::generate(dir.path(), "relay");
-    let relay = FileRelay::start(dir.path(), &certs);
+    let relay = RelaySpec::with_file_sink(dir.path(), certs.server_tls()).start();
     let log = dir.path().join("app.log");
     write_numbered_lines(&log, 1, LINES);
     let size = std::fs::metadata(&log).unwrap().len();
-    let (config, _) = agent_config(
-        dir.path(),
-        &relay,
-        &certs,
-        &format!(
-            "include = [\"{}\"]\nmax_read_rate = \"100 KiB\"",
-            log.display()
-        ),
-    );
+    let mut spec = agent_spec(dir.path(), &relay, &certs, &log);
+    spec.tail().max_read_rate = Some(ByteSize::kib(100));
     let started = std::time::Instant::now();
-    let mut agent = Proc::start("sluice-agent", &config, &dir.path().join("agent.log"));
-    wait_for("every line at the relay", Duration::from_secs(60), || {
-        assert!(agent.is_running(), "agent exited:\n{}", agent.log_text());
-        relay.delivered() >= LINES
+    let mut agent = spec.spawn();
+    agent.wait("every line at the relay", Duration::from_secs(60), || {
+        relay.delivered("file") >= LINES
     });
     let took = started.elapsed();
     agent.stop(Duration::from_secs(20));

@@ -7,7 +7,6 @@
 //! No Kafka or S3 is needed. The binaries are found like every e2e test finds them
 //! ([`bin`]): build them first (`cargo build --workspace --bins`; `scripts/test` does).
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -37,74 +36,30 @@ fn test_dir() -> tempfile::TempDir {
 }
 
 /// Resent duplicates the relay recognised by provenance and dropped.
-fn duplicates_trimmed(relay: &FileRelay) -> u64 {
-    metric(relay.metrics, "sluice_relay_events_duplicate_total", "").unwrap_or(0.0) as u64
+fn duplicates_trimmed(relay: &Relay) -> u64 {
+    relay.counter("sluice_relay_events_duplicate_total", "") as u64
 }
 
-struct Agent {
-    config: PathBuf,
-    metrics: SocketAddr,
-    dir: PathBuf,
-    starts: u32,
-}
-
-impl Agent {
-    fn new(dir: &Path, relay: SocketAddr, ca: &Path, glob: &str) -> Agent {
-        let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let text = format!(
-            r#"
-[agent]
-id = "agent-tail"
-data_dir = "{data}"
-shutdown_timeout = "20s"
-
-[[input]]
-type = "tail"
-name = "app"
-tag = "app.log"
-include = ["{glob}"]
-
-[output]
-relays = ["{relay}"]
-tls = {{ ca = "{ca}", server_name = "localhost" }}
-chunk_size = "256 KiB"
-chunk_age = "200ms"
-in_flight = 8
-retry_min = "50ms"
-retry_max = "500ms"
-
-[metrics]
-listen = "{metrics}"
-"#,
-            data = dir.join("agent-data").display(),
-            ca = ca.display(),
-        );
-        let config = dir.join("agent.toml");
-        std::fs::write(&config, text).unwrap();
-        Agent {
-            config,
-            metrics,
-            dir: dir.to_owned(),
-            starts: 0,
-        }
-    }
-
-    /// Each start logs to its own file, so a failure shows the run that failed. Returns
-    /// once the agent is up, so that a stop or a kill always hits a running pipeline.
-    fn start(&mut self) -> Proc {
-        self.starts += 1;
-        let log = self.dir.join(format!("agent-{}.log", self.starts));
-        let mut agent = Proc::start("sluice-agent", &self.config, &log);
-        wait_for("the agent to start", Duration::from_secs(30), || {
-            assert!(
-                agent.is_running(),
-                "agent exited; log:\n{}",
-                agent.log_text()
-            );
-            agent.log_text().contains("agent started")
-        });
-        agent
-    }
+/// The agent of these tests, written but not started: each [`Agent::start`] is a life
+/// with its own log file (`agent.log`, `agent-1.log`, ...), so a failure shows the run
+/// that failed, and returns once the agent is up, so that a stop or a kill always hits a
+/// running pipeline.
+fn agent(dir: &Path, relay: &Relay, certs: &Certs, glob: &str) -> Agent {
+    let mut spec = AgentSpec::new(
+        dir,
+        "agent-tail",
+        &[relay.forward],
+        certs.client_tls(),
+        glob,
+    );
+    spec.config.agent.shutdown_timeout = Span::secs(20);
+    let output = &mut spec.config.output;
+    output.chunk_size = ByteSize::kib(256);
+    output.chunk_age = Span::millis(200);
+    output.in_flight = 8;
+    output.retry_min = Span::millis(50);
+    output.retry_max = Span::millis(500);
+    spec.write()
 }
 
 /// logrotate's `rotate 2` with rename-and-create: app.log.1 → app.log.2 (the old .2 is
@@ -216,35 +171,21 @@ fn count_arrived(out: &Path, expect: u64) -> Arrived {
     }
 }
 
-fn wait_delivered(
-    relay: &mut FileRelay,
-    agent: &mut Proc,
-    agent_metrics: SocketAddr,
-    expect: u64,
-    timeout: Duration,
-) {
+fn wait_delivered(relay: &Relay, agent: &Agent, expect: u64, timeout: Duration) {
     let mut last = (Instant::now(), 0);
     wait_for(
         &format!("the relay's file sink to have {expect} events"),
         timeout,
         || {
-            assert!(
-                agent.is_running(),
-                "agent exited; log:\n{}",
-                agent.log_text()
-            );
-            assert!(
-                relay.proc_.is_running(),
-                "relay exited; log:\n{}",
-                relay.proc_.log_text()
-            );
-            let n = relay.delivered();
+            agent.assert_running();
+            relay.assert_running();
+            let n = relay.delivered("file");
             if n != last.1 {
                 last = (Instant::now(), n);
             }
             // Lost lines never arrive: fail early instead of waiting out the timeout.
             if last.0.elapsed() >= Duration::from_secs(20) {
-                let m = |name: &str| metric(agent_metrics, name, "").unwrap_or(-1.0);
+                let m = |name: &str| agent.metric(name, "").unwrap_or(-1.0);
                 panic!(
                     "no progress for 20 s at {n} of {expect} delivered; agent: {} lines read, \
                      {} events acked, {} files open, {} deleted bytes held; agent log:\n{}",
@@ -273,24 +214,19 @@ fn million_lines_with_fast_rotation_arrive_exactly_once() {
     let t0 = Instant::now();
     let dir = test_dir();
     let certs = Certs::generate(dir.path(), "relay");
-    let mut relay = FileRelay::start(dir.path(), &certs);
+    let mut relay = RelaySpec::with_file_sink(dir.path(), certs.server_tls()).start();
     let logs = dir.path().join("logs");
     std::fs::create_dir(&logs).unwrap();
     let log = logs.join("app.log");
-    let mut agent = Agent::new(
-        dir.path(),
-        relay.forward,
-        &certs.ca,
-        &format!("{}*", log.display()),
-    );
-    let mut running = agent.start();
+    let mut agent = agent(dir.path(), &relay, &certs, &format!("{}*", log.display()));
+    agent.start();
 
     let write_start = Instant::now();
     let (mut first, mut waited, mut max_wait) = (1, Duration::ZERO, Duration::ZERO);
     while first <= LINES {
         write_numbered_lines(&log, first, PER_FILE);
         first += PER_FILE;
-        let wait = wait_until_opened_before_delete(&log, running.pid());
+        let wait = wait_until_opened_before_delete(&log, agent.pid());
         (waited, max_wait) = (waited + wait, max_wait.max(wait));
         rotate_keep_two(&log);
     }
@@ -302,21 +238,15 @@ fn million_lines_with_fast_rotation_arrive_exactly_once() {
         LINES / PER_FILE
     );
 
-    wait_delivered(
-        &mut relay,
-        &mut running,
-        agent.metrics,
-        LINES,
-        Duration::from_secs(150),
-    );
+    wait_delivered(&relay, &agent, LINES, Duration::from_secs(150));
     // Up to 100 files were open at once (most of them deleted): memory stays bounded.
     eprintln!(
         "agent peak RSS {} MiB (debug build)",
-        peak_rss_kib(running.pid()) / 1024
+        peak_rss_kib(agent.pid()) / 1024
     );
-    running.stop(Duration::from_secs(30));
-    relay.proc_.stop(Duration::from_secs(30));
-    let arrived = count_arrived(&relay.out, LINES);
+    agent.stop(Duration::from_secs(30));
+    relay.stop(Duration::from_secs(30));
+    let arrived = count_arrived(&relay.sink_file("file"), LINES);
     eprintln!(
         "arrived: {arrived}; relay trimmed {} resent duplicates; took {:?}",
         duplicates_trimmed(&relay),
@@ -339,26 +269,15 @@ fn lines_written_and_rotated_twice_while_stopped_all_arrive() {
     let t0 = Instant::now();
     let dir = test_dir();
     let certs = Certs::generate(dir.path(), "relay");
-    let mut relay = FileRelay::start(dir.path(), &certs);
+    let mut relay = RelaySpec::with_file_sink(dir.path(), certs.server_tls()).start();
     let logs = dir.path().join("logs");
     std::fs::create_dir(&logs).unwrap();
     let log = logs.join("app.log");
-    let mut agent = Agent::new(
-        dir.path(),
-        relay.forward,
-        &certs.ca,
-        &format!("{}*", log.display()),
-    );
+    let mut agent = agent(dir.path(), &relay, &certs, &format!("{}*", log.display()));
     write_numbered_lines(&log, 1, BEFORE);
-    let mut running = agent.start();
-    wait_delivered(
-        &mut relay,
-        &mut running,
-        agent.metrics,
-        BEFORE,
-        Duration::from_secs(60),
-    );
-    running.stop(Duration::from_secs(30));
+    agent.start();
+    wait_delivered(&relay, &agent, BEFORE, Duration::from_secs(60));
+    agent.stop(Duration::from_secs(30));
 
     write_numbered_lines(&log, BEFORE + 1, 5_000);
     rotate_keep_two(&log);
@@ -369,17 +288,11 @@ fn lines_written_and_rotated_twice_while_stopped_all_arrive() {
     write_numbered_lines(&log, BEFORE + 5_001, 5_000);
 
     let total = BEFORE + 10_000;
-    let mut running = agent.start();
-    wait_delivered(
-        &mut relay,
-        &mut running,
-        agent.metrics,
-        total,
-        Duration::from_secs(60),
-    );
-    running.stop(Duration::from_secs(30));
-    relay.proc_.stop(Duration::from_secs(30));
-    let arrived = count_arrived(&relay.out, total);
+    agent.start();
+    wait_delivered(&relay, &agent, total, Duration::from_secs(60));
+    agent.stop(Duration::from_secs(30));
+    relay.stop(Duration::from_secs(30));
+    let arrived = count_arrived(&relay.sink_file("file"), total);
     eprintln!(
         "arrived: {arrived}; relay trimmed {} resent duplicates; took {:?}",
         duplicates_trimmed(&relay),
@@ -404,21 +317,16 @@ fn kill_dash_nine_twenty_times_loses_nothing() {
     let t0 = Instant::now();
     let dir = test_dir();
     let certs = Certs::generate(dir.path(), "relay");
-    let mut relay = FileRelay::start(dir.path(), &certs);
+    let mut relay = RelaySpec::with_file_sink(dir.path(), certs.server_tls()).start();
     let logs = dir.path().join("logs");
     std::fs::create_dir(&logs).unwrap();
     let log = logs.join("app.log");
-    let mut agent = Agent::new(
-        dir.path(),
-        relay.forward,
-        &certs.ca,
-        &format!("{}*", log.display()),
-    );
+    let mut agent = agent(dir.path(), &relay, &certs, &format!("{}*", log.display()));
 
     let mut first = 1;
     let mut rotated = 0;
     for round in 0..KILLS {
-        let mut running = agent.start();
+        agent.start();
         // Write this round's lines while the agent starts and reads.
         write_numbered_lines(&log, first, PER_ROUND);
         first += PER_ROUND;
@@ -429,37 +337,24 @@ fn kill_dash_nine_twenty_times_loses_nothing() {
         // Kill once the relay has taken something new from this run, i.e. in the middle
         // of reading and sending; every other round only after the agent also saved a
         // checkpoint, so that restarts resume from many different positions.
-        let before = relay.delivered();
-        wait_for(
+        let before = relay.delivered("file");
+        agent.wait(
             &format!("progress before kill {}", round + 1),
             Duration::from_secs(60),
             || {
-                assert!(
-                    running.is_running(),
-                    "agent exited; log:\n{}",
-                    running.log_text()
-                );
                 let saved = round % 2 == 0
-                    || metric(agent.metrics, "sluice_agent_checkpoint_saves_total", "")
-                        .unwrap_or(0.0)
-                        >= 1.0;
-                relay.delivered() > before && saved
+                    || agent.counter("sluice_agent_checkpoint_saves_total", "") >= 1.0;
+                relay.delivered("file") > before && saved
             },
         );
-        running.kill();
+        agent.kill();
     }
-    let mut running = agent.start();
-    wait_delivered(
-        &mut relay,
-        &mut running,
-        agent.metrics,
-        LINES,
-        Duration::from_secs(120),
-    );
-    running.stop(Duration::from_secs(30));
+    agent.start();
+    wait_delivered(&relay, &agent, LINES, Duration::from_secs(120));
+    agent.stop(Duration::from_secs(30));
     let trimmed = duplicates_trimmed(&relay);
-    relay.proc_.stop(Duration::from_secs(30));
-    let arrived = count_arrived(&relay.out, LINES);
+    relay.stop(Duration::from_secs(30));
+    let arrived = count_arrived(&relay.sink_file("file"), LINES);
     eprintln!(
         "after {KILLS} kills: {arrived}; relay trimmed {trimmed} resent duplicates; took {:?}",
         t0.elapsed()

@@ -7,7 +7,7 @@
 use std::collections::HashSet;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,95 +23,34 @@ use tokio_util::codec::{Decoder, Encoder};
 
 pub const MAX_FRAME: usize = 1 << 20;
 
-pub struct Relay {
-    pub proc_: Proc,
-    pub forward: SocketAddr,
-    pub metrics: SocketAddr,
-    pub sink: PathBuf,
+/// The relay of the forward_* tests: TLS with `server`, 1 MiB frames, a 5 s handshake
+/// timeout, PONG as "relay-under-test", and one `file` sink ("file", `dir/sink.ndjson`).
+/// Tests add keys (`spec.config.server.shared_key = ..`) and start it.
+pub fn relay_spec(dir: &Path, server: &Issued) -> RelaySpec {
+    let mut spec = RelaySpec::new(dir, "bad-input", server.server_tls());
+    spec.config.server.max_frame = ByteSize(MAX_FRAME as u64);
+    spec.config.server.handshake_timeout = Span::secs(5);
+    spec.config.server.hostname = "relay-under-test".into();
+    spec.config
+        .sinks
+        .push(file_sink("file", &dir.join("sink.ndjson")));
+    spec
 }
 
-#[derive(Default)]
-pub struct RelayOptions<'a> {
-    pub shared_key: Option<&'a str>,
-    /// Require client certificates signed by this CA.
-    pub client_ca: Option<&'a Path>,
-    /// More `[server]` keys, as TOML lines.
-    pub server_extra: &'a str,
+pub fn start_relay(dir: &Path, server: &Issued) -> Relay {
+    relay_spec(dir, server).start()
 }
 
-pub fn start_relay(dir: &Path, server: &Issued, opts: RelayOptions<'_>) -> Relay {
-    let forward: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let sink = dir.join("sink.ndjson");
-    let client_auth = match opts.client_ca {
-        Some(ca) => format!(
-            r#", client_ca = "{}", client_auth = "required""#,
-            ca.display()
-        ),
-        None => String::new(),
-    };
-    let shared_key = match opts.shared_key {
-        Some(k) => format!("shared_key = \"{k}\"\n"),
-        None => String::new(),
-    };
-    let text = format!(
-        r#"
-[relay]
-id = "bad-input"
-data_dir = "{data}"
-
-[server]
-listen = "{forward}"
-tls = {{ cert = "{cert}", key = "{key}"{client_auth} }}
-max_frame = "1 MiB"
-handshake_timeout = "5s"
-hostname = "relay-under-test"
-{shared_key}{server_extra}
-
-[metrics]
-listen = "{metrics}"
-
-[[sink]]
-name = "file"
-type = "file"
-path = "{sink}"
-"#,
-        data = dir.join("relay-data").display(),
-        cert = server.cert.display(),
-        key = server.key.display(),
-        sink = sink.display(),
-        server_extra = opts.server_extra,
-    );
-    let config = dir.join("relay.toml");
-    std::fs::write(&config, text).unwrap();
-    let mut proc_ = Proc::start("sluice-relay", &config, &dir.join("relay.log"));
-    wait_listening(forward, &mut proc_);
-    Relay {
-        proc_,
-        forward,
-        metrics,
-        sink,
-    }
-}
-
-impl Relay {
-    pub fn log(&self) -> String {
-        plain_log(&self.proc_.log)
-    }
-
-    pub fn rejected(&self, reason: &str) -> f64 {
-        metric(
-            self.metrics,
-            "sluice_relay_connections_rejected_total",
-            &format!("reason=\"{reason}\""),
-        )
-        .unwrap_or(0.0)
-    }
-
+/// Checks on how the relay turned a bad connection away.
+pub trait Rejections {
     /// Waits for the one warning about `peer` (any peer when `None`) that contains
-    /// `cause`, checks it is the only warning about that peer, and that the rejection was
-    /// counted under `reason`. Returns the line.
-    pub fn expect_rejected(&self, peer: Option<SocketAddr>, reason: &str, cause: &str) -> String {
+    /// `cause`, checks it is the only warning about that peer, and that the rejection
+    /// was counted under `reason`. Returns the line.
+    fn expect_rejected(&self, peer: Option<SocketAddr>, reason: &str, cause: &str) -> String;
+}
+
+impl Rejections for Relay {
+    fn expect_rejected(&self, peer: Option<SocketAddr>, reason: &str, cause: &str) -> String {
         let peer_field = peer.map(|p| format!("peer={p}"));
         let matching = |log: &str| -> Vec<String> {
             log.lines()
@@ -123,9 +62,13 @@ impl Relay {
         wait_for(
             &format!("a warning about {peer:?} containing {cause:?}"),
             Duration::from_secs(15),
-            || matching(&self.log()).iter().any(|l| l.contains(cause)),
+            || {
+                matching(&self.plain_log())
+                    .iter()
+                    .any(|l| l.contains(cause))
+            },
         );
-        let lines = matching(&self.log());
+        let lines = matching(&self.plain_log());
         let line = lines.iter().find(|l| l.contains(cause)).unwrap().clone();
         if peer.is_some() {
             assert_eq!(lines.len(), 1, "one warning per bad connection: {lines:#?}");
@@ -328,7 +271,7 @@ pub fn wait_delivered(relay: &Relay, prefix: &str, count: u64) {
     wait_for(
         &format!("{count} events {prefix}* in the file sink"),
         Duration::from_secs(20),
-        || delivered(&relay.sink, prefix).len() as u64 == count,
+        || delivered(&relay.sink_file("file"), prefix).len() as u64 == count,
     );
 }
 
