@@ -20,7 +20,6 @@ use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::envelope::hour_of;
 use crate::ledger::Counts;
 use crate::record::SpooledChunk;
 
@@ -124,24 +123,8 @@ impl Dedup {
         if let (Some(source), Some(last)) = (chunk.source, chunk.last_seq()) {
             self.accept(source, last);
         }
-        // Chunks rarely span hours: batch the adds.
-        let mut run: Option<(u64, u64)> = None;
-        for event in chunk.events() {
-            let Ok((entry, _)) = event else { continue };
-            let hour = hour_of(entry.time);
-            match &mut run {
-                Some((h, n)) if *h == hour => *n += 1,
-                _ => {
-                    if let Some((h, n)) = run {
-                        self.count_received(chunk.tag, h, n);
-                    }
-                    run = Some((hour, 1));
-                }
-            }
-        }
-        if let Some((h, n)) = run {
-            self.count_received(chunk.tag, h, n);
-        }
+        let tag = chunk.tag;
+        chunk.count_hours(|hour, n| self.count_received(tag, hour, n));
     }
 
     pub fn sources(&self) -> usize {

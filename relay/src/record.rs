@@ -48,6 +48,42 @@ impl<'a> SpooledChunk<'a> {
         self.seq(self.count as usize - 1)
     }
 
+    /// Calls `add(hour, n)` for the events of this chunk per event-time hour (hours since
+    /// the epoch); entries that do not decode are left out. Chunks rarely span hours, so
+    /// this is one call per run of equal hours, not one per event.
+    pub fn count_hours(&self, mut add: impl FnMut(u64, u64)) {
+        let mut run: Option<(u64, u64)> = None;
+        for event in self.events() {
+            let Ok((entry, _)) = event else { continue };
+            let hour = crate::envelope::hour_of(entry.time);
+            match &mut run {
+                Some((h, n)) if *h == hour => *n += 1,
+                _ => {
+                    if let Some((h, n)) = run {
+                        add(h, n);
+                    }
+                    run = Some((hour, 1));
+                }
+            }
+        }
+        if let Some((h, n)) = run {
+            add(h, n);
+        }
+    }
+
+    /// Appends the JSON envelope of one of this chunk's events and a newline: one
+    /// NDJSON line, as Kafka, object storage and the file sink write it.
+    pub fn write_envelope_line(
+        &self,
+        out: &mut Vec<u8>,
+        entry: &Entry<'_>,
+        seq: Option<u64>,
+    ) -> Result<(), sluice_forward::DecodeError> {
+        crate::envelope::write(out, entry.time, self.tag, self.source, seq, entry.record)?;
+        out.push(b'\n');
+        Ok(())
+    }
+
     /// Iterates the entries with their seq (None when the sender gave no provenance).
     pub fn events(
         &self,

@@ -102,24 +102,8 @@ impl Gathered {
 
     /// Counts a spooled chunk's events per tag and event-time hour into `offered`.
     fn count_offered(&mut self, chunk: &SpooledChunk<'_>) {
-        // Chunks rarely span hours: batch the adds.
-        let mut run: Option<(u64, u64)> = None;
-        for event in chunk.events() {
-            let Ok((entry, _)) = event else { continue };
-            let hour = hour_of(entry.time);
-            match &mut run {
-                Some((h, n)) if *h == hour => *n += 1,
-                _ => {
-                    if let Some((h, n)) = run {
-                        self.offered.add(chunk.tag, h, n);
-                    }
-                    run = Some((hour, 1));
-                }
-            }
-        }
-        if let Some((h, n)) = run {
-            self.offered.add(chunk.tag, h, n);
-        }
+        let offered = &mut self.offered;
+        chunk.count_hours(|hour, n| offered.add(chunk.tag, hour, n));
     }
 
     pub fn bytes(&self) -> usize {
@@ -173,6 +157,13 @@ pub enum DeliverError {
 impl DeliverError {
     pub fn is_permanent(&self) -> bool {
         matches!(self, DeliverError::Permanent(_))
+    }
+}
+
+/// An event that cannot be written as JSON will not become writable by retrying.
+impl From<sluice_forward::DecodeError> for DeliverError {
+    fn from(e: sluice_forward::DecodeError) -> Self {
+        DeliverError::Permanent(e.to_string())
     }
 }
 

@@ -8,7 +8,6 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
-use crate::envelope;
 use crate::readback::Found;
 use crate::sinks::spec::{
     Deliver, DeliverError, DeliverFuture, Delivered, Gathered, ReadBackContext, SinkContext,
@@ -74,16 +73,7 @@ impl Deliver for FileWriter {
                 let chunk = chunk?;
                 for event in chunk.events() {
                     let (entry, seq) = event?;
-                    envelope::write(
-                        &mut self.buf,
-                        entry.time,
-                        chunk.tag,
-                        chunk.source,
-                        seq,
-                        entry.record,
-                    )
-                    .map_err(|e| DeliverError::Permanent(e.to_string()))?;
-                    self.buf.push(b'\n');
+                    chunk.write_envelope_line(&mut self.buf, &entry, seq)?;
                     done.delivered(chunk.tag, entry.time);
                 }
             }

@@ -18,7 +18,7 @@ use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use sluice_forward::GzipWriter;
 
-use crate::envelope::{self, civil_from_days, hour_of};
+use crate::envelope::{civil_from_days, hour_of};
 use crate::sinks::spec::{Deliver, DeliverError, DeliverFuture, Delivered, Gathered};
 
 pub struct ObjectWriter {
@@ -74,16 +74,7 @@ impl Deliver for ObjectWriter {
                 for event in chunk.events() {
                     let (entry, seq) = event?;
                     line.clear();
-                    envelope::write(
-                        &mut line,
-                        entry.time,
-                        chunk.tag,
-                        chunk.source,
-                        seq,
-                        entry.record,
-                    )
-                    .map_err(|e| DeliverError::Permanent(e.to_string()))?;
-                    line.push(b'\n');
+                    chunk.write_envelope_line(&mut line, &entry, seq)?;
                     let gz = groups
                         .entry((chunk.tag, hour_of(entry.time)))
                         .or_insert_with(|| GzipWriter::with_capacity(1 << 16));
