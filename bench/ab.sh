@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Before/after in the same run: the tail bench and the relay bench from two checkouts,
-# alternated (A, B, A, B, ...) so that a machine that slows down or speeds up during the
-# run weighs on both sides alike. Each checkout builds its own release binaries in its
+# alternated, and in the opposite order every other round (A B, B A, A B, ...), so that
+# a machine that slows down or speeds up during the run, or a side that profits from
+# going second, weighs on both sides alike. Each checkout builds its own release binaries in its
 # own target/.
 #
 #   bench/ab.sh /path/to/baseline-checkout          # this checkout is "after"
@@ -23,7 +24,9 @@ done
 
 runs=()
 for round in $(seq 1 "$ROUNDS"); do
-  for side in "$BEFORE" "$AFTER"; do
+  order=("$BEFORE" "$AFTER")
+  ((round % 2)) || order=("$AFTER" "$BEFORE")
+  for side in "${order[@]}"; do
     name=$([[ $side == "$AFTER" ]] && echo after || echo before)
     tail_json=$(cd "$side" && SIZE_MB=$TAIL_MB LINE_SIZES=100 WORK=$AFTER/target/bench-ab-tail \
       bench/tail.sh 2>/dev/null | grep '^{' | head -1)

@@ -50,6 +50,7 @@ pub(crate) struct EventWriter<'a> {
 }
 
 impl EventWriter<'_> {
+    #[inline]
     pub fn add(
         &self,
         sources: &mut HashMap<SourceId, OpenChunk>,

@@ -4,7 +4,6 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::ExitStatus;
 use std::time::Duration;
 
 use serde_json::json;
@@ -14,7 +13,8 @@ pub use sluice_agent::config::{
 };
 pub use sluice_parsers::ParserKind;
 
-use crate::{loopback, metric, plain_log, wait_for, with_defaults, ClientTlsFiles, Proc};
+use crate::lives::Lives;
+use crate::{loopback, with_defaults, ClientTlsFiles};
 
 /// An agent config for a test, before it runs: one `tail` input named "app" (tag
 /// "app.log"), output over TLS to the given relays, metrics on a free loopback port.
@@ -85,18 +85,15 @@ impl AgentSpec {
 
     /// Writes the config; the agent is not started.
     pub fn write(self) -> Agent {
+        let metrics = self
+            .config
+            .metrics
+            .listen
+            .expect("the harness reads the agent's metrics: keep metrics.listen set");
+        let config_path = self.dir.join(format!("{}.toml", self.stem));
         let agent = Agent {
-            config_path: self.dir.join(format!("{}.toml", self.stem)),
-            metrics: self
-                .config
-                .metrics
-                .listen
-                .expect("the harness reads the agent's metrics: keep metrics.listen set"),
+            lives: Lives::new("sluice-agent", self.dir, self.stem, config_path, metrics),
             config: self.config,
-            dir: self.dir,
-            stem: self.stem,
-            proc_: None,
-            logs: Vec::new(),
         };
         let text = toml::to_string(&agent.config).expect("agent config serialises");
         // The agent's own parser and checks, so a bad tweak fails here with its message.
@@ -109,29 +106,27 @@ impl AgentSpec {
 }
 
 /// A `sluice-agent` child process and the config it runs with. Each start is a new life
-/// with its own log file, on the same config and checkpoints.
+/// with its own log file, on the same config and checkpoints; the process, its logs, its
+/// metrics and `wait` are [`Lives`]'.
 pub struct Agent {
     pub config: AgentConfig,
-    pub config_path: PathBuf,
-    /// The metrics endpoint.
-    pub metrics: SocketAddr,
-    dir: PathBuf,
-    stem: String,
-    proc_: Option<Proc>,
-    logs: Vec<PathBuf>,
+    lives: Lives,
+}
+
+impl std::ops::Deref for Agent {
+    type Target = Lives;
+    fn deref(&self) -> &Lives {
+        &self.lives
+    }
+}
+
+impl std::ops::DerefMut for Agent {
+    fn deref_mut(&mut self) -> &mut Lives {
+        &mut self.lives
+    }
 }
 
 impl Agent {
-    fn spawn_life(&mut self) {
-        assert!(!self.is_running(), "the agent is already running");
-        let log = match self.logs.len() {
-            0 => self.dir.join(format!("{}.log", self.stem)),
-            n => self.dir.join(format!("{}-{n}.log", self.stem)),
-        };
-        self.proc_ = Some(Proc::start("sluice-agent", &self.config_path, &log));
-        self.logs.push(log);
-    }
-
     fn wait_started(&self) {
         self.wait("the agent to start", Duration::from_secs(30), || {
             self.log_text().contains("agent started")
@@ -145,55 +140,6 @@ impl Agent {
         self.wait_started();
     }
 
-    /// kill -9.
-    pub fn kill(&mut self) {
-        if let Some(p) = self.proc_.as_mut() {
-            p.kill();
-        }
-    }
-
-    /// SIGTERM; panics unless it exits with status 0 within `timeout`.
-    pub fn stop(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        self.proc_.as_mut().and_then(|p| p.stop(timeout))
-    }
-
-    /// The process of the current (or last) life.
-    pub fn process(&self) -> &Proc {
-        self.proc_.as_ref().expect("the agent was never started")
-    }
-
-    pub fn process_mut(&mut self) -> &mut Proc {
-        self.proc_.as_mut().expect("the agent was never started")
-    }
-
-    pub fn is_running(&self) -> bool {
-        self.proc_.as_ref().is_some_and(Proc::is_running)
-    }
-
-    /// Panics with the log when the agent has exited.
-    pub fn assert_running(&self) {
-        self.process().assert_running();
-    }
-
-    pub fn pid(&self) -> i32 {
-        self.process().pid()
-    }
-
-    /// The log file of the current (or last) life.
-    pub fn log_path(&self) -> &Path {
-        self.logs.last().expect("the agent was never started")
-    }
-
-    /// The current life's log as written.
-    pub fn log_text(&self) -> String {
-        self.process().log_text()
-    }
-
-    /// The current life's log without colour codes.
-    pub fn plain_log(&self) -> String {
-        plain_log(self.log_path())
-    }
-
     pub fn data_dir(&self) -> &Path {
         &self.config.agent.data_dir
     }
@@ -201,16 +147,6 @@ impl Agent {
     /// The checkpoint file's text, "" before the first save.
     pub fn checkpoints(&self) -> String {
         std::fs::read_to_string(self.data_dir().join("checkpoints.json")).unwrap_or_default()
-    }
-
-    /// Sum of the metric's samples whose labels contain `labels`; `None` when absent.
-    pub fn metric(&self, name: &str, labels: &str) -> Option<f64> {
-        metric(self.metrics, name, labels)
-    }
-
-    /// As [`metric`](Agent::metric), 0 when absent (a counter nobody incremented yet).
-    pub fn counter(&self, name: &str, labels: &str) -> f64 {
-        self.metric(name, labels).unwrap_or(0.0)
     }
 
     /// Events the relay acknowledged (`sluice_agent_events_acked_total`), this life.
@@ -221,14 +157,6 @@ impl Agent {
     /// Chunks sent (`sluice_agent_chunks_sent_total`), this life.
     pub fn chunks_sent(&self) -> u64 {
         self.counter("sluice_agent_chunks_sent_total", "") as u64
-    }
-
-    /// Waits for `cond`, and fails at once (with the log) if the agent exits meanwhile.
-    pub fn wait(&self, what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
-        wait_for(what, timeout, || {
-            self.assert_running();
-            cond()
-        });
     }
 
     /// Waits until at least `n` events were acknowledged.

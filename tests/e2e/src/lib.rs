@@ -10,9 +10,11 @@
 //! Waiting is always on a condition with a deadline ([`wait_for`]), never a bare sleep.
 
 mod agent;
+mod lives;
 mod relay;
 
 pub use agent::*;
+pub use lives::Lives;
 pub use relay::*;
 
 use std::io::{Read, Write};

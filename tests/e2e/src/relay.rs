@@ -4,7 +4,6 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::ExitStatus;
 use std::time::Duration;
 
 use serde_json::json;
@@ -13,10 +12,8 @@ pub use sluice_relay::config::{
     RelaySection, ServerSection, SinkCommon, SinkConfig, SinkKind, SpoolSection, StartFrom,
 };
 
-use crate::{
-    loopback, metric, plain_log, wait_for, wait_listening, with_defaults, Proc, ServerTlsFiles,
-    Services, Span,
-};
+use crate::lives::Lives;
+use crate::{loopback, wait_listening, with_defaults, ServerTlsFiles, Services, Span};
 
 /// A relay config for a test, before it runs. Tests change `config` as they need
 /// (`spec.config.spool.max_size = ByteSize::mib(4)`, `spec.config.sinks.push(..)`), then
@@ -92,19 +89,16 @@ impl RelaySpec {
 
     /// Writes the config and starts the relay; returns at once.
     pub fn spawn(self) -> Relay {
+        let metrics = self
+            .config
+            .metrics
+            .listen
+            .expect("the harness reads the relay's metrics: keep metrics.listen set");
+        let config_path = self.dir.join(format!("{}.toml", self.stem));
         let mut relay = Relay {
-            config_path: self.dir.join(format!("{}.toml", self.stem)),
             forward: self.config.server.listen,
-            metrics: self
-                .config
-                .metrics
-                .listen
-                .expect("the harness reads the relay's metrics: keep metrics.listen set"),
+            lives: Lives::new("sluice-relay", self.dir, self.stem, config_path, metrics),
             config: self.config,
-            dir: self.dir,
-            stem: self.stem,
-            proc_: None,
-            logs: Vec::new(),
         };
         relay.write_config();
         relay.spawn_life();
@@ -188,18 +182,25 @@ impl SinkKeys for SinkConfig {
 
 /// A `sluice-relay` child process and the config it runs with. Each start is a new life
 /// with its own log file; the config file stays, so a restart after a kill finds the same
-/// ports, spool and sinks.
+/// ports, spool and sinks. The process, its logs, its metrics and `wait` are [`Lives`]'.
 pub struct Relay {
     pub config: RelayConfig,
-    pub config_path: PathBuf,
     /// The Forward listener.
     pub forward: SocketAddr,
-    /// The metrics endpoint.
-    pub metrics: SocketAddr,
-    dir: PathBuf,
-    stem: String,
-    proc_: Option<Proc>,
-    logs: Vec<PathBuf>,
+    lives: Lives,
+}
+
+impl std::ops::Deref for Relay {
+    type Target = Lives;
+    fn deref(&self) -> &Lives {
+        &self.lives
+    }
+}
+
+impl std::ops::DerefMut for Relay {
+    fn deref_mut(&mut self) -> &mut Lives {
+        &mut self.lives
+    }
 }
 
 impl Relay {
@@ -210,16 +211,6 @@ impl Relay {
             panic!("the test's relay config is invalid: {e}\n{text}");
         }
         std::fs::write(&self.config_path, text).expect("write relay config");
-    }
-
-    fn spawn_life(&mut self) {
-        assert!(!self.is_running(), "the relay is already running");
-        let log = match self.logs.len() {
-            0 => self.dir.join(format!("{}.log", self.stem)),
-            n => self.dir.join(format!("{}-{n}.log", self.stem)),
-        };
-        self.proc_ = Some(Proc::start("sluice-relay", &self.config_path, &log));
-        self.logs.push(log);
     }
 
     fn wait_listening(&self) {
@@ -239,60 +230,6 @@ impl Relay {
         assert!(!self.is_running(), "reconfigure a stopped relay");
         change(&mut self.config);
         self.write_config();
-    }
-
-    /// kill -9.
-    pub fn kill(&mut self) {
-        if let Some(p) = self.proc_.as_mut() {
-            p.kill();
-        }
-    }
-
-    /// SIGTERM; panics unless it exits with status 0 within `timeout`.
-    pub fn stop(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        self.proc_.as_mut().and_then(|p| p.stop(timeout))
-    }
-
-    /// The process of the current (or last) life.
-    pub fn process(&self) -> &Proc {
-        self.proc_.as_ref().expect("the relay was never started")
-    }
-
-    pub fn process_mut(&mut self) -> &mut Proc {
-        self.proc_.as_mut().expect("the relay was never started")
-    }
-
-    pub fn is_running(&self) -> bool {
-        self.proc_.as_ref().is_some_and(Proc::is_running)
-    }
-
-    /// Panics with the log when the relay has exited.
-    pub fn assert_running(&self) {
-        self.process().assert_running();
-    }
-
-    pub fn pid(&self) -> i32 {
-        self.process().pid()
-    }
-
-    /// The log file of the current (or last) life.
-    pub fn log_path(&self) -> &Path {
-        self.logs.last().expect("the relay was never started")
-    }
-
-    /// The log files of every life, first to last.
-    pub fn logs(&self) -> &[PathBuf] {
-        &self.logs
-    }
-
-    /// The current life's log as written.
-    pub fn log_text(&self) -> String {
-        self.process().log_text()
-    }
-
-    /// The current life's log without colour codes.
-    pub fn plain_log(&self) -> String {
-        plain_log(self.log_path())
     }
 
     pub fn data_dir(&self) -> &Path {
@@ -315,16 +252,6 @@ impl Relay {
             Some(k) if k["type"] == "file" => PathBuf::from(k["path"].as_str().unwrap()),
             _ => panic!("the relay has no file sink {name:?}"),
         }
-    }
-
-    /// Sum of the metric's samples whose labels contain `labels`; `None` when absent.
-    pub fn metric(&self, name: &str, labels: &str) -> Option<f64> {
-        metric(self.metrics, name, labels)
-    }
-
-    /// As [`metric`](Relay::metric), 0 when absent (a counter nobody incremented yet).
-    pub fn counter(&self, name: &str, labels: &str) -> f64 {
-        self.metric(name, labels).unwrap_or(0.0)
     }
 
     /// Events sink `sink` delivered (`sluice_relay_sink_events_total`), this life.
@@ -353,14 +280,6 @@ impl Relay {
     /// Every one of `sinks` has delivered everything the spool holds.
     pub fn caught_up(&self, sinks: &[&str]) -> bool {
         sinks.iter().all(|s| self.lag(s) == Some(0.0))
-    }
-
-    /// Waits for `cond`, and fails at once (with the log) if the relay exits meanwhile.
-    pub fn wait(&self, what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
-        wait_for(what, timeout, || {
-            self.assert_running();
-            cond()
-        });
     }
 
     /// Waits until sink `sink` delivered at least `n` events.
