@@ -15,7 +15,12 @@
 //!
 //! The harness calls `discover()` after every file system action, as if the agent's
 //! periodic scan were always fast enough; the races that this hides (a file created and
-//! deleted between two scans) are outside what the tailer can see at all.
+//! deleted between two scans) are outside what the tailer can see at all. One action is
+//! the exception on purpose: `CopyTruncateWhileWriting` truncates app.log while the
+//! writer keeps writing, so that the file is longer than the tailer's old read position
+//! again before the tailer looks (no `discover()`), as with logrotate's copytruncate on a
+//! busy log. The lines written after the truncation must all be delivered, from offset 0
+//! of the new generation, and none may be emitted twice.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, OpenOptions};
@@ -34,6 +39,11 @@ enum Op {
     Rotate,
     /// Copy app.log away (outside the globs), then truncate it.
     CopyTruncate,
+    /// Copy app.log away and truncate it, then keep writing until it is longer than it
+    /// was, plus `lines` more: the tailer only learns of it at its next poll or scan.
+    CopyTruncateWhileWriting {
+        lines: u8,
+    },
     Delete,
     /// Drop the tailer and start a new one from its checkpoints.
     Restart,
@@ -48,6 +58,7 @@ fn op() -> impl Strategy<Value = Op> {
         6 => (1u8..5, 0u8..30).prop_map(|(lines, pad)| Op::Write { lines, pad }),
         1 => Just(Op::Rotate),
         1 => Just(Op::CopyTruncate),
+        2 => (0u8..5).prop_map(|lines| Op::CopyTruncateWhileWriting { lines }),
         1 => Just(Op::Delete),
         1 => Just(Op::Restart),
         4 => (1u16..200, any::<bool>()).prop_map(|(budget, commit)| Op::Poll { budget, commit }),
@@ -126,30 +137,7 @@ impl Harness {
     fn apply(&mut self, op: &Op) {
         match *op {
             Op::Write { lines, pad } => {
-                let idx = match self.named("app.log") {
-                    Some(i) => i,
-                    None => {
-                        self.files.push(ModelFile {
-                            name: Some("app.log".into()),
-                            lines: Vec::new(),
-                        });
-                        self.files.len() - 1
-                    }
-                };
-                let mut text = Vec::new();
-                for _ in 0..lines {
-                    let no = self.next_line;
-                    self.next_line += 1;
-                    let line = format!("line-{no:06}-{}\n", "x".repeat(pad as usize));
-                    self.files[idx].lines.push((no, line.len() as u64));
-                    text.extend_from_slice(line.as_bytes());
-                }
-                let mut f = OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(self.path("app.log"))
-                    .unwrap();
-                f.write_all(&text).unwrap();
+                self.write(lines, pad);
             }
             Op::Rotate => {
                 if let Some(i) = self.named("app.log.2") {
@@ -168,27 +156,17 @@ impl Harness {
                     lines: Vec::new(),
                 });
             }
-            Op::CopyTruncate => {
-                if let Some(i) = self.named("app.log") {
-                    self.copies += 1;
-                    let copy = self.dir.path().join(format!("copies/{}", self.copies));
-                    fs::copy(self.path("app.log"), copy).unwrap();
-                    OpenOptions::new()
-                        .write(true)
-                        .open(self.path("app.log"))
-                        .unwrap()
-                        .set_len(0)
-                        .unwrap();
-                    for (no, len) in std::mem::take(&mut self.files[i].lines) {
-                        self.destroyed.insert(no);
-                        if !self.seen_by_current.contains(&no) {
-                            self.expected_lost_bytes += len;
-                            if !self.committed.contains(&no) {
-                                self.may_be_lost.insert(no);
-                            }
-                        }
-                    }
+            Op::CopyTruncate => self.copy_truncate(),
+            Op::CopyTruncateWhileWriting { lines } => {
+                let before = self.named("app.log").map_or(0, |i| self.size(i));
+                self.copy_truncate();
+                let mut after = 0;
+                while after <= before {
+                    after += self.write(1, 0);
                 }
+                self.write(lines, 3);
+                // No discover(): the tailer finds out when it next reads or scans.
+                return;
             }
             Op::Delete => {
                 if let Some(i) = self.named("app.log") {
@@ -227,6 +205,65 @@ impl Harness {
             }
         }
         self.tailer.discover().unwrap();
+    }
+
+    /// Appends `lines` numbered lines to app.log (creating it); returns the bytes written.
+    fn write(&mut self, lines: u8, pad: u8) -> u64 {
+        let idx = match self.named("app.log") {
+            Some(i) => i,
+            None => {
+                self.files.push(ModelFile {
+                    name: Some("app.log".into()),
+                    lines: Vec::new(),
+                });
+                self.files.len() - 1
+            }
+        };
+        let mut text = Vec::new();
+        for _ in 0..lines {
+            let no = self.next_line;
+            self.next_line += 1;
+            let line = format!("line-{no:06}-{}\n", "x".repeat(pad as usize));
+            self.files[idx].lines.push((no, line.len() as u64));
+            text.extend_from_slice(line.as_bytes());
+        }
+        let mut f = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.path("app.log"))
+            .unwrap();
+        f.write_all(&text).unwrap();
+        text.len() as u64
+    }
+
+    fn size(&self, idx: usize) -> u64 {
+        self.files[idx].lines.iter().map(|(_, len)| len).sum()
+    }
+
+    /// Copies app.log away (outside the globs) and truncates it. Lines the current tailer
+    /// has not read are lost, and must be counted as lost.
+    fn copy_truncate(&mut self) {
+        let Some(i) = self.named("app.log") else {
+            return;
+        };
+        self.copies += 1;
+        let copy = self.dir.path().join(format!("copies/{}", self.copies));
+        fs::copy(self.path("app.log"), copy).unwrap();
+        OpenOptions::new()
+            .write(true)
+            .open(self.path("app.log"))
+            .unwrap()
+            .set_len(0)
+            .unwrap();
+        for (no, len) in std::mem::take(&mut self.files[i].lines) {
+            self.destroyed.insert(no);
+            if !self.seen_by_current.contains(&no) {
+                self.expected_lost_bytes += len;
+                if !self.committed.contains(&no) {
+                    self.may_be_lost.insert(no);
+                }
+            }
+        }
     }
 
     fn poll(&mut self, budget: usize) -> usize {
