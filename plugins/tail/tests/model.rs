@@ -11,7 +11,9 @@
 //! * if no restart happened with emitted-but-uncommitted lines, every line was emitted
 //!   exactly once;
 //! * the bytes the tailer reports lost to truncation are exactly the bytes of the lines
-//!   the model saw destroyed unread.
+//!   the model saw destroyed unread, except for lines written after the tailer's last
+//!   look (scan or read) and destroyed before its next one: it cannot know of those, so
+//!   they may or may not be in its count.
 //!
 //! The harness calls `discover()` after every file system action, as if the agent's
 //! periodic scan were always fast enough; the races that this hides (a file created and
@@ -89,6 +91,13 @@ struct Harness {
     pending: Vec<(SourceId, u64, u64)>,
     may_be_lost: HashSet<u64>,
     expected_lost_bytes: u64,
+    /// Lines written since the tailer last scanned (it may not have seen them at all).
+    unseen: HashSet<u64>,
+    /// Bytes of such lines destroyed unread: the tailer may or may not count them.
+    unseen_lost_bytes: u64,
+    /// Bytes destroyed unread by a truncation the tailer has not looked at yet: counted
+    /// once it scans; a restart before may or may not have counted them.
+    unnoticed_lost_bytes: u64,
     reported_lost_bytes: u64,
     clean: bool,
     copies: u32,
@@ -118,6 +127,9 @@ impl Harness {
             pending: Vec::new(),
             may_be_lost: HashSet::new(),
             expected_lost_bytes: 0,
+            unseen: HashSet::new(),
+            unseen_lost_bytes: 0,
+            unnoticed_lost_bytes: 0,
             reported_lost_bytes: 0,
             clean: true,
             copies: 0,
@@ -158,15 +170,25 @@ impl Harness {
             }
             Op::CopyTruncate => self.copy_truncate(),
             Op::CopyTruncateWhileWriting { lines } => {
-                let before = self.named("app.log").map_or(0, |i| self.size(i));
-                self.copy_truncate();
-                let mut after = 0;
-                while after <= before {
-                    after += self.write(1, 0);
+                // (A file the tailer was never told of is only a write.)
+                if let Some(i) = self.named("app.log") {
+                    let before = self.size(i);
+                    let expected = self.expected_lost_bytes;
+                    self.copy_truncate();
+                    // Not noticed yet.
+                    self.unnoticed_lost_bytes += self.expected_lost_bytes - expected;
+                    self.expected_lost_bytes = expected;
+                    let first = self.next_line;
+                    let mut after = 0;
+                    while after <= before {
+                        after += self.write(1, 0);
+                    }
+                    self.write(lines, 3);
+                    self.unseen.extend(first..self.next_line);
+                    // No discover(): the tailer finds out when it next reads or scans.
+                    return;
                 }
                 self.write(lines, 3);
-                // No discover(): the tailer finds out when it next reads or scans.
-                return;
             }
             Op::Delete => {
                 if let Some(i) = self.named("app.log") {
@@ -189,6 +211,10 @@ impl Harness {
                         self.may_be_lost.insert(no);
                     }
                 }
+                self.unseen.clear();
+                // A truncation the old instance did not notice: the new one sees only that
+                // the file differs from its checkpoint, not what the old stream held.
+                self.unseen_lost_bytes += std::mem::take(&mut self.unnoticed_lost_bytes);
                 let cps = self.tailer.checkpoints();
                 let fresh = Tailer::new("model", self.cfg.clone(), &cps).unwrap();
                 self.tailer = fresh;
@@ -204,7 +230,14 @@ impl Harness {
                 return;
             }
         }
+        self.scanned();
+    }
+
+    /// After `discover()`: the tailer has seen every file as it is now.
+    fn scanned(&mut self) {
         self.tailer.discover().unwrap();
+        self.unseen.clear();
+        self.expected_lost_bytes += std::mem::take(&mut self.unnoticed_lost_bytes);
     }
 
     /// Appends `lines` numbered lines to app.log (creating it); returns the bytes written.
@@ -258,7 +291,11 @@ impl Harness {
         for (no, len) in std::mem::take(&mut self.files[i].lines) {
             self.destroyed.insert(no);
             if !self.seen_by_current.contains(&no) {
-                self.expected_lost_bytes += len;
+                if self.unseen.contains(&no) {
+                    self.unseen_lost_bytes += len;
+                } else {
+                    self.expected_lost_bytes += len;
+                }
                 if !self.committed.contains(&no) {
                     self.may_be_lost.insert(no);
                 }
@@ -293,7 +330,7 @@ impl Harness {
     }
 
     fn finish(mut self) {
-        self.tailer.discover().unwrap();
+        self.scanned();
         while self.poll(1 << 20) > 0 {
             self.commit_all();
         }
@@ -314,9 +351,13 @@ impl Harness {
                 );
             }
         }
-        assert_eq!(
-            self.reported_lost_bytes, self.expected_lost_bytes,
-            "bytes lost to truncation"
+        assert!(
+            self.expected_lost_bytes <= self.reported_lost_bytes
+                && self.reported_lost_bytes <= self.expected_lost_bytes + self.unseen_lost_bytes,
+            "bytes lost to truncation: reported {}, expected {} (+ up to {} unseen)",
+            self.reported_lost_bytes,
+            self.expected_lost_bytes,
+            self.unseen_lost_bytes
         );
         // Everything is read and committed: only files still matched by the globs stay open.
         let live = self.files.iter().filter(|f| f.name.is_some()).count() as u64;
