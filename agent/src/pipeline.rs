@@ -101,6 +101,14 @@ pub struct Pipeline {
 const POLL_BYTES: usize = 1 << 20;
 const DISCOVER_EVERY: Duration = Duration::from_millis(250);
 const SAVE_EVERY: Duration = Duration::from_secs(1);
+/// Nothing new to read: wait this long (or for an acknowledgement) before looking again.
+const IDLE_WAIT: Duration = Duration::from_millis(100);
+/// ... but only this long while the inputs had data in the last [`BUSY_FOR`]. What a
+/// copytruncate takes away before the agent read it is lost, and the agent cannot count
+/// bytes written after its last look (docs/agent.md, "Copytruncate"): on a busy log the
+/// time between a write and the read is the loss, so it must be milliseconds, not 100.
+const BUSY_WAIT: Duration = Duration::from_millis(2);
+const BUSY_FOR: Duration = Duration::from_secs(1);
 
 impl Pipeline {
     /// Runs until `stop`; then seals what is open, hands it over, and keeps applying
@@ -119,6 +127,7 @@ impl Pipeline {
         let mut pending: Vec<HashMap<SourceId, Pending>> =
             self.inputs.iter().map(|_| HashMap::new()).collect();
         let mut last_discover: Option<Instant> = None;
+        let mut last_read: Option<Instant> = None;
         let mut last_save = Instant::now();
         let mut dirty = false;
         let mut chunks = Some(chunks);
@@ -320,8 +329,15 @@ impl Pipeline {
                     }
                 }
             }
-            if read == 0 {
+            if read > 0 {
+                last_read = Some(instant);
+            } else {
                 // Idle: wait for an acknowledgement or the next poll, whichever first.
+                let idle_wait = if last_read.is_some_and(|t| t.elapsed() < BUSY_FOR) {
+                    BUSY_WAIT
+                } else {
+                    IDLE_WAIT
+                };
                 let multiline_due =
                     self.inputs
                         .iter()
@@ -339,8 +355,8 @@ impl Pipeline {
                     .map(|c| self.chunk_age.saturating_sub(c.opened.elapsed()))
                     .chain(multiline_due)
                     .min()
-                    .unwrap_or(Duration::from_millis(100))
-                    .min(Duration::from_millis(100));
+                    .unwrap_or(idle_wait)
+                    .min(idle_wait);
                 match commits.recv_timeout(wait) {
                     Ok(c) => {
                         self.inputs[c.input].source.commit(&c.source, c.end);

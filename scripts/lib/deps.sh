@@ -2,7 +2,7 @@
 # Installs what building and testing sluice needs, skipping what is already there.
 # Sourced by scripts/test and scripts/quickstart; every function is idempotent.
 #
-#   deps_apt     Debian build packages (librdkafka is built from source by rdkafka-sys)
+#   deps_apt     Debian build and test packages (librdkafka is built from source by rdkafka-sys)
 #   deps_venv    Python venv with tests/py/requirements.txt, in the cache dir outside the repo
 #   deps_tansu   the tansu Kafka-API broker, pinned, built with the dynostore feature
 #   deps_rust    the clippy and rustfmt components
@@ -20,8 +20,9 @@ CARGO_BIN=${CARGO_HOME:-$HOME/.cargo}/bin
 case ":$PATH:" in *":$CARGO_BIN:"*) ;; *) PATH=$CARGO_BIN:$PATH ;; esac
 export PATH
 
+# logrotate: the e2e test tail_copytruncate.rs rotates with the real one (Debian's, 3.21).
 SLUICE_APT_PACKAGES=(build-essential cmake perl zlib1g-dev libssl-dev libsasl2-dev libzstd-dev
-  pkg-config python3-venv)
+  pkg-config python3-venv logrotate)
 
 _deps_log() { printf '  %s\n' "$*"; }
 

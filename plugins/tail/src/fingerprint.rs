@@ -51,9 +51,15 @@ impl Fingerprint {
 
 /// Reads up to [`FINGERPRINT_BYTES`] from the start of `file` (without moving any cursor).
 pub(crate) fn read_head(file: &File, buf: &mut [u8; FINGERPRINT_BYTES]) -> io::Result<usize> {
+    read_full_at(file, buf, 0)
+}
+
+/// Fills `buf` from offset `at` of `file` as far as the file goes (without moving any
+/// cursor); returns how many bytes it holds.
+pub(crate) fn read_full_at(file: &File, buf: &mut [u8], at: u64) -> io::Result<usize> {
     let mut filled = 0;
     while filled < buf.len() {
-        match file.read_at(&mut buf[filled..], filled as u64) {
+        match file.read_at(&mut buf[filled..], at + filled as u64) {
             Ok(0) => break,
             Ok(n) => filled += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}

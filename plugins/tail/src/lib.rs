@@ -20,12 +20,20 @@
 //!   re-read a file, even if the glob matches the rotated names too, and a restart finds
 //!   a file again after it was renamed while the agent was stopped.
 //! * **Offsets only grow within a [`SourceId`].** A truncated file (copytruncate) starts a
-//!   new generation, hence a new `SourceId`, at offset 0.
+//!   new generation, hence a new `SourceId`, at offset 0. A truncation is noticed at every
+//!   read, not only by "the file is shorter than our position": the tailer keeps the last
+//!   bytes it read before its position and checks, after each read, that the file still
+//!   holds them there. So a file truncated and written past the old position again before
+//!   the tailer looked is read from its first byte as the new stream; nothing of the new
+//!   stream is skipped, and nothing of it is handed out under the old `SourceId`.
 //! * **Known, counted losses only.** Bytes can be lost in these documented cases, all of
 //!   them counted in [`TailStats`] and logged at warning level where they are detected:
-//!   - copytruncate: bytes written after the last read and before the truncation
-//!     ([`TailStats::bytes_lost_to_truncation`]; the copy is another file — exclude it
-//!     from the globs or it is read as a new file). Lines handed out but not yet
+//!   - copytruncate: bytes of the old stream after what was read when the truncation
+//!     came ([`TailStats::bytes_lost_to_truncation`] counts those the tailer knew of: up
+//!     to the largest size it saw, at its last read or scan; the copy is another file —
+//!     exclude it from the globs or it is read as a new file). Bytes written after the
+//!     tailer's last look and before the truncation were never seen by it and cannot be
+//!     counted by it; reading often keeps them few. Lines handed out but not yet
 //!     committed when the file is truncated cannot be read again if the process restarts
 //!     before they are committed;
 //!   - [`LongLines::Truncate`]: the rest of an over-long line ([`TailStats::bytes_skipped`]).
@@ -206,7 +214,9 @@ pub struct TailStats {
     pub partial_lines_flushed: u64,
     /// Truncations (copytruncate) noticed; each starts a new generation.
     pub truncations: u64,
-    /// Bytes known to have been written but not read before a truncation.
+    /// Bytes of truncated streams that were not read: from the last consumed line to the
+    /// largest size the tailer saw (an incomplete last line included). Bytes written after
+    /// the tailer's last read or scan and before the truncation are not known to it.
     pub bytes_lost_to_truncation: u64,
 }
 

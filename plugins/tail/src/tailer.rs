@@ -7,10 +7,14 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use crate::fingerprint::{read_head, Fingerprint, FINGERPRINT_BYTES};
+use crate::fingerprint::{read_full_at, read_head, Fingerprint, FINGERPRINT_BYTES};
 use crate::lines::{LineCounts, LineCutter, LineState, Piece};
 use crate::watch::{dirs_of, Watcher};
 use crate::{FileCheckpoint, Line, SourceId, StartAt, TailConfig, TailError, TailStats};
+
+/// How many bytes just before the read position are kept to tell that a file is still
+/// the stream we were reading (see [`TrackedFile::guard`]).
+const GUARD_BYTES: usize = 256;
 
 /// Device and inode: what identifies a live file while we hold it open (the kernel does
 /// not reuse an inode that has an open descriptor).
@@ -48,6 +52,12 @@ struct TrackedFile {
     committed: u64,
     /// Largest size seen; what a truncation can have destroyed.
     seen_size: u64,
+    /// The last `min(GUARD_BYTES, read_pos)` bytes before `read_pos`, as read. A
+    /// truncation is noticed by the file no longer holding them there: that also catches
+    /// a file truncated and written past `read_pos` again before we looked, which
+    /// "size < read position" cannot see (reading on from the old position would skip the
+    /// new stream's first bytes and hand out the rest under the old source id).
+    guard: Vec<u8>,
     lines: LineState,
     /// When the leftover was first seen at end of file.
     partial_since: Option<Instant>,
@@ -72,8 +82,110 @@ impl TrackedFile {
         self.emitted = 0;
         self.committed = 0;
         self.seen_size = 0;
+        self.guard.clear();
         self.lines = LineState::default();
         self.partial_since = None;
+    }
+
+    /// The file was truncated since we last looked: everything of the old stream past
+    /// what was consumed is gone for us (bytes we knew of but had not read, and the
+    /// incomplete line we held). Counts and logs that, and starts the next generation at
+    /// offset 0, so whatever the file holds now is read from its first byte.
+    fn start_over_after_truncation(&mut self, counts: &mut Truncations, noticed: &str) {
+        let lost = self.seen_size.max(self.read_pos) - self.consumed();
+        counts.seen += 1;
+        counts.bytes_lost += lost;
+        tracing::warn!(path = %self.path.display(), lost_bytes = lost, old_source = ?self.source,
+            old_offset = self.read_pos, noticed,
+            "file truncated (copytruncate?); reading it again from the start as a new stream");
+        self.new_generation();
+    }
+
+    /// At a scan, `size` being the file's size now: if it was truncated since we last
+    /// looked, starts over (see [`start_over_after_truncation`](Self::start_over_after_truncation)).
+    fn notice_truncation(
+        &mut self,
+        input: &str,
+        key: FileKey,
+        size: u64,
+        counts: &mut Truncations,
+    ) {
+        let mut truncated = size < self.seen_size.max(self.read_pos);
+        if !truncated {
+            // As long as or longer, but truncated and written again since we read (past
+            // our position: the bytes before it changed; or not that far yet: the first
+            // bytes changed)?
+            truncated = matches!(self.same_stream(), Ok(false))
+                || (size != self.seen_size
+                    && matches!(self.refresh_fingerprint(input, key, false), Ok(false)));
+        }
+        if truncated {
+            self.start_over_after_truncation(counts, "by a scan");
+            // What the new stream holds now is known to be there (stat again: `size` may
+            // be from before the truncation), and its first bytes are fingerprinted now:
+            // with an empty fingerprint and nothing read yet, a second truncation before
+            // the next read would go unnoticed (and its bytes uncounted).
+            self.seen_size = self.handle.metadata().map_or(0, |m| m.len());
+            if let Err(e) = self.refresh_fingerprint(input, key, false) {
+                tracing::warn!(path = %self.path.display(), error = %e, "cannot read file");
+            }
+        } else {
+            self.seen_size = self.seen_size.max(size);
+        }
+    }
+
+    /// Whether the file still holds, just before `read_pos`, the bytes read there
+    /// (false: it was truncated since, and maybe written past `read_pos` again).
+    fn guard_holds(&self) -> io::Result<bool> {
+        let g = self.guard.len();
+        if g == 0 {
+            return Ok(true);
+        }
+        let mut buf = [0u8; GUARD_BYTES];
+        let n = read_full_at(&self.handle, &mut buf[..g], self.read_pos - g as u64)?;
+        Ok(n == g && buf[..g] == self.guard[..])
+    }
+
+    /// Whether the file is still the stream we were reading: the bytes before `read_pos`
+    /// are still there, and so are the first bytes the fingerprint covers where we have
+    /// not read that far yet (with nothing read, the fingerprint is all we know of it).
+    fn same_stream(&self) -> io::Result<bool> {
+        if !self.guard_holds()? {
+            return Ok(false);
+        }
+        if self.read_pos >= u64::from(self.fingerprint.len) {
+            return Ok(true);
+        }
+        let mut head = [0u8; FINGERPRINT_BYTES];
+        let n = read_head(&self.handle, &mut head)?;
+        Ok(self.fingerprint.matches(&head[..n]))
+    }
+
+    /// `new` was just read and ends at `read_pos`: keep the last bytes as the guard.
+    fn extend_guard(&mut self, new: &[u8]) {
+        if new.len() >= GUARD_BYTES {
+            self.guard.clear();
+            self.guard
+                .extend_from_slice(&new[new.len() - GUARD_BYTES..]);
+        } else {
+            self.guard.extend_from_slice(new);
+            let excess = self.guard.len().saturating_sub(GUARD_BYTES);
+            self.guard.drain(..excess);
+        }
+    }
+
+    /// Takes the guard from the file, for a position we did not read up to ourselves
+    /// (a checkpoint, `start_at = end`). A file shorter than that gets none; the size
+    /// check notices it.
+    fn load_guard(&mut self) -> io::Result<()> {
+        let g = (self.read_pos as usize).min(GUARD_BYTES);
+        let mut buf = [0u8; GUARD_BYTES];
+        let n = read_full_at(&self.handle, &mut buf[..g], self.read_pos - g as u64)?;
+        self.guard.clear();
+        if n == g {
+            self.guard.extend_from_slice(&buf[..g]);
+        }
+        Ok(())
     }
 
     /// Takes or extends the fingerprint from the file's first bytes, and names the stream
@@ -130,6 +242,13 @@ impl TrackedFile {
     }
 }
 
+/// Truncations noticed and the bytes they cost, over all files of a [`Tailer`].
+#[derive(Debug, Default)]
+struct Truncations {
+    seen: u64,
+    bytes_lost: u64,
+}
+
 /// Follows the files of one input. See the crate documentation for the guarantees.
 #[derive(Debug)]
 pub struct Tailer {
@@ -145,8 +264,7 @@ pub struct Tailer {
     scratch: Vec<u8>,
     counts: LineCounts,
     partial_lines_flushed: u64,
-    truncations: u64,
-    bytes_lost_to_truncation: u64,
+    truncations: Truncations,
     deleted_alarm: bool,
     /// Opens new files the moment they appear (see `watch`); `None` without inotify or
     /// with `TailConfig::watch` off.
@@ -217,8 +335,7 @@ impl Tailer {
             ),
             counts: LineCounts::default(),
             partial_lines_flushed: 0,
-            truncations: 0,
-            bytes_lost_to_truncation: 0,
+            truncations: Truncations::default(),
             deleted_alarm: false,
             watcher: None,
             forgotten: HashMap::new(),
@@ -317,13 +434,14 @@ impl Tailer {
                 let Some(file) = self.files.get_mut(&key) else {
                     continue;
                 };
-                let turn = Turn {
+                let mut turn = Turn {
                     input: &self.input,
                     key,
                     cfg: &self.cfg,
                     cutter: &self.cutter,
                     counts: &mut self.counts,
                     partial_lines_flushed: &mut self.partial_lines_flushed,
+                    truncations: &mut self.truncations,
                     now,
                 };
                 let (n, eof) = turn.run(file, &mut scratch, budget, out);
@@ -403,8 +521,8 @@ impl Tailer {
             lines_split: self.counts.lines_split,
             bytes_skipped: self.counts.bytes_skipped,
             partial_lines_flushed: self.partial_lines_flushed,
-            truncations: self.truncations,
-            bytes_lost_to_truncation: self.bytes_lost_to_truncation,
+            truncations: self.truncations.seen,
+            bytes_lost_to_truncation: self.truncations.bytes_lost,
         }
     }
 
@@ -454,9 +572,17 @@ impl Tailer {
             }
         }
         for (key, f) in self.files.iter_mut() {
-            if !seen.contains_key(key) && !f.gone {
+            if seen.contains_key(key) {
+                continue;
+            }
+            if !f.gone {
                 tracing::info!(path = %f.path.display(), "file rotated away or deleted; reading it to its end");
                 f.gone = true;
+            }
+            // Truncated (and maybe deleted) after it left the globs, through a handle
+            // someone still holds.
+            if let Ok(meta) = f.handle.metadata() {
+                f.notice_truncation(&self.input, *key, meta.len(), &mut self.truncations);
             }
         }
     }
@@ -505,23 +631,7 @@ impl Tailer {
             f.path = path.to_path_buf();
         }
         f.gone = false;
-        let size = meta.len();
-        let known = f.seen_size.max(f.read_pos);
-        let mut truncated = size < known;
-        if !truncated && size != f.seen_size {
-            // Same size or larger, but rewritten from the start (truncated and written
-            // again between two scans)? The first bytes tell.
-            truncated = matches!(f.refresh_fingerprint(&input, key, false), Ok(false));
-        }
-        if truncated {
-            let lost = known - f.consumed();
-            self.truncations += 1;
-            self.bytes_lost_to_truncation += lost;
-            tracing::warn!(path = %path.display(), lost_bytes = lost, old_source = ?f.source,
-                "file truncated (copytruncate?); reading it again from the start as a new stream");
-            f.new_generation();
-        }
-        f.seen_size = f.seen_size.max(size);
+        f.notice_truncation(&input, key, meta.len(), &mut self.truncations);
     }
 
     /// Starts following a file.
@@ -565,6 +675,7 @@ impl Tailer {
             emitted: 0,
             committed: 0,
             seen_size: size,
+            guard: Vec::new(),
             lines: LineState::default(),
             partial_since: None,
             gone: false,
@@ -598,6 +709,10 @@ impl Tailer {
         f.read_pos = start;
         f.emitted = start;
         f.committed = start;
+        if let Err(e) = f.load_guard() {
+            tracing::warn!(path = %path.display(), error = %e, "cannot read file; will retry");
+            return;
+        }
         if f.source.is_none() {
             if let Err(e) = f.refresh_fingerprint(&self.input, key, false) {
                 tracing::warn!(path = %path.display(), error = %e, "cannot read file; will retry");
@@ -648,14 +763,16 @@ struct Turn<'t> {
     cutter: &'t LineCutter,
     counts: &'t mut LineCounts,
     partial_lines_flushed: &'t mut u64,
+    truncations: &'t mut Truncations,
     now: Instant,
 }
 
 impl Turn<'_> {
     /// Reads up to one chunk and hands out its lines. Returns the bytes read and whether
-    /// the file is at its end.
+    /// the file is at its end. A truncation noticed here starts the new generation and
+    /// reads it from offset 0 in the same turn.
     fn run(
-        self,
+        &mut self,
         f: &mut TrackedFile,
         scratch: &mut Vec<u8>,
         budget: usize,
@@ -669,8 +786,11 @@ impl Turn<'_> {
                 .is_some_and(|t| self.now.duration_since(t) >= self.cfg.partial_line_timeout);
             match f.refresh_fingerprint(self.input, self.key, force) {
                 Ok(true) => {}
-                // Rewritten since discover looked: let the next discover start the new generation.
-                Ok(false) => return (0, true),
+                Ok(false) => {
+                    // Rewritten from the start since we took the fingerprint.
+                    f.start_over_after_truncation(self.truncations, "by the first bytes");
+                    return self.run(f, scratch, budget, out);
+                }
                 Err(e) => {
                     tracing::warn!(path = %f.path.display(), error = %e, "cannot read file");
                     return (0, true);
@@ -685,6 +805,8 @@ impl Turn<'_> {
             }
         }
         let want = budget.min(self.cfg.read_chunk_bytes);
+        // The size before the read is trusted only once the guard below holds.
+        let size = f.handle.metadata().map_or(0, |m| m.len());
         scratch.clear();
         scratch.extend_from_slice(&f.leftover);
         let have = scratch.len();
@@ -701,9 +823,26 @@ impl Turn<'_> {
             }
         };
         scratch.truncate(have + n);
+        // Checked after the read, not before: if the bytes before `read_pos` (and the
+        // fingerprinted first bytes) are still there now, the file was not truncated before now, so what was just read is the
+        // continuation of this stream (a check before the read could pass, and a
+        // truncation and new writes come between it and the read).
+        match f.same_stream() {
+            Ok(true) => {}
+            Ok(false) => {
+                f.start_over_after_truncation(self.truncations, "at a read");
+                return self.run(f, scratch, budget, out);
+            }
+            Err(e) => {
+                tracing::warn!(path = %f.path.display(), error = %e, "cannot read file");
+                scratch.truncate(have);
+                return (0, true);
+            }
+        }
         let base = f.read_pos - have as u64;
         f.read_pos += n as u64;
-        f.seen_size = f.seen_size.max(f.read_pos);
+        f.seen_size = f.seen_size.max(f.read_pos).max(size);
+        f.extend_guard(&scratch[have..]);
         let eof = n < want;
 
         let TrackedFile {

@@ -182,6 +182,68 @@ fn truncated_and_regrown_between_scans_is_noticed_by_fingerprint() {
     assert_eq!(t.stats().truncations, 1);
 }
 
+fn copy_truncate(log: &Path, copy: &Path) {
+    fs::copy(log, copy).unwrap();
+    OpenOptions::new()
+        .write(true)
+        .open(log)
+        .unwrap()
+        .set_len(0)
+        .unwrap();
+}
+
+/// logrotate's copytruncate on a busy log: the writer keeps appending, and the file is
+/// longer than the tailer's read position again before the tailer looks (no scan in
+/// between). The new stream is read from offset 0 under a new source id; nothing of it
+/// is skipped or handed out under the old id; the old stream's unread bytes are counted.
+#[test]
+fn truncated_and_regrown_past_the_read_position_before_a_scan_is_read_from_the_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("app.log");
+    append(&log, b"old-1\nold-2\n");
+    let mut t = Tailer::new("in", cfg(dir.path(), "app.log"), &[]).unwrap();
+    let first = drain(&mut t);
+    assert_eq!(texts(&first), ["old-1", "old-2"]);
+    // Not committed: in flight when the truncation comes.
+    append(&log, b"old-3\n");
+    t.discover().unwrap(); // sees the size, not yet read
+    copy_truncate(&log, &dir.path().join("copy"));
+    append(&log, b"new-1\nnew-2\nnew-3\n"); // 18 bytes, past the old position 12
+    let second = drain(&mut t);
+    assert_eq!(texts(&second), ["new-1", "new-2", "new-3"]);
+    assert_eq!(second[0].offset, 0);
+    assert!(second.iter().all(|g| g.source != first[0].source));
+    let s = t.stats();
+    assert_eq!((s.truncations, s.bytes_lost_to_truncation), (1, 6));
+    // The in-flight chunk of the old stream is acknowledged late: harmless.
+    commit_all(&mut t, &first);
+    commit_all(&mut t, &second);
+    t.discover().unwrap();
+    assert!(drain(&mut t).is_empty());
+    assert_eq!(t.stats().truncations, 1);
+    let cp = &t.checkpoints()[0];
+    assert_eq!((cp.offset, cp.generation), (18, 1));
+}
+
+/// Truncated, and written again but not yet up to the old position: noticed at the next
+/// read, without waiting for a scan; an incomplete last line of the old stream is lost
+/// and counted.
+#[test]
+fn truncation_is_noticed_at_the_next_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("app.log");
+    append(&log, b"0123456789\npartial");
+    let mut t = Tailer::new("in", cfg(dir.path(), "app.log"), &[]).unwrap();
+    assert_eq!(texts(&drain(&mut t)), ["0123456789"]);
+    copy_truncate(&log, &dir.path().join("copy"));
+    append(&log, b"x\n");
+    let got = drain(&mut t);
+    assert_eq!(texts(&got), ["x"]);
+    assert_eq!(got[0].offset, 0);
+    let s = t.stats();
+    assert_eq!((s.truncations, s.bytes_lost_to_truncation), (1, 7));
+}
+
 #[test]
 fn deleted_while_unread_is_read_held_counted_and_closed_after_commit() {
     let dir = tempfile::tempdir().unwrap();
