@@ -16,7 +16,8 @@ use bytes::BytesMut;
 use futures::StreamExt;
 use rustls::pki_types::ServerName;
 use sluice_forward::{
-    ClientCodec, ClientFrame, ClientHandshake, ClientHandshakeError, Limits, ServerFrame,
+    ClientCodec, ClientFrame, ClientHandshake, ClientHandshakeError, DecodeError, Limits,
+    ServerFrame,
 };
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -353,9 +354,9 @@ impl Output {
             (Some(user), Some(password)) => Some((user.as_str(), password.as_str())),
             _ => None,
         };
-        let (ping, awaiting) = ClientHandshake::new(helo)
-            .ping(&self.agent_id, key, user)
-            .map_err(|e| failed(Failure::Auth, handshake_message(&e)))?;
+        // An auth salt in HELO is no reason to give up without a user: Fluent Bit sends
+        // one to everybody. The PING then has an empty user and the PONG decides.
+        let (ping, awaiting) = ClientHandshake::new(helo).ping(&self.agent_id, key, user);
         let mut out = BytesMut::new();
         ClientCodec::new(Limits::default())
             .encode(ClientFrame::Ping(ping), &mut out)
@@ -372,13 +373,12 @@ impl Output {
                     format!("expected PONG, got {}", frame_name(&other)),
                 ))
             }
-            Ok(Some(Err(e))) => return Err(failed(Failure::Auth, format!("bad PONG: {e}"))),
-            Ok(None) => {
-                return Err(failed(
-                    Failure::Auth,
-                    "the relay closed the connection during authentication",
-                ))
+            // A TLS peer that closes without close_notify shows as an unexpected EOF.
+            Ok(Some(Err(DecodeError::Io(e)))) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                return Err(failed(Failure::Auth, CLOSED_WITHOUT_PONG))
             }
+            Ok(Some(Err(e))) => return Err(failed(Failure::Auth, format!("bad PONG: {e}"))),
+            Ok(None) => return Err(failed(Failure::Auth, CLOSED_WITHOUT_PONG)),
             Err(_) => return Err(failed(Failure::Auth, format!("no PONG within {timeout:?}"))),
         };
         awaiting
@@ -388,16 +388,24 @@ impl Output {
     }
 }
 
+const CLOSED_WITHOUT_PONG: &str = "the relay closed the connection during authentication, \
+     without a PONG (Fluent Bit's in_forward does that when the shared key is wrong: check output.shared_key)";
+
 /// A failed handshake in the agent operator's words, naming the config keys involved.
 fn handshake_message(e: &ClientHandshakeError) -> String {
     match e {
-        ClientHandshakeError::CredentialsRequired => {
-            "the relay requires a user name and password: set output.username and output.password"
-                .into()
-        }
-        ClientHandshakeError::Refused { reason } => {
-            format!("the relay refused the shared key: {reason}")
-        }
+        ClientHandshakeError::Refused {
+            reason,
+            without_user: false,
+        } => format!("the relay refused the handshake; its PONG says: {reason:?}"),
+        ClientHandshakeError::Refused {
+            reason,
+            without_user: true,
+        } => format!(
+            "the relay refused the handshake; its PONG says: {reason:?} (its HELO offered user \
+             authentication and output.username is not set: if the relay has users, set \
+             output.username and output.password; otherwise check output.shared_key)"
+        ),
         ClientHandshakeError::WrongDigest => {
             "the relay's PONG digest is wrong: it does not know our shared key".into()
         }

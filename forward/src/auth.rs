@@ -18,6 +18,12 @@
 //!                                                                           ▼ Authenticated
 //! ```
 //!
+//! A HELO's auth salt is an offer, not a demand: Fluent Bit's in_forward sends one in
+//! every HELO and checks users only when it has some. A client without a user answers
+//! with an empty user name and an empty password digest and lets the PONG decide, as
+//! Fluentd's out_forward does (it sends the digest of the empty name and password, which
+//! proves no more than an empty field); it never refuses to answer a HELO.
+//!
 //! Security properties kept here, whatever the caller does:
 //!
 //! - A refused PONG carries an **empty** digest (as Fluentd does). Sending the digest of
@@ -38,7 +44,7 @@
 //!
 //! let server = ServerHandshake::new("relay-1", false);
 //! let client = ClientHandshake::new(server.helo().clone());
-//! let (ping, client) = client.ping("agent-1", "k", None).unwrap();
+//! let (ping, client) = client.ping("agent-1", "k", None);
 //! let Verdict::Accepted { pong, client: who } = server.receive_ping(ping, &Keys) else { panic!() };
 //! assert_eq!(who.hostname(), "agent-1");
 //! let done = client.receive_pong(pong).unwrap();
@@ -66,6 +72,8 @@ pub struct AwaitingPong {
     nonce: Vec<u8>,
     salt: Vec<u8>,
     shared_key: String,
+    /// The HELO had an auth salt and we sent no user: said on a refusal.
+    user_offered_but_none_sent: bool,
 }
 
 /// The client end after a successful handshake: the server knows our key and we know
@@ -78,12 +86,11 @@ pub struct Authenticated {
 /// Why the client side of the handshake failed.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ClientHandshakeError {
-    /// The HELO asks for user authentication and the client has no user name/password.
-    #[error("the server requires a user name and password")]
-    CredentialsRequired,
     /// The PONG says no; `reason` is the server's (deliberately vague) word for it.
-    #[error("the server refused the shared key: {reason}")]
-    Refused { reason: String },
+    /// `without_user`: its HELO had an auth salt and we sent no user name, so a missing
+    /// user may be why (or the shared key: only the server knows).
+    #[error("the server refused the handshake: {reason:?}")]
+    Refused { reason: String, without_user: bool },
     /// The PONG says yes but its digest is wrong: the server does not know our key.
     #[error("the server's PONG digest is wrong: it does not know our shared key")]
     WrongDigest,
@@ -94,31 +101,35 @@ impl ClientHandshake {
         ClientHandshake { helo }
     }
 
-    /// Whether the server asks for a user name and password as well.
-    pub fn requires_user(&self) -> bool {
+    /// Whether the HELO carries an auth salt, i.e. the server *may* check a user name
+    /// and password. It is an offer, not a requirement: Fluent Bit's in_forward sends a
+    /// salt in every HELO and checks users only when it has some, and a sluice relay
+    /// sends one only when `server.users` is set. Only the PONG says what was needed.
+    pub fn offers_user_auth(&self) -> bool {
         !self.helo.auth_salt.is_empty()
     }
 
     /// Answers the HELO with a PING for `shared_key`, under a fresh random salt.
-    /// `user` (name, password) is sent only when the server asks for it.
+    /// `user` (name, password) is sent only when the HELO has an auth salt. With a salt
+    /// and no `user` the PING carries an empty user name and an empty password digest,
+    /// as Fluentd's out_forward does without a user: a server without users accepts
+    /// that, one with users refuses it in its PONG ([`ClientHandshakeError::Refused`]
+    /// with `without_user`).
     pub fn ping(
         self,
         client_hostname: &str,
         shared_key: &str,
         user: Option<(&str, &str)>,
-    ) -> Result<(Ping, AwaitingPong), ClientHandshakeError> {
-        let (username, password) = match (self.requires_user(), user) {
-            (false, _) => ("", ""),
-            (true, Some(user)) => user,
-            (true, None) => return Err(ClientHandshakeError::CredentialsRequired),
-        };
-        let ping = Ping::new(&self.helo, client_hostname, shared_key, username, password);
+    ) -> (Ping, AwaitingPong) {
+        let user_offered_but_none_sent = self.offers_user_auth() && user.is_none();
+        let ping = Ping::new(&self.helo, client_hostname, shared_key, user);
         let next = AwaitingPong {
             nonce: self.helo.nonce,
             salt: ping.shared_key_salt.clone(),
             shared_key: shared_key.to_string(),
+            user_offered_but_none_sent,
         };
-        Ok((ping, next))
+        (ping, next)
     }
 }
 
@@ -128,6 +139,7 @@ impl AwaitingPong {
         if !pong.auth_ok {
             return Err(ClientHandshakeError::Refused {
                 reason: pong.reason,
+                without_user: self.user_offered_but_none_sent,
             });
         }
         if !pong.shared_key_matches(&self.salt, &self.nonce, &self.shared_key) {
@@ -357,7 +369,7 @@ mod tests {
     ) -> (Verdict, Result<Authenticated, ClientHandshakeError>) {
         let server = ServerHandshake::new("relay-1", !keys.users.is_empty());
         let client = ClientHandshake::new(server.helo().clone());
-        let (ping, client) = client.ping(hostname, client_key, user).unwrap();
+        let (ping, client) = client.ping(hostname, client_key, user);
         let verdict = server.receive_ping(ping, keys);
         let result = client.receive_pong(verdict.pong().clone());
         (verdict, result)
@@ -399,7 +411,8 @@ mod tests {
         assert_eq!(
             client.unwrap_err(),
             ClientHandshakeError::Refused {
-                reason: "shared key mismatch".into()
+                reason: "shared key mismatch".into(),
+                without_user: false,
             }
         );
     }
@@ -460,25 +473,77 @@ mod tests {
             assert!(matches!(client, Err(ClientHandshakeError::Refused { .. })));
         }
 
-        // Without credentials the client does not even send a PING.
-        let server = ServerHandshake::new("relay-1", true);
-        let client = ClientHandshake::new(server.helo().clone());
-        assert!(client.requires_user());
+        // Without a user the client still answers, with an empty one, and the relay's
+        // PONG says no; the client's error says it sent none.
+        let (verdict, client) = run(&k, "agent-1", "k", None);
+        let Verdict::Refused { refusal, .. } = verdict else {
+            panic!("accepted a PING without a user although users are required")
+        };
+        assert_eq!(refusal, Refusal::NoUsername);
         assert_eq!(
-            client.ping("agent-1", "k", None).unwrap_err(),
-            ClientHandshakeError::CredentialsRequired
+            client.unwrap_err(),
+            ClientHandshakeError::Refused {
+                reason: "user authentication failed".into(),
+                without_user: true,
+            }
         );
+    }
+
+    /// A sluice relay with a shared key and no users sends no auth salt, and accepts a
+    /// PING with an empty user name (and would ignore a user if one were sent).
+    #[test]
+    fn a_relay_without_users_sends_no_auth_salt_and_accepts_an_empty_user() {
+        let server = ServerHandshake::new("relay-1", false);
+        assert!(server.helo().auth_salt.is_empty());
+        let client = ClientHandshake::new(server.helo().clone());
+        assert!(!client.offers_user_auth());
+        let (ping, client) = client.ping("agent-1", "k", None);
+        assert_eq!(
+            (ping.username.as_str(), ping.password_digest.as_str()),
+            ("", "")
+        );
+        let verdict = server.receive_ping(ping, &keys("k"));
+        let Verdict::Accepted { pong, client: who } = verdict else {
+            panic!("refused an empty user: {verdict:?}")
+        };
+        assert_eq!(who.username(), "");
+        assert!(client.receive_pong(pong).is_ok());
     }
 
     #[test]
     fn user_credentials_are_not_sent_unless_asked_for() {
         let server = ServerHandshake::new("relay-1", false);
         let client = ClientHandshake::new(server.helo().clone());
-        let (ping, _) = client.ping("agent-1", "k", Some(("alice", "pw"))).unwrap();
+        let (ping, _) = client.ping("agent-1", "k", Some(("alice", "pw")));
         assert_eq!(
             (ping.username.as_str(), ping.password_digest.as_str()),
             ("", "")
         );
+    }
+
+    /// Fluent Bit's in_forward puts an auth salt in every HELO, with or without users
+    /// (plugins/in_forward/fw_prot.c, send_helo), and checks users only when it has
+    /// some. A client without a user must still answer, as Fluentd's out_forward does,
+    /// and let the PONG decide.
+    #[test]
+    fn an_auth_salt_without_a_configured_user_still_gets_a_ping() {
+        let helo = Helo {
+            nonce: b"0123456789abcdef".to_vec(),
+            auth_salt: b"fedcba9876543210".to_vec(),
+            keepalive: true,
+        };
+        // Before the fix this was an error (CredentialsRequired) and no PING was sent.
+        let (ping, client) = ClientHandshake::new(helo.clone()).ping("agent-1", "k", None);
+        assert_eq!(
+            (ping.username.as_str(), ping.password_digest.as_str()),
+            ("", ""),
+            "no user: empty user name and empty password digest"
+        );
+        assert!(ping.shared_key_matches(&helo.nonce, "k"));
+        // The PONG of a server that has no users and knows the key.
+        let pong = Pong::new(&ping, &helo.nonce, "fluent-bit", "k", Ok(()));
+        let done = client.receive_pong(pong).expect("authenticated");
+        assert_eq!(done.server_hostname(), "fluent-bit");
     }
 
     #[test]
@@ -487,9 +552,7 @@ mod tests {
         let other = ServerHandshake::new("relay-1", false);
         assert_ne!(server.helo().nonce, other.helo().nonce, "nonces are fresh");
         // A PING replayed from another connection (another nonce) proves nothing.
-        let (ping, _) = ClientHandshake::new(other.helo().clone())
-            .ping("agent-1", "k", None)
-            .unwrap();
+        let (ping, _) = ClientHandshake::new(other.helo().clone()).ping("agent-1", "k", None);
         assert!(matches!(
             server.receive_ping(ping, &keys("k")),
             Verdict::Refused {
@@ -502,9 +565,7 @@ mod tests {
     #[test]
     fn a_pong_for_another_nonce_is_not_trusted() {
         let server = ServerHandshake::new("relay-1", false);
-        let (ping, client) = ClientHandshake::new(server.helo().clone())
-            .ping("agent-1", "k", None)
-            .unwrap();
+        let (ping, client) = ClientHandshake::new(server.helo().clone()).ping("agent-1", "k", None);
         // A PONG that says yes with a digest for another nonce (replayed from another
         // connection, or made by someone who does not know the key).
         let forged = Pong {

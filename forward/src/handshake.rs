@@ -29,11 +29,13 @@ pub struct Helo {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Ping {
     pub client_hostname: String,
+    /// 32 lowercase hex digits when we make it (as Fluentd does), sent as a msgpack str:
+    /// Fluent Bit's in_forward refuses a PING whose salt is not a str.
     pub shared_key_salt: Vec<u8>,
     pub shared_key_hexdigest: String,
-    /// Empty when no user authentication is required.
+    /// Empty when the client sends no user (none configured, or none asked for).
     pub username: String,
-    /// [`password_digest`], or empty.
+    /// [`password_digest`], or empty when the client sends no user.
     pub password_digest: String,
 }
 
@@ -52,9 +54,12 @@ fn sha512_hex(parts: &[&[u8]]) -> String {
     for part in parts {
         hasher.update(part);
     }
-    let digest = hasher.finalize();
-    let mut hex = String::with_capacity(digest.len() * 2);
-    for byte in digest {
+    hex(&hasher.finalize())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    let mut hex = String::with_capacity(bytes.len() * 2);
+    for byte in bytes {
         hex.push(char::from(b"0123456789abcdef"[(byte >> 4) as usize]));
         hex.push(char::from(b"0123456789abcdef"[(byte & 0x0f) as usize]));
     }
@@ -140,20 +145,24 @@ impl Helo {
 }
 
 impl Ping {
-    /// The client's answer to `helo`, with a fresh random salt. Pass empty `username`
-    /// and `password` when the server asks for no user authentication.
+    /// The client's answer to `helo`, with a fresh random salt. `user` (name, password)
+    /// is sent only when the HELO has an auth salt; without one (`None`), or when the
+    /// HELO has no salt, the PING carries an empty user name and an empty password
+    /// digest, and the server's PONG decides whether that is enough.
     pub fn new(
         helo: &Helo,
         client_hostname: &str,
         shared_key: &str,
-        username: &str,
-        password: &str,
+        user: Option<(&str, &str)>,
     ) -> Self {
-        let salt = rand::random::<[u8; 16]>().to_vec();
-        let password_digest = if helo.auth_salt.is_empty() {
-            String::new()
-        } else {
-            password_digest(&helo.auth_salt, username, password)
+        // Random bytes as hex text: a str on the wire that every peer accepts.
+        let salt = hex(&rand::random::<[u8; 16]>()).into_bytes();
+        let (username, password_digest) = match user {
+            Some((name, password)) if !helo.auth_salt.is_empty() => (
+                name.to_string(),
+                password_digest(&helo.auth_salt, name, password),
+            ),
+            _ => (String::new(), String::new()),
         };
         Ping {
             shared_key_hexdigest: shared_key_digest(
@@ -164,7 +173,7 @@ impl Ping {
             ),
             client_hostname: client_hostname.to_string(),
             shared_key_salt: salt,
-            username: username.to_string(),
+            username,
             password_digest,
         }
     }
@@ -190,7 +199,11 @@ impl Ping {
         write_array_len(out, 6);
         write_str(out, "PING");
         write_str(out, &self.client_hostname);
-        write_bin(out, &self.shared_key_salt);
+        // Our salts are hex text (see `new`); one that is not UTF-8 can only be bin.
+        match std::str::from_utf8(&self.shared_key_salt) {
+            Ok(salt) => write_str(out, salt),
+            Err(_) => write_bin(out, &self.shared_key_salt),
+        }
         write_str(out, &self.shared_key_hexdigest);
         write_str(out, &self.username);
         write_str(out, &self.password_digest);
@@ -296,7 +309,7 @@ mod tests {
     fn ping_and_pong_verify_each_other() {
         let helo = Helo::generate(true, true);
         assert_eq!((helo.nonce.len(), helo.auth_salt.len()), (16, 16));
-        let ping = Ping::new(&helo, "agent-1", "k", "alice", "pw");
+        let ping = Ping::new(&helo, "agent-1", "k", Some(("alice", "pw")));
         assert!(ping.shared_key_matches(&helo.nonce, "k"));
         assert!(!ping.shared_key_matches(&helo.nonce, "other"));
         assert!(ping.password_matches(&helo.auth_salt, "pw"));
@@ -308,5 +321,29 @@ mod tests {
         let denied = Pong::new(&ping, &helo.nonce, "relay-1", "k", Err("no".into()));
         assert!(!denied.auth_ok && denied.shared_key_hexdigest.is_empty());
         assert!(Helo::generate(false, true).auth_salt.is_empty());
+    }
+
+    #[test]
+    fn ping_salt_is_a_hex_str_and_no_user_means_empty_fields() {
+        let helo = Helo::generate(true, true);
+        let ping = Ping::new(&helo, "agent-1", "k", None);
+        assert_eq!(ping.shared_key_salt.len(), 32);
+        assert!(ping.shared_key_salt.iter().all(u8::is_ascii_hexdigit));
+        assert_eq!(
+            (ping.username.as_str(), ping.password_digest.as_str()),
+            ("", "")
+        );
+        let mut out = BytesMut::new();
+        ping.encode(&mut out);
+        // [fixarray 6, "PING", hostname, salt as a 32-byte str (0xd9 0x20), ...]
+        let salt_at = 1 + 5 + 1 + "agent-1".len();
+        assert_eq!(&out[salt_at..salt_at + 2], &[0xd9, 0x20]);
+        // A user is sent only when the HELO asks for one.
+        let no_salt = Helo::generate(false, true);
+        let ping = Ping::new(&no_salt, "agent-1", "k", Some(("alice", "pw")));
+        assert_eq!(
+            (ping.username.as_str(), ping.password_digest.as_str()),
+            ("", "")
+        );
     }
 }

@@ -271,7 +271,7 @@ fn client_encoder_round_trips_through_the_server_decoder() {
         .encode(ClientFrame::Events(batch.clone()), &mut buf)
         .unwrap();
     let helo = Helo::generate(true, true);
-    let ping = Ping::new(&helo, "agent-1", "key", "u", "p");
+    let ping = Ping::new(&helo, "agent-1", "key", Some(("u", "p")));
     client
         .encode(ClientFrame::Ping(ping.clone()), &mut buf)
         .unwrap();
@@ -303,7 +303,7 @@ fn client_encoder_round_trips_through_the_server_decoder() {
 #[test]
 fn server_frames_round_trip() {
     let helo = Helo::generate(false, false);
-    let ping = Ping::new(&helo, "agent", "k", "", "");
+    let ping = Ping::new(&helo, "agent", "k", None);
     let frames = vec![
         ServerFrame::Helo(helo.clone()),
         ServerFrame::Pong(Pong::new(&ping, &helo.nonce, "relay", "k", Ok(()))),

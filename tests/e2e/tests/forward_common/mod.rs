@@ -161,9 +161,7 @@ impl Conn {
         let Some(ServerFrame::Helo(helo)) = self.next_frame()? else {
             return Err(io::Error::other("expected HELO"));
         };
-        let (ping, awaiting) = ClientHandshake::new(helo)
-            .ping(hostname, key, None)
-            .map_err(io::Error::other)?;
+        let (ping, awaiting) = ClientHandshake::new(helo).ping(hostname, key, None);
         let mut out = BytesMut::new();
         self.codec.encode(ClientFrame::Ping(ping), &mut out)?;
         self.send(&out)?;
