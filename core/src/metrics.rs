@@ -18,17 +18,33 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-/// Readiness, flipped by the binary: ready once inputs and outputs are up, not ready
-/// while shutting down or while the relay's spool is full.
+/// Readiness: ready once inputs and outputs are up (the binary's [`set`](Self::set)), not
+/// while shutting down, and not while the relay's spool refuses writes (full, or its
+/// appends and commits failing: [`set_refusing`](Self::set_refusing)), so that a load
+/// balancer or Kubernetes sends new agents elsewhere while this relay cannot take data.
 #[derive(Debug, Default)]
-pub struct Readiness(AtomicBool);
+pub struct Readiness {
+    started: AtomicBool,
+    refusing: AtomicBool,
+}
 
 impl Readiness {
     pub fn set(&self, ready: bool) {
-        self.0.store(ready, Ordering::Relaxed)
+        self.started.store(ready, Ordering::Relaxed)
+    }
+    /// The spool refuses writes (`true`) or takes them again (`false`).
+    pub fn set_refusing(&self, refusing: bool) {
+        self.refusing.store(refusing, Ordering::Relaxed)
     }
     pub fn get(&self) -> bool {
-        self.0.load(Ordering::Relaxed)
+        self.started.load(Ordering::Relaxed) && !self.refusing.load(Ordering::Relaxed)
+    }
+    fn reason(&self) -> &'static str {
+        if !self.started.load(Ordering::Relaxed) {
+            "not ready: starting or stopping\n"
+        } else {
+            "not ready: the spool refuses writes (full, or failing); see sluice_relay_spool_full and sluice_relay_spool_errors_total\n"
+        }
     }
 }
 
@@ -90,7 +106,7 @@ fn respond(path: &str, registry: &Registry, ready: &Readiness) -> Response<Full<
         "/ready" if ready.get() => (StatusCode::OK, "ready\n".to_string(), "text/plain"),
         "/ready" => (
             StatusCode::SERVICE_UNAVAILABLE,
-            "not ready\n".to_string(),
+            ready.reason().to_string(),
             "text/plain",
         ),
         _ => (

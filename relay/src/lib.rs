@@ -171,6 +171,9 @@ pub async fn run(config: RelayConfig) -> anyhow::Result<()> {
         sink_tasks.push(tokio::spawn(sinks::run_sink(run)));
     }
 
+    let ready = Arc::new(sluice_core::metrics::Readiness::default());
+    writer.report_readiness(ready.clone());
+    let writer_stopping = writer.stopping();
     let (writer_tx, writer_rx) = mpsc::channel::<WriterMsg>(256);
     let writer_thread = std::thread::Builder::new()
         .name("spool-writer".into())
@@ -205,7 +208,6 @@ pub async fn run(config: RelayConfig) -> anyhow::Result<()> {
         });
     }
 
-    let ready = Arc::new(sluice_core::metrics::Readiness::default());
     if let Some(addr) = config.metrics.listen {
         let bound = sluice_core::metrics::serve(
             addr,
@@ -256,6 +258,8 @@ pub async fn run(config: RelayConfig) -> anyhow::Result<()> {
     while metrics.connections_active.get() > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // A writer parked on a full spool reads no messages: the flag reaches it anyway.
+    writer_stopping.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = writer_tx.send(WriterMsg::Shutdown).await;
     drop(state);
     drop(writer_tx);

@@ -17,9 +17,11 @@
 //! at most the one chunk that crossed it; the channel fills, connections stop reading
 //! their sockets, agents stop sending.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use sluice_core::metrics::Readiness;
 use sluice_forward::{EventBatch, EventTime};
 use sluice_spool::{Position, Spool, SpoolError};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -65,6 +67,15 @@ pub struct SpoolWriter {
     metrics: Arc<RelayMetrics>,
     committed: watch::Sender<Position>,
     sink_cursors: Vec<(String, watch::Receiver<Position>)>,
+    /// `/ready`: false while the spool refuses writes.
+    ready: Arc<Readiness>,
+    /// The last append or commit failed (a full disk, an I/O error); cleared by the next
+    /// commit that made a chunk durable.
+    failing: bool,
+    /// Set by the shutdown before it sends [`WriterMsg::Shutdown`]: a writer parked on a
+    /// full spool (which reads no messages) stops too, leaving queued chunks unanswered
+    /// (their senders resend them), instead of holding shutdown forever.
+    stopping: Arc<AtomicBool>,
     /// Tests: make the next spool append fail, as a full disk would.
     #[cfg(test)]
     fail_next_append: bool,
@@ -130,6 +141,9 @@ impl SpoolWriter {
             metrics,
             committed,
             sink_cursors: Vec::new(),
+            ready: Arc::new(Readiness::default()),
+            failing: false,
+            stopping: Arc::new(AtomicBool::new(false)),
             #[cfg(test)]
             fail_next_append: false,
             buf: Vec::with_capacity(1 << 20),
@@ -148,6 +162,16 @@ impl SpoolWriter {
 
     pub fn spool_mut(&mut self) -> &mut Spool {
         &mut self.spool
+    }
+
+    /// Where to report that the spool refuses writes (`/ready`).
+    pub fn report_readiness(&mut self, ready: Arc<Readiness>) {
+        self.ready = ready;
+    }
+
+    /// The flag the shutdown sets before it sends [`WriterMsg::Shutdown`].
+    pub fn stopping(&self) -> Arc<AtomicBool> {
+        self.stopping.clone()
     }
 
     /// Registers a sink's persisted cursor, which bounds garbage collection.
@@ -197,12 +221,23 @@ impl SpoolWriter {
                 self.housekeeping();
             }
             // Backpressure: take no more chunks until the sinks made room.
+            let mut parked_at_shutdown = false;
             while self.spool.is_full() {
                 self.metrics.spool_full.set(1);
+                self.ready.set_refusing(true);
+                if self.stopping.load(Ordering::Relaxed) {
+                    parked_at_shutdown = true;
+                    break;
+                }
                 std::thread::sleep(Duration::from_millis(50));
                 self.housekeeping();
             }
+            if parked_at_shutdown {
+                tracing::warn!("stopping with a full spool: chunks still queued are not acknowledged; their senders resend them to the next relay or after the restart");
+                break;
+            }
             self.metrics.spool_full.set(0);
+            self.ready.set_refusing(self.failing);
         }
         self.housekeeping();
         tracing::info!("spool writer stopped");
@@ -229,6 +264,7 @@ impl SpoolWriter {
     fn append_in_order(&mut self, batch: &EventBatch) -> Result<Accepted, String> {
         #[cfg(test)]
         if std::mem::take(&mut self.fail_next_append) {
+            self.failing = true; // as a failed spool append does
             return Err("injected append failure".into());
         }
         let (skip, from) = match batch.options.provenance.as_ref() {
@@ -261,6 +297,7 @@ impl SpoolWriter {
             .map_err(|e| e.to_string())?;
         let segment_before = self.spool.active_segment();
         let pos = self.spool.append(&self.buf).map_err(|e| {
+            self.failing = true;
             self.metrics.spool_errors.inc();
             tracing::warn!(error = %e, "spool append failed; the chunk is not acknowledged");
             e.to_string()
@@ -319,12 +356,17 @@ impl SpoolWriter {
                     }
                 }
                 self.committed.send_replace(self.spool.tail());
+                if group.iter().any(|(_, result)| result.is_ok()) {
+                    self.failing = false;
+                }
                 for (req, result) in group.drain(..) {
                     let _ = req.reply.send(result);
                 }
             }
             Err(e) => {
                 self.metrics.spool_errors.inc();
+                self.failing = true;
+                self.ready.set_refusing(true);
                 tracing::warn!(error = %e, "spool commit failed; chunks of this group are not acknowledged");
                 for (req, _) in group.drain(..) {
                     let _ = req.reply.send(Err(format!("spool commit failed: {e}")));
@@ -532,5 +574,39 @@ mod tests {
             "spool at {used} bytes, over its limit by more than one chunk ({record_bytes})"
         );
         drop(tx); // the writer stays parked on the full spool; the test process ends it
+    }
+
+    /// `/ready` answers 503 while appends fail (a full disk) and 200 again once a chunk
+    /// is durable.
+    #[test]
+    fn readiness_follows_failing_appends() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = SpoolConfig {
+            segment_bytes: 1 << 20,
+            max_bytes: 1 << 30,
+            fsync: FsyncPolicy::Never,
+        };
+        let (spool, _) = sluice_spool::Spool::open(dir.path(), cfg).unwrap();
+        let ledger = Arc::new(Mutex::new(Ledger::default()));
+        let (mut w, _) =
+            SpoolWriter::recover(spool, ledger, Arc::new(RelayMetrics::new())).unwrap();
+        let ready = Arc::new(Readiness::default());
+        ready.set(true);
+        w.report_readiness(ready.clone());
+        let offer = |w: &mut SpoolWriter, b: EventBatch| {
+            let result = w.append(&b);
+            let (reply, _answer) = oneshot::channel();
+            let mut group = vec![(WriteRequest { batch: b, reply }, result)];
+            w.commit(&mut group);
+        };
+        w.fail_next_append = true;
+        offer(&mut w, batch("s", 0..10));
+        assert!(w.failing);
+        // What run() does after every group.
+        w.ready.set_refusing(w.failing);
+        assert!(!ready.get(), "ready while appends fail");
+        offer(&mut w, batch("s", 0..10));
+        w.ready.set_refusing(w.failing);
+        assert!(ready.get(), "not ready after a chunk was durable again");
     }
 }

@@ -299,6 +299,8 @@ impl FrozenKafka {
         svc.create_topic(&topic, 2);
         let mut spec = setup.relay(&svc, Some(&topic), None, spool.segment_size);
         spec.config.spool = spool;
+        // Stopping with Kafka frozen waits this long for the sinks, then gives up.
+        spec.config.relay.shutdown_timeout = Span::secs(3);
         private.pause();
         let log = setup.path("app.log");
         write_numbered_lines(&log, 1, lines);
@@ -407,13 +409,30 @@ fn full_spool_pauses_the_agent_and_bounds_memory() {
         "relay RSS {peak_kib} KiB over {RSS_BOUND_MIB} MiB"
     );
     assert!(k.agent.is_running());
+    // /ready says the relay cannot take data while its spool refuses writes.
+    let ready = http_get(k.relay.metrics, "/ready").unwrap_or_default();
+    assert!(
+        ready.contains(" 503 ") && ready.contains("spool refuses writes"),
+        "/ready while the spool is full:\n{ready}"
+    );
 
+    // SIGTERM with the spool full and the sink dead: the relay stops within
+    // shutdown_timeout (3 s) plus the 5 s it gives connections, exit 0, state saved;
+    // started again, it delivers everything once Kafka is back.
+    let stopping = Instant::now();
+    k.relay.stop(Duration::from_secs(30));
+    eprintln!("stopped with a full spool in {:?}", stopping.elapsed());
+    k.relay.start();
     k.thaw();
     k.relay.wait(
         "the spool to report it is no longer full",
         Duration::from_secs(10),
         || k.relay.counter("sluice_relay_spool_full", "") == 0.0,
     );
+    k.relay
+        .wait("/ready to say ready again", Duration::from_secs(10), || {
+            http_get(k.relay.metrics, "/ready").is_some_and(|r| r.contains(" 200 "))
+        });
     k.finish();
 }
 
