@@ -104,7 +104,8 @@ pub struct ServerSection {
     /// A connection that sends nothing for this long is closed.
     #[serde(default = "default_idle_timeout")]
     pub idle_timeout: Span,
-    /// TLS handshake and HELO/PING/PONG must finish within this.
+    /// TLS handshake and HELO/PING/PONG together must finish within this, counted from
+    /// the accept: one budget, not one per step.
     #[serde(default = "default_handshake_timeout")]
     pub handshake_timeout: Span,
 }

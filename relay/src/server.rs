@@ -91,6 +91,8 @@ pub async fn serve(
             state.metrics.connections_active.inc();
             let link = Link {
                 peer,
+                handshake_deadline: tokio::time::Instant::now()
+                    + state.config.handshake_timeout.get(),
                 state: &state,
                 conns,
                 rate,
@@ -121,6 +123,9 @@ fn reject(reason: RejectReason, message: impl Into<String>) -> Reject {
 /// What a connection's tasks share.
 struct Link<'a> {
     peer: SocketAddr,
+    /// TLS and HELO/PING/PONG together must be done by then (accept + handshake_timeout):
+    /// one budget for the whole handshake, so a client cannot take it twice.
+    handshake_deadline: tokio::time::Instant,
     state: &'a ServerState,
     conns: CancellationToken,
     rate: Option<Arc<ClientRate>>,
@@ -209,7 +214,7 @@ async fn connection(stream: tokio::net::TcpStream, link: Link<'_>) -> Result<(),
             // Look at the first byte before handing the socket to rustls: a port probe
             // (connect, close) is not an error worth a warning, and a client speaking plain
             // Forward to this port deserves to be told so in those words.
-            let deadline = tokio::time::Instant::now() + handshake;
+            let deadline = link.handshake_deadline;
             let mut first = [0u8; 1];
             match tokio::time::timeout_at(deadline, stream.peek(&mut first)).await {
                 Err(_) => {
@@ -256,6 +261,7 @@ where
 {
     let Link {
         peer,
+        handshake_deadline,
         state,
         conns,
         rate,
@@ -275,7 +281,15 @@ where
     let mut out = BytesMut::with_capacity(256);
 
     let client = if state.config.requires_auth() {
-        authenticate(&mut frames, &mut write, &mut codec, &mut out, state).await?
+        authenticate(
+            &mut frames,
+            &mut write,
+            &mut codec,
+            &mut out,
+            state,
+            handshake_deadline,
+        )
+        .await?
     } else {
         peer.ip().to_string()
     };
@@ -507,6 +521,7 @@ async fn authenticate<R, W>(
     codec: &mut ServerCodec,
     out: &mut BytesMut,
     state: &ServerState,
+    deadline: tokio::time::Instant,
 ) -> Result<String, Reject>
 where
     R: AsyncRead + Unpin,
@@ -519,16 +534,22 @@ where
     codec
         .encode(ServerFrame::Helo(handshake.helo().clone()), out)
         .map_err(|e| reject(RejectReason::Io, format!("encoding HELO: {e}")))?;
-    write
-        .write_all(out)
-        .await
-        .map_err(|e| reject(RejectReason::Io, format!("sending HELO: {e}")))?;
     let timeout = config.handshake_timeout.get();
-    let ping = match tokio::time::timeout(timeout, frames.next()).await {
+    match tokio::time::timeout_at(deadline, write.write_all(out)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(reject(RejectReason::Io, format!("sending HELO: {e}"))),
         Err(_) => {
             return Err(reject(
                 RejectReason::Auth,
-                format!("no PING within {timeout:?} after HELO"),
+                format!("HELO not taken within handshake_timeout ({timeout:?})"),
+            ))
+        }
+    }
+    let ping = match tokio::time::timeout_at(deadline, frames.next()).await {
+        Err(_) => {
+            return Err(reject(
+                RejectReason::Auth,
+                format!("no PING within handshake_timeout ({timeout:?}, TLS included)"),
             ))
         }
         Ok(None) => return Err(reject(RejectReason::Auth, "closed during the handshake")),
@@ -544,7 +565,7 @@ where
     codec
         .encode(ServerFrame::Pong(verdict.pong().clone()), out)
         .map_err(|e| reject(RejectReason::Io, format!("encoding PONG: {e}")))?;
-    let _ = write.write_all(out).await;
+    let _ = tokio::time::timeout_at(deadline, write.write_all(out)).await;
     match verdict {
         Verdict::Accepted { client, .. } => Ok(client.into_hostname()),
         // The details stay in the relay's log: the PONG tells a client only that it failed.

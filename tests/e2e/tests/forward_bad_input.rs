@@ -112,6 +112,42 @@ fn wrong_shared_key_is_refused() {
     good_client_still_served(&relay, &files, Some("the right key"));
 }
 
+/// TLS and HELO/PING/PONG share one `handshake_timeout`: a client that spends part of it
+/// on TLS and the rest (and more) before its PING is refused, not given a second
+/// timeout for the PING. The pauses are the slow client's behaviour under test.
+#[test]
+fn tls_and_the_shared_key_handshake_share_one_timeout() {
+    let s = setup();
+    let mut spec = relay_spec(s.dir.path(), &s.server);
+    spec.config.server.shared_key = Some("the key".into());
+    spec.config.server.handshake_timeout = Span::secs(2);
+    let relay = spec.start();
+    let files = tls_files(&s.ca.ca, None, "localhost");
+
+    let sock = TcpStream::connect_timeout(&relay.forward, Duration::from_secs(5)).unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    let mut slow = Conn::handshake(sock, &files).unwrap();
+    let peer = slow.local;
+    let Some(sluice_forward::ServerFrame::Helo(helo)) = slow.next_frame().unwrap() else {
+        panic!("expected HELO");
+    };
+    // 2.5 s after connecting: past the one budget, within a fresh one for the PING.
+    std::thread::sleep(Duration::from_millis(1700));
+    let (ping, _) = sluice_forward::ClientHandshake::new(helo).ping("test-client", "the key", None);
+    let mut out = bytes::BytesMut::new();
+    tokio_util::codec::Encoder::encode(
+        &mut sluice_forward::ClientCodec::new(sluice_forward::Limits::default()),
+        sluice_forward::ClientFrame::Ping(ping),
+        &mut out,
+    )
+    .unwrap();
+    let _ = slow.send(&out); // the relay may have closed already
+    slow.expect_closed();
+    drop(slow);
+    relay.expect_rejected(Some(peer), "auth", "handshake_timeout");
+    good_client_still_served(&relay, &files, Some("the key"));
+}
+
 /// A relay that requires client certificates signed by the test CA.
 fn mutual_tls_relay(s: &Setup) -> Relay {
     let mut spec = relay_spec(s.dir.path(), &s.server);
