@@ -43,6 +43,8 @@ pub struct ServerState {
     pub metrics: Arc<RelayMetrics>,
 }
 
+static NEXT_CONNECTION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
 /// Chunks a connection may have waiting for durability before it stops reading.
 const IN_FLIGHT_PER_CONNECTION: usize = 64;
 
@@ -86,11 +88,13 @@ pub async fn serve(
         let state = state.clone();
         let conns = conns.clone();
         let rate = rate.clone();
+        let connection_id = NEXT_CONNECTION.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         tokio::spawn(async move {
             state.metrics.connections_total.inc();
             state.metrics.connections_active.inc();
             let link = Link {
                 peer,
+                connection: connection_id,
                 handshake_deadline: tokio::time::Instant::now()
                     + state.config.handshake_timeout.get(),
                 state: &state,
@@ -101,6 +105,9 @@ pub async fn serve(
                 tracing::warn!(%peer, reason = reject.reason.as_label(), "{}", reject.message);
                 state.metrics.reject(reject.reason);
             }
+            // Behind every chunk this connection handed to the writer: it can lift the
+            // ordering guard of a chunk that failed on this connection.
+            let _ = state.writer.send(WriterMsg::Closed(connection_id)).await;
             state.metrics.connections_active.dec();
             drop(permit);
         });
@@ -123,6 +130,8 @@ fn reject(reason: RejectReason, message: impl Into<String>) -> Reject {
 /// What a connection's tasks share.
 struct Link<'a> {
     peer: SocketAddr,
+    /// Unique per connection (for the spool writer's ordering guard).
+    connection: u64,
     /// TLS and HELO/PING/PONG together must be done by then (accept + handshake_timeout):
     /// one budget for the whole handshake, so a client cannot take it twice.
     handshake_deadline: tokio::time::Instant,
@@ -261,6 +270,7 @@ where
 {
     let Link {
         peer,
+        connection,
         handshake_deadline,
         state,
         conns,
@@ -414,7 +424,11 @@ where
                 let (tx, rx) = oneshot::channel();
                 if state
                     .writer
-                    .send(WriterMsg::Write(WriteRequest { batch, reply: tx }))
+                    .send(WriterMsg::Write(WriteRequest {
+                        batch,
+                        connection,
+                        reply: tx,
+                    }))
                     .await
                     .is_err()
                 {

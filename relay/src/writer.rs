@@ -34,6 +34,8 @@ use crate::record;
 /// A chunk to spool; the reply says where it ended up (or why it could not be).
 pub struct WriteRequest {
     pub batch: EventBatch,
+    /// The connection it came on (for dedup's ordering guard).
+    pub connection: u64,
     pub reply: oneshot::Sender<Result<Accepted, String>>,
 }
 
@@ -50,6 +52,8 @@ pub enum WriterMsg {
     Write(WriteRequest),
     /// Periodic housekeeping: persist sink cursors, collect garbage, export counts.
     Tick,
+    /// A connection ended: every request it sent is ahead of this in the channel.
+    Closed(u64),
     /// Finish the current group, persist, and stop.
     Shutdown,
 }
@@ -194,12 +198,13 @@ impl SpoolWriter {
             while let Some(msg) = next.take() {
                 match msg {
                     WriterMsg::Tick => tick = true,
+                    WriterMsg::Closed(connection) => self.dedup.connection_closed(connection),
                     WriterMsg::Shutdown => {
                         shutdown = true;
                         break;
                     }
                     WriterMsg::Write(req) => {
-                        let result = self.append(&req.batch);
+                        let result = self.append(&req.batch, req.connection);
                         group.push((req, result));
                     }
                 }
@@ -243,7 +248,7 @@ impl SpoolWriter {
         tracing::info!("spool writer stopped");
     }
 
-    fn append(&mut self, batch: &EventBatch) -> Result<Accepted, String> {
+    fn append(&mut self, batch: &EventBatch, connection: u64) -> Result<Accepted, String> {
         let range = batch
             .options
             .provenance
@@ -256,7 +261,7 @@ impl SpoolWriter {
         }
         let result = self.append_in_order(batch);
         if let (Err(_), Some((source, first, _))) = (&result, range) {
-            self.dedup.refuse(source, first);
+            self.dedup.refuse(source, first, connection);
         }
         result
     }
@@ -501,19 +506,19 @@ mod tests {
             SpoolWriter::recover(spool, ledger, Arc::new(RelayMetrics::new())).unwrap();
 
         w.fail_next_append = true;
-        assert!(w.append(&batch("s", 0..10)).is_err(), "injected failure");
-        let refused = w.append(&batch("s", 10..20)).unwrap_err();
+        assert!(w.append(&batch("s", 0..10), 1).is_err(), "injected failure");
+        let refused = w.append(&batch("s", 10..20), 1).unwrap_err();
         assert!(refused.contains("earlier chunk of source s"), "{refused}");
         assert_eq!(
-            w.append(&batch("other", 0..5)).unwrap().accepted,
+            w.append(&batch("other", 0..5), 1).unwrap().accepted,
             5,
             "other sources go on"
         );
         // The resend, in order: all of it is new.
-        assert_eq!(w.append(&batch("s", 0..10)).unwrap().accepted, 10);
-        assert_eq!(w.append(&batch("s", 10..20)).unwrap().accepted, 10);
+        assert_eq!(w.append(&batch("s", 0..10), 1).unwrap().accepted, 10);
+        assert_eq!(w.append(&batch("s", 10..20), 1).unwrap().accepted, 10);
         // A real resend is still trimmed.
-        let again = w.append(&batch("s", 0..20)).unwrap();
+        let again = w.append(&batch("s", 0..20), 1).unwrap();
         assert_eq!((again.accepted, again.duplicates), (0, 20));
         assert_eq!(
             w.dedup.received().total(),
@@ -543,8 +548,12 @@ mod tests {
             let b = batch(&format!("s{i}"), 0..20_000);
             record_bytes = b.entries.len() + 20_000 * 8;
             let (reply, answer) = oneshot::channel();
-            tx.try_send(WriterMsg::Write(WriteRequest { batch: b, reply }))
-                .unwrap();
+            tx.try_send(WriterMsg::Write(WriteRequest {
+                batch: b,
+                connection: 1,
+                reply,
+            }))
+            .unwrap();
             replies.push(answer);
         }
         // Every request is queued before the writer starts: one group could take all.
@@ -594,9 +603,16 @@ mod tests {
         ready.set(true);
         w.report_readiness(ready.clone());
         let offer = |w: &mut SpoolWriter, b: EventBatch| {
-            let result = w.append(&b);
+            let result = w.append(&b, 1);
             let (reply, _answer) = oneshot::channel();
-            let mut group = vec![(WriteRequest { batch: b, reply }, result)];
+            let mut group = vec![(
+                WriteRequest {
+                    batch: b,
+                    connection: 1,
+                    reply,
+                },
+                result,
+            )];
             w.commit(&mut group);
         };
         w.fail_next_append = true;
