@@ -27,7 +27,7 @@ pub struct AgentConfig {
 pub struct AgentSection {
     /// Name of this agent; part of every source id (no ':').
     #[serde(default = "default_id")]
-    #[schemars(extend("default" = "$HOSTNAME, else /etc/hostname"))]
+    #[schemars(extend("default" = "$HOSTNAME, else /etc/hostname, else /etc/machine-id; none: refused"))]
     pub id: String,
     /// Where the checkpoint file lives.
     pub data_dir: PathBuf,
@@ -36,13 +36,17 @@ pub struct AgentSection {
     pub shutdown_timeout: Span,
 }
 
+/// The host's own name, else its machine id; "" when the host has neither, which
+/// `validate` refuses: a constant fallback would give every such host the same source
+/// ids, and the relays would trim one host's events as another's duplicates.
 fn default_id() -> String {
     std::env::var("HOSTNAME")
         .ok()
         .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .or_else(|| std::fs::read_to_string("/etc/machine-id").ok())
         .map(|h| h.trim().to_string())
         .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "sluice-agent".into())
+        .unwrap_or_default()
 }
 
 fn default_shutdown_timeout() -> Span {
@@ -225,7 +229,10 @@ impl AgentConfig {
     }
 
     fn validate(&self) -> Result<(), String> {
-        if self.agent.id.is_empty() || self.agent.id.contains(':') {
+        if self.agent.id.is_empty() {
+            return Err("agent.id is not set and this host has no name to take it from ($HOSTNAME, /etc/hostname and /etc/machine-id are empty or missing): set agent.id to a name unique in the fleet".into());
+        }
+        if self.agent.id.contains(':') {
             return Err(format!(
                 "agent.id {:?} must be non-empty and contain no ':'",
                 self.agent.id
@@ -323,5 +330,29 @@ mod tests {
         assert!(all.contains("output.username = \"alice\""), "{all}");
         assert!(all.contains("input.app.max_line = \"64 KiB\""), "{all}");
         assert!(all.contains("output.chunk_size = \"1 MiB\""), "{all}");
+    }
+
+    /// No constant fallback: an agent without a name refuses to start, saying how to fix it.
+    #[test]
+    fn an_empty_agent_id_is_refused() {
+        let text = r#"
+            [agent]
+            id = ""
+            data_dir = "/tmp/x"
+            [[input]]
+            type = "tail"
+            name = "app"
+            tag = "app"
+            include = ["/var/log/app.log"]
+            [output]
+            relays = ["127.0.0.1:24224"]
+        "#;
+        let e = AgentConfig::parse(Path::new("t.toml"), text)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("agent.id is not set") && e.contains("/etc/machine-id"),
+            "{e}"
+        );
     }
 }
