@@ -13,6 +13,10 @@ use crate::error::DecodeError;
 pub enum RejectReason {
     /// `max_connections` connections were open already.
     MaxConnections,
+    /// `max_connections_per_ip` connections from this address were open already.
+    MaxConnectionsPerIp,
+    /// A frame begun and not finished within the frame timeout (a slowloris client).
+    FrameTimeout,
     /// No TLS handshake started, or finished, within the handshake timeout.
     TlsTimeout,
     /// The client speaks plain TCP to a TLS port.
@@ -44,6 +48,8 @@ impl RejectReason {
     pub fn as_label(self) -> &'static str {
         match self {
             RejectReason::MaxConnections => "max_connections",
+            RejectReason::MaxConnectionsPerIp => "max_connections_per_ip",
+            RejectReason::FrameTimeout => "frame_timeout",
             RejectReason::TlsTimeout => "tls_timeout",
             RejectReason::Plaintext => "plaintext",
             RejectReason::Tls => "tls",

@@ -101,9 +101,19 @@ pub struct ServerSection {
     /// (`connections_rejected{reason="too_many_connections"}`).
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// Connections from one IP address beyond this are closed at once and counted
+    /// (`connections_rejected{reason="max_connections_per_ip"}`), so one client cannot
+    /// take every slot. Clients behind one NAT address share it.
+    #[serde(default = "default_max_connections_per_ip")]
+    pub max_connections_per_ip: usize,
     /// A connection that sends nothing for this long is closed.
     #[serde(default = "default_idle_timeout")]
     pub idle_timeout: Span,
+    /// A frame must arrive whole within this once its first byte came, or the connection
+    /// is closed and counted (`connections_rejected{reason="frame_timeout"}`): bytes
+    /// trickled to keep a connection alive do not count as progress.
+    #[serde(default = "default_frame_timeout")]
+    pub frame_timeout: Span,
     /// TLS handshake and HELO/PING/PONG together must finish within this, counted from
     /// the accept: one budget, not one per step.
     #[serde(default = "default_handshake_timeout")]
@@ -141,6 +151,12 @@ fn default_max_decompressed() -> ByteSize {
 }
 fn default_max_connections() -> usize {
     4096
+}
+fn default_max_connections_per_ip() -> usize {
+    256
+}
+fn default_frame_timeout() -> Span {
+    Span::secs(30)
 }
 fn default_idle_timeout() -> Span {
     Span::secs(300)

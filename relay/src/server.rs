@@ -43,6 +43,43 @@ pub struct ServerState {
     pub metrics: Arc<RelayMetrics>,
 }
 
+/// Open connections per client IP address (`max_connections_per_ip`).
+#[derive(Default)]
+struct PerIp(std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>);
+
+/// One connection's place in [`PerIp`], given back when dropped.
+struct IpSlot {
+    table: Arc<PerIp>,
+    ip: std::net::IpAddr,
+}
+
+impl PerIp {
+    fn take(self: &Arc<Self>, ip: std::net::IpAddr, limit: usize) -> Option<IpSlot> {
+        let mut open = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let n = open.entry(ip).or_default();
+        if *n >= limit {
+            return None;
+        }
+        *n += 1;
+        Some(IpSlot {
+            table: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for IpSlot {
+    fn drop(&mut self) {
+        let mut open = self.table.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = open.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.ip);
+            }
+        }
+    }
+}
+
 static NEXT_CONNECTION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// Chunks a connection may have waiting for durability before it stops reading.
@@ -55,6 +92,7 @@ pub async fn serve(
     conns: CancellationToken,
 ) {
     let slots = Arc::new(Semaphore::new(state.config.max_connections));
+    let per_ip = Arc::new(PerIp::default());
     let rate = state
         .config
         .rate_limit
@@ -76,6 +114,12 @@ pub async fn serve(
         let Ok(permit) = slots.clone().try_acquire_owned() else {
             tracing::warn!(%peer, limit = state.config.max_connections, "connection refused: max_connections reached");
             state.metrics.reject(RejectReason::MaxConnections);
+            continue;
+        };
+        let Some(ip_slot) = per_ip.take(peer.ip(), state.config.max_connections_per_ip) else {
+            let reason = RejectReason::MaxConnectionsPerIp;
+            tracing::warn!(%peer, reason = reason.as_label(), limit = state.config.max_connections_per_ip, "connection refused: max_connections_per_ip reached for this address");
+            state.metrics.reject(reason);
             continue;
         };
         let _ = stream.set_nodelay(true);
@@ -110,6 +154,7 @@ pub async fn serve(
             let _ = state.writer.send(WriterMsg::Closed(connection_id)).await;
             state.metrics.connections_active.dec();
             drop(permit);
+            drop(ip_slot);
         });
     }
 }
@@ -366,11 +411,19 @@ where
     });
 
     let idle = state.config.idle_timeout.get();
+    let frame_timeout = state.config.frame_timeout.get();
+    // Woken this often to check both timeouts: a frame begun is noticed within a
+    // quarter of frame_timeout, so it is closed by 1.25 x frame_timeout at the latest.
+    let step = idle.min(frame_timeout / 4).max(Duration::from_millis(10));
     // The acker ends early only on an error (a chunk the spool refused, a failed write):
     // then the connection closes at once, so the client resends now rather than after
     // its ack timeout.
     let mut acker_ended = None;
     let mut seen = 0u64;
+    let mut last_byte = tokio::time::Instant::now();
+    // When a partial frame was first seen waiting: bytes trickling in do not reset it,
+    // only a whole frame does (slowloris).
+    let mut frame_begun: Option<tokio::time::Instant> = None;
     let result = loop {
         let next = tokio::select! {
             _ = conns.cancelled() => break Ok(()),
@@ -378,19 +431,34 @@ where
                 acker_ended = Some(ended);
                 break Ok(());
             }
-            n = tokio::time::timeout(idle, frames.next()) => n,
+            n = tokio::time::timeout(step, frames.next()) => n,
         };
         let frame = match next {
             // Heartbeats are bytes without a frame: they keep the connection alive.
-            Err(_) if frames.get_ref().total != seen => {
-                seen = frames.get_ref().total;
-                continue;
-            }
             Err(_) => {
-                break Err(reject(
-                    RejectReason::Idle,
-                    format!("no data for {idle:?}; closing idle connection"),
-                ))
+                let now = tokio::time::Instant::now();
+                if frames.get_ref().total != seen {
+                    seen = frames.get_ref().total;
+                    last_byte = now;
+                }
+                if frames.read_buffer().is_empty() {
+                    frame_begun = None;
+                } else if now.duration_since(*frame_begun.get_or_insert(now)) >= frame_timeout {
+                    break Err(reject(
+                        RejectReason::FrameTimeout,
+                        format!(
+                            "a frame begun was not finished within frame_timeout ({frame_timeout:?}; {} bytes buffered); closing",
+                            frames.read_buffer().len()
+                        ),
+                    ));
+                }
+                if now.duration_since(last_byte) >= idle {
+                    break Err(reject(
+                        RejectReason::Idle,
+                        format!("no data for {idle:?}; closing idle connection"),
+                    ));
+                }
+                continue;
             }
             Ok(None) => break Ok(()),
             // A TLS peer that closes without close_notify between frames lost nothing:
@@ -402,7 +470,11 @@ where
                 break Ok(());
             }
             Ok(Some(Err(e))) => break Err(decode_reject(e, frames.read_buffer().len())),
-            Ok(Some(Ok(frame))) => frame,
+            Ok(Some(Ok(frame))) => {
+                frame_begun = None;
+                last_byte = tokio::time::Instant::now();
+                frame
+            }
         };
         seen = frames.get_ref().total;
         if let Some(rate) = &rate {

@@ -123,6 +123,72 @@ fn client_keys_of_a() -> std::collections::BTreeMap<String, String> {
     [("agent-a".to_string(), "key of a".to_string())].into()
 }
 
+/// Slowloris: bytes trickled into a frame do not keep a connection alive; a frame must
+/// arrive whole within frame_timeout once begun. The trickle is the client under test.
+#[test]
+fn a_frame_trickled_in_is_closed_at_frame_timeout() {
+    let s = setup();
+    let mut spec = relay_spec(s.dir.path(), &s.server);
+    spec.config.server.frame_timeout = Span::secs(2);
+    let relay = spec.start();
+    let files = tls_files(&s.ca.ca, None, "localhost");
+
+    let frame = chunk("slow-", 1, 200, "slow");
+    let mut slow = Conn::connect(relay.forward, &files).unwrap();
+    let peer = slow.local;
+    slow.send(&frame[..16]).unwrap();
+    let started = Instant::now();
+    let mut closed = false;
+    for byte in &frame[16..frame.len() - 1] {
+        if started.elapsed() > Duration::from_secs(10) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        if slow.send(std::slice::from_ref(byte)).is_err() {
+            closed = true;
+            break;
+        }
+    }
+    eprintln!(
+        "trickled for {:?}, closed by the relay: {closed}",
+        started.elapsed()
+    );
+    relay.expect_rejected(Some(peer), "frame_timeout", "frame_timeout");
+    good_client_still_served(&relay, &files, None);
+}
+
+/// One address cannot take every connection slot: beyond max_connections_per_ip the
+/// relay closes new connections at once, counted; the open ones go on, and a freed slot
+/// is free again.
+#[test]
+fn connections_beyond_max_connections_per_ip_are_refused() {
+    let s = setup();
+    let mut spec = relay_spec(s.dir.path(), &s.server);
+    spec.config.server.max_connections_per_ip = 2;
+    let relay = spec.start();
+    let files = tls_files(&s.ca.ca, None, "localhost");
+
+    let mut a = Conn::connect(relay.forward, &files).unwrap();
+    let mut b = Conn::connect(relay.forward, &files).unwrap();
+    a.send_acked("a-", 1, 10).unwrap();
+    b.send_acked("b-", 1, 10).unwrap();
+    // The third is closed before TLS: the handshake or the first exchange fails.
+    let third = Conn::connect(relay.forward, &files).and_then(|mut c| c.send_acked("c-", 1, 10));
+    assert!(
+        third.is_err(),
+        "a third connection from 127.0.0.1 was served"
+    );
+    relay.expect_rejected(None, "max_connections_per_ip", "max_connections_per_ip");
+    a.send_acked("a-", 11, 10).unwrap();
+    a.close();
+    wait_for("a's slot to be free again", Duration::from_secs(10), || {
+        Conn::connect(relay.forward, &files)
+            .and_then(|mut c| c.send_acked("c-", 1, 10))
+            .is_ok()
+    });
+    b.close();
+}
+
 #[test]
 fn per_client_shared_keys() {
     let s = setup();
