@@ -176,8 +176,8 @@ impl TrackedFile {
 
     /// Looks for the rotated copy of this stream after a truncation (logrotate's
     /// `copytruncate` copies the file, e.g. to `app.log.1`, then truncates it): a regular
-    /// file in the same directory, not `live` (this file) and not `known` (followed, or
-    /// finished and forgotten: another stream, or this one already), changed in the last
+    /// file in the same directory, not `live` (this file) and not `known` (followed or
+    /// matched by the globs: another stream, or this one read already), changed in the last
     /// minute, that starts with the bytes the fingerprint covers and holds the guard just
     /// before the read position, and goes on past what was consumed. Identified by
     /// content, never by name. Bounded: one directory, [`COPY_MAX_ENTRIES`] entries,
@@ -588,7 +588,6 @@ impl Tailer {
                     partial_lines_flushed: &mut self.partial_lines_flushed,
                     truncations: &mut self.truncations,
                     followed: &keys,
-                    forgotten: &self.forgotten,
                     continued: &mut continued,
                     now,
                 };
@@ -725,15 +724,10 @@ impl Tailer {
             }
         }
         // Not the rotated copy of a truncated stream: every file followed (another
-        // stream, or that copy already), matched by the globs (it will be followed as a
-        // file of its own), or finished and forgotten.
-        let mut known: HashSet<FileKey> = self
-            .files
-            .keys()
-            .chain(seen.keys())
-            .chain(self.forgotten.keys())
-            .copied()
-            .collect();
+        // stream, or that copy already) or matched by the globs (it is followed as a file
+        // of its own). Files finished and forgotten are not excluded by identity (their
+        // inode may be reused by the copy); their content is another stream's.
+        let mut known: HashSet<FileKey> = self.files.keys().chain(seen.keys()).copied().collect();
         let mut continued = Vec::new();
         for key in followed {
             let (path, meta) = &seen[&key];
@@ -950,10 +944,9 @@ struct Turn<'t> {
     counts: &'t mut LineCounts,
     partial_lines_flushed: &'t mut u64,
     truncations: &'t mut Truncations,
-    /// The files followed when the poll began (sorted), and those finished and forgotten:
-    /// not the rotated copy of a truncated stream.
+    /// The files followed when the poll began (sorted): not the rotated copy of a
+    /// truncated stream.
     followed: &'t [FileKey],
-    forgotten: &'t HashMap<FileKey, (u64, Instant)>,
     /// Rotated copies found in this poll, continuing the old streams of truncated files.
     continued: &'t mut Vec<(FileKey, TrackedFile)>,
     now: Instant,
@@ -965,7 +958,6 @@ impl Turn<'_> {
         let copy = {
             let known = |k: FileKey| {
                 self.followed.binary_search(&k).is_ok()
-                    || self.forgotten.contains_key(&k)
                     || self.continued.iter().any(|(c, _)| *c == k)
             };
             f.find_copy(self.key, &known)
