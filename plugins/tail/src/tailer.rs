@@ -19,7 +19,7 @@ const GUARD_BYTES: usize = 256;
 /// The search for the rotated copy of a truncated stream (see [`TrackedFile::find_copy`])
 /// looks at no more than this many directory entries,
 const COPY_MAX_ENTRIES: usize = 4096;
-/// opens no more than this many of them (regular, recent, long enough),
+/// opens no more than this many of them (regular, recent, long enough; newest first),
 const COPY_MAX_CANDIDATES: usize = 64;
 /// and considers only files changed in the last this many seconds.
 const COPY_MAX_AGE_SECS: i64 = 60;
@@ -181,7 +181,8 @@ impl TrackedFile {
     /// minute, that starts with the bytes the fingerprint covers and holds the guard just
     /// before the read position, and goes on past what was consumed. Identified by
     /// content, never by name. Bounded: one directory, [`COPY_MAX_ENTRIES`] entries,
-    /// [`COPY_MAX_CANDIDATES`] opened; cheap checks (type, age, size) before any read.
+    /// [`COPY_MAX_CANDIDATES`] opened, newest (by change time) first; cheap checks (type,
+    /// age, size) before any read.
     /// A copy compressed already does not match (its first bytes differ).
     fn find_copy(&self, live: FileKey, known: &dyn Fn(FileKey) -> bool) -> Option<Copy> {
         if self.fingerprint.is_empty() {
@@ -195,7 +196,9 @@ impl TrackedFile {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs() as i64);
-        let mut opened = 0;
+        // Cheap checks (type, identity, size, age) on the directory entries, then the
+        // newest first: the copy was made just before the truncation we noticed.
+        let mut candidates: Vec<(i64, FileKey, u64, PathBuf)> = Vec::new();
         for entry in entries.take(COPY_MAX_ENTRIES) {
             let Ok(entry) = entry else { continue };
             // Not following symlinks: a copy is a regular file.
@@ -205,19 +208,20 @@ impl TrackedFile {
             }
             let key = FileKey::of(&meta);
             let size = meta.len();
+            let changed = meta.mtime().max(meta.ctime());
             if key == live
                 || size < self.read_pos
                 || size <= self.consumed()
-                || now - meta.mtime().max(meta.ctime()) > COPY_MAX_AGE_SECS
+                || now - changed > COPY_MAX_AGE_SECS
                 || known(key)
             {
                 continue;
             }
-            opened += 1;
-            if opened > COPY_MAX_CANDIDATES {
-                break;
-            }
-            let path = entry.path();
+            let nanos = meta.ctime() * 1_000_000_000 + meta.ctime_nsec();
+            candidates.push((nanos, key, size, entry.path()));
+        }
+        candidates.sort_unstable_by_key(|c| std::cmp::Reverse(c.0));
+        for (_, key, size, path) in candidates.into_iter().take(COPY_MAX_CANDIDATES) {
             let Ok(handle) = File::open(&path) else {
                 continue;
             };
