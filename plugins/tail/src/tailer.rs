@@ -1,11 +1,11 @@
 //! The [`Tailer`]: discovery, identity, rotation, reading and commits.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{File, Metadata};
 use std::io;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use crate::fingerprint::{read_full_at, read_head, Fingerprint, FINGERPRINT_BYTES};
 use crate::lines::{LineCounts, LineCutter, LineState, Piece};
@@ -15,6 +15,35 @@ use crate::{FileCheckpoint, Line, SourceId, StartAt, TailConfig, TailError, Tail
 /// How many bytes just before the read position are kept to tell that a file is still
 /// the stream we were reading (see [`TrackedFile::guard`]).
 const GUARD_BYTES: usize = 256;
+
+/// The search for the rotated copy of a truncated stream (see [`TrackedFile::find_copy`])
+/// looks at no more than this many directory entries,
+const COPY_MAX_ENTRIES: usize = 4096;
+/// opens no more than this many of them (regular, recent, long enough; newest first),
+const COPY_MAX_CANDIDATES: usize = 64;
+/// and considers only files changed in the last this many seconds.
+const COPY_MAX_AGE_SECS: i64 = 60;
+
+/// The rotated copy of a truncated stream: holds it at least up to the read position.
+#[derive(Debug)]
+struct Copy {
+    key: FileKey,
+    path: PathBuf,
+    handle: File,
+    size: u64,
+}
+
+/// Whether `file` holds `bytes` just before `end`.
+fn holds_before(file: &File, bytes: &[u8], end: u64) -> io::Result<bool> {
+    let g = bytes.len();
+    if g == 0 {
+        return Ok(true);
+    }
+    let mut buf = [0u8; GUARD_BYTES];
+    let g = g.min(GUARD_BYTES);
+    let n = read_full_at(file, &mut buf[..g], end - g as u64)?;
+    Ok(n == g && buf[..g] == bytes[bytes.len() - g..])
+}
 
 /// Device and inode: what identifies a live file while we hold it open (the kernel does
 /// not reuse an inode that has an open descriptor).
@@ -87,29 +116,151 @@ impl TrackedFile {
         self.partial_since = None;
     }
 
-    /// The file was truncated since we last looked: everything of the old stream past
-    /// what was consumed is gone for us (bytes we knew of but had not read, and the
-    /// incomplete line we held). Counts and logs that, and starts the next generation at
-    /// offset 0, so whatever the file holds now is read from its first byte.
-    fn start_over_after_truncation(&mut self, counts: &mut Truncations, noticed: &str) {
-        let lost = self.seen_size.max(self.read_pos) - self.consumed();
+    /// The file was truncated since we last looked. With `copy` (its rotated copy, see
+    /// [`find_copy`](Self::find_copy)) the old stream goes on in the copy: returned as a
+    /// gone file that continues at the same position under the same source id, with the
+    /// incomplete line we held; only what we saw past the copy's end is lost. Without,
+    /// everything of the old stream past what was consumed is gone for us (bytes we knew
+    /// of but had not read, and the incomplete line we held). Counts and logs the loss,
+    /// and starts the next generation at offset 0, so whatever the file holds now is read
+    /// from its first byte.
+    fn start_over_after_truncation(
+        &mut self,
+        counts: &mut Truncations,
+        noticed: &str,
+        copy: Option<Copy>,
+    ) -> Option<(FileKey, TrackedFile)> {
+        let known_end = self.seen_size.max(self.read_pos);
         counts.seen += 1;
-        counts.bytes_lost += lost;
-        tracing::warn!(path = %self.path.display(), lost_bytes = lost, old_source = ?self.source,
-            old_offset = self.read_pos, noticed,
-            "file truncated (copytruncate?); reading it again from the start as a new stream");
+        let continued = match copy {
+            Some(c) => {
+                let lost = known_end.saturating_sub(c.size);
+                counts.bytes_lost += lost;
+                tracing::info!(path = %self.path.display(), copy = %c.path.display(),
+                    lost_bytes = lost, source = ?self.source, offset = self.read_pos,
+                    copy_size = c.size, noticed,
+                    "file truncated (copytruncate); reading the rest of the old stream from its rotated copy");
+                Some((
+                    c.key,
+                    TrackedFile {
+                        path: c.path,
+                        handle: c.handle,
+                        fingerprint: self.fingerprint,
+                        generation: self.generation,
+                        source: self.source.clone(),
+                        read_pos: self.read_pos,
+                        leftover: std::mem::take(&mut self.leftover),
+                        emitted: self.emitted,
+                        committed: self.committed,
+                        seen_size: c.size,
+                        guard: std::mem::take(&mut self.guard),
+                        lines: std::mem::take(&mut self.lines),
+                        partial_since: self.partial_since,
+                        gone: true,
+                        deleted_size: None,
+                    },
+                ))
+            }
+            None => {
+                let lost = known_end - self.consumed();
+                counts.bytes_lost += lost;
+                tracing::warn!(path = %self.path.display(), lost_bytes = lost, old_source = ?self.source,
+                    old_offset = self.read_pos, noticed,
+                    "file truncated (copytruncate?), no rotated copy found; reading it again from the start as a new stream");
+                None
+            }
+        };
         self.new_generation();
+        continued
+    }
+
+    /// Looks for the rotated copy of this stream after a truncation (logrotate's
+    /// `copytruncate` copies the file, e.g. to `app.log.1`, then truncates it): a regular
+    /// file in the same directory, not `live` (this file) and not `known` (followed or
+    /// matched by the globs: another stream, or this one read already), changed in the last
+    /// minute, that starts with the bytes the fingerprint covers and holds the guard just
+    /// before the read position, and goes on past what was consumed. Identified by
+    /// content, never by name. Bounded: one directory, [`COPY_MAX_ENTRIES`] entries,
+    /// [`COPY_MAX_CANDIDATES`] opened, newest (by change time) first; cheap checks (type,
+    /// age, size) before any read.
+    /// A copy compressed already does not match (its first bytes differ).
+    fn find_copy(&self, live: FileKey, known: &dyn Fn(FileKey) -> bool) -> Option<Copy> {
+        if self.fingerprint.is_empty() {
+            return None;
+        }
+        let dir = match self.path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        let entries = std::fs::read_dir(dir).ok()?;
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        // Cheap checks (type, identity, size, age) on the directory entries, then the
+        // newest first: the copy was made just before the truncation we noticed.
+        let mut candidates: Vec<(i64, FileKey, u64, PathBuf)> = Vec::new();
+        for entry in entries.take(COPY_MAX_ENTRIES) {
+            let Ok(entry) = entry else { continue };
+            // Not following symlinks: a copy is a regular file.
+            let Ok(meta) = entry.metadata() else { continue };
+            if !meta.is_file() {
+                continue;
+            }
+            let key = FileKey::of(&meta);
+            let size = meta.len();
+            let changed = meta.mtime().max(meta.ctime());
+            if key == live
+                || size < self.read_pos
+                || size <= self.consumed()
+                || now - changed > COPY_MAX_AGE_SECS
+                || known(key)
+            {
+                continue;
+            }
+            let nanos = meta.ctime() * 1_000_000_000 + meta.ctime_nsec();
+            candidates.push((nanos, key, size, entry.path()));
+        }
+        candidates.sort_unstable_by_key(|c| std::cmp::Reverse(c.0));
+        for (_, key, size, path) in candidates.into_iter().take(COPY_MAX_CANDIDATES) {
+            let Ok(handle) = File::open(&path) else {
+                continue;
+            };
+            // Replaced between stat and open: identity is the handle's.
+            match handle.metadata() {
+                Ok(m) if FileKey::of(&m) == key => {}
+                _ => continue,
+            }
+            let mut head = [0u8; FINGERPRINT_BYTES];
+            match read_head(&handle, &mut head) {
+                Ok(n) if self.fingerprint.matches(&head[..n]) => {}
+                _ => continue,
+            }
+            if !matches!(holds_before(&handle, &self.guard, self.read_pos), Ok(true)) {
+                continue;
+            }
+            // Its size now: the copy may have been in the making when we looked.
+            let size = handle.metadata().map_or(size, |m| m.len());
+            return Some(Copy {
+                key,
+                path,
+                handle,
+                size,
+            });
+        }
+        None
     }
 
     /// At a scan, `size` being the file's size now: if it was truncated since we last
     /// looked, starts over (see [`start_over_after_truncation`](Self::start_over_after_truncation)).
+    /// Returns the rotated copy that continues the old stream, if one was found.
     fn notice_truncation(
         &mut self,
         input: &str,
         key: FileKey,
         size: u64,
         counts: &mut Truncations,
-    ) {
+        known: &dyn Fn(FileKey) -> bool,
+    ) -> Option<(FileKey, TrackedFile)> {
         let mut truncated = size < self.seen_size.max(self.read_pos);
         if !truncated {
             // As long as or longer, but truncated and written again since we read (past
@@ -120,7 +271,8 @@ impl TrackedFile {
                     && matches!(self.refresh_fingerprint(input, key, false), Ok(false)));
         }
         if truncated {
-            self.start_over_after_truncation(counts, "by a scan");
+            let copy = self.find_copy(key, known);
+            let continued = self.start_over_after_truncation(counts, "by a scan", copy);
             // What the new stream holds now is known to be there (stat again: `size` may
             // be from before the truncation), and its first bytes are fingerprinted now:
             // with an empty fingerprint and nothing read yet, a second truncation before
@@ -129,21 +281,17 @@ impl TrackedFile {
             if let Err(e) = self.refresh_fingerprint(input, key, false) {
                 tracing::warn!(path = %self.path.display(), error = %e, "cannot read file");
             }
+            continued
         } else {
             self.seen_size = self.seen_size.max(size);
+            None
         }
     }
 
     /// Whether the file still holds, just before `read_pos`, the bytes read there
     /// (false: it was truncated since, and maybe written past `read_pos` again).
     fn guard_holds(&self) -> io::Result<bool> {
-        let g = self.guard.len();
-        if g == 0 {
-            return Ok(true);
-        }
-        let mut buf = [0u8; GUARD_BYTES];
-        let n = read_full_at(&self.handle, &mut buf[..g], self.read_pos - g as u64)?;
-        Ok(n == g && buf[..g] == self.guard[..])
+        holds_before(&self.handle, &self.guard, self.read_pos)
     }
 
     /// Whether the file is still the stream we were reading: the bytes before `read_pos`
@@ -419,6 +567,7 @@ impl Tailer {
         let mut scratch = std::mem::take(&mut self.scratch);
         let mut total = 0;
         let mut idle = vec![false; keys.len()];
+        let mut continued = Vec::new();
         'rounds: loop {
             let mut progress = false;
             for i in 0..keys.len() {
@@ -442,6 +591,8 @@ impl Tailer {
                     counts: &mut self.counts,
                     partial_lines_flushed: &mut self.partial_lines_flushed,
                     truncations: &mut self.truncations,
+                    followed: &keys,
+                    continued: &mut continued,
                     now,
                 };
                 let (n, eof) = turn.run(file, &mut scratch, budget, out);
@@ -455,6 +606,8 @@ impl Tailer {
             }
         }
         self.scratch = scratch;
+        // Read from the next poll on; found by their source id for commits from now on.
+        self.files.extend(continued);
         Ok(total)
     }
 
@@ -563,12 +716,28 @@ impl Tailer {
                 seen.entry(FileKey::of(&meta)).or_insert((path, meta));
             }
         }
-        for (key, (path, meta)) in &seen {
-            if self.files.contains_key(key) {
-                self.revisit(*key, path, meta);
-            } else {
+        let followed: Vec<FileKey> = seen
+            .keys()
+            .filter(|k| self.files.contains_key(k))
+            .copied()
+            .collect();
+        for (key, (path, _)) in &seen {
+            if !self.files.contains_key(key) {
                 let cp = saved.and_then(|s| s.get(key).copied());
                 self.track(*key, path, cp, saved.is_some());
+            }
+        }
+        // Not the rotated copy of a truncated stream: every file followed (another
+        // stream, or that copy already) or matched by the globs (it is followed as a file
+        // of its own). Files finished and forgotten are not excluded by identity (their
+        // inode may be reused by the copy); their content is another stream's.
+        let mut known: HashSet<FileKey> = self.files.keys().chain(seen.keys()).copied().collect();
+        let mut continued = Vec::new();
+        for key in followed {
+            let (path, meta) = &seen[&key];
+            if let Some(c) = self.revisit(key, path, meta, &|k| known.contains(&k)) {
+                known.insert(c.0);
+                continued.push(c);
             }
         }
         for (key, f) in self.files.iter_mut() {
@@ -582,9 +751,19 @@ impl Tailer {
             // Truncated (and maybe deleted) after it left the globs, through a handle
             // someone still holds.
             if let Ok(meta) = f.handle.metadata() {
-                f.notice_truncation(&self.input, *key, meta.len(), &mut self.truncations);
+                if let Some(c) = f.notice_truncation(
+                    &self.input,
+                    *key,
+                    meta.len(),
+                    &mut self.truncations,
+                    &|k| known.contains(&k),
+                ) {
+                    known.insert(c.0);
+                    continued.push(c);
+                }
             }
         }
+        self.files.extend(continued);
     }
 
     /// Starts following the files the watcher opened since the last scan, unless they are
@@ -620,18 +799,23 @@ impl Tailer {
             .retain(|_, (_, at)| at.elapsed() < std::time::Duration::from_secs(60));
     }
 
-    /// A followed file seen again: follow a rename, notice a truncation.
-    fn revisit(&mut self, key: FileKey, path: &Path, meta: &Metadata) {
+    /// A followed file seen again: follow a rename, notice a truncation. Returns the
+    /// rotated copy that continues the old stream of a truncated file.
+    fn revisit(
+        &mut self,
+        key: FileKey,
+        path: &Path,
+        meta: &Metadata,
+        known: &dyn Fn(FileKey) -> bool,
+    ) -> Option<(FileKey, TrackedFile)> {
         let input = self.input.clone();
-        let Some(f) = self.files.get_mut(&key) else {
-            return;
-        };
+        let f = self.files.get_mut(&key)?;
         if f.path != path {
             tracing::info!(from = %f.path.display(), to = %path.display(), "file renamed; following it");
             f.path = path.to_path_buf();
         }
         f.gone = false;
-        f.notice_truncation(&input, key, meta.len(), &mut self.truncations);
+        f.notice_truncation(&input, key, meta.len(), &mut self.truncations, known)
     }
 
     /// Starts following a file.
@@ -764,10 +948,29 @@ struct Turn<'t> {
     counts: &'t mut LineCounts,
     partial_lines_flushed: &'t mut u64,
     truncations: &'t mut Truncations,
+    /// The files followed when the poll began (sorted): not the rotated copy of a
+    /// truncated stream.
+    followed: &'t [FileKey],
+    /// Rotated copies found in this poll, continuing the old streams of truncated files.
+    continued: &'t mut Vec<(FileKey, TrackedFile)>,
     now: Instant,
 }
 
 impl Turn<'_> {
+    /// `f` was truncated: look for its rotated copy and start over.
+    fn start_over(&mut self, f: &mut TrackedFile, noticed: &str) {
+        let copy = {
+            let known = |k: FileKey| {
+                self.followed.binary_search(&k).is_ok()
+                    || self.continued.iter().any(|(c, _)| *c == k)
+            };
+            f.find_copy(self.key, &known)
+        };
+        if let Some(c) = f.start_over_after_truncation(self.truncations, noticed, copy) {
+            self.continued.push(c);
+        }
+    }
+
     /// Reads up to one chunk and hands out its lines. Returns the bytes read and whether
     /// the file is at its end. A truncation noticed here starts the new generation and
     /// reads it from offset 0 in the same turn.
@@ -788,7 +991,7 @@ impl Turn<'_> {
                 Ok(true) => {}
                 Ok(false) => {
                     // Rewritten from the start since we took the fingerprint.
-                    f.start_over_after_truncation(self.truncations, "by the first bytes");
+                    self.start_over(f, "by the first bytes");
                     return self.run(f, scratch, budget, out);
                 }
                 Err(e) => {
@@ -830,7 +1033,7 @@ impl Turn<'_> {
         match f.same_stream() {
             Ok(true) => {}
             Ok(false) => {
-                f.start_over_after_truncation(self.truncations, "at a read");
+                self.start_over(f, "at a read");
                 return self.run(f, scratch, budget, out);
             }
             Err(e) => {

@@ -6,7 +6,8 @@
 //! * every written line was emitted *and committed* (delivered) at least once; emissions
 //!   still uncommitted at a restart count for nothing, as an agent's in-flight chunks.
 //!   Excepted are the lines the model says may be lost: truncated away (copytruncate)
-//!   before they were read, or destroyed (truncated, or in a deleted file) and not yet
+//!   before they were read and not kept in a copy next to the file that the tailer can
+//!   recognise (it knew the stream's first bytes), or destroyed (truncated, or in a deleted file) and not yet
 //!   committed when the agent restarted;
 //! * if no restart happened with emitted-but-uncommitted lines, every line was emitted
 //!   exactly once;
@@ -39,12 +40,17 @@ enum Op {
     },
     /// app.log.1 -> app.log.2 (the old .2 is deleted), app.log -> app.log.1, new app.log.
     Rotate,
-    /// Copy app.log away (outside the globs), then truncate it.
-    CopyTruncate,
+    /// Copy app.log away (outside the globs), then truncate it. `keep`: the copy stays
+    /// next to app.log (as logrotate's `app.log.1`, but outside the globs), where the
+    /// tailer must find it and read the rest of the old stream from it.
+    CopyTruncate {
+        keep: bool,
+    },
     /// Copy app.log away and truncate it, then keep writing until it is longer than it
     /// was, plus `lines` more: the tailer only learns of it at its next poll or scan.
     CopyTruncateWhileWriting {
         lines: u8,
+        keep: bool,
     },
     Delete,
     /// Drop the tailer and start a new one from its checkpoints.
@@ -59,8 +65,9 @@ fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         6 => (1u8..5, 0u8..30).prop_map(|(lines, pad)| Op::Write { lines, pad }),
         1 => Just(Op::Rotate),
-        1 => Just(Op::CopyTruncate),
-        2 => (0u8..5).prop_map(|lines| Op::CopyTruncateWhileWriting { lines }),
+        1 => any::<bool>().prop_map(|keep| Op::CopyTruncate { keep }),
+        2 => (0u8..5, any::<bool>())
+            .prop_map(|(lines, keep)| Op::CopyTruncateWhileWriting { lines, keep }),
         1 => Just(Op::Delete),
         1 => Just(Op::Restart),
         4 => (1u16..200, any::<bool>()).prop_map(|(budget, commit)| Op::Poll { budget, commit }),
@@ -101,6 +108,9 @@ struct Harness {
     reported_lost_bytes: u64,
     clean: bool,
     copies: u32,
+    /// The tailer has looked at app.log since its current stream began (it knows the
+    /// stream's first bytes, so it can recognise the stream's copy).
+    stream_known: bool,
 }
 
 impl Harness {
@@ -133,6 +143,7 @@ impl Harness {
             reported_lost_bytes: 0,
             clean: true,
             copies: 0,
+            stream_known: true,
         }
     }
 
@@ -168,13 +179,15 @@ impl Harness {
                     lines: Vec::new(),
                 });
             }
-            Op::CopyTruncate => self.copy_truncate(),
-            Op::CopyTruncateWhileWriting { lines } => {
+            Op::CopyTruncate { keep } => self.copy_truncate(keep),
+            Op::CopyTruncateWhileWriting { lines, keep } => {
                 // (A file the tailer was never told of is only a write.)
                 if let Some(i) = self.named("app.log") {
                     let before = self.size(i);
                     let expected = self.expected_lost_bytes;
-                    self.copy_truncate();
+                    self.copy_truncate(keep);
+                    // A new stream the tailer has not looked at yet.
+                    self.stream_known = false;
                     // Not noticed yet.
                     self.unnoticed_lost_bytes += self.expected_lost_bytes - expected;
                     self.expected_lost_bytes = expected;
@@ -218,6 +231,7 @@ impl Harness {
                 let cps = self.tailer.checkpoints();
                 let fresh = Tailer::new("model", self.cfg.clone(), &cps).unwrap();
                 self.tailer = fresh;
+                self.stream_known = true;
                 // The new instance resumes right after the committed lines.
                 self.seen_by_current = self.committed.clone();
                 return; // Tailer::new scans by itself
@@ -237,6 +251,7 @@ impl Harness {
     fn scanned(&mut self) {
         self.tailer.discover().unwrap();
         self.unseen.clear();
+        self.stream_known = true;
         self.expected_lost_bytes += std::mem::take(&mut self.unnoticed_lost_bytes);
     }
 
@@ -274,13 +289,22 @@ impl Harness {
     }
 
     /// Copies app.log away (outside the globs) and truncates it. Lines the current tailer
-    /// has not read are lost, and must be counted as lost.
-    fn copy_truncate(&mut self) {
+    /// has not read are lost, and must be counted as lost; unless the copy is kept next
+    /// to app.log and the tailer knows the stream: then they are read from the copy
+    /// (delivered, not counted), except after a restart that came before the tailer
+    /// noticed the truncation (the new instance only sees a file that differs from its
+    /// checkpoint: lost, and covered by `destroyed`).
+    fn copy_truncate(&mut self, keep: bool) {
         let Some(i) = self.named("app.log") else {
             return;
         };
         self.copies += 1;
-        let copy = self.dir.path().join(format!("copies/{}", self.copies));
+        let copy = if keep {
+            self.dir.path().join(format!("rotated-{}", self.copies))
+        } else {
+            self.dir.path().join(format!("copies/{}", self.copies))
+        };
+        let recoverable = keep && self.stream_known;
         fs::copy(self.path("app.log"), copy).unwrap();
         OpenOptions::new()
             .write(true)
@@ -290,7 +314,7 @@ impl Harness {
             .unwrap();
         for (no, len) in std::mem::take(&mut self.files[i].lines) {
             self.destroyed.insert(no);
-            if !self.seen_by_current.contains(&no) {
+            if !self.seen_by_current.contains(&no) && !recoverable {
                 if self.unseen.contains(&no) {
                     self.unseen_lost_bytes += len;
                 } else {

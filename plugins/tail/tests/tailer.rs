@@ -143,7 +143,8 @@ fn copytruncate_starts_new_generation_and_counts_unread_bytes() {
     t.commit(&first[1].source, first[1].end);
     append(&log, b"ccc\n");
     t.discover().unwrap(); // sees the size, not yet read
-    fs::copy(&log, dir.path().join("copy")).unwrap();
+    let elsewhere = tempfile::tempdir().unwrap(); // no rotated copy next to the file
+    fs::copy(&log, elsewhere.path().join("copy")).unwrap();
     OpenOptions::new()
         .write(true)
         .open(&log)
@@ -207,7 +208,8 @@ fn truncated_and_regrown_past_the_read_position_before_a_scan_is_read_from_the_s
     // Not committed: in flight when the truncation comes.
     append(&log, b"old-3\n");
     t.discover().unwrap(); // sees the size, not yet read
-    copy_truncate(&log, &dir.path().join("copy"));
+    let elsewhere = tempfile::tempdir().unwrap(); // no rotated copy next to the file
+    copy_truncate(&log, &elsewhere.path().join("copy"));
     append(&log, b"new-1\nnew-2\nnew-3\n"); // 18 bytes, past the old position 12
     let second = drain(&mut t);
     assert_eq!(texts(&second), ["new-1", "new-2", "new-3"]);
@@ -225,6 +227,92 @@ fn truncated_and_regrown_past_the_read_position_before_a_scan_is_read_from_the_s
     assert_eq!((cp.offset, cp.generation), (18, 1));
 }
 
+/// logrotate's copytruncate with the rotated copy next to the file: the lines written
+/// after the tailer's last read and copied before the truncation are read from the copy,
+/// as the continuation of the old stream (same source id, same offsets), once; then the
+/// copy is closed. Nothing is lost or counted lost.
+#[test]
+fn copytruncate_reads_the_unread_rest_of_the_old_stream_from_the_rotated_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("app.log");
+    let copy = dir.path().join("app.log.1");
+    append(&log, b"old-1\nold-2\n");
+    let mut t = Tailer::new("in", cfg(dir.path(), "app.log"), &[]).unwrap();
+    let first = drain(&mut t);
+    assert_eq!(texts(&first), ["old-1", "old-2"]);
+    let old = first[0].source.clone();
+    // Written after the last read, copied, then truncated; a partial line is in flight
+    // at the end of the copy too.
+    append(&log, b"old-3\nold-4\nold-5");
+    copy_truncate(&log, &copy);
+    append(&log, b"new-1\nnew-2\n");
+    let mut second = drain(&mut t);
+    let of = |got: &[Got], s: &SourceId| -> Vec<(String, u64)> {
+        got.iter()
+            .filter(|g| &g.source == s)
+            .map(|g| (String::from_utf8_lossy(&g.text).into_owned(), g.offset))
+            .collect()
+    };
+    assert_eq!(
+        of(&second, &old),
+        [("old-3".to_string(), 12), ("old-4".to_string(), 18)]
+    );
+    let new = second
+        .iter()
+        .find(|g| g.source != old)
+        .expect("new stream")
+        .source
+        .clone();
+    assert_eq!(
+        of(&second, &new),
+        [("new-1".to_string(), 0), ("new-2".to_string(), 6)]
+    );
+    assert_eq!(second.len(), 4);
+    assert!(second
+        .iter()
+        .filter(|g| g.source == old)
+        .all(|g| g.path == copy));
+    let s = t.stats();
+    assert_eq!((s.truncations, s.bytes_lost_to_truncation), (1, 0));
+    // The copy's last line has no newline: handed out once it waited the timeout.
+    std::thread::sleep(TailConfig::default().partial_line_timeout + Duration::from_millis(50));
+    let third = drain(&mut t);
+    assert_eq!(of(&third, &old), [("old-5".to_string(), 24)]);
+    assert!(third.iter().all(|g| g.source == old));
+    second.extend(third);
+    commit_all(&mut t, &first);
+    commit_all(&mut t, &second);
+    t.discover().unwrap();
+    assert!(drain(&mut t).is_empty());
+    let s = t.stats();
+    assert_eq!(
+        (s.files_open, s.truncations, s.bytes_lost_to_truncation),
+        (1, 1, 0)
+    );
+}
+
+/// A file that is a copy of the old stream but followed already (matched by the globs,
+/// read as a stream of its own) is not taken as the continuation: no line twice.
+#[test]
+fn copy_that_is_followed_already_is_not_read_again_as_the_continuation() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("app.log");
+    append(&log, b"old-1\n");
+    let mut t = Tailer::new("in", cfg(dir.path(), "app.log*"), &[]).unwrap();
+    assert_eq!(texts(&drain(&mut t)), ["old-1"]);
+    append(&log, b"old-2\n");
+    t.discover().unwrap(); // sees the size, not yet read
+    copy_truncate(&log, &dir.path().join("app.log.1"));
+    t.discover().unwrap(); // follows app.log.1 as a file of its own, notices the truncation
+    append(&log, b"new-1\n");
+    let mut all = texts(&drain(&mut t));
+    all.sort();
+    assert_eq!(all, ["new-1", "old-1", "old-2"]);
+    // Not read from the copy as the old stream: lost for it (the copy's own stream has it).
+    let s = t.stats();
+    assert_eq!((s.truncations, s.bytes_lost_to_truncation), (1, 6));
+}
+
 /// Truncated, and written again but not yet up to the old position: noticed at the next
 /// read, without waiting for a scan; an incomplete last line of the old stream is lost
 /// and counted.
@@ -235,7 +323,8 @@ fn truncation_is_noticed_at_the_next_read() {
     append(&log, b"0123456789\npartial");
     let mut t = Tailer::new("in", cfg(dir.path(), "app.log"), &[]).unwrap();
     assert_eq!(texts(&drain(&mut t)), ["0123456789"]);
-    copy_truncate(&log, &dir.path().join("copy"));
+    let elsewhere = tempfile::tempdir().unwrap(); // no rotated copy next to the file
+    copy_truncate(&log, &elsewhere.path().join("copy"));
     append(&log, b"x\n");
     let got = drain(&mut t);
     assert_eq!(texts(&got), ["x"]);

@@ -1,18 +1,24 @@
 //! copytruncate under load (issue 11): a writer appends numbered 100-byte lines at a
 //! bounded rate to `app.log`, the real Debian `logrotate` rotates it with `copytruncate`
-//! every ~300 ms (`logrotate -f`), and the real `sluice-agent` tails only the live file
-//! (`include = [".../app.log"]`), over TLS to the real `sluice-relay` with a `file` sink.
-//! Afterwards every line on disk (the live file and every rotated copy) is compared with
+//! and `compress` + `delaycompress` every ~300 ms (`logrotate -f`), and the real
+//! `sluice-agent` tails only the live file (`include = [".../app.log"]`), over TLS to the
+//! real `sluice-relay` with a `file` sink. Afterwards every line on disk (the live file
+//! and every rotated copy, `app.log.1` and the compressed older ones) is compared with
 //! what landed.
 //!
 //! What copytruncate allows a tailer of the live file to deliver, and what this checks:
 //! * no line lands twice;
-//! * losses happen only at the end of a rotated copy, after the last line the agent read
-//!   of it: the bytes of the old stream the agent had not read yet when logrotate
-//!   truncated. Nothing at the start of a new stream is skipped (the agent noticed the
-//!   truncation late and read on from its old position: issue 11's 13 % loss);
-//! * `sluice_agent_bytes_lost_to_truncation` never claims more than was really lost; the
-//!   figures (lost on disk, never on disk, counted) are printed.
+//! * every line on disk lands, or is counted: the agent reads what it had not read of the
+//!   old stream from the rotated copy (`app.log.1`, found by content), so the lines it
+//!   could have read are lost only if it missed the copy, and then
+//!   `sluice_agent_bytes_lost_to_truncation` has at least 95 % of their bytes. Losses
+//!   happen only at the end of a rotated copy, after the last line the agent read of it.
+//!   Nothing at the start of a new stream is skipped (the agent noticed the truncation
+//!   late and read on from its old position: issue 11's 13 % loss);
+//! * what is left is the lines written between logrotate's copy and its truncate (never
+//!   on disk, in no file: no tailer can have them unless it read them in that window);
+//! * the counter never claims more than was really lost; the figures (lost on disk,
+//!   never on disk, counted) are printed.
 //!
 //! Rates: 20,000 lines/s for 10 s here; `SLUICE_TRUNCATE_RATE` and `SLUICE_TRUNCATE_SECS`
 //! set others (the issue's: 50000 and 30). Needs `logrotate` (scripts/lib/deps.sh installs
@@ -47,9 +53,20 @@ fn line(n: u64) -> String {
     format!("{head}{}\n", "x".repeat(LINE - 1 - head.len()))
 }
 
-/// The numbers of the complete lines of a file written by [`line`], in file order.
+/// The numbers of the complete lines of a file written by [`line`] (gzip-compressed if it
+/// ends in `.gz`), in file order.
 fn numbers_in(path: &Path) -> Vec<u64> {
-    let text = std::fs::read(path).unwrap_or_default();
+    let text = if path.extension().is_some_and(|e| e == "gz") {
+        let out = Command::new("gzip")
+            .arg("-dc")
+            .arg(path)
+            .output()
+            .expect("run gzip");
+        assert!(out.status.success(), "gzip -dc {}", path.display());
+        out.stdout
+    } else {
+        std::fs::read(path).unwrap_or_default()
+    };
     text.split_inclusive(|&b| b == b'\n')
         .filter(|l| l.len() == LINE && l.starts_with(b"line ") && l.ends_with(b"\n"))
         .filter_map(|l| std::str::from_utf8(&l[5..13]).ok()?.parse().ok())
@@ -171,7 +188,8 @@ fn rotate_until(conf: &Path, state: &Path, every: Duration, stop: &AtomicBool) -
 }
 
 #[test]
-fn logrotate_copytruncate_under_load_loses_only_unread_tails_and_duplicates_nothing() {
+fn logrotate_copytruncate_under_load_loses_only_the_copy_to_truncate_window_and_duplicates_nothing()
+{
     let rate = env_u64("SLUICE_TRUNCATE_RATE", 20_000);
     let secs = env_u64("SLUICE_TRUNCATE_SECS", 10);
     let t0 = Instant::now();
@@ -186,7 +204,7 @@ fn logrotate_copytruncate_under_load_loses_only_unread_tails_and_duplicates_noth
     std::fs::write(
         &conf,
         format!(
-            "{} {{\n  copytruncate\n  rotate 1000\n  missingok\n  nocompress\n}}\n",
+            "{} {{\n  copytruncate\n  rotate 1000\n  missingok\n  compress\n  delaycompress\n}}\n",
             log.display()
         ),
     )
@@ -274,7 +292,7 @@ fn logrotate_copytruncate_under_load_loses_only_unread_tails_and_duplicates_noth
          {on_disk} lines on disk, {landed_lines} distinct landed, {duplicates} duplicates; \
          lost on disk {lost} lines ({} bytes, {:.3} %), never on disk (logrotate's copy-to-\
          truncate window) {never_on_disk} lines; counted lost {counted} bytes \
-         ({:.1} % of the bytes lost on disk), {warnings} truncation warnings; took {:?}",
+         ({:.1} % of the bytes lost on disk), {warnings} truncations logged; took {:?}",
         files.len(),
         lost * LINE as u64,
         100.0 * lost as f64 / on_disk.max(1) as f64,
@@ -286,6 +304,13 @@ fn logrotate_copytruncate_under_load_loses_only_unread_tails_and_duplicates_noth
         lost_inside.is_empty(),
         "lines lost before later lines of the same file landed (skipped, not an unread \
          tail): {lost_inside:?}"
+    );
+    // The lines on disk the agent did not deliver (it missed a copy, e.g. two truncations
+    // between two of its looks) must be in the counter, within 5 %.
+    let lost_bytes = lost * LINE as u64;
+    assert!(
+        counted + lost_bytes / 20 >= lost_bytes,
+        "{lost} lines on disk lost ({lost_bytes} bytes), the counter has only {counted} bytes"
     );
     assert!(
         counted <= (lost + never_on_disk) * LINE as u64 + LINE as u64 * rotations,
