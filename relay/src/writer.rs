@@ -490,20 +490,29 @@ mod tests {
         }
     }
 
+    /// A writer on a fresh spool in a temp dir (kept alive by the returned guard).
+    fn test_writer(
+        segment_bytes: u64,
+        max_bytes: u64,
+    ) -> (SpoolWriter, Arc<RelayMetrics>, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = SpoolConfig {
+            segment_bytes,
+            max_bytes,
+            fsync: FsyncPolicy::Never,
+        };
+        let (spool, _) = sluice_spool::Spool::open(dir.path(), cfg).unwrap();
+        let metrics = Arc::new(RelayMetrics::new());
+        let ledger = Arc::new(Mutex::new(Ledger::default()));
+        let (w, _) = SpoolWriter::recover(spool, ledger, metrics.clone()).unwrap();
+        (w, metrics, dir)
+    }
+
     /// A chunk that failed to spool must not be overtaken by the next chunk of its
     /// source: that would raise the dedup mark past it and trim its resend as a duplicate.
     #[test]
     fn a_failed_chunk_is_not_overtaken_by_the_next_one_of_its_source() {
-        let dir = tempfile::tempdir().unwrap();
-        let cfg = SpoolConfig {
-            segment_bytes: 1 << 20,
-            max_bytes: 1 << 30,
-            fsync: FsyncPolicy::Never,
-        };
-        let (spool, _) = sluice_spool::Spool::open(dir.path(), cfg).unwrap();
-        let ledger = Arc::new(Mutex::new(Ledger::default()));
-        let (mut w, _) =
-            SpoolWriter::recover(spool, ledger, Arc::new(RelayMetrics::new())).unwrap();
+        let (mut w, _, _dir) = test_writer(1 << 20, 1 << 30);
 
         w.fail_next_append = true;
         assert!(w.append(&batch("s", 0..10), 1).is_err(), "injected failure");
@@ -531,16 +540,7 @@ mod tests {
     /// group: they wait, unanswered, and the spool overshoots by at most that one chunk.
     #[test]
     fn a_full_spool_ends_the_group_at_once() {
-        let dir = tempfile::tempdir().unwrap();
-        let cfg = SpoolConfig {
-            segment_bytes: 256 << 10,
-            max_bytes: 1 << 20,
-            fsync: FsyncPolicy::Never,
-        };
-        let (spool, _) = sluice_spool::Spool::open(dir.path(), cfg).unwrap();
-        let metrics = Arc::new(RelayMetrics::new());
-        let ledger = Arc::new(Mutex::new(Ledger::default()));
-        let (w, _) = SpoolWriter::recover(spool, ledger, metrics.clone()).unwrap();
+        let (w, metrics, _dir) = test_writer(256 << 10, 1 << 20);
         let (tx, rx) = mpsc::channel(64);
         let mut replies = Vec::new();
         let mut record_bytes = 0;
@@ -589,16 +589,7 @@ mod tests {
     /// is durable.
     #[test]
     fn readiness_follows_failing_appends() {
-        let dir = tempfile::tempdir().unwrap();
-        let cfg = SpoolConfig {
-            segment_bytes: 1 << 20,
-            max_bytes: 1 << 30,
-            fsync: FsyncPolicy::Never,
-        };
-        let (spool, _) = sluice_spool::Spool::open(dir.path(), cfg).unwrap();
-        let ledger = Arc::new(Mutex::new(Ledger::default()));
-        let (mut w, _) =
-            SpoolWriter::recover(spool, ledger, Arc::new(RelayMetrics::new())).unwrap();
+        let (mut w, _, _dir) = test_writer(1 << 20, 1 << 30);
         let ready = Arc::new(Readiness::default());
         ready.set(true);
         w.report_readiness(ready.clone());
