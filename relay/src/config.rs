@@ -1,5 +1,6 @@
 //! The relay's configuration file (TOML). Every key, its default and its meaning are
-//! declared here, once: `--check-config` and docs/relay-config.md follow this file.
+//! declared once, here and (for sinks) in `sinks/*/`: `--check-config` and the tables in
+//! docs/relay.md are generated from these structs.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

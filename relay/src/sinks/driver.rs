@@ -11,7 +11,7 @@
 //! delivered but not yet recorded is delivered again, and must not duplicate: object keys
 //! are deterministic, so object storage overwrites; the Kafka sink saves its partition
 //! offsets with the cursor and, after a crash, reads back what the lost delivery had
-//! already written and skips it (see `kafka.rs`).
+//! already written and skips it (see `kafka/writer.rs`).
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};

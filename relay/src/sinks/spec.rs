@@ -58,6 +58,11 @@ pub struct Gathered {
     pub start: Position,
     pub end: Position,
     pub events: u64,
+    /// Bytes of the gathered chunks' entries (msgpack), as the sinks count `bytes`.
+    pub entry_bytes: u64,
+    /// Spool records that did not decode (counted in nothing above); a sink that reads
+    /// the chunks meets them as errors, one that does not must refuse the batch.
+    pub undecodable: usize,
     pub oldest_received: Option<u64>,
     /// What the sink is given, per tag and hour, counted once here by the driver (the
     /// ledger's "offered"), so that a sink taking everything need not count again.
@@ -72,6 +77,8 @@ impl Gathered {
             start,
             end: start,
             events: 0,
+            entry_bytes: 0,
+            undecodable: 0,
             oldest_received: None,
             offered: Counts::default(),
         }
@@ -83,6 +90,8 @@ impl Gathered {
         self.start = start;
         self.end = start;
         self.events = 0;
+        self.entry_bytes = 0;
+        self.undecodable = 0;
         self.oldest_received = None;
         self.offered = Counts::default();
     }
@@ -93,10 +102,14 @@ impl Gathered {
         self.buf.extend_from_slice(record);
         self.bounds.push((a, self.buf.len()));
         self.end = next;
-        if let Ok(chunk) = record::decode(record) {
-            self.events += chunk.count as u64;
-            self.oldest_received.get_or_insert(chunk.received_at);
-            self.count_offered(&chunk);
+        match record::decode(record) {
+            Ok(chunk) => {
+                self.events += chunk.count as u64;
+                self.entry_bytes += chunk.entries.len() as u64;
+                self.oldest_received.get_or_insert(chunk.received_at);
+                self.count_offered(&chunk);
+            }
+            Err(_) => self.undecodable += 1,
         }
     }
 

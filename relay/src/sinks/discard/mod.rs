@@ -38,12 +38,16 @@ pub struct Discarder;
 impl Deliver for Discarder {
     fn deliver<'a>(&'a mut self, batch: &'a Gathered) -> DeliverFuture<'a> {
         Box::pin(async move {
-            // The driver counted what it offered; all of it is "delivered" nowhere.
+            // The driver counted what it offered; all of it is "delivered" nowhere, and
+            // nothing needs decoding again, unless a record could not be decoded at all.
+            if batch.undecodable > 0 {
+                if let Some(bad) = batch.chunks().find_map(Result::err) {
+                    return Err(bad.into());
+                }
+            }
             let mut done = Delivered::default();
             done.counts.delivered = batch.offered.clone();
-            for chunk in batch.chunks() {
-                done.bytes += chunk?.entries.len() as u64;
-            }
+            done.bytes = batch.entry_bytes;
             Ok(done)
         })
     }
