@@ -47,17 +47,13 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
 
     let background = CancellationToken::new();
     let ready = Arc::new(sluice_core::metrics::Readiness::default());
-    if let Some(addr) = config.metrics.listen {
-        let bound = sluice_core::metrics::serve(
-            addr,
-            Arc::new(registry),
-            ready.clone(),
-            background.clone(),
-        )
-        .await
-        .with_context(|| format!("cannot bind the metrics endpoint {addr}"))?;
-        tracing::info!(%bound, "metrics endpoint listening");
-    }
+    sluice_core::metrics::serve_if_configured(
+        config.metrics.listen,
+        registry,
+        ready.clone(),
+        background.clone(),
+    )
+    .await?;
 
     let (chunk_tx, chunk_rx) = tokio::sync::mpsc::channel(config.output.in_flight.max(2));
     let (commit_tx, commit_rx) = std::sync::mpsc::channel();

@@ -56,6 +56,27 @@ pub fn render(registry: &Registry) -> String {
     out
 }
 
+/// The `[metrics] listen` of either binary: serves there (and says where) when set,
+/// does nothing when unset.
+pub async fn serve_if_configured(
+    listen: Option<SocketAddr>,
+    registry: Registry,
+    ready: Arc<Readiness>,
+    cancel: CancellationToken,
+) -> std::io::Result<()> {
+    let Some(addr) = listen else { return Ok(()) };
+    let bound = serve(addr, Arc::new(registry), ready, cancel)
+        .await
+        .map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!("cannot bind the metrics endpoint {addr}: {e}"),
+            )
+        })?;
+    tracing::info!(%bound, "metrics endpoint listening");
+    Ok(())
+}
+
 /// Binds `addr` and serves until `cancel` fires. Returns the bound address (so tests can
 /// ask for port 0).
 pub async fn serve(

@@ -208,17 +208,13 @@ pub async fn run(config: RelayConfig) -> anyhow::Result<()> {
         });
     }
 
-    if let Some(addr) = config.metrics.listen {
-        let bound = sluice_core::metrics::serve(
-            addr,
-            Arc::new(registry),
-            ready.clone(),
-            background.clone(),
-        )
-        .await
-        .with_context(|| format!("cannot bind the metrics endpoint {addr}"))?;
-        tracing::info!(%bound, "metrics endpoint listening");
-    }
+    sluice_core::metrics::serve_if_configured(
+        config.metrics.listen,
+        registry,
+        ready.clone(),
+        background.clone(),
+    )
+    .await?;
 
     let tls = match &config.server.tls {
         Some(files) => Some(sluice_core::tls::ReloadingServerConfig::new(files.clone())?),
