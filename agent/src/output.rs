@@ -409,6 +409,9 @@ fn handshake_message(e: &ClientHandshakeError) -> String {
         ClientHandshakeError::WrongDigest => {
             "the relay's PONG digest is wrong: it does not know our shared key".into()
         }
+        ClientHandshakeError::SameHostname => {
+            "the relay's PONG claims this agent's own hostname (output.shared_key is not proven by an echoed digest): refused; give the relay a server.hostname of its own".into()
+        }
     }
 }
 

@@ -72,6 +72,8 @@ pub struct AwaitingPong {
     nonce: Vec<u8>,
     salt: Vec<u8>,
     shared_key: String,
+    /// Our own hostname: a PONG claiming it is our PING's digest reflected back.
+    client_hostname: String,
     /// The HELO had an auth salt and we sent no user: said on a refusal.
     user_offered_but_none_sent: bool,
 }
@@ -94,6 +96,11 @@ pub enum ClientHandshakeError {
     /// The PONG says yes but its digest is wrong: the server does not know our key.
     #[error("the server's PONG digest is wrong: it does not know our shared key")]
     WrongDigest,
+    /// The PONG names our own hostname: the two digests differ only in the hostname, so
+    /// a server that does not know the key could pass by echoing our PING's digest.
+    /// Refused, as Fluentd's out_forward does.
+    #[error("the server's PONG claims our own hostname: refused (a reflected PING digest proves nothing)")]
+    SameHostname,
 }
 
 impl ClientHandshake {
@@ -127,6 +134,7 @@ impl ClientHandshake {
             nonce: self.helo.nonce,
             salt: ping.shared_key_salt.clone(),
             shared_key: shared_key.to_string(),
+            client_hostname: client_hostname.to_string(),
             user_offered_but_none_sent,
         };
         (ping, next)
@@ -141,6 +149,9 @@ impl AwaitingPong {
                 reason: pong.reason,
                 without_user: self.user_offered_but_none_sent,
             });
+        }
+        if pong.server_hostname == self.client_hostname {
+            return Err(ClientHandshakeError::SameHostname);
         }
         if !pong.shared_key_matches(&self.salt, &self.nonce, &self.shared_key) {
             return Err(ClientHandshakeError::WrongDigest);
@@ -582,6 +593,24 @@ mod tests {
         assert_eq!(
             client.receive_pong(forged).unwrap_err(),
             ClientHandshakeError::WrongDigest
+        );
+    }
+
+    /// A fake relay that does not know the key echoes our PING's digest under our own
+    /// hostname: the digests differ only in the hostname, so it would verify. Refused.
+    #[test]
+    fn a_pong_reflecting_our_own_ping_is_refused() {
+        let server = ServerHandshake::new("relay-1", false);
+        let (ping, client) = ClientHandshake::new(server.helo().clone()).ping("agent-1", "k", None);
+        let reflected = Pong {
+            auth_ok: true,
+            reason: String::new(),
+            server_hostname: "agent-1".into(),
+            shared_key_hexdigest: ping.shared_key_hexdigest.clone(),
+        };
+        assert_eq!(
+            client.receive_pong(reflected).unwrap_err(),
+            ClientHandshakeError::SameHostname
         );
     }
 

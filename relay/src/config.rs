@@ -99,7 +99,7 @@ pub struct ServerSection {
     #[serde(default = "default_max_decompressed")]
     pub max_decompressed: ByteSize,
     /// Connections beyond this are closed at once and counted
-    /// (`connections_rejected{reason="too_many_connections"}`).
+    /// (`connections_rejected{reason="max_connections"}`).
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
     /// Connections from one IP address beyond this are closed at once and counted
@@ -414,6 +414,18 @@ impl RelayConfig {
                 "server.ack = \"end_to_end\" needs at least one enabled sink with required = true"
                     .into(),
             );
+        }
+        if self.server.max_connections_per_ip == 0 {
+            return Err(
+                "server.max_connections_per_ip = 0 would refuse every client: set at least 1"
+                    .into(),
+            );
+        }
+        if self.server.frame_timeout.get() < std::time::Duration::from_secs(1) {
+            return Err(format!(
+                "server.frame_timeout ({}) must be at least 1s: a frame of max_frame ({}) must be able to arrive in it",
+                self.server.frame_timeout, self.server.max_frame
+            ));
         }
         if self.spool.max_size < self.spool.segment_size {
             return Err(format!(

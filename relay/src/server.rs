@@ -149,12 +149,13 @@ pub async fn serve(
                 tracing::warn!(%peer, reason = reject.reason.as_label(), "{}", reject.message);
                 state.metrics.reject(reject.reason);
             }
+            state.metrics.connections_active.dec();
+            // The slots are free before the (possibly waiting) message to the writer.
+            drop(permit);
+            drop(ip_slot);
             // Behind every chunk this connection handed to the writer: it can lift the
             // ordering guard of a chunk that failed on this connection.
             let _ = state.writer.send(WriterMsg::Closed(connection_id)).await;
-            state.metrics.connections_active.dec();
-            drop(permit);
-            drop(ip_slot);
         });
     }
 }
@@ -651,9 +652,17 @@ where
     codec
         .encode(ServerFrame::Pong(verdict.pong().clone()), out)
         .map_err(|e| reject(RejectReason::Io, format!("encoding PONG: {e}")))?;
-    let _ = tokio::time::timeout_at(deadline, write.write_all(out)).await;
+    let sent = tokio::time::timeout_at(deadline, write.write_all(out)).await;
     match verdict {
-        Verdict::Accepted { client, .. } => Ok(client.into_hostname()),
+        Verdict::Accepted { client, .. } => match sent {
+            Ok(Ok(())) => Ok(client.into_hostname()),
+            // Acks after half a PONG would garble the stream: close instead.
+            Ok(Err(e)) => Err(reject(RejectReason::Io, format!("sending PONG: {e}"))),
+            Err(_) => Err(reject(
+                RejectReason::Auth,
+                format!("PONG not taken within handshake_timeout ({timeout:?})"),
+            )),
+        },
         // The details stay in the relay's log: the PONG tells a client only that it failed.
         Verdict::Refused {
             client_hostname,
