@@ -41,9 +41,11 @@ pub enum ServerFrame {
 
 // ---- framing ----------------------------------------------------------------------------
 
-/// Cuts complete frames out of a connection's read buffer.
+/// Cuts complete frames out of a connection's read buffer, without decoding them: a
+/// server that decodes elsewhere (a thread pool) reads with this and decodes each frame
+/// with [`decode_client_frame`].
 #[derive(Clone, Copy, Debug)]
-struct Framer {
+pub struct Framer {
     limits: Limits,
     /// A lower bound of the size of the frame at the front of the buffer: until that many
     /// bytes are buffered there is no point scanning again (avoids rescanning a large
@@ -52,11 +54,14 @@ struct Framer {
 }
 
 impl Framer {
-    fn new(limits: Limits) -> Self {
+    pub fn new(limits: Limits) -> Self {
         Framer { limits, need: 0 }
     }
 
-    fn next_frame(&mut self, src: &mut BytesMut) -> Result<Option<BytesMut>, DecodeError> {
+    /// The next complete frame at the front of `src`, split off it; `None` until one is
+    /// complete. An error (a frame over the limit, bad msgpack) leaves the stream out of
+    /// sync: close it.
+    pub fn next_frame(&mut self, src: &mut BytesMut) -> Result<Option<BytesMut>, DecodeError> {
         let limit = self.limits.max_frame_bytes;
         if src.is_empty() || src.len() < self.need {
             return Ok(None);
@@ -283,8 +288,56 @@ fn check_batch(batch: &EventBatch) -> Result<(), DecodeError> {
     Ok(())
 }
 
-/// Decodes one complete frame from a client; `None` for a heartbeat.
-fn decode_client_frame(frame: &[u8], limits: &Limits) -> Result<Option<ClientFrame>, DecodeError> {
+/// What decoding a frame will need, read from its first bytes without decoding it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DecodeHint {
+    /// A heartbeat (`nil`): nothing to decode.
+    pub heartbeat: bool,
+    /// Its entries are gzip (they start with the gzip magic): decoding inflates them.
+    pub gzip: bool,
+    /// The uncompressed size the last gzip member's trailer announces (0 if not gzip).
+    /// Right for the usual single member; a client can lie, so use it as a hint only.
+    pub announced: usize,
+}
+
+/// Looks at a complete frame (as [`Framer::next_frame`] returns it) to tell what decoding
+/// it will need, so a server can budget memory before inflating anything.
+pub fn decode_hint(frame: &[u8]) -> DecodeHint {
+    let mut hint = DecodeHint {
+        heartbeat: frame == [0xc0],
+        gzip: false,
+        announced: 0,
+    };
+    let mut r = Reader::new(frame);
+    let entries = (|| {
+        let Head::Array(2..=3) = r.head().ok()? else {
+            return None;
+        };
+        read_string(&mut r, "tag").ok()?;
+        let head = r.head().ok()?;
+        if !matches!(head, Head::Str(_) | Head::Bin(_)) {
+            return None;
+        }
+        r.bytes_after(head).ok()?
+    })();
+    if let Some(raw) = entries {
+        if raw.starts_with(&[0x1f, 0x8b]) {
+            hint.gzip = true;
+            if let Some(at) = raw.len().checked_sub(4) {
+                hint.announced =
+                    u32::from_le_bytes([raw[at], raw[at + 1], raw[at + 2], raw[at + 3]]) as usize;
+            }
+        }
+    }
+    hint
+}
+
+/// Decodes one complete frame from a client (as [`Framer::next_frame`] cut it); `None`
+/// for a heartbeat.
+pub fn decode_client_frame(
+    frame: &[u8],
+    limits: &Limits,
+) -> Result<Option<ClientFrame>, DecodeError> {
     let mut r = Reader::new(frame);
     let n = match r.head()? {
         Head::Array(n) => n,

@@ -106,8 +106,8 @@ pub use batch::{
 };
 pub use error::DecodeError;
 pub use frame::{
-    encode_ack, encode_compressed_packed_forward, ClientCodec, ClientFrame, ServerCodec,
-    ServerFrame,
+    decode_client_frame, decode_hint, encode_ack, encode_compressed_packed_forward, ClientCodec,
+    ClientFrame, DecodeHint, Framer, ServerCodec, ServerFrame,
 };
 pub use gzip::{gunzip, gzip_entries, Gzip, GzipWriter};
 pub use handshake::{ct_eq, password_digest, shared_key_digest, Helo, Ping, Pong};

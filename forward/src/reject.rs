@@ -41,6 +41,13 @@ pub enum RejectReason {
     Spool,
     /// The server is shutting down.
     Shutdown,
+    /// The connection held part of the relay's memory budget (`max_inflight_bytes`) and
+    /// could not get the rest it needed within the frame timeout; closed so that budget
+    /// held by a stalled client comes back. The client resends.
+    MemoryBudget,
+    /// A chunk's source id belongs to another client than the one that authenticated
+    /// (`server.bind_sources`).
+    SourceIdentity,
 }
 
 impl RejectReason {
@@ -62,6 +69,8 @@ impl RejectReason {
             RejectReason::Idle => "idle",
             RejectReason::Spool => "spool",
             RejectReason::Shutdown => "shutdown",
+            RejectReason::MemoryBudget => "memory_budget",
+            RejectReason::SourceIdentity => "source_identity",
         }
     }
 

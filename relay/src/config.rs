@@ -119,6 +119,28 @@ pub struct ServerSection {
     /// the accept: one budget, not one per step.
     #[serde(default = "default_handshake_timeout")]
     pub handshake_timeout: Span,
+    /// Memory for ingest, all connections together: frames being read (beyond each
+    /// connection's first 64 KiB) and decoded chunks until the spool has them. A
+    /// connection that needs more waits (TCP pushes back on its client). Must hold at
+    /// least one `max_frame` plus one `max_decompressed`. The relay's worst-case ingest
+    /// memory is this + max_connections × 64 KiB + decode_threads × max_decompressed.
+    #[serde(default = "default_max_inflight_bytes")]
+    pub max_inflight_bytes: ByteSize,
+    /// Threads that inflate and decode frames, off the threads that serve connections,
+    /// so a client's gzip bomb delays only its own frames.
+    #[serde(default)]
+    #[schemars(extend("default" = "the number of CPUs"))]
+    pub decode_threads: Option<usize>,
+    /// With authentication on: refuse a chunk whose source id does not begin with the
+    /// name the client authenticated as (its PING hostname, or the DNS name or common
+    /// name of its certificate) followed by ':', counted as
+    /// `connections_rejected{reason="source_identity"}`. A sluice agent's source ids
+    /// begin with its `agent.id`, which is its PING hostname. Set false for a relay fed by
+    /// another forwarder that sends other hosts' source ids; dedup then still keeps each
+    /// client's sources apart.
+    #[serde(default)]
+    #[schemars(extend("default" = "true when clients authenticate (shared key or client certificates)"))]
+    pub bind_sources: Option<bool>,
 }
 
 /// Bytes a client (one IP address, all its connections together) may send per second.
@@ -139,6 +161,26 @@ impl ServerSection {
     pub fn requires_auth(&self) -> bool {
         self.shared_key.is_some() || !self.client_keys.is_empty()
     }
+
+    /// Whether every client must present a certificate (its name then identifies it).
+    pub fn requires_client_cert(&self) -> bool {
+        self.tls
+            .as_ref()
+            .is_some_and(|t| t.client_auth == sluice_core::tls::ClientAuth::Required)
+    }
+
+    /// `bind_sources` with its default applied.
+    pub fn binds_sources(&self) -> bool {
+        self.bind_sources
+            .unwrap_or(self.requires_auth() || self.requires_client_cert())
+    }
+
+    /// `decode_threads` with its default applied.
+    pub fn decode_threads(&self) -> usize {
+        self.decode_threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
+            .max(1)
+    }
 }
 
 fn default_hostname() -> String {
@@ -149,6 +191,9 @@ fn default_max_frame() -> ByteSize {
 }
 fn default_max_decompressed() -> ByteSize {
     ByteSize::mib(64)
+}
+fn default_max_inflight_bytes() -> ByteSize {
+    ByteSize::mib(256)
 }
 fn default_max_connections() -> usize {
     4096
@@ -426,6 +471,16 @@ impl RelayConfig {
                 "server.frame_timeout ({}) must be at least 1s: a frame of max_frame ({}) must be able to arrive in it",
                 self.server.frame_timeout, self.server.max_frame
             ));
+        }
+        let one_frame = self.server.max_frame.as_u64() + self.server.max_decompressed.as_u64();
+        if self.server.max_inflight_bytes.as_u64() < one_frame {
+            return Err(format!(
+                "server.max_inflight_bytes ({}) must hold at least one frame: max_frame ({}) + max_decompressed ({})",
+                self.server.max_inflight_bytes, self.server.max_frame, self.server.max_decompressed
+            ));
+        }
+        if self.server.decode_threads == Some(0) {
+            return Err("server.decode_threads = 0 would decode nothing: set at least 1 (or leave it out for one per CPU)".into());
         }
         if self.spool.max_size < self.spool.segment_size {
             return Err(format!(

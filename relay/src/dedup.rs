@@ -156,8 +156,8 @@ impl Dedup {
     /// Applies a spooled chunk (at recovery, or when the decoder did not count hours):
     /// its mark and its events per hour.
     pub fn replay(&mut self, chunk: &SpooledChunk<'_>) {
-        if let (Some(source), Some(last)) = (chunk.source, chunk.last_seq()) {
-            self.accept(source, last);
+        if let (Some(key), Some(last)) = (chunk.dedup_key(), chunk.last_seq()) {
+            self.accept(&key, last);
         }
         let tag = chunk.tag;
         chunk.count_hours(|hour, n| self.count_received(tag, hour, n));

@@ -2,6 +2,7 @@
 //! sinks, the ledger and reconciliation. `src/main.rs` is the thin command line on top;
 //! the end-to-end tests build their configs from [`config`]'s types.
 
+pub mod budget;
 pub mod config;
 pub mod dedup;
 pub mod envelope;
@@ -233,6 +234,8 @@ pub async fn run(config: RelayConfig) -> anyhow::Result<()> {
         writer: writer_tx.clone(),
         required_sinks: required,
         metrics: metrics.clone(),
+        budget: budget::Budget::new(config.server.max_inflight_bytes.as_usize()),
+        pool: budget::DecodePool::new(config.server.decode_threads()),
     });
     let accept_stop = CancellationToken::new();
     let conns_stop = CancellationToken::new();

@@ -13,22 +13,22 @@ use std::net::SocketAddr;
 use std::num::NonZeroU32;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use futures::StreamExt;
 use sluice_core::tls::ReloadingServerConfig;
 use sluice_forward::{
-    encode_ack, ClientFrame, DecodeError, KeyLookup, Limits, Refusal, RejectReason, ServerCodec,
-    ServerFrame, ServerHandshake, SharedKey, Verdict,
+    decode_client_frame, decode_hint, encode_ack, ClientFrame, DecodeError, EventBatch, Framer,
+    KeyLookup, Limits, Refusal, RejectReason, ServerCodec, ServerFrame, ServerHandshake, SharedKey,
+    Verdict,
 };
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
-use tokio_util::codec::{Encoder, FramedRead};
+use tokio_util::codec::Encoder;
 use tokio_util::sync::CancellationToken;
 
+use crate::budget::{Budget, DecodePool, Held, FREE_BUFFER};
 use crate::config::{AckMode, RateLimit, ServerSection};
 use crate::metrics::RelayMetrics;
 use crate::writer::{Accepted, WriteRequest, WriterMsg};
@@ -41,6 +41,10 @@ pub struct ServerState {
     /// Delivered positions of the required sinks, for end-to-end acks.
     pub required_sinks: Vec<watch::Receiver<Position>>,
     pub metrics: Arc<RelayMetrics>,
+    /// Ingest memory, all connections together (`max_inflight_bytes`).
+    pub budget: Budget,
+    /// Where frames are inflated and decoded (`decode_threads`).
+    pub pool: DecodePool,
 }
 
 /// Open connections per client IP address (`max_connections_per_ip`).
@@ -227,39 +231,208 @@ impl ClientRate {
     }
 }
 
-/// Counts the bytes read from a socket, for the rate limit.
-struct Metered<R> {
-    inner: R,
+/// Reads whole frames off a socket, holding [`Budget`] for what it buffers.
+///
+/// Everything it buffers beyond [`FREE_BUFFER`] is held as budget before it is read, so
+/// a connection short of budget stops reading (its client is slowed by TCP) instead of
+/// growing the relay. Cancel-safe: all state lives here, so a read interrupted by a
+/// timer resumes where it stopped.
+struct FrameReader<R> {
+    io: R,
+    buf: BytesMut,
+    framer: Framer,
+    /// Budget held for `buf`.
+    held: Held,
+    /// Bytes read since the rate limit last looked.
     read: u64,
     /// Bytes read over the connection's life (heartbeats included: the idle timeout
-    /// looks at this, since the decoder swallows heartbeats without yielding a frame).
+    /// looks at this).
     total: u64,
+    /// The last read is waiting for budget (named when the frame times out).
+    waiting_for_budget: bool,
 }
 
-impl<R: AsyncRead + Unpin> AsyncRead for Metered<R> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        // Hand the inner reader at most READ_WINDOW bytes of the buffer: tokio-rustls
-        // zero-fills all the unfilled space it is given on every read, and a frame
-        // buffer grown to megabytes made that memset a sixth of the relay's CPU.
-        let window = buf.remaining().min(READ_WINDOW);
-        let mut sub = buf.take(window);
-        let polled = Pin::new(&mut self.inner).poll_read(cx, &mut sub);
-        let n = sub.filled().len();
-        // SAFETY: the inner reader initialised and filled these n bytes of buf's unfilled part.
-        unsafe { buf.assume_init(n) };
-        buf.advance(n);
-        self.read += n as u64;
-        self.total += n as u64;
-        polled
+impl<R: AsyncRead + Unpin> FrameReader<R> {
+    fn new(io: R, limits: Limits, budget: &Budget) -> Self {
+        FrameReader {
+            io,
+            buf: BytesMut::new(),
+            framer: Framer::new(limits),
+            held: budget.none(),
+            read: 0,
+            total: 0,
+            waiting_for_budget: false,
+        }
+    }
+
+    fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// The next whole frame, with the budget held for its bytes; `None` at a clean end
+    /// of stream (between frames).
+    async fn next(&mut self, budget: &Budget) -> Option<Result<(BytesMut, Held), DecodeError>> {
+        loop {
+            match self.framer.next_frame(&mut self.buf) {
+                Err(e) => return Some(Err(e)),
+                Ok(Some(frame)) => {
+                    let held = self.held.split(frame.len());
+                    return Some(Ok((frame, held)));
+                }
+                Ok(None) => {}
+            }
+            let want = (self.buf.len() + READ_WINDOW).saturating_sub(FREE_BUFFER);
+            if self.held.bytes() < want && !budget.try_grow(&mut self.held, want) {
+                self.waiting_for_budget = true;
+                budget.grow(&mut self.held, want).await;
+            }
+            self.waiting_for_budget = false;
+            // Hand the socket at most READ_WINDOW bytes of spare room: tokio-rustls
+            // zero-fills all the unfilled space it is given on every read, and a frame
+            // buffer grown to megabytes made that memset a sixth of the relay's CPU.
+            self.buf.reserve(READ_WINDOW);
+            let (io, buf) = (&mut self.io, &mut self.buf);
+            let spare = buf.spare_capacity_mut();
+            let window = spare.len().min(READ_WINDOW);
+            let mut room = ReadBuf::uninit(&mut spare[..window]);
+            if let Err(e) =
+                std::future::poll_fn(|cx| Pin::new(&mut *io).poll_read(cx, &mut room)).await
+            {
+                return Some(Err(DecodeError::Io(e)));
+            }
+            let n = room.filled().len();
+            // SAFETY: the reader initialised and filled these n bytes of the spare room.
+            unsafe { buf.set_len(buf.len() + n) };
+            self.read += n as u64;
+            self.total += n as u64;
+            if n == 0 {
+                return match self.buf.is_empty() {
+                    true => None,
+                    false => Some(Err(DecodeError::UnexpectedEof {
+                        buffered: self.buf.len(),
+                    })),
+                };
+            }
+        }
     }
 }
 
 /// The most one read may fill; a TLS record is at most 16 KiB of plaintext.
 const READ_WINDOW: usize = 64 * 1024;
+
+/// A decoded frame and the budget held for it until the spool has it.
+struct Decoded {
+    frame: Option<ClientFrame>,
+    held: Held,
+}
+
+/// Decodes `frame` on the pool, holding budget for what decoding makes. `frame_held` is
+/// the budget held for the frame's bytes; it is given back once they are decoded.
+///
+/// The output is budgeted before decoding from an estimate (the gzip trailer, or twice
+/// the frame), and decoded with that estimate as its limit; an estimate that proves too
+/// small (several gzip members, a client that lies) is raised once to
+/// `max_decompressed` and the frame decoded again. Waiting for budget while holding
+/// some is bounded by `frame_timeout`, so clients stalled on each other's budget cannot
+/// wedge the relay.
+async fn decode(
+    frame: BytesMut,
+    frame_held: Held,
+    state: &ServerState,
+    limits: Limits,
+) -> Result<Decoded, Reject> {
+    let hint = decode_hint(&frame);
+    if hint.heartbeat {
+        return Ok(Decoded {
+            frame: None,
+            held: frame_held,
+        });
+    }
+    let max = limits.max_decompressed_bytes;
+    let mut estimate = match hint.gzip {
+        true => hint.announced.max(frame.len().saturating_mul(4)),
+        false => frame.len().saturating_mul(2).saturating_add(4096),
+    }
+    .min(max);
+    let mut held = state.budget.none();
+    let mut frame = Some(frame);
+    loop {
+        let holding = frame_held.bytes() + held.bytes();
+        reserve(state, &mut held, estimate, holding).await?;
+        let limits = Limits {
+            max_decompressed_bytes: estimate,
+            ..limits
+        };
+        let Some(bytes) = frame.take() else {
+            unreachable!("the frame is put back before every retry")
+        };
+        let (decoded, bytes) = state
+            .pool
+            .run(move || (decode_client_frame(&bytes, &limits), bytes))
+            .await;
+        match decoded {
+            Err(DecodeError::DecompressedTooLarge { .. }) if estimate < max => {
+                estimate = max;
+                frame = Some(bytes);
+            }
+            Err(e) => return Err(decode_reject(e, 0)),
+            Ok(decoded) => {
+                drop((bytes, frame_held));
+                let size = match &decoded {
+                    Some(ClientFrame::Events(b)) => b.entries.len(),
+                    _ => 0,
+                };
+                held.shrink(size);
+                return Ok(Decoded {
+                    frame: decoded,
+                    held,
+                });
+            }
+        }
+    }
+}
+
+/// Grows `held` to `to`; waits at most `frame_timeout` if the connection already holds
+/// budget (`holding` bytes), for as long as it takes if it holds none.
+async fn reserve(
+    state: &ServerState,
+    held: &mut Held,
+    to: usize,
+    holding: usize,
+) -> Result<(), Reject> {
+    if state.budget.try_grow(held, to) {
+        return Ok(());
+    }
+    if holding == 0 {
+        state.budget.grow(held, to).await;
+        return Ok(());
+    }
+    let wait = state.config.frame_timeout.get();
+    match tokio::time::timeout(wait, state.budget.grow(held, to)).await {
+        Ok(()) => Ok(()),
+        Err(_) => Err(reject(
+            RejectReason::MemoryBudget,
+            format!(
+                "no memory budget for {to} bytes within frame_timeout ({wait:?}): server.max_inflight_bytes ({}) is held by other connections; closing so this one's share comes back (the client resends)",
+                state.config.max_inflight_bytes
+            ),
+        )),
+    }
+}
+
+/// The name a client's certificate gives it: its first DNS name, else its common name.
+fn certificate_name(cert: &rustls_pki_types::CertificateDer<'_>) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for name in &san.value.general_names {
+            if let x509_parser::extensions::GeneralName::DNSName(dns) = name {
+                return Some(dns.to_string());
+            }
+        }
+    }
+    let cn = cert.subject().iter_common_name().next()?;
+    cn.as_str().ok().map(str::to_string)
+}
 
 async fn connection(stream: tokio::net::TcpStream, link: Link<'_>) -> Result<(), Reject> {
     let (peer, state) = (link.peer, link.state);
@@ -304,13 +477,22 @@ async fn connection(stream: tokio::net::TcpStream, link: Link<'_>) -> Result<(),
                     ))
                 }
             };
-            session(tls_stream, link).await
+            let cert_name = match state.config.requires_client_cert() {
+                true => tls_stream
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|chain| chain.first())
+                    .and_then(certificate_name),
+                false => None,
+            };
+            session(tls_stream, link, cert_name).await
         }
-        None => session(stream, link).await,
+        None => session(stream, link, None).await,
     }
 }
 
-async fn session<S>(stream: S, link: Link<'_>) -> Result<(), Reject>
+async fn session<S>(stream: S, link: Link<'_>, cert_name: Option<String>) -> Result<(), Reject>
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
@@ -323,21 +505,19 @@ where
         rate,
     } = link;
     let (read, mut write) = tokio::io::split(stream);
-    let read = Metered {
-        inner: read,
-        read: 0,
-        total: 0,
-    };
     let limits = Limits {
         max_frame_bytes: state.config.max_frame.as_usize(),
         max_decompressed_bytes: state.config.max_decompressed.as_usize(),
     };
-    let mut frames = FramedRead::new(read, ServerCodec::new(limits));
+    let budget = &state.budget;
+    let mut frames = FrameReader::new(read, limits, budget);
     let mut codec = ServerCodec::new(limits);
     let mut out = BytesMut::with_capacity(256);
 
-    let client = if state.config.requires_auth() {
-        authenticate(
+    // Who the client is: the hostname it authenticated with, else the name in its
+    // certificate; None for an anonymous client (then its IP address names it).
+    let identity: Option<Arc<str>> = if state.config.requires_auth() {
+        let hostname = authenticate(
             &mut frames,
             &mut write,
             &mut codec,
@@ -345,23 +525,31 @@ where
             state,
             handshake_deadline,
         )
-        .await?
+        .await?;
+        Some(hostname.into())
     } else {
-        peer.ip().to_string()
+        cert_name.map(Into::into)
     };
+    let client = identity
+        .as_deref()
+        .map_or_else(|| peer.ip().to_string(), str::to_string);
+    let bind = state.config.binds_sources() && identity.is_some();
 
     // Acks go out in order from a second task, so reading never waits for durability
     // (up to IN_FLIGHT_PER_CONNECTION chunks), and a slow spool backs up into this socket.
+    // Each entry holds its chunk's budget until the spool has the chunk.
     let (ack_tx, mut ack_rx) = mpsc::channel::<(
         Option<String>,
         oneshot::Receiver<Result<Accepted, String>>,
+        Held,
     )>(IN_FLIGHT_PER_CONNECTION);
     let end_to_end = state.config.ack == AckMode::EndToEnd;
     let mut required = state.required_sinks.clone();
     let metrics = state.metrics.clone();
+    let ack_write_timeout = state.config.frame_timeout.get();
     let mut acker = tokio::spawn(async move {
         let mut out = BytesMut::with_capacity(128);
-        while let Some((chunk, reply)) = ack_rx.recv().await {
+        while let Some((chunk, reply, held)) = ack_rx.recv().await {
             let accepted = match reply.await {
                 Ok(Ok(a)) => a,
                 Ok(Err(e)) => {
@@ -377,6 +565,8 @@ where
                     ))
                 }
             };
+            // The spool has the chunk: its memory is free.
+            drop(held);
             if accepted.duplicates > 0 {
                 tracing::debug!(
                     chunk = chunk.as_deref().unwrap_or("-"),
@@ -401,8 +591,18 @@ where
             if let Some(id) = chunk {
                 out.clear();
                 encode_ack(&id, &mut out);
-                if let Err(e) = write.write_all(&out).await {
-                    return Err(reject(RejectReason::Io, format!("writing ack failed: {e}")));
+                // A client that stops reading its acks must not hold its slot forever.
+                match tokio::time::timeout(ack_write_timeout, write.write_all(&out)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        return Err(reject(RejectReason::Io, format!("writing ack failed: {e}")))
+                    }
+                    Err(_) => {
+                        return Err(reject(
+                            RejectReason::Io,
+                            format!("the client took no ack for {ack_write_timeout:?} (frame_timeout): it stopped reading; closing"),
+                        ))
+                    }
                 }
                 metrics.acks_sent.inc();
             }
@@ -432,24 +632,28 @@ where
                 acker_ended = Some(ended);
                 break Ok(());
             }
-            n = tokio::time::timeout(step, frames.next()) => n,
+            n = tokio::time::timeout(step, frames.next(budget)) => n,
         };
-        let frame = match next {
+        let (frame, frame_held) = match next {
             // Heartbeats are bytes without a frame: they keep the connection alive.
             Err(_) => {
                 let now = tokio::time::Instant::now();
-                if frames.get_ref().total != seen {
-                    seen = frames.get_ref().total;
+                if frames.total != seen {
+                    seen = frames.total;
                     last_byte = now;
                 }
-                if frames.read_buffer().is_empty() {
+                if frames.buffered() == 0 {
                     frame_begun = None;
                 } else if now.duration_since(*frame_begun.get_or_insert(now)) >= frame_timeout {
+                    let waiting = match frames.waiting_for_budget {
+                        true => ", waiting for memory budget (server.max_inflight_bytes)",
+                        false => "",
+                    };
                     break Err(reject(
                         RejectReason::FrameTimeout,
                         format!(
-                            "a frame begun was not finished within frame_timeout ({frame_timeout:?}; {} bytes buffered); closing",
-                            frames.read_buffer().len()
+                            "a frame begun was not finished within frame_timeout ({frame_timeout:?}; {} bytes buffered{waiting}); closing",
+                            frames.buffered()
                         ),
                     ));
                 }
@@ -465,34 +669,48 @@ where
             // A TLS peer that closes without close_notify between frames lost nothing:
             // frames are self-delimiting, so only a cut inside a frame is an error.
             Ok(Some(Err(DecodeError::Io(e))))
-                if e.kind() == io::ErrorKind::UnexpectedEof && frames.read_buffer().is_empty() =>
+                if e.kind() == io::ErrorKind::UnexpectedEof && frames.buffered() == 0 =>
             {
                 tracing::debug!(%peer, "client closed without TLS close_notify");
                 break Ok(());
             }
-            Ok(Some(Err(e))) => break Err(decode_reject(e, frames.read_buffer().len())),
+            Ok(Some(Err(e))) => break Err(decode_reject(e, frames.buffered())),
             Ok(Some(Ok(frame))) => {
                 frame_begun = None;
                 last_byte = tokio::time::Instant::now();
                 frame
             }
         };
-        seen = frames.get_ref().total;
+        seen = frames.total;
         if let Some(rate) = &rate {
-            let read = std::mem::take(&mut frames.get_mut().read);
+            let read = std::mem::take(&mut frames.read);
             tokio::select! {
                 _ = conns.cancelled() => break Ok(()),
                 _ = rate.admit(&client, read) => {}
             }
         }
+        let decoded = tokio::select! {
+            _ = conns.cancelled() => break Ok(()),
+            d = decode(frame, frame_held, state, limits) => d,
+        };
+        let Decoded { frame, held } = match decoded {
+            Ok(d) => d,
+            Err(e) => break Err(e),
+        };
         match frame {
-            ClientFrame::Ping(_) => {
+            None => continue, // a heartbeat
+            Some(ClientFrame::Ping(_)) => {
                 break Err(reject(
                     RejectReason::Protocol,
                     "unexpected PING after the handshake",
                 ))
             }
-            ClientFrame::Events(batch) => {
+            Some(ClientFrame::Events(batch)) => {
+                if bind {
+                    if let Some(e) = foreign_source(&batch, identity.as_deref().unwrap_or("")) {
+                        break Err(e);
+                    }
+                }
                 let chunk = batch.options.chunk.clone();
                 let (tx, rx) = oneshot::channel();
                 if state
@@ -500,6 +718,7 @@ where
                     .send(WriterMsg::Write(WriteRequest {
                         batch,
                         connection,
+                        client: identity.clone(),
                         reply: tx,
                     }))
                     .await
@@ -507,7 +726,7 @@ where
                 {
                     break Err(reject(RejectReason::Shutdown, "relay shutting down"));
                 }
-                if ack_tx.send((chunk, rx)).await.is_err() {
+                if ack_tx.send((chunk, rx, held)).await.is_err() {
                     break Ok(()); // the acker ended with its own error, reported below
                 }
             }
@@ -517,9 +736,33 @@ where
     let acked = match acker_ended {
         Some(ended) => ended,
         None => acker.await,
-    }
-    .unwrap_or(Ok(()));
+    };
+    let acked = match acked {
+        Ok(acked) => acked,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(_) => Ok(()), // cancelled at shutdown
+    };
     result.and(acked)
+}
+
+/// With `bind_sources`: the refusal of a chunk whose source id is not the client's own
+/// (`{identity}:...`), or None when it is (or carries no provenance).
+fn foreign_source(batch: &EventBatch, identity: &str) -> Option<Reject> {
+    let source = &batch.options.provenance.as_ref()?.source;
+    let own = source
+        .strip_prefix(identity)
+        .is_some_and(|rest| rest.starts_with(':'));
+    match own {
+        true => None,
+        false => Some(reject(
+            RejectReason::SourceIdentity,
+            format!(
+                "chunk {} of tag {:?} claims source {source:?}, which is not this client's: it authenticated as {identity:?}, so its source ids must begin with \"{identity}:\" (server.bind_sources); closing without spooling it",
+                batch.options.chunk.as_deref().unwrap_or("-"),
+                batch.tag
+            ),
+        )),
+    }
 }
 
 /// Content type of a TLS record carrying a handshake message (a ClientHello comes first).
@@ -603,7 +846,7 @@ fn decode_reject(e: DecodeError, buffered: usize) -> Reject {
 
 /// HELO / PING / PONG. Returns the client's hostname, which names the client from here on.
 async fn authenticate<R, W>(
-    frames: &mut FramedRead<R, ServerCodec>,
+    frames: &mut FrameReader<R>,
     write: &mut W,
     codec: &mut ServerCodec,
     out: &mut BytesMut,
@@ -632,20 +875,38 @@ where
             ))
         }
     }
-    let ping = match tokio::time::timeout_at(deadline, frames.next()).await {
-        Err(_) => {
-            return Err(reject(
-                RejectReason::Auth,
-                format!("no PING within handshake_timeout ({timeout:?}, TLS included)"),
-            ))
-        }
-        Ok(None) => return Err(reject(RejectReason::Auth, "closed during the handshake")),
-        Ok(Some(Err(e))) => return Err(decode_reject(e, frames.read_buffer().len())),
-        Ok(Some(Ok(ClientFrame::Events(_)))) => return Err(reject(
+    let events_first = || {
+        reject(
             RejectReason::Auth,
             "sent events before authenticating (PING expected; is the client's shared_key set?)",
-        )),
-        Ok(Some(Ok(ClientFrame::Ping(p)))) => p,
+        )
+    };
+    let ping = loop {
+        let frame = match tokio::time::timeout_at(deadline, frames.next(&state.budget)).await {
+            Err(_) => {
+                return Err(reject(
+                    RejectReason::Auth,
+                    format!("no PING within handshake_timeout ({timeout:?}, TLS included)"),
+                ))
+            }
+            Ok(None) => return Err(reject(RejectReason::Auth, "closed during the handshake")),
+            Ok(Some(Err(e))) => return Err(decode_reject(e, frames.buffered())),
+            Ok(Some(Ok((frame, _held)))) => frame,
+        };
+        // Nothing is inflated for a client that has not authenticated.
+        if decode_hint(&frame).gzip {
+            return Err(events_first());
+        }
+        let limits = Limits {
+            max_frame_bytes: frame.len(),
+            max_decompressed_bytes: frame.len().saturating_mul(2).saturating_add(4096),
+        };
+        match decode_client_frame(&frame, &limits) {
+            Ok(None) => continue, // a heartbeat
+            Err(e) => return Err(decode_reject(e, 0)),
+            Ok(Some(ClientFrame::Events(_))) => return Err(events_first()),
+            Ok(Some(ClientFrame::Ping(p))) => break p,
+        }
     };
     let verdict = handshake.receive_ping(ping, &ConfiguredKeys(config));
     out.clear();

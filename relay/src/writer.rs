@@ -36,6 +36,9 @@ pub struct WriteRequest {
     pub batch: EventBatch,
     /// The connection it came on (for dedup's ordering guard).
     pub connection: u64,
+    /// The name the client authenticated as, if it did: a source id that is not its
+    /// own is kept apart in dedup ([`record::namespace`]).
+    pub client: Option<std::sync::Arc<str>>,
     pub reply: oneshot::Sender<Result<Accepted, String>>,
 }
 
@@ -48,6 +51,9 @@ pub struct Accepted {
     pub duplicates: usize,
 }
 
+// Nearly every message is a Write: boxing it would allocate per chunk to shrink the
+// rare small ones.
+#[allow(clippy::large_enum_variant)]
 pub enum WriterMsg {
     Write(WriteRequest),
     /// Periodic housekeeping: persist sink cursors, collect garbage, export counts.
@@ -204,7 +210,7 @@ impl SpoolWriter {
                         break;
                     }
                     WriterMsg::Write(req) => {
-                        let result = self.append(&req.batch, req.connection);
+                        let result = self.append(&req.batch, req.client.as_deref(), req.connection);
                         group.push((req, result));
                     }
                 }
@@ -248,25 +254,36 @@ impl SpoolWriter {
         tracing::info!("spool writer stopped");
     }
 
-    fn append(&mut self, batch: &EventBatch, connection: u64) -> Result<Accepted, String> {
-        let range = batch
-            .options
-            .provenance
-            .as_ref()
-            .and_then(|p| Some((p.source.as_str(), *p.seqs.first()?, *p.seqs.last()?)));
-        if let Some((source, first, last)) = range {
-            if let Err(e) = self.dedup.admit(source, first, last) {
+    fn append(
+        &mut self,
+        batch: &EventBatch,
+        client: Option<&str>,
+        connection: u64,
+    ) -> Result<Accepted, String> {
+        let provenance = batch.options.provenance.as_ref();
+        let namespace = provenance.and_then(|p| record::namespace(client, &p.source));
+        let key = provenance.map(|p| record::dedup_key(namespace, &p.source));
+        let range = provenance.and_then(|p| Some((*p.seqs.first()?, *p.seqs.last()?)));
+        if let (Some(key), Some((first, last))) = (&key, range) {
+            if let Err(e) = self.dedup.admit(key, first, last) {
+                let source = provenance.map_or("", |p| p.source.as_str());
                 return Err(format!("an earlier chunk of source {source} (from seq {}) could not be spooled; later chunks are refused until it is resent, to keep the order", e.failed));
             }
         }
-        let result = self.append_in_order(batch);
-        if let (Err(_), Some((source, first, _))) = (&result, range) {
-            self.dedup.refuse(source, first, connection);
+        let result = self.append_in_order(batch, namespace, key.as_deref());
+        if let (Err(_), Some(key), Some((first, _))) = (&result, &key, range) {
+            self.dedup.refuse(key, first, connection);
         }
         result
     }
 
-    fn append_in_order(&mut self, batch: &EventBatch) -> Result<Accepted, String> {
+    /// `key` is the chunk's source in the dedup table ([`record::dedup_key`]).
+    fn append_in_order(
+        &mut self,
+        batch: &EventBatch,
+        namespace: Option<&str>,
+        key: Option<&str>,
+    ) -> Result<Accepted, String> {
         #[cfg(test)]
         if std::mem::take(&mut self.fail_next_append) {
             self.failing = true; // as a failed spool append does
@@ -274,7 +291,9 @@ impl SpoolWriter {
         }
         let (skip, from) = match batch.options.provenance.as_ref() {
             Some(p) if p.seqs.len() == batch.count => {
-                let skip = self.dedup.duplicate_prefix(&p.source, &p.seqs);
+                let skip = self
+                    .dedup
+                    .duplicate_prefix(key.unwrap_or(&p.source), &p.seqs);
                 (skip, entry_offset(batch, skip)?)
             }
             Some(p) => {
@@ -298,8 +317,15 @@ impl SpoolWriter {
             });
         }
         self.buf.clear();
-        record::encode(&mut self.buf, EventTime::now(), batch, skip, from)
-            .map_err(|e| e.to_string())?;
+        record::encode(
+            &mut self.buf,
+            EventTime::now(),
+            batch,
+            namespace,
+            skip,
+            from,
+        )
+        .map_err(|e| e.to_string())?;
         let segment_before = self.spool.active_segment();
         let pos = self.spool.append(&self.buf).map_err(|e| {
             self.failing = true;
@@ -320,8 +346,8 @@ impl SpoolWriter {
         // is missing (then parse the entries again, as recovery does).
         let known: u64 = batch.hours.iter().map(|&(_, n)| n as u64).sum();
         if known == batch.count as u64 {
-            if let (Some(source), Some(last)) = (chunk.source, chunk.last_seq()) {
-                self.dedup.accept(source, last);
+            if let (Some(key), Some(last)) = (chunk.dedup_key(), chunk.last_seq()) {
+                self.dedup.accept(&key, last);
             }
             let mut skip = skip as u64;
             for &(hour, n) in &batch.hours {
@@ -515,25 +541,78 @@ mod tests {
         let (mut w, _, _dir) = test_writer(1 << 20, 1 << 30);
 
         w.fail_next_append = true;
-        assert!(w.append(&batch("s", 0..10), 1).is_err(), "injected failure");
-        let refused = w.append(&batch("s", 10..20), 1).unwrap_err();
+        assert!(
+            w.append(&batch("s", 0..10), None, 1).is_err(),
+            "injected failure"
+        );
+        let refused = w.append(&batch("s", 10..20), None, 1).unwrap_err();
         assert!(refused.contains("earlier chunk of source s"), "{refused}");
         assert_eq!(
-            w.append(&batch("other", 0..5), 1).unwrap().accepted,
+            w.append(&batch("other", 0..5), None, 1).unwrap().accepted,
             5,
             "other sources go on"
         );
         // The resend, in order: all of it is new.
-        assert_eq!(w.append(&batch("s", 0..10), 1).unwrap().accepted, 10);
-        assert_eq!(w.append(&batch("s", 10..20), 1).unwrap().accepted, 10);
+        assert_eq!(w.append(&batch("s", 0..10), None, 1).unwrap().accepted, 10);
+        assert_eq!(w.append(&batch("s", 10..20), None, 1).unwrap().accepted, 10);
         // A real resend is still trimmed.
-        let again = w.append(&batch("s", 0..20), 1).unwrap();
+        let again = w.append(&batch("s", 0..20), None, 1).unwrap();
         assert_eq!((again.accepted, again.duplicates), (0, 20));
         assert_eq!(
             w.dedup.received().total(),
             25,
             "ledger counts from the hours fallback path"
         );
+    }
+
+    /// A client that sends a source id not its own (bind_sources off) cannot touch that
+    /// source's mark: its claim is kept under its own namespace, after recovery too.
+    #[test]
+    fn a_claimed_source_is_kept_apart_from_its_owner() {
+        let (mut w, _, dir) = test_writer(1 << 20, 1 << 30);
+        let forged = w
+            .append(
+                &batch("agent-a:f", u64::MAX - 1..u64::MAX),
+                Some("mallory"),
+                1,
+            )
+            .unwrap();
+        assert_eq!(forged.accepted, 1, "spooled, under mallory's namespace");
+        let own = w
+            .append(&batch("agent-a:f", 0..10), Some("agent-a"), 2)
+            .unwrap();
+        assert_eq!(
+            own.accepted, 10,
+            "agent-a's events are not trimmed by the claim"
+        );
+        let anonymous = w.append(&batch("agent-a:f", 0..10), None, 3).unwrap();
+        assert_eq!(
+            anonymous.duplicates, 10,
+            "one key for the owner and the anonymous"
+        );
+        w.spool_mut().sync().unwrap();
+        drop(w);
+        let cfg = SpoolConfig {
+            segment_bytes: 1 << 20,
+            max_bytes: 1 << 30,
+            fsync: FsyncPolicy::Never,
+        };
+        let (spool, _) = sluice_spool::Spool::open(dir.path(), cfg).unwrap();
+        let ledger = Arc::new(Mutex::new(Ledger::default()));
+        let (mut w, _) =
+            SpoolWriter::recover(spool, ledger, Arc::new(RelayMetrics::new())).unwrap();
+        let resent = w
+            .append(&batch("agent-a:f", 0..12), Some("agent-a"), 4)
+            .unwrap();
+        assert_eq!((resent.duplicates, resent.accepted), (10, 2));
+        let claim_again = w
+            .append(
+                &batch("agent-a:f", u64::MAX - 1..u64::MAX),
+                Some("mallory"),
+                5,
+            )
+            .unwrap();
+        assert_eq!(claim_again.duplicates, 1, "mallory's own mark survived too");
     }
 
     /// Requests queued behind the chunk that fills the spool are not taken in the same
@@ -551,6 +630,7 @@ mod tests {
             tx.try_send(WriterMsg::Write(WriteRequest {
                 batch: b,
                 connection: 1,
+                client: None,
                 reply,
             }))
             .unwrap();
@@ -594,12 +674,13 @@ mod tests {
         ready.set(true);
         w.report_readiness(ready.clone());
         let offer = |w: &mut SpoolWriter, b: EventBatch| {
-            let result = w.append(&b, 1);
+            let result = w.append(&b, None, 1);
             let (reply, _answer) = oneshot::channel();
             let mut group = vec![(
                 WriteRequest {
                     batch: b,
                     connection: 1,
+                    client: None,
                     reply,
                 },
                 result,

@@ -276,3 +276,68 @@ fn replaced_certificate_files_are_served_to_new_connections_without_restart() {
     );
     assert_eq!(relay.logs().len(), 1, "same process");
 }
+
+/// A holder of the fleet-wide key cannot poison another host's dedup marks: a chunk
+/// that claims agent-a's source with seq u64::MAX, sent by "mallory", is refused
+/// (`bind_sources`, on by default with a shared key) and agent-a's own events are all
+/// delivered. With `bind_sources = false` the claim is spooled but kept apart from
+/// agent-a's marks, across a restart too.
+#[test]
+fn a_client_cannot_claim_another_clients_source() {
+    let s = setup();
+    let mut spec = relay_spec(s.dir.path(), &s.server);
+    spec.config.server.shared_key = Some("fleet key".into());
+    let relay = spec.start();
+    let files = tls_files(&s.ca.ca, None, "localhost");
+    let source = "agent-a:app:1";
+    let seqs: Vec<u64> = (0..10).collect();
+
+    let mut mallory = Conn::connect(relay.forward, &files).unwrap();
+    assert!(mallory.authenticate_as("mallory", "fleet key").unwrap());
+    let claim = chunk_from(source, "forged-", &[u64::MAX], "forged");
+    let acked = mallory.send_expect_ack(&claim, "forged");
+    assert!(acked.is_err(), "the forged claim was acknowledged");
+    relay.expect_rejected(
+        Some(mallory.local),
+        "source_identity",
+        "its source ids must begin with \"mallory:\"",
+    );
+    let mut a = Conn::connect(relay.forward, &files).unwrap();
+    assert!(a.authenticate_as("agent-a", "fleet key").unwrap());
+    a.send_expect_ack(&chunk_from(source, "a-", &seqs, "a0"), "a0")
+        .unwrap();
+    a.close();
+    wait_delivered(&relay, "a-", 10);
+    assert!(delivered(&relay.sink_file("file"), "forged-").is_empty());
+
+    // A relay fed by a forwarder that sends other hosts' sources: bind_sources = false.
+    let dir2 = tempfile::tempdir().unwrap();
+    let mut spec = relay_spec(dir2.path(), &s.server);
+    spec.config.server.shared_key = Some("fleet key".into());
+    spec.config.server.bind_sources = Some(false);
+    let mut open = spec.start();
+    let mut mallory = Conn::connect(open.forward, &files).unwrap();
+    assert!(mallory.authenticate_as("mallory", "fleet key").unwrap());
+    mallory.send_expect_ack(&claim, "forged").unwrap();
+    mallory.close();
+    let send_as_a = |relay: &Relay, seqs: &[u64], id: &str| {
+        let mut a = Conn::connect(relay.forward, &files).unwrap();
+        assert!(a.authenticate_as("agent-a", "fleet key").unwrap());
+        a.send_expect_ack(&chunk_from(source, "a-", seqs, id), id)
+            .unwrap();
+        a.close();
+    };
+    send_as_a(&open, &seqs, "a0");
+    wait_delivered(&open, "a-", 10);
+    // After a restart the marks are rebuilt from the spool, each in its namespace:
+    // agent-a's resend is trimmed, its next chunk taken.
+    open.stop(Duration::from_secs(20));
+    open.start();
+    send_as_a(&open, &seqs, "a0");
+    let next: Vec<u64> = (10..20).collect();
+    send_as_a(&open, &next, "a10");
+    wait_delivered(&open, "a-", 20);
+    let lines = std::fs::read_to_string(open.sink_file("file")).unwrap();
+    let a_lines = lines.lines().filter(|l| l.contains("\"a-")).count();
+    assert_eq!(a_lines, 20, "agent-a's resend was spooled again");
+}

@@ -308,3 +308,44 @@ pub fn setup() -> Setup {
     let server = ca.issue("server", &["localhost", "127.0.0.1"], false);
     Setup { dir, ca, server }
 }
+
+/// One CompressedPackedForward chunk like [`chunk`], carrying provenance: `source` and
+/// the seqs `first..first + count` (or the given seqs).
+pub fn chunk_from(source: &str, prefix: &str, seqs: &[u64], id: &str) -> Vec<u8> {
+    let mut entries = Vec::new();
+    for n in seqs {
+        let message = format!("{prefix}{n:08}");
+        write_entry(
+            &mut entries,
+            EventTime::now(),
+            &[("message", message.as_bytes())],
+        );
+    }
+    let provenance = sluice_forward::Provenance {
+        source: source.to_string(),
+        seqs: seqs.to_vec(),
+    };
+    let mut out = BytesMut::new();
+    encode_compressed_packed_forward(
+        "forward.test",
+        &gzip_entries(&entries),
+        seqs.len(),
+        id,
+        Some(&provenance),
+        &mut out,
+    );
+    out.to_vec()
+}
+
+impl Conn {
+    /// Sends `bytes` (a chunk with id `id`) and waits for its acknowledgement.
+    pub fn send_expect_ack(&mut self, bytes: &[u8], id: &str) -> io::Result<()> {
+        self.send(bytes)?;
+        match self.next_frame()? {
+            Some(ServerFrame::Ack(got)) if got == id => Ok(()),
+            other => Err(io::Error::other(format!(
+                "expected ack {id}, got {other:?}"
+            ))),
+        }
+    }
+}
