@@ -58,6 +58,12 @@ impl Framer {
         Framer { limits, need: 0 }
     }
 
+    /// A lower bound of the size of the frame at the front of the buffer, as far as it
+    /// has been scanned (0 when no frame is begun).
+    pub fn need(&self) -> usize {
+        self.need
+    }
+
     /// The next complete frame at the front of `src`, split off it; `None` until one is
     /// complete. An error (a frame over the limit, bad msgpack) leaves the stream out of
     /// sync: close it.
@@ -289,45 +295,48 @@ fn check_batch(batch: &EventBatch) -> Result<(), DecodeError> {
 }
 
 /// What decoding a frame will need, read from its first bytes without decoding it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct DecodeHint {
     /// A heartbeat (`nil`): nothing to decode.
     pub heartbeat: bool,
+    /// The length of a PackedForward frame's entries (its bin/str), once its header is
+    /// buffered; None for the other modes (their size shows only as they arrive).
+    pub entries_len: Option<usize>,
     /// Its entries are gzip (they start with the gzip magic): decoding inflates them.
     pub gzip: bool,
-    /// The uncompressed size the last gzip member's trailer announces (0 if not gzip).
-    /// Right for the usual single member; a client can lie, so use it as a hint only.
+    /// The uncompressed size the last gzip member's trailer announces, once all the
+    /// entries are buffered (0 before, or if not gzip). Right for the usual single
+    /// member; a client can lie, so a hint only.
     pub announced: usize,
 }
 
-/// Looks at a complete frame (as [`Framer::next_frame`] returns it) to tell what decoding
-/// it will need, so a server can budget memory before inflating anything.
+/// Looks at the start of a frame (a prefix, or the whole frame as
+/// [`Framer::next_frame`] returns it) to tell what decoding it will need, so a server
+/// can budget memory before it buffers or inflates anything.
 pub fn decode_hint(frame: &[u8]) -> DecodeHint {
     let mut hint = DecodeHint {
         heartbeat: frame == [0xc0],
-        gzip: false,
-        announced: 0,
+        ..DecodeHint::default()
     };
     let mut r = Reader::new(frame);
-    let entries = (|| {
+    let Some(len) = (|| {
         let Head::Array(2..=3) = r.head().ok()? else {
             return None;
         };
         read_string(&mut r, "tag").ok()?;
-        let head = r.head().ok()?;
-        if !matches!(head, Head::Str(_) | Head::Bin(_)) {
-            return None;
+        match r.head().ok()? {
+            Head::Str(n) | Head::Bin(n) => Some(n as usize),
+            _ => None,
         }
-        r.bytes_after(head).ok()?
-    })();
-    if let Some(raw) = entries {
-        if raw.starts_with(&[0x1f, 0x8b]) {
-            hint.gzip = true;
-            if let Some(at) = raw.len().checked_sub(4) {
-                hint.announced =
-                    u32::from_le_bytes([raw[at], raw[at + 1], raw[at + 2], raw[at + 3]]) as usize;
-            }
-        }
+    })() else {
+        return hint;
+    };
+    hint.entries_len = Some(len);
+    let payload = r.rest();
+    hint.gzip = payload.starts_with(&[0x1f, 0x8b]);
+    if hint.gzip && payload.len() >= len && len >= 4 {
+        let t = &payload[len - 4..len];
+        hint.announced = u32::from_le_bytes([t[0], t[1], t[2], t[3]]) as usize;
     }
     hint
 }

@@ -5,9 +5,11 @@
 //! until the spool writer has appended it, is held as budget, across all connections.
 //! A connection that needs more waits for it before reading (TCP flow control then slows
 //! the client) or before decoding. That makes the relay's ingest memory a number:
-//! `max_inflight_bytes + max_connections × FREE_BUFFER + decode_threads ×
-//! max_decompressed` (the last term: a decode reserves its estimate up front, and a
-//! wrong estimate is corrected once, see `server.rs`).
+//! `max_inflight_bytes + max_connections × 128 KiB + (decode_threads + 1) ×
+//! max_decompressed`: 128 KiB a connection covers its free read window, its TLS buffers
+//! and its task (measured about 110 KiB); the last term is what decoding and the spool
+//! writer's record buffer may hold beside the budget while allocator and copies catch up.
+//! The sinks add their own delivery buffers (docs/relay.md).
 //!
 //! **Decode pool** (`server.decode_threads`): inflating and decoding run on blocking
 //! threads, at most `decode_threads` at a time, never on the async workers that serve

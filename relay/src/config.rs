@@ -123,7 +123,8 @@ pub struct ServerSection {
     /// connection's first 64 KiB) and decoded chunks until the spool has them. A
     /// connection that needs more waits (TCP pushes back on its client). Must hold at
     /// least one `max_frame` plus one `max_decompressed`. The relay's worst-case ingest
-    /// memory is this + max_connections × 64 KiB + decode_threads × max_decompressed.
+    /// memory is this + max_connections × 128 KiB + (decode_threads + 1) ×
+    /// max_decompressed (docs/relay.md, "Memory").
     #[serde(default = "default_max_inflight_bytes")]
     pub max_inflight_bytes: ByteSize,
     /// Threads that inflate and decode frames, off the threads that serve connections,

@@ -27,6 +27,8 @@ pub struct SinkReason {
 
 pub struct RelayMetrics {
     pub connections_active: Gauge,
+    /// Bytes of `server.max_inflight_bytes` held now.
+    pub inflight_bytes: Gauge,
     pub connections_total: Counter,
     /// Connections closed because of the client: TLS failure, auth, malformed frame, ...
     pub connections_rejected: Family<Reason, Counter>,
@@ -65,6 +67,7 @@ impl RelayMetrics {
     pub fn new() -> Self {
         RelayMetrics {
             connections_active: Default::default(),
+            inflight_bytes: Default::default(),
             connections_total: Default::default(),
             connections_rejected: Default::default(),
             chunks_received: Default::default(),
@@ -94,6 +97,11 @@ impl RelayMetrics {
             "connections_active",
             "Open client connections",
             self.connections_active.clone(),
+        );
+        r.register(
+            "inflight_bytes",
+            "Ingest memory held now: frames being read and chunks not yet spooled (at most server.max_inflight_bytes)",
+            self.inflight_bytes.clone(),
         );
         r.register(
             "connections",

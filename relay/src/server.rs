@@ -18,9 +18,9 @@ use std::time::Duration;
 use bytes::BytesMut;
 use sluice_core::tls::ReloadingServerConfig;
 use sluice_forward::{
-    decode_client_frame, decode_hint, encode_ack, ClientFrame, DecodeError, EventBatch, Framer,
-    KeyLookup, Limits, Refusal, RejectReason, ServerCodec, ServerFrame, ServerHandshake, SharedKey,
-    Verdict,
+    decode_client_frame, decode_hint, encode_ack, ClientFrame, DecodeError, DecodeHint, EventBatch,
+    Framer, KeyLookup, Limits, Refusal, RejectReason, ServerCodec, ServerFrame, ServerHandshake,
+    SharedKey, Verdict,
 };
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpListener;
@@ -103,6 +103,18 @@ pub async fn serve(
         .as_ref()
         .map(|l| Arc::new(ClientRate::new(l)));
     let mut rate_cleaned = tokio::time::Instant::now();
+    {
+        let (state, stop) = (state.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_millis(250));
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = every.tick() => { state.metrics.inflight_bytes.set(state.budget.in_use() as i64); }
+                }
+            }
+        });
+    }
     loop {
         let (stream, peer) = tokio::select! {
             _ = stop.cancelled() => return,
@@ -250,6 +262,9 @@ struct FrameReader<R> {
     total: u64,
     /// The last read is waiting for budget (named when the frame times out).
     waiting_for_budget: bool,
+    max_decompressed: usize,
+    /// The budget planned for the frame begun, once its header is read.
+    plan: Option<usize>,
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
@@ -262,11 +277,35 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             read: 0,
             total: 0,
             waiting_for_budget: false,
+            max_decompressed: limits.max_decompressed_bytes,
+            plan: None,
         }
     }
 
     fn buffered(&self) -> usize {
         self.buf.len()
+    }
+
+    /// What the frame begun in the buffer needs in all: for a PackedForward frame, whose
+    /// header announces its size, the whole frame and what decoding it makes, at once,
+    /// so that a connection never holds part of what it needs while it waits for the
+    /// rest (many connections each holding part of the budget would wait on each other
+    /// for ever). Other frames grow by a read window at a time.
+    fn budget_for_frame(&mut self) -> usize {
+        let next_read = self.buf.len() + READ_WINDOW;
+        if self.buf.is_empty() {
+            return next_read;
+        }
+        if self.plan.is_none() {
+            let hint = decode_hint(&self.buf);
+            if let Some(len) = hint.entries_len {
+                // The options map (chunk id, provenance: up to 9 bytes an event) follows
+                // the entries; the estimate's margin covers it.
+                let frame = self.framer.need().max(self.buf.len());
+                self.plan = Some(frame + output_estimate(&hint, len, self.max_decompressed));
+            }
+        }
+        self.plan.unwrap_or(0).max(next_read)
     }
 
     /// The next whole frame, with the budget held for its bytes; `None` at a clean end
@@ -276,12 +315,14 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             match self.framer.next_frame(&mut self.buf) {
                 Err(e) => return Some(Err(e)),
                 Ok(Some(frame)) => {
-                    let held = self.held.split(frame.len());
+                    // The frame takes what was held for it (its decoding included).
+                    self.plan = None;
+                    let held = self.held.split(self.held.bytes());
                     return Some(Ok((frame, held)));
                 }
                 Ok(None) => {}
             }
-            let want = (self.buf.len() + READ_WINDOW).saturating_sub(FREE_BUFFER);
+            let want = self.budget_for_frame().saturating_sub(FREE_BUFFER);
             if self.held.bytes() < want && !budget.try_grow(&mut self.held, want) {
                 self.waiting_for_budget = true;
                 budget.grow(&mut self.held, want).await;
@@ -349,16 +390,24 @@ async fn decode(
         });
     }
     let max = limits.max_decompressed_bytes;
-    let mut estimate = match hint.gzip {
-        true => hint.announced.max(frame.len().saturating_mul(4)),
-        false => frame.len().saturating_mul(2).saturating_add(4096),
+    let entries = hint.entries_len.unwrap_or(frame.len());
+    let mut estimate = output_estimate(&hint, entries, max);
+    // The reader held budget for the frame and, for PackedForward, for decoding it: decode
+    // within that rather than wait for more while holding it (only a frame that
+    // inflates past it waits, below, bounded by frame_timeout).
+    let mut held = frame_held;
+    let have = (held.bytes() + FREE_BUFFER).saturating_sub(frame.len());
+    if hint.entries_len.is_some() && have >= entries {
+        let wanted = (frame.len() + estimate).saturating_sub(FREE_BUFFER);
+        if !state.budget.try_grow(&mut held, wanted) {
+            estimate = estimate.min(have);
+        }
     }
-    .min(max);
-    let mut held = state.budget.none();
     let mut frame = Some(frame);
     loop {
-        let holding = frame_held.bytes() + held.bytes();
-        reserve(state, &mut held, estimate, holding).await?;
+        let need = (frame.as_ref().map_or(0, |f| f.len()) + estimate).saturating_sub(FREE_BUFFER);
+        let holding = held.bytes();
+        reserve(state, &mut held, need, holding).await?;
         let limits = Limits {
             max_decompressed_bytes: estimate,
             ..limits
@@ -377,7 +426,7 @@ async fn decode(
             }
             Err(e) => return Err(decode_reject(e, 0)),
             Ok(decoded) => {
-                drop((bytes, frame_held));
+                drop(bytes);
                 let size = match &decoded {
                     Some(ClientFrame::Events(b)) => b.entries.len(),
                     _ => 0,
@@ -390,6 +439,17 @@ async fn decode(
             }
         }
     }
+}
+
+/// What decoding `entries_len` bytes of entries may make: the gzip trailer's size or 8×
+/// the compressed size, whichever is larger (logs gzip 3–10×), or twice an uncompressed
+/// frame (normalising event times can grow it); never past `max_decompressed`.
+fn output_estimate(hint: &DecodeHint, entries_len: usize, max_decompressed: usize) -> usize {
+    match hint.gzip {
+        true => hint.announced.max(entries_len.saturating_mul(8)),
+        false => entries_len.saturating_mul(2).saturating_add(4096),
+    }
+    .min(max_decompressed)
 }
 
 /// Grows `held` to `to`; waits at most `frame_timeout` if the connection already holds

@@ -1,0 +1,303 @@
+//! Hostile load against the real relay over TLS: many connections pushing the largest
+//! frames while the spool cannot take them (the memory budget must hold), and clients
+//! sending gzip bombs in a loop beside a well-behaved agent (decoding runs on a bounded
+//! pool, so the agent's chunks go on).
+
+mod forward_common;
+
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use forward_common::*;
+use sluice_e2e::*;
+use sluice_forward::{
+    encode_compressed_packed_forward, write_entry, ClientCodec, ClientFrame, EventBatch, EventTime,
+    Options,
+};
+use tokio_util::codec::Encoder;
+
+fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// An uncompressed PackedForward frame of about `bytes`, events of 1 KiB of noise.
+fn big_frame(bytes: usize, id: &str) -> Vec<u8> {
+    let pad = String::from_utf8(noise(1000, 7).iter().map(|b| b'a' + b % 26).collect()).unwrap();
+    let mut entries = Vec::with_capacity(bytes + 4096);
+    let mut count = 0;
+    while entries.len() + 1100 < bytes {
+        write_entry(
+            &mut entries,
+            EventTime::now(),
+            &[("message", pad.as_bytes())],
+        );
+        count += 1;
+    }
+    let batch = EventBatch {
+        hours: Vec::new(),
+        tag: "forward.load".into(),
+        entries,
+        count,
+        options: Options {
+            chunk: Some(id.to_string()),
+            ..Options::default()
+        },
+    };
+    let mut out = BytesMut::new();
+    ClientCodec::new(Default::default())
+        .encode(ClientFrame::Events(batch), &mut out)
+        .unwrap();
+    out.to_vec()
+}
+
+/// A connection whose socket buffers are small, so that a client the relay does not
+/// read from stops after a few hundred KiB instead of filling megabytes of kernel memory.
+fn small_buffer_conn(addr: std::net::SocketAddr, files: &ClientTlsFiles) -> std::io::Result<Conn> {
+    let sock = TcpStream::connect_timeout(&addr, Duration::from_secs(10))?;
+    let size: libc::c_int = 64 * 1024;
+    // SAFETY: setsockopt on an open socket with a c_int option value of the right size.
+    unsafe {
+        use std::os::fd::AsRawFd;
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            &size as *const _ as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+    sock.set_write_timeout(Some(Duration::from_secs(900)))?;
+    Conn::handshake(sock, files)
+}
+
+const MIB: u64 = 1 << 20;
+
+/// 500 connections each push a 15 MiB frame while the spool is full and its sink
+/// cannot deliver: without a budget every connection would buffer and decode its frame
+/// (7.5 GiB); with `max_inflight_bytes` the relay stays within the bound docs/relay.md
+/// states above its idle size: `max_inflight_bytes + max_connections × 128 KiB +
+/// (decode_threads + 1) × max_decompressed` for ingest, plus what its sinks hold.
+#[test]
+fn memory_stays_within_the_budget_with_500_connections_pushing_large_frames() {
+    let conns = env_or("SLUICE_BUDGET_CONNS", 500) as usize;
+    let s = setup();
+    let mut spec = RelaySpec::new(s.dir.path(), "budget", s.server.server_tls());
+    let server = &mut spec.config.server;
+    server.max_frame = ByteSize::mib(16);
+    server.max_decompressed = ByteSize::mib(32);
+    server.max_inflight_bytes = ByteSize::mib(64);
+    server.decode_threads = Some(2);
+    server.max_connections = 1024;
+    server.max_connections_per_ip = 1024;
+    server.handshake_timeout = Span::secs(60);
+    server.frame_timeout = Span::secs(600);
+    server.idle_timeout = Span::secs(600);
+    spec.config.spool.segment_size = ByteSize::mib(16);
+    spec.config.spool.max_size = ByteSize::mib(32);
+    // A sink that can never deliver: the spool fills and stays full.
+    spec.config.sinks.push(file_sink(
+        "stuck",
+        std::path::Path::new("/proc/sluice-cannot-write/x"),
+    ));
+    let relay = spec.start();
+    let idle_kib = peak_rss_kib(relay.pid());
+    // docs/relay.md: max_inflight_bytes + max_connections × 128 KiB + (decode_threads + 1)
+    // × max_decompressed + per sink twice its largest delivery (one sink, one batch).
+    let bound_mib = 64 + (conns as u64 * 128 * 1024).div_ceil(MIB) + 3 * 32 + 2 * 32;
+
+    let frame = Arc::new(big_frame(15 * MIB as usize, "big"));
+    let files = tls_files(&s.ca.ca, None, "localhost");
+    let stop = Arc::new(AtomicBool::new(false));
+    let connected = Arc::new(AtomicU64::new(0));
+    let clients: Vec<_> = (0..conns)
+        .map(|_| {
+            let (frame, files, stop, connected) = (
+                frame.clone(),
+                files.clone(),
+                stop.clone(),
+                connected.clone(),
+            );
+            let addr = relay.forward;
+            std::thread::spawn(move || {
+                let Ok(mut conn) = small_buffer_conn(addr, &files) else {
+                    return;
+                };
+                connected.fetch_add(1, Ordering::Relaxed);
+                // Blocks once the relay stops reading; ends when the relay goes.
+                let _ = conn.send(&frame);
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::park_timeout(Duration::from_millis(200));
+                }
+            })
+        })
+        .collect();
+
+    let mut last_report = Instant::now();
+    relay.wait(
+        "every client connected, the spool full and the budget taken",
+        Duration::from_secs(240),
+        || {
+            let now = (
+                connected.load(Ordering::Relaxed),
+                relay.counter("sluice_relay_connections_active", ""),
+                relay.counter("sluice_relay_spool_full", ""),
+                relay.counter("sluice_relay_inflight_bytes", "") / MIB as f64,
+            );
+            if last_report.elapsed() > Duration::from_secs(10) {
+                eprintln!("connected, active, spool full, budget held (MiB): {now:?}; received {} B; log tail: {:?}", relay.counter("sluice_relay_bytes_received_total", ""), relay.plain_log().lines().rev().take(3).collect::<Vec<_>>());
+                last_report = Instant::now();
+            }
+            now.0 as usize == conns && now.1 as usize == conns && now.2 == 1.0 && now.3 >= 48.0
+        },
+    );
+    // The budget is taken: from here on no connection can read more. Let the clients
+    // that are still writing run into that, then read the relay's peak.
+    let settled = |last: &mut f64| {
+        let now = relay.counter("sluice_relay_bytes_received_total", "")
+            + relay.counter("sluice_relay_inflight_bytes", "");
+        std::mem::replace(last, now) == now
+    };
+    let mut last = -1.0;
+    relay.wait("ingest to settle", Duration::from_secs(60), || {
+        std::thread::sleep(Duration::from_millis(500));
+        settled(&mut last)
+    });
+    let peak_kib = peak_rss_kib(relay.pid());
+    let inflight = relay.counter("sluice_relay_inflight_bytes", "");
+    eprintln!(
+        "{conns} connections: relay idle {} MiB, peak {} MiB, budget held {:.1} MiB; bound {} MiB above idle",
+        idle_kib / 1024,
+        peak_kib / 1024,
+        inflight / MIB as f64,
+        bound_mib
+    );
+    assert!(
+        inflight <= 64.0 * MIB as f64,
+        "more than max_inflight_bytes held: {inflight}"
+    );
+    assert!(
+        peak_kib.saturating_sub(idle_kib) <= bound_mib * 1024,
+        "relay peak RSS {} MiB is {} MiB above idle, over the stated bound of {bound_mib} MiB",
+        peak_kib / 1024,
+        (peak_kib - idle_kib) / 1024
+    );
+    stop.store(true, Ordering::Relaxed);
+    drop(relay); // ends the clients' blocked writes
+    for c in clients {
+        let _ = c.join();
+    }
+}
+
+/// A CompressedPackedForward frame whose entries inflate to `inflated` bytes of zeros:
+/// small on the wire, expensive to inflate, refused once inflated past the limit.
+fn gzip_bomb(inflated: usize) -> Vec<u8> {
+    let zeros = vec![0u8; inflated];
+    let mut out = BytesMut::new();
+    encode_compressed_packed_forward(
+        "forward.bomb",
+        &sluice_forward::gzip_entries(&zeros),
+        1,
+        "bomb",
+        None,
+        &mut out,
+    );
+    out.to_vec()
+}
+
+/// Four clients send 64 MiB gzip bombs in a loop while an agent ships a file: every
+/// bomb is refused and counted (`frame_too_large`), the agent's lines all arrive, and
+/// the bombs cost the agent little of its throughput (its time with bombs against its
+/// time alone in the same run; the ratio is asserted when SLUICE_BOMB_RATIO is set,
+/// which `bench/bomb.sh` does; timings are not decided in CI).
+#[test]
+fn gzip_bombs_do_not_starve_a_well_behaved_agent() {
+    let lines = env_or("SLUICE_BOMB_LINES", 150_000);
+    let s = setup();
+    let mut spec = RelaySpec::new(s.dir.path(), "bombed", s.server.server_tls());
+    spec.config.sinks.push(discard_sink("discard"));
+    let relay = spec.start();
+    let files = tls_files(&s.ca.ca, None, "localhost");
+    let bomb = Arc::new(gzip_bomb(64 * MIB as usize + 1));
+
+    // One agent, two files shipped one after the other: alone, then beside the bombers.
+    let alone = s.dir.path().join("alone.log");
+    let bombed = s.dir.path().join("bombed.log");
+    write_numbered_lines(&alone, 1, lines);
+    let mut aspec = AgentSpec::new(
+        s.dir.path(),
+        "agent-bombed",
+        &[relay.forward],
+        s.ca.client_tls(),
+        &s.dir.path().join("*.log").display().to_string(),
+    );
+    aspec.config.output.ack_timeout = Span::secs(60);
+    let started = Instant::now();
+    let agent = aspec.start();
+    agent.wait_acked(lines, Duration::from_secs(180));
+    let alone_secs = started.elapsed().as_secs_f64();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicU64::new(0));
+    let bombers: Vec<_> = (0..4)
+        .map(|_| {
+            let (bomb, files, stop, sent) =
+                (bomb.clone(), files.clone(), stop.clone(), sent.clone());
+            let addr = relay.forward;
+            std::thread::spawn(move || {
+                // Bounded: at most 2,000 bombs each, and only while the agent ships.
+                for _ in 0..2_000 {
+                    if stop.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    let Ok(mut conn) = Conn::connect(addr, &files) else {
+                        continue;
+                    };
+                    if conn.send(&bomb).is_ok() {
+                        sent.fetch_add(1, Ordering::Relaxed);
+                        conn.expect_closed();
+                    }
+                }
+            })
+        })
+        .collect();
+    relay.wait("the bombs to start", Duration::from_secs(60), || {
+        relay.rejected("frame_too_large") >= 4.0
+    });
+    let started = Instant::now();
+    write_numbered_lines(&bombed, lines + 1, lines);
+    agent.wait_acked(2 * lines, Duration::from_secs(300));
+    let bombed_secs = started.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    for b in bombers {
+        b.join().unwrap();
+    }
+    let sent = sent.load(Ordering::Relaxed);
+    relay.wait(
+        "every bomb sent to be refused and counted",
+        Duration::from_secs(30),
+        || relay.rejected("frame_too_large") as u64 == sent,
+    );
+    let ratio = alone_secs / bombed_secs;
+    eprintln!(
+        "agent: {lines} lines alone in {alone_secs:.2} s, beside 4 bombers in {bombed_secs:.2} s ({sent} bombs): {:.0}% of its throughput",
+        ratio * 100.0
+    );
+    relay.wait_delivered("discard", 2 * lines, Duration::from_secs(60));
+    if let Some(min) = std::env::var("SLUICE_BOMB_RATIO")
+        .ok()
+        .and_then(|v| v.parse::<f64>().ok())
+    {
+        assert!(
+            ratio >= min,
+            "the agent kept {:.0}% of its throughput beside the bombers, below {:.0}%",
+            ratio * 100.0,
+            min * 100.0
+        );
+    }
+}
