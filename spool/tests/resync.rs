@@ -4,7 +4,10 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use sluice_spool::{FsyncPolicy, Position, Spool, SpoolConfig, SpoolError, SpoolReader};
+use sluice_spool::{
+    Acknowledged, FsyncPolicy, Position, Spool, SpoolConfig, SpoolError, SpoolReader,
+    BATCH_HEADER_LEN,
+};
 
 fn cfg() -> SpoolConfig {
     SpoolConfig {
@@ -84,43 +87,110 @@ fn one_flipped_byte_in_a_middle_segment_costs_exactly_that_batch() {
     );
 
     let (spool, rec) = Spool::open(tmp.path(), cfg()).unwrap();
-    assert!(rec.corrupt_segments.is_empty(), "{:?}", rec.corrupt_segments);
+    assert!(
+        rec.corrupt_segments.is_empty(),
+        "{:?}",
+        rec.corrupt_segments
+    );
     assert_eq!(rec.torn_bytes_truncated, 0);
     assert_eq!(rec.batches, 59);
+    // Exactly one batch and its bytes, acknowledged (later commits confirm it).
+    assert_eq!(rec.damaged.len(), 1, "{:?}", rec.damaged);
+    let d = &rec.damaged[0];
+    assert_eq!((d.from, d.to, d.batches), (at, end, 1));
+    assert_eq!(d.bytes(), BATCH_HEADER_LEN + payload(victim).len() as u64);
+    assert_eq!(d.acknowledged, Acknowledged::Yes);
     let mut r = spool.reader(spool.head()).unwrap();
     let (read, errors) = read_through(&mut r);
     assert_eq!(read, all_but(60, victim));
     assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(
+        matches!(&errors[0], SpoolError::Damaged { damage, first_report: false } if **damage == *d),
+        "{errors:?}"
+    );
 }
 
 #[test]
 fn a_bad_length_in_the_newest_segment_keeps_the_batches_after_it() {
     let tmp = tempfile::tempdir().unwrap();
-    let pos = fill(tmp.path(), 40);
+    // Enough batches that the newest of several segments holds at least four.
+    let mut n = 40;
+    let pos = loop {
+        let dir = tempfile::tempdir().unwrap();
+        let pos = fill(dir.path(), n);
+        let newest = pos.last().unwrap().0.segment;
+        if newest >= 2 && pos.iter().filter(|(p, _)| p.segment == newest).count() >= 4 {
+            break fill(tmp.path(), n);
+        }
+        n += 1;
+    };
     let newest = pos.last().unwrap().0.segment;
-    let in_newest: Vec<usize> = (0..40).filter(|&i| pos[i].0.segment == newest).collect();
-    assert!(in_newest.len() >= 4, "{in_newest:?}");
+    let in_newest: Vec<usize> = (0..n).filter(|&i| pos[i].0.segment == newest).collect();
     let victim = in_newest[1];
-    // The length field is the batch header's second word in today's format and its
-    // first in the old one: damage both bytes' worth of the header.
+    // The length field follows the 4-byte batch magic.
     let at = pos[victim].0;
-    for b in 0..8 {
-        flip(&seg_path(tmp.path(), newest), at.offset + b, 0x40);
-    }
+    flip(&seg_path(tmp.path(), newest), at.offset + 6, 0x40);
 
     let (mut spool, rec) = Spool::open(tmp.path(), cfg()).unwrap();
-    assert!(rec.corrupt_segments.is_empty(), "{:?}", rec.corrupt_segments);
-    assert_eq!(rec.torn_bytes_truncated, 0, "the valid batches after it were cut off");
-    assert_eq!(rec.batches, 39);
+    assert!(
+        rec.corrupt_segments.is_empty(),
+        "{:?}",
+        rec.corrupt_segments
+    );
+    assert_eq!(
+        rec.torn_bytes_truncated, 0,
+        "the valid batches after it were cut off"
+    );
+    assert_eq!(rec.batches, n as u64 - 1);
+    assert_eq!(rec.damaged.len(), 1, "{:?}", rec.damaged);
+    assert_eq!(
+        (
+            rec.damaged[0].from,
+            rec.damaged[0].to,
+            rec.damaged[0].batches
+        ),
+        (at, pos[victim].1, 1)
+    );
     // Appends go after the last valid batch, not over it.
-    assert_eq!(spool.tail(), pos[39].1);
+    assert_eq!(spool.tail(), pos[n - 1].1);
     spool.append(b"after").unwrap();
     spool.commit().unwrap();
     let mut r = spool.reader(spool.head()).unwrap();
     let (read, _) = read_through(&mut r);
-    let mut want = all_but(40, victim);
+    let mut want = all_but(n, victim);
     want.push(b"after".to_vec());
     assert_eq!(read, want);
+    // And the next recovery finds the same damage and nothing new.
+    drop(r);
+    drop(spool);
+    let (_, again) = Spool::open(tmp.path(), cfg()).unwrap();
+    assert_eq!(again.batches, n as u64);
+    assert_eq!(again.damaged, rec.damaged);
+    assert_eq!(again.torn_bytes_truncated, 0);
+}
+
+/// Damage inside the newest segment's last commit group may be a commit a crash
+/// interrupted: it is cut off with the batches after it, which are counted.
+#[test]
+fn damage_in_the_last_commit_group_is_a_torn_tail() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut spool, _) = Spool::open(tmp.path(), cfg()).unwrap();
+    let first = spool.append(&payload(0)).unwrap();
+    spool.commit().unwrap();
+    let group: Vec<Position> = (1..4).map(|i| spool.append(&payload(i)).unwrap()).collect();
+    spool.commit().unwrap();
+    let len = spool.tail().offset;
+    drop(spool);
+    flip(&seg_path(tmp.path(), 0), group[0].offset + 40, 0x08);
+
+    let (spool, rec) = Spool::open(tmp.path(), cfg()).unwrap();
+    assert!(rec.damaged.is_empty(), "{:?}", rec.damaged);
+    assert_eq!(rec.torn_bytes_truncated, len - group[0].offset);
+    assert_eq!(rec.torn_batches_dropped, 2);
+    assert_eq!(rec.batches, 1);
+    assert_eq!(spool.tail(), group[0]);
+    let mut r = spool.reader(first).unwrap();
+    assert_eq!(read_through(&mut r).0, vec![payload(0)]);
 }
 
 #[test]
@@ -139,8 +209,26 @@ fn a_running_reader_sets_a_damaged_batch_aside_and_goes_on() {
 
     let mut r = spool.reader(spool.head()).unwrap();
     let (read, errors) = read_through(&mut r);
-    assert_eq!(read, all_but(30, victim), "the reader stalled or skipped more");
+    assert_eq!(
+        read,
+        all_but(30, victim),
+        "the reader stalled or skipped more"
+    );
     assert_eq!(errors.len(), 1, "{errors:?}");
+    let SpoolError::Damaged {
+        damage,
+        first_report: true,
+    } = &errors[0]
+    else {
+        panic!("{:?}", errors[0]);
+    };
+    let end = Position {
+        segment: at.segment,
+        offset: at.offset + BATCH_HEADER_LEN + payload(victim).len() as u64,
+    };
+    assert_eq!((damage.from, damage.to), (at, end));
+    assert_eq!(damage.batches, 1);
+    assert_eq!(damage.acknowledged, Acknowledged::Yes);
     let text = errors[0].to_string();
     assert!(text.contains(&format!("{:020}.seg", at.segment)), "{text}");
     assert!(text.contains(&format!("offset {}", at.offset)), "{text}");
