@@ -52,8 +52,9 @@
 //!   ([`Acknowledged`]). At open, a torn tail of the newest segment (an append
 //!   interrupted by a crash: an incomplete or damaged last batch, a zero-filled tail) is
 //!   truncated and counted in [`Recovery::torn_bytes_truncated`]; so is damage inside
-//!   the newest segment's last commit group, whose commit recovery cannot confirm
-//!   (keeping the valid batches after it could let the relay's dedup discard the resend
+//!   the newest segment's last commit group when recovery cannot confirm that commit
+//!   (no later batch confirms it, and [`Spool::close`] did not record it at a clean stop;
+//!   keeping the valid batches after it could let the relay's dedup discard the resend
 //!   of the damaged ones; see [`Recovery::torn_batches_dropped`]). Only a damaged
 //!   *segment header*, and any damage in a version 1 segment written by an older build
 //!   (which has no magic to resynchronise on), still sets the whole segment aside as

@@ -129,9 +129,26 @@ impl Spool {
             dir_changed = true;
         }
 
+        let cursors_path = dir.join(state::CURSORS_FILE);
+        let (cursors, committed_at_close) = match state::load_cursors(&cursors_path) {
+            Ok(c) => c.unwrap_or_default(),
+            Err(e @ SpoolError::StateFile { .. }) => {
+                let aside = state::set_aside(&cursors_path)?;
+                tracing::error!(error = %e, moved_to = %aside.display(), "spool: cursors file unreadable; starting without persisted cursors");
+                rec.corrupt_state_files.push(aside);
+                (BTreeMap::new(), None)
+            }
+            Err(e) => return Err(e),
+        };
         // Committed marks only grow along the log, so the last valid batch holds the
         // highest: damage that ends before it had been committed, and so acknowledged.
-        let last_committed = v2.iter().rev().find_map(|(_, _, s)| s.last_committed);
+        // The cursors file records the committed end when it was last written (at every
+        // cursor change and at a clean close), which covers the last commit group too.
+        let last_committed = v2
+            .iter()
+            .rev()
+            .find_map(|(_, _, s)| s.last_committed)
+            .max(committed_at_close);
         for (id, path, scan) in v2 {
             let (len, batches) = resolve_damage(&path, id, scan, newest, last_committed, &mut rec)?;
             segments.insert(id, len);
@@ -166,17 +183,6 @@ impl Spool {
             state::sync_dir(dir)?;
         }
 
-        let cursors_path = dir.join(state::CURSORS_FILE);
-        let cursors = match state::load_cursors(&cursors_path) {
-            Ok(c) => c.unwrap_or_default(),
-            Err(e @ SpoolError::StateFile { .. }) => {
-                let aside = state::set_aside(&cursors_path)?;
-                tracing::error!(error = %e, moved_to = %aside.display(), "spool: cursors file unreadable; starting without persisted cursors");
-                rec.corrupt_state_files.push(aside);
-                BTreeMap::new()
-            }
-            Err(e) => return Err(e),
-        };
         let mut snapshots = BTreeMap::new();
         for name in names.iter().filter_map(|n| state::parse_snapshot_name(n)) {
             let path = state::snapshot_path(dir, name);
@@ -423,9 +429,19 @@ impl Spool {
         // if gc used a cursor that a crash then rolled back, it could delete segments
         // the restarted sink still needs.
         let path = self.dir.join(state::CURSORS_FILE);
-        state::write_atomically(&self.dir, &path, &state::encode_cursors(&next))?;
+        let bytes = state::encode_cursors(&next, Some(self.committed_end));
+        state::write_atomically(&self.dir, &path, &bytes)?;
         self.cursors = next;
         Ok(())
+    }
+
+    /// Syncs everything appended and records the committed end with the cursors, so
+    /// that the next recovery can tell that the last commit group had been acknowledged
+    /// (no later batch header can say so). Call it at a clean stop; a crash without it
+    /// loses nothing, recovery is only more careful with damage in the last commit.
+    pub fn close(&mut self) -> Result<(), SpoolError> {
+        self.sync()?;
+        self.persist_cursors(self.cursors.clone())
     }
 
     /// Persists a named snapshot taken "at" `at` (e.g. the relay's dedup table as of the

@@ -233,3 +233,32 @@ fn a_running_reader_sets_a_damaged_batch_aside_and_goes_on() {
     assert!(text.contains(&format!("{:020}.seg", at.segment)), "{text}");
     assert!(text.contains(&format!("offset {}", at.offset)), "{text}");
 }
+
+/// After a clean close the last commit group is confirmed: damage in it costs only the
+/// damaged batch, and it is reported as acknowledged.
+#[test]
+fn after_a_clean_close_damage_in_the_last_commit_group_costs_one_batch() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut spool, _) = Spool::open(tmp.path(), cfg()).unwrap();
+    spool.append(&payload(0)).unwrap();
+    spool.commit().unwrap();
+    let group: Vec<Position> = (1..4).map(|i| spool.append(&payload(i)).unwrap()).collect();
+    spool.commit().unwrap();
+    let tail = spool.tail();
+    spool.close().unwrap();
+    drop(spool);
+    flip(&seg_path(tmp.path(), 0), group[0].offset + 40, 0x08);
+
+    let (spool, rec) = Spool::open(tmp.path(), cfg()).unwrap();
+    assert_eq!(rec.torn_bytes_truncated, 0);
+    assert_eq!(rec.batches, 3);
+    assert_eq!(rec.damaged.len(), 1, "{:?}", rec.damaged);
+    assert_eq!(
+        (rec.damaged[0].from, rec.damaged[0].to),
+        (group[0], group[1])
+    );
+    assert_eq!(rec.damaged[0].acknowledged, Acknowledged::Yes);
+    assert_eq!(spool.tail(), tail);
+    let mut r = spool.reader(spool.head()).unwrap();
+    assert_eq!(read_through(&mut r).0, all_but(4, 1));
+}
