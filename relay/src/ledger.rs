@@ -104,6 +104,55 @@ pub struct SinkCounts {
     pub offered: Counts,
     pub delivered: Counts,
     pub dropped: Counts,
+    /// Spool batches this sink never got because they were damaged on disk before it
+    /// read them. Their events cannot be counted (the batches are unreadable); they are
+    /// the shortfall of `offered` against `received`, which reconcile reports as lost.
+    #[serde(default, skip_serializing_if = "SpoolLoss::is_empty")]
+    pub spool_lost: SpoolLoss,
+}
+
+/// Damaged spool batches a sink had to pass over.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SpoolLoss {
+    pub batches: u64,
+    pub bytes: u64,
+    pub ranges: Vec<LostRange>,
+}
+
+/// One damaged stretch of a spool segment.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LostRange {
+    pub segment: u64,
+    /// Byte offsets in the segment file: from the first damaged byte to the next valid batch.
+    pub from: u64,
+    pub to: u64,
+    pub batches: u64,
+    /// Whether the relay had acknowledged these batches to their senders.
+    pub acknowledged: bool,
+}
+
+impl SpoolLoss {
+    pub fn is_empty(&self) -> bool {
+        self.batches == 0 && self.ranges.is_empty()
+    }
+
+    pub fn add(&mut self, d: &sluice_spool::Damage) {
+        self.batches += d.batches;
+        self.bytes += d.bytes();
+        self.ranges.push(LostRange {
+            segment: d.from.segment,
+            from: d.from.offset,
+            to: d.to.offset,
+            batches: d.batches,
+            acknowledged: d.acknowledged == sluice_spool::Acknowledged::Yes,
+        });
+    }
+
+    pub fn merge(&mut self, other: &SpoolLoss) {
+        self.batches += other.batches;
+        self.bytes += other.bytes;
+        self.ranges.extend(other.ranges.iter().cloned());
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

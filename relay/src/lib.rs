@@ -55,8 +55,17 @@ pub async fn run(config: RelayConfig) -> anyhow::Result<()> {
         },
     )
     .with_context(|| format!("cannot open the spool in {}", spool_dir.display()))?;
-    if recovery.torn_bytes_truncated > 0 || !recovery.corrupt_segments.is_empty() {
-        tracing::warn!(torn_bytes = recovery.torn_bytes_truncated, corrupt = ?recovery.corrupt_segments, "spool recovered after an unclean stop");
+    if recovery.torn_bytes_truncated > 0
+        || !recovery.corrupt_segments.is_empty()
+        || !recovery.damaged.is_empty()
+    {
+        let lost: u64 = recovery.damaged.iter().map(|d| d.batches).sum();
+        tracing::warn!(torn_bytes = recovery.torn_bytes_truncated, torn_batches_dropped = recovery.torn_batches_dropped,
+            damaged_stretches = recovery.damaged.len(), damaged_batches = lost, corrupt = ?recovery.corrupt_segments,
+            "spool recovered after an unclean stop or damage on disk (each damaged stretch is logged above; sinks that had not delivered it log it again when they pass over it)");
+    }
+    for damage in &recovery.damaged {
+        metrics.spool_damage(damage);
     }
     metrics
         .spool_torn_bytes

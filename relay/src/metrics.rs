@@ -44,6 +44,8 @@ pub struct RelayMetrics {
     pub spool_errors: Counter,
     pub spool_torn_bytes: Counter,
     pub spool_corrupt_segments: Counter,
+    pub spool_corrupt_batches: Counter,
+    pub spool_corrupt_bytes: Counter,
     pub sink_events: Family<SinkLabel, Counter>,
     pub sink_bytes: Family<SinkLabel, Counter>,
     pub sink_retries: Family<SinkLabel, Counter>,
@@ -81,6 +83,8 @@ impl RelayMetrics {
             spool_errors: Default::default(),
             spool_torn_bytes: Default::default(),
             spool_corrupt_segments: Default::default(),
+            spool_corrupt_batches: Default::default(),
+            spool_corrupt_bytes: Default::default(),
             sink_events: Default::default(),
             sink_bytes: Default::default(),
             sink_retries: Default::default(),
@@ -165,8 +169,18 @@ impl RelayMetrics {
         );
         r.register(
             "spool_corrupt_segments",
-            "Corrupt spool segments set aside at recovery",
+            "Corrupt spool segments set aside at recovery (a damaged segment header, or damage in a version 1 segment)",
             self.spool_corrupt_segments.clone(),
+        );
+        r.register(
+            "spool_corrupt_batches",
+            "Spool batches lost to damage on disk (found at recovery or while reading; each damaged stretch counted once per relay run)",
+            self.spool_corrupt_batches.clone(),
+        );
+        r.register(
+            "spool_corrupt_bytes",
+            "Bytes of damaged spool stretches passed over, headers included",
+            self.spool_corrupt_bytes.clone(),
         );
         r.register(
             "sink_events",
@@ -211,6 +225,12 @@ impl RelayMetrics {
                 reason: reason.as_label().to_string(),
             })
             .inc();
+    }
+
+    /// Counts a damaged spool stretch (once: by whoever reports it first).
+    pub fn spool_damage(&self, d: &sluice_spool::Damage) {
+        self.spool_corrupt_batches.inc_by(d.batches);
+        self.spool_corrupt_bytes.inc_by(d.bytes());
     }
 
     pub fn sink(&self, sink: &str) -> SinkLabel {

@@ -8,7 +8,9 @@
 //! A sink is held to what it was *offered*, not to everything received: a sink added with
 //! `start_from = "now"` (and, later, a routed or filtered sink) is offered less than the
 //! relay received. For a sink with `start_from = "oldest"` every received event must be
-//! offered, so a shortfall there is reported as not offered yet.
+//! offered, so a shortfall there is reported as not offered yet — or, for a sink that
+//! passed over damaged spool batches (`SinkCounts::spool_lost`), as lost to spool damage:
+//! the damaged batches are unreadable, so their events are known only as that shortfall.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -82,7 +84,15 @@ pub async fn report(
             let found = actual.counts.get(tag, *hour);
             let _ = write!(out, " {:>12} {:>12} {:>12}", offered, delivered, found);
             if *start_from == StartFrom::Oldest && offered < received {
-                problems.push(format!("{name}: {} not offered yet", received - offered));
+                if counts.spool_lost.batches > 0 {
+                    // The sink passed over damaged spool batches: this is their events.
+                    problems.push(format!(
+                        "{name}: {} lost to spool damage",
+                        received - offered
+                    ));
+                } else {
+                    problems.push(format!("{name}: {} not offered yet", received - offered));
+                }
             }
             if delivered + dropped < offered {
                 problems.push(format!(
@@ -126,6 +136,34 @@ pub async fn report(
         );
         if a.unreadable > 0 {
             all_ok = false;
+        }
+        let lost = ledger
+            .sinks
+            .get(name)
+            .map(|c| c.spool_lost.clone())
+            .unwrap_or_default();
+        if !lost.is_empty() {
+            all_ok = false;
+            let _ = writeln!(
+                out,
+                "{name}: {} spool batches ({} bytes) lost to damage on disk before this sink read them:",
+                lost.batches, lost.bytes
+            );
+            for r in &lost.ranges {
+                let _ = writeln!(
+                    out,
+                    "  segment {:020}.seg bytes {}..{}: {} batches, {}",
+                    r.segment,
+                    r.from,
+                    r.to,
+                    r.batches,
+                    if r.acknowledged {
+                        "acknowledged to clients (they will not resend them)"
+                    } else {
+                        "not known to have been acknowledged"
+                    }
+                );
+            }
         }
     }
     let _ = writeln!(

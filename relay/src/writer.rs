@@ -117,6 +117,19 @@ impl SpoolWriter {
             match reader.next(&mut buf) {
                 Ok(Some(_)) => {}
                 Ok(None) => break,
+                Err(SpoolError::Damaged {
+                    damage,
+                    first_report,
+                }) => {
+                    if first_report {
+                        metrics.spool_damage(&damage);
+                    }
+                    // Its events are unreadable: the received counts cannot include
+                    // them, so reconcile cannot show them as missing. Dedup knows less,
+                    // which can duplicate, never lose.
+                    tracing::error!(error = %damage, "spool damage after the relay state snapshot: the received counts rebuilt from the spool do not include these batches");
+                    continue;
+                }
                 Err(e) => {
                     // Open() checked every segment, so this is damage since then. Starting
                     // matters more: dedup then knows less, which can duplicate, never lose.
@@ -251,6 +264,9 @@ impl SpoolWriter {
             self.ready.set_refusing(self.failing);
         }
         self.housekeeping();
+        if let Err(e) = self.spool.close() {
+            tracing::warn!(error = %e, "closing the spool failed (the next start recovers it)");
+        }
         tracing::info!("spool writer stopped");
     }
 

@@ -13,7 +13,7 @@
 //! # let tmp = tempfile::tempdir().unwrap();
 //! # let dir = tmp.path();
 //! let (mut spool, recovery) = Spool::open(dir, SpoolConfig::default())?;
-//! assert!(recovery.corrupt_segments.is_empty());
+//! assert!(recovery.damaged.is_empty() && recovery.corrupt_segments.is_empty());
 //!
 //! // Writer: append a group of batches, then commit once (one fdatasync) and ack them all.
 //! let first = spool.append(b"chunk from agent a")?;
@@ -41,14 +41,25 @@
 //!   batches since the last sync.
 //! - **Readers see committed data only**, so with `Always` a reader never sees a batch
 //!   that a later recovery could remove.
-//! - **Damage is never skipped silently.** Every batch carries a CRC32 over its length
-//!   and payload. A reader that meets a bad checksum returns an error naming the
-//!   segment and offset and stays there. At [`Spool::open`] a torn tail (an append
-//!   interrupted by a crash: incomplete header or payload, a damaged last batch, or a
-//!   zero-filled tail) of the newest segment is truncated and counted in
-//!   [`Recovery::torn_bytes_truncated`]; any other damage sets the whole segment aside
-//!   as `<name>.corrupt` for inspection and lists it in [`Recovery::corrupt_segments`].
-//!   Opening always succeeds unless the disk itself fails.
+//! - **Damage costs only what it touched, and is never skipped silently.** Every batch
+//!   carries a magic, a header CRC and a payload CRC (segment format version 2; see the
+//!   `segment` module). Recovery and readers both *resynchronise*: past a damaged batch
+//!   they scan forward for the next valid batch header and keep every valid batch.
+//!   Each damaged stretch is reported once per reader as [`SpoolError::Damaged`] (the
+//!   reader has then moved past it; call `next` again to go on) and, when
+//!   [`Spool::open`] finds it, in [`Recovery::damaged`], with the segment file, the
+//!   byte range, the batches lost and whether they had been acknowledged
+//!   ([`Acknowledged`]). At open, a torn tail of the newest segment (an append
+//!   interrupted by a crash: an incomplete or damaged last batch, a zero-filled tail) is
+//!   truncated and counted in [`Recovery::torn_bytes_truncated`]; so is damage inside
+//!   the newest segment's last commit group when recovery cannot confirm that commit
+//!   (no later batch confirms it, and [`Spool::close`] did not record it at a clean stop;
+//!   keeping the valid batches after it could let the relay's dedup discard the resend
+//!   of the damaged ones; see [`Recovery::torn_batches_dropped`]). Only a damaged
+//!   *segment header*, and any damage in a version 1 segment written by an older build
+//!   (which has no magic to resynchronise on), still sets the whole segment aside as
+//!   `<name>.corrupt` ([`Recovery::corrupt_segments`]). Opening always succeeds unless
+//!   the disk itself fails.
 //! - **Bounded.** [`Spool::is_full`] reports when live segments reach `max_bytes`; the
 //!   relay stops acknowledging until [`Spool::gc`] frees space. A batch is at most
 //!   [`MAX_BATCH_BYTES`], so a damaged length field cannot cause a huge allocation.
@@ -72,7 +83,7 @@ mod state;
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub use error::SpoolError;
+pub use error::{Acknowledged, Damage, SpoolError};
 pub use reader::SpoolReader;
 pub use segment::{BATCH_HEADER_LEN, MAX_BATCH_BYTES, SEGMENT_HEADER_LEN};
 pub use spool::Spool;
@@ -153,7 +164,14 @@ pub struct Recovery {
     pub bytes: u64,
     /// Bytes cut off the newest segment's torn tail (appends a crash interrupted).
     pub torn_bytes_truncated: u64,
-    /// Damaged segments renamed to `*.corrupt` (their data is not read).
+    /// Valid batches cut off with the torn tail because they followed damage inside the
+    /// newest segment's last commit group (normally 0; see the crate docs).
+    pub torn_batches_dropped: u64,
+    /// Damaged stretches inside live segments: their batches are lost, every batch
+    /// around them is kept. Readers skip them (with [`SpoolError::Damaged`]).
+    pub damaged: Vec<Damage>,
+    /// Damaged segments renamed to `*.corrupt` (their data is not read): a damaged
+    /// segment header, or damage in a version 1 segment.
     pub corrupt_segments: Vec<PathBuf>,
     /// Damaged cursors or snapshot files renamed to `*.corrupt` (treated as absent).
     pub corrupt_state_files: Vec<PathBuf>,

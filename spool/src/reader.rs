@@ -4,9 +4,11 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
-use crate::segment::{self, BATCH_HEADER_LEN, MAX_BATCH_BYTES, SEGMENT_HEADER_LEN};
+use crate::segment::{
+    self, Format, Probe, BATCH_HEADER_LEN, BATCH_HEADER_LEN_V1, MAX_BATCH_BYTES, SEGMENT_HEADER_LEN,
+};
 use crate::shared::Shared;
-use crate::{Position, SpoolError};
+use crate::{Acknowledged, Damage, Position, SpoolError};
 
 /// Reads committed batches in order, from a start position given to [`crate::Spool::reader`].
 ///
@@ -17,8 +19,8 @@ use crate::{Position, SpoolError};
 pub struct SpoolReader {
     shared: Arc<Shared>,
     pos: Position,
-    /// The open segment `pos.segment`, if opened yet.
-    file: Option<File>,
+    /// The open segment `pos.segment` and its batch format, if opened yet.
+    file: Option<(File, Format)>,
     /// Committed length of `pos.segment` as last seen.
     limit: u64,
     /// The segment after `pos.segment`, once the writer has moved on to it: `limit`
@@ -54,13 +56,62 @@ impl SpoolReader {
     /// and the position right after it (what a sink stores as its cursor once the batch
     /// is delivered), or None when caught up.
     ///
-    /// A damaged batch is an error naming the segment and offset; the reader stays
-    /// where it is, so retrying returns the same error rather than skipping data.
+    /// Damage is never skipped silently. In a version 2 segment a damaged stretch is
+    /// [`SpoolError::Damaged`], naming the segment, the byte range, the batches lost and
+    /// whether they had been acknowledged; the reader has moved past it to the next
+    /// valid batch, so the next call goes on. In a version 1 segment (no magic to
+    /// resynchronise on) a damaged batch is [`SpoolError::Checksum`] or
+    /// [`SpoolError::Corrupt`] and the reader stays where it is.
     pub fn next(&mut self, buf: &mut Vec<u8>) -> Result<Option<(Position, Position)>, SpoolError> {
         buf.clear();
         if !self.locate()? {
             return Ok(None);
         }
+        match self.file.as_ref().map(|(_, format)| *format) {
+            Some(Format::V2) => self.next_v2(buf),
+            _ => self.next_v1(buf),
+        }
+    }
+
+    fn next_v2(&mut self, buf: &mut Vec<u8>) -> Result<Option<(Position, Position)>, SpoolError> {
+        let seg = self.pos.segment;
+        let at = self.pos.offset;
+        let path = segment::path(&self.shared.dir, seg);
+        let (file, _) = self
+            .file
+            .as_ref()
+            .expect("located reader has its segment open");
+        let io = |e| SpoolError::io("read segment", &path, e);
+        let found = segment::probe(file, seg, at, self.limit, buf, true).map_err(io)?;
+        if let Probe::Batch { len, .. } = found {
+            let start = self.pos;
+            self.pos.offset = at + BATCH_HEADER_LEN + u64::from(len);
+            return Ok(Some((start, self.pos)));
+        }
+        // Only committed data is read, and committed means acknowledged, unless recovery
+        // found this damage first and could not confirm that.
+        let resync = segment::resync(file, seg, at, found, self.limit, buf).map_err(io)?;
+        buf.clear();
+        let (first_report, acknowledged) = self.shared.note_damage(self.pos, Acknowledged::Yes);
+        let damage = Damage {
+            path,
+            from: self.pos,
+            to: Position {
+                segment: seg,
+                offset: resync.next,
+            },
+            batches: resync.batches,
+            acknowledged,
+            reason: found.reason(),
+        };
+        self.pos = damage.to;
+        Err(SpoolError::Damaged {
+            damage: Box::new(damage),
+            first_report,
+        })
+    }
+
+    fn next_v1(&mut self, buf: &mut Vec<u8>) -> Result<Option<(Position, Position)>, SpoolError> {
         let seg = self.pos.segment;
         let at = self.pos.offset;
         let path = || segment::path(&self.shared.dir, seg);
@@ -70,21 +121,21 @@ impl SpoolReader {
             path: path(),
             reason,
         };
-        if at + BATCH_HEADER_LEN > self.limit {
+        if at + BATCH_HEADER_LEN_V1 > self.limit {
             return Err(corrupt(format!(
                 "a batch header at this offset would cross the committed end {} (is the start position a batch boundary?)",
                 self.limit
             )));
         }
-        let file = self
+        let (file, _) = self
             .file
             .as_ref()
             .expect("located reader has its segment open");
-        let mut header = [0u8; BATCH_HEADER_LEN as usize];
+        let mut header = [0u8; BATCH_HEADER_LEN_V1 as usize];
         file.read_exact_at(&mut header, at)
             .map_err(|e| SpoolError::io("read segment", &path(), e))?;
-        let (len, crc) = segment::parse_batch_header(&header);
-        let end = at + BATCH_HEADER_LEN + u64::from(len);
+        let (len, crc) = segment::parse_batch_header_v1(&header);
+        let end = at + BATCH_HEADER_LEN_V1 + u64::from(len);
         if len > MAX_BATCH_BYTES || end > self.limit {
             return Err(corrupt(format!(
                 "batch length {len} runs past the committed end {} of the segment",
@@ -92,9 +143,9 @@ impl SpoolReader {
             )));
         }
         buf.resize(len as usize, 0);
-        file.read_exact_at(buf, at + BATCH_HEADER_LEN)
+        file.read_exact_at(buf, at + BATCH_HEADER_LEN_V1)
             .map_err(|e| SpoolError::io("read segment", &path(), e))?;
-        if segment::batch_crc(len, buf) != crc {
+        if segment::batch_crc_v1(len, buf) != crc {
             buf.clear();
             return Err(SpoolError::Checksum {
                 segment: seg,
@@ -151,7 +202,7 @@ impl SpoolReader {
                 .is_none_or(|(&last, _)| seg > last) => {}
             None => {
                 drop(segments);
-                let Some(file) = &self.file else {
+                let Some((file, _)) = &self.file else {
                     return Err(SpoolError::SegmentMissing {
                         segment: seg,
                         path: segment::path(&self.shared.dir, seg),
@@ -183,13 +234,13 @@ impl SpoolReader {
         let mut header = [0u8; SEGMENT_HEADER_LEN as usize];
         file.read_exact_at(&mut header, 0)
             .map_err(|e| SpoolError::io("read segment header", &path, e))?;
-        segment::check_header(&header, seg).map_err(|reason| SpoolError::Corrupt {
+        let format = segment::check_header(&header, seg).map_err(|reason| SpoolError::Corrupt {
             segment: seg,
             offset: 0,
             path: path.clone(),
             reason,
         })?;
-        self.file = Some(file);
+        self.file = Some((file, format));
         Ok(())
     }
 }

@@ -8,10 +8,12 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::reader::SpoolReader;
-use crate::segment::{self, Scan, BATCH_HEADER_LEN, MAX_BATCH_BYTES, SEGMENT_HEADER_LEN};
+use crate::segment::{
+    self, Scan, ScanV1, ScanV2, BATCH_HEADER_LEN, MAX_BATCH_BYTES, SEGMENT_HEADER_LEN,
+};
 use crate::shared::Shared;
 use crate::state::{self, SnapshotFile};
-use crate::{FsyncPolicy, Position, Recovery, SpoolConfig, SpoolError};
+use crate::{Acknowledged, Damage, FsyncPolicy, Position, Recovery, SpoolConfig, SpoolError};
 
 /// The spool's writer. See the crate docs for the guarantees.
 pub struct Spool {
@@ -28,6 +30,10 @@ pub struct Spool {
     used: u64,
     /// Oldest segment whose length changed since the last publish.
     unpublished_from: u64,
+    /// The end of the log at the last commit: everything before it was acknowledged.
+    /// Written into every batch header, so that recovery can tell acknowledged damage
+    /// from an interrupted commit.
+    committed_end: Position,
     /// Appended data not yet synced.
     dirty: bool,
     last_sync: Instant,
@@ -77,34 +83,44 @@ impl Spool {
         let mut segments = BTreeMap::new();
         let mut dir_changed = false;
         let newest = ids.last().copied();
+        // Whether the newest segment has today's batch format (the writer appends to no other).
+        let mut newest_is_v2 = false;
+        let mut v2: Vec<(u64, PathBuf, ScanV2)> = Vec::new();
         for &id in &ids {
             let path = segment::path(dir, id);
             let damage = match segment::scan(&path, id)? {
-                Scan::Clean { len, batches } => {
+                Scan::V2(scan) => {
+                    v2.push((id, path, scan));
+                    continue;
+                }
+                Scan::V1(ScanV1::Clean { len, batches }) => {
                     segments.insert(id, len);
                     rec.batches += batches;
                     continue;
                 }
-                Scan::Torn {
+                Scan::V1(ScanV1::Torn {
                     valid_len,
                     file_len,
                     batches,
-                } if Some(id) == newest => {
+                }) if Some(id) == newest => {
                     truncate_torn(&path, id, valid_len)?;
                     tracing::warn!(segment = id, path = %path.display(), offset = valid_len, bytes = file_len - valid_len,
-                        "spool: truncated the torn tail of the newest segment (appends interrupted by a crash; they were never acknowledged)");
+                        "spool: truncated the torn tail of the newest segment (appends interrupted by a crash; with fsync = always they were never acknowledged)");
                     rec.torn_bytes_truncated += file_len - valid_len;
                     rec.batches += batches;
                     segments.insert(id, valid_len.max(SEGMENT_HEADER_LEN));
+                    // A header rewritten by the repair is a version 2 header.
+                    newest_is_v2 = valid_len < SEGMENT_HEADER_LEN;
                     continue;
                 }
                 // Older segments were synced when the writer rolled past them: an
                 // incomplete tail there is damage, not an interrupted append.
-                Scan::Torn { valid_len, .. } => (
+                Scan::V1(ScanV1::Torn { valid_len, .. }) => (
                     valid_len,
                     "incomplete batch at the end of a segment that is not the newest".to_string(),
                 ),
-                Scan::Corrupt { offset, reason } => (offset, reason),
+                Scan::V1(ScanV1::Corrupt { offset, reason }) => (offset, reason),
+                Scan::BadHeader { reason } => (0, reason),
             };
             let aside = state::set_aside(&path)?;
             tracing::error!(segment = id, offset = damage.0, reason = %damage.1, moved_to = %aside.display(),
@@ -113,9 +129,37 @@ impl Spool {
             dir_changed = true;
         }
 
-        // Keep appending to the newest segment if it survived; otherwise start a new one.
+        let cursors_path = dir.join(state::CURSORS_FILE);
+        let (cursors, committed_at_close) = match state::load_cursors(&cursors_path) {
+            Ok(c) => c.unwrap_or_default(),
+            Err(e @ SpoolError::StateFile { .. }) => {
+                let aside = state::set_aside(&cursors_path)?;
+                tracing::error!(error = %e, moved_to = %aside.display(), "spool: cursors file unreadable; starting without persisted cursors");
+                rec.corrupt_state_files.push(aside);
+                (BTreeMap::new(), None)
+            }
+            Err(e) => return Err(e),
+        };
+        // Committed marks only grow along the log, so the last valid batch holds the
+        // highest: damage that ends before it had been committed, and so acknowledged.
+        // The cursors file records the committed end when it was last written (at every
+        // cursor change and at a clean close), which covers the last commit group too.
+        let last_committed = v2
+            .iter()
+            .rev()
+            .find_map(|(_, _, s)| s.last_committed)
+            .max(committed_at_close);
+        for (id, path, scan) in v2 {
+            let (len, batches) = resolve_damage(&path, id, scan, newest, last_committed, &mut rec)?;
+            segments.insert(id, len);
+            rec.batches += batches;
+            newest_is_v2 |= Some(id) == newest;
+        }
+
+        // Keep appending to the newest segment if it survived and has today's format;
+        // otherwise start a new one.
         let (active, active_id, active_len) = match segments.last_key_value() {
-            Some((&id, &len)) if Some(id) == newest => {
+            Some((&id, &len)) if Some(id) == newest && newest_is_v2 => {
                 let path = segment::path(dir, id);
                 let mut f = OpenOptions::new()
                     .write(true)
@@ -139,17 +183,6 @@ impl Spool {
             state::sync_dir(dir)?;
         }
 
-        let cursors_path = dir.join(state::CURSORS_FILE);
-        let cursors = match state::load_cursors(&cursors_path) {
-            Ok(c) => c.unwrap_or_default(),
-            Err(e @ SpoolError::StateFile { .. }) => {
-                let aside = state::set_aside(&cursors_path)?;
-                tracing::error!(error = %e, moved_to = %aside.display(), "spool: cursors file unreadable; starting without persisted cursors");
-                rec.corrupt_state_files.push(aside);
-                BTreeMap::new()
-            }
-            Err(e) => return Err(e),
-        };
         let mut snapshots = BTreeMap::new();
         for name in names.iter().filter_map(|n| state::parse_snapshot_name(n)) {
             let path = state::snapshot_path(dir, name);
@@ -171,6 +204,9 @@ impl Spool {
         rec.segments = segments.len();
         rec.bytes = used;
         let shared = Arc::new(Shared::new(dir.to_path_buf(), segments.clone()));
+        for d in &rec.damaged {
+            shared.note_damage(d.from, d.acknowledged);
+        }
         let spool = Spool {
             dir: dir.to_path_buf(),
             cfg,
@@ -182,6 +218,12 @@ impl Spool {
             active_len,
             used,
             unpublished_from: active_id,
+            // What recovery kept was committed before, or is now: nothing of it will be
+            // resent as unacknowledged.
+            committed_end: Position {
+                segment: active_id,
+                offset: active_len,
+            },
             dirty: false,
             last_sync: Instant::now(),
             cursors,
@@ -214,7 +256,11 @@ impl Spool {
         if self.active_len > SEGMENT_HEADER_LEN && self.active_len + size > self.cfg.segment_bytes {
             self.roll()?;
         }
-        let header = segment::batch_header(payload);
+        let pos = Position {
+            segment: self.active_id,
+            offset: self.active_len,
+        };
+        let header = segment::batch_header(pos, self.committed_end, payload);
         // A crash during this write leaves an incomplete batch at the end of the newest
         // segment: recovery truncates it, and since it was never committed, it was never
         // acknowledged nor seen by a reader.
@@ -226,10 +272,6 @@ impl Spool {
                 e,
             ));
         }
-        let pos = Position {
-            segment: self.active_id,
-            offset: self.active_len,
-        };
         self.active_len += size;
         self.used += size;
         self.segments.insert(self.active_id, self.active_len);
@@ -387,9 +429,19 @@ impl Spool {
         // if gc used a cursor that a crash then rolled back, it could delete segments
         // the restarted sink still needs.
         let path = self.dir.join(state::CURSORS_FILE);
-        state::write_atomically(&self.dir, &path, &state::encode_cursors(&next))?;
+        let bytes = state::encode_cursors(&next, Some(self.committed_end));
+        state::write_atomically(&self.dir, &path, &bytes)?;
         self.cursors = next;
         Ok(())
+    }
+
+    /// Syncs everything appended and records the committed end with the cursors, so
+    /// that the next recovery can tell that the last commit group had been acknowledged
+    /// (no later batch header can say so). Call it at a clean stop; a crash without it
+    /// loses nothing, recovery is only more careful with damage in the last commit.
+    pub fn close(&mut self) -> Result<(), SpoolError> {
+        self.sync()?;
+        self.persist_cursors(self.cursors.clone())
     }
 
     /// Persists a named snapshot taken "at" `at` (e.g. the relay's dedup table as of the
@@ -456,6 +508,7 @@ impl Spool {
             freed += len;
             tracing::debug!(segment = id, bytes = len, "spool segment collected");
         }
+        self.shared.forget_damage_before(bound.min(self.active_id));
         Ok(freed)
     }
 
@@ -480,13 +533,18 @@ impl Spool {
         Ok(true)
     }
 
-    /// Makes everything appended so far visible to readers.
+    /// Makes everything appended so far visible to readers: committed. The caller
+    /// acknowledges it next.
     fn publish(&mut self) {
         let mut shared = self.shared.segments();
         for (&id, &len) in self.segments.range(self.unpublished_from..) {
             shared.insert(id, len);
         }
         self.unpublished_from = self.active_id;
+        self.committed_end = Position {
+            segment: self.active_id,
+            offset: self.active_len,
+        };
     }
 
     /// Closes the active segment and starts the next.
@@ -534,6 +592,71 @@ impl Spool {
             self.poisoned = Some(cause);
         }
     }
+}
+
+/// Decides what recovery does with the damaged stretches of a version 2 segment and
+/// returns the segment's length and valid batches after it.
+///
+/// Damage that ends at or before `last_committed` (the committed mark of the spool's
+/// last valid batch) had been committed, and so acknowledged: it is kept in place (the
+/// file stays as it is, for inspection), readers skip it, and the batches after it are
+/// kept. Damage past that mark lies in the last commit group, which a crash may have
+/// interrupted with its pages written out of order. In the newest segment it is cut off
+/// with everything after it, as a torn tail: if the commit did not complete, the
+/// senders resend every chunk of it, and a valid later batch of the same source left in
+/// the spool would make dedup discard the resend of the damaged one. In an older
+/// segment (a group that spanned a roll) it is kept and reported as not known to have
+/// been acknowledged.
+fn resolve_damage(
+    path: &Path,
+    id: u64,
+    scan: ScanV2,
+    newest: Option<u64>,
+    last_committed: Option<Position>,
+    rec: &mut Recovery,
+) -> Result<(u64, u64), SpoolError> {
+    for gap in &scan.gaps {
+        let end = Position {
+            segment: id,
+            offset: gap.to,
+        };
+        let confirmed = last_committed.is_some_and(|c| c >= end);
+        if !confirmed && Some(id) == newest {
+            truncate_torn(path, id, gap.from)?;
+            let bytes = scan.file_len - gap.from;
+            let dropped = scan.batches - gap.batches_before;
+            rec.torn_bytes_truncated += bytes;
+            rec.torn_batches_dropped += dropped;
+            if dropped == 0 {
+                tracing::warn!(segment = id, path = %path.display(), offset = gap.from, bytes,
+                    "spool: truncated the torn tail of the newest segment (appends interrupted by a crash; with fsync = always they were never acknowledged)");
+            } else {
+                tracing::error!(segment = id, path = %path.display(), offset = gap.from, bytes, valid_batches_dropped = dropped, reason = gap.reason,
+                    "spool: damage inside the newest segment's last commit group; cut off with the valid batches after it, because that commit is not confirmed (if it completed they had been acknowledged and are lost; if not, their senders resend them)");
+            }
+            return Ok((gap.from, gap.batches_before));
+        }
+        let damage = Damage {
+            path: path.to_path_buf(),
+            from: Position {
+                segment: id,
+                offset: gap.from,
+            },
+            to: end,
+            batches: gap.batches,
+            acknowledged: if confirmed {
+                Acknowledged::Yes
+            } else {
+                Acknowledged::NotKnown
+            },
+            reason: gap.reason,
+        };
+        tracing::error!(segment = id, path = %path.display(), offset = gap.from, end = gap.to, bytes = damage.bytes(),
+            batches = damage.batches, acknowledged = %damage.acknowledged, reason = gap.reason,
+            "spool: damaged batches found at recovery; every valid batch around them is kept, these are lost");
+        rec.damaged.push(damage);
+    }
+    Ok((scan.file_len, scan.batches))
 }
 
 fn list(dir: &Path) -> Result<Vec<String>, SpoolError> {

@@ -142,26 +142,40 @@ pub(crate) fn check_name(what: &'static str, name: &str) -> Result<(), SpoolErro
 #[serde(tag = "version")]
 enum CursorsFile {
     #[serde(rename = "1")]
-    V1 { cursors: BTreeMap<String, Position> },
+    V1 {
+        cursors: BTreeMap<String, Position>,
+        /// The spool's committed end when the file was written: everything before it
+        /// had been acknowledged. Lets recovery confirm the last commit group, which no
+        /// later batch header can. Absent in files of older builds.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        committed: Option<Position>,
+    },
 }
 
-pub(crate) fn encode_cursors(cursors: &BTreeMap<String, Position>) -> Vec<u8> {
+pub(crate) fn encode_cursors(
+    cursors: &BTreeMap<String, Position>,
+    committed: Option<Position>,
+) -> Vec<u8> {
     let file = CursorsFile::V1 {
         cursors: cursors.clone(),
+        committed,
     };
     // Maps of strings to plain structs always serialize.
     serde_json::to_vec_pretty(&file).expect("cursors serialize")
 }
 
-/// Loads the cursors file; None if there is none yet.
-pub(crate) fn load_cursors(path: &Path) -> Result<Option<BTreeMap<String, Position>>, SpoolError> {
+/// What the cursors file holds.
+pub(crate) type Cursors = (BTreeMap<String, Position>, Option<Position>);
+
+/// Loads the cursors file (cursors and the committed end); None if there is none yet.
+pub(crate) fn load_cursors(path: &Path) -> Result<Option<Cursors>, SpoolError> {
     let bytes = match fs::read(path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(SpoolError::io("read", path, e)),
     };
     match serde_json::from_slice::<CursorsFile>(&bytes) {
-        Ok(CursorsFile::V1 { cursors }) => Ok(Some(cursors)),
+        Ok(CursorsFile::V1 { cursors, committed }) => Ok(Some((cursors, committed))),
         Err(e) => Err(SpoolError::StateFile {
             path: path.to_path_buf(),
             reason: e.to_string(),
@@ -294,13 +308,19 @@ mod tests {
                 offset: 40,
             },
         );
-        let enc = encode_cursors(&m);
+        let enc = encode_cursors(&m, None);
         let text = String::from_utf8(enc.clone()).unwrap();
         assert!(text.contains("\"version\": \"1\""), "{text}");
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join(CURSORS_FILE);
         fs::write(&p, enc).unwrap();
-        assert_eq!(load_cursors(&p).unwrap(), Some(m));
+        assert_eq!(load_cursors(&p).unwrap(), Some((m.clone(), None)));
+        let at = Position {
+            segment: 2,
+            offset: 99,
+        };
+        fs::write(&p, encode_cursors(&m, Some(at))).unwrap();
+        assert_eq!(load_cursors(&p).unwrap(), Some((m, Some(at))));
     }
 
     #[test]

@@ -4,7 +4,8 @@ use std::fs::{self, OpenOptions};
 use std::path::{Path, PathBuf};
 
 use sluice_spool::{
-    FsyncPolicy, Position, Spool, SpoolConfig, SpoolError, BATCH_HEADER_LEN, SEGMENT_HEADER_LEN,
+    Acknowledged, FsyncPolicy, Position, Spool, SpoolConfig, SpoolError, BATCH_HEADER_LEN,
+    SEGMENT_HEADER_LEN,
 };
 
 fn cfg() -> SpoolConfig {
@@ -124,7 +125,7 @@ fn a_newest_segment_shorter_than_its_header_is_repaired() {
 }
 
 #[test]
-fn a_flipped_byte_in_a_middle_segment_sets_it_aside() {
+fn a_flipped_byte_in_a_middle_segment_costs_its_batch_or_in_the_header_the_segment() {
     let original = tempfile::tempdir().unwrap();
     let pos = fill(original.path(), 40);
     let middle = pos[pos.len() / 2].segment;
@@ -132,8 +133,12 @@ fn a_flipped_byte_in_a_middle_segment_sets_it_aside() {
     let len = fs::metadata(seg_path(original.path(), middle))
         .unwrap()
         .len();
+    let end_of = |i: usize| Position {
+        segment: pos[i].segment,
+        offset: pos[i].offset + BATCH_HEADER_LEN + payload(i).len() as u64,
+    };
 
-    // Every byte: header, batch headers, payloads.
+    // Every byte: segment header, batch headers, payloads.
     for at in 0..len {
         let tmp = tempfile::tempdir().unwrap();
         copy_dir(original.path(), tmp.path());
@@ -143,15 +148,56 @@ fn a_flipped_byte_in_a_middle_segment_sets_it_aside() {
         fs::write(&path, &bytes).unwrap();
 
         let (spool, rec) = Spool::open(tmp.path(), cfg()).unwrap();
-        let aside = PathBuf::from(format!("{}.corrupt", path.display()));
-        assert_eq!(rec.corrupt_segments, vec![aside.clone()], "flip at {at}");
-        assert!(aside.exists() && !path.exists());
         assert_eq!(rec.torn_bytes_truncated, 0);
-        let expected: Vec<Vec<u8>> = (0..40)
-            .filter(|i| !in_middle.contains(i))
-            .map(payload)
-            .collect();
-        assert_eq!(read_all(&spool).unwrap(), expected, "flip at {at}");
+        if at < SEGMENT_HEADER_LEN {
+            // Nothing in a file whose header is wrong can be trusted.
+            let aside = PathBuf::from(format!("{}.corrupt", path.display()));
+            assert_eq!(rec.corrupt_segments, vec![aside.clone()], "flip at {at}");
+            assert!(aside.exists() && !path.exists());
+            let expected: Vec<Vec<u8>> = (0..40)
+                .filter(|i| !in_middle.contains(i))
+                .map(payload)
+                .collect();
+            assert_eq!(read_all(&spool).unwrap(), expected, "flip at {at}");
+            continue;
+        }
+        let victim = *in_middle
+            .iter()
+            .rev()
+            .find(|&&i| pos[i].offset <= at)
+            .unwrap();
+        assert!(rec.corrupt_segments.is_empty(), "flip at {at}");
+        assert_eq!(rec.batches, 39, "flip at {at}");
+        assert_eq!(rec.damaged.len(), 1, "flip at {at}: {:?}", rec.damaged);
+        let d = &rec.damaged[0];
+        assert_eq!(
+            (d.from, d.to, d.batches),
+            (pos[victim], end_of(victim), 1),
+            "flip at {at}"
+        );
+        assert_eq!(d.path, path);
+        // One commit for all 40: nothing written later confirms it.
+        assert_eq!(d.acknowledged, Acknowledged::NotKnown);
+
+        let mut r = spool.reader(spool.head()).unwrap();
+        let mut buf = Vec::new();
+        let mut read = Vec::new();
+        loop {
+            match r.next(&mut buf) {
+                Ok(Some(_)) => read.push(buf.clone()),
+                Ok(None) => break,
+                Err(SpoolError::Damaged {
+                    damage,
+                    first_report,
+                }) => {
+                    assert_eq!(*damage, *d, "flip at {at}");
+                    assert!(!first_report, "recovery reported it already");
+                }
+                Err(e) => panic!("flip at {at}: {e}"),
+            }
+        }
+        let expected: Vec<Vec<u8>> = (0..40).filter(|&i| i != victim).map(payload).collect();
+        assert_eq!(read, expected, "flip at {at}");
     }
 }
 
@@ -191,7 +237,7 @@ fn garbage_segment_files_are_set_aside_and_other_files_ignored() {
 }
 
 #[test]
-fn a_reader_reports_damage_after_open_with_segment_and_offset_and_stays() {
+fn a_reader_skips_damage_found_after_open_and_names_it_once() {
     let tmp = tempfile::tempdir().unwrap();
     let (mut spool, _) = Spool::open(
         tmp.path(),
@@ -203,6 +249,7 @@ fn a_reader_reports_damage_after_open_with_segment_and_offset_and_stays() {
     .unwrap();
     let a = spool.append(b"first").unwrap();
     let b = spool.append(b"second").unwrap();
+    let c = spool.append(b"third").unwrap();
     spool.commit().unwrap();
     // Bit rot after the batch was written and verified.
     let path = seg_path(tmp.path(), 0);
@@ -210,28 +257,91 @@ fn a_reader_reports_damage_after_open_with_segment_and_offset_and_stays() {
     bytes[(b.offset + BATCH_HEADER_LEN) as usize] ^= 0xFF;
     fs::write(&path, &bytes).unwrap();
 
+    let mut buf = Vec::new();
+    for first in [true, false] {
+        let mut r = spool.reader(spool.head()).unwrap();
+        assert_eq!(r.next(&mut buf).unwrap().unwrap().0, a);
+        let err = r.next(&mut buf).unwrap_err();
+        let SpoolError::Damaged {
+            damage,
+            first_report,
+        } = &err
+        else {
+            panic!("expected damage, got {err:?}");
+        };
+        assert_eq!(*first_report, first, "counted once, by the first reader");
+        assert_eq!((damage.from, damage.to, damage.batches), (b, c, 1));
+        assert_eq!(damage.acknowledged, Acknowledged::Yes, "it was committed");
+        let text = err.to_string();
+        assert!(
+            text.contains(&format!("at byte offset {}..{}", b.offset, c.offset)),
+            "{text}"
+        );
+        assert!(text.contains("00000000000000000000.seg"), "{text}");
+        assert_eq!(r.position(), c, "the reader moved past the damage");
+        assert_eq!(r.next(&mut buf).unwrap().unwrap().0, c);
+        assert_eq!(buf, b"third");
+        assert!(r.next(&mut buf).unwrap().is_none());
+    }
+}
+
+/// A spool written by an older build: version 1 segments stay readable (with their old
+/// damage rules), and the writer continues in a new version 2 segment.
+#[test]
+fn version_1_segments_are_read_and_not_appended_to() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut seg = Vec::new();
+    seg.extend_from_slice(b"SLSP");
+    seg.extend_from_slice(&1u16.to_le_bytes());
+    seg.extend_from_slice(&0u16.to_le_bytes());
+    seg.extend_from_slice(&0u64.to_le_bytes());
+    let mut v1_positions = Vec::new();
+    for p in [&b"old one"[..], b"old two"] {
+        v1_positions.push(seg.len() as u64);
+        let len = (p.len() as u32).to_le_bytes();
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&len);
+        crc.update(p);
+        seg.extend_from_slice(&len);
+        seg.extend_from_slice(&crc.finalize().to_le_bytes());
+        seg.extend_from_slice(p);
+    }
+    fs::write(seg_path(tmp.path(), 0), &seg).unwrap();
+
+    let (mut spool, rec) = Spool::open(tmp.path(), cfg()).unwrap();
+    assert_eq!(rec.batches, 2);
+    assert_eq!(
+        spool.active_segment(),
+        1,
+        "a new segment for the new format"
+    );
+    spool.append(b"new").unwrap();
+    spool.commit().unwrap();
+    assert_eq!(
+        read_all(&spool).unwrap(),
+        vec![b"old one".to_vec(), b"old two".to_vec(), b"new".to_vec()]
+    );
+    assert_eq!(fs::read(seg_path(tmp.path(), 0)).unwrap(), seg, "untouched");
+
+    // Damage in a version 1 segment found by a reader: nothing to resynchronise on, so
+    // the reader stays (and the old error says why).
+    let mut bytes = seg.clone();
+    *bytes.last_mut().unwrap() ^= 1;
+    bytes[(v1_positions[0] + 8) as usize] ^= 1;
+    fs::write(seg_path(tmp.path(), 0), &bytes).unwrap();
     let mut r = spool.reader(spool.head()).unwrap();
     let mut buf = Vec::new();
-    assert_eq!(r.next(&mut buf).unwrap().unwrap().0, a);
     for _ in 0..2 {
-        let err = r.next(&mut buf).unwrap_err();
-        match &err {
-            SpoolError::Checksum {
-                segment, offset, ..
-            } => assert_eq!((*segment, *offset), (b.segment, b.offset)),
+        match r.next(&mut buf) {
+            Err(SpoolError::Checksum {
+                segment: 0, offset, ..
+            }) => {
+                assert_eq!(offset, v1_positions[0])
+            }
             other => panic!("expected a checksum error, got {other:?}"),
         }
-        assert!(
-            err.to_string()
-                .contains(&format!("at byte offset {}", b.offset)),
-            "{err}"
-        );
-        assert_eq!(
-            r.position(),
-            b,
-            "the reader does not skip the damaged batch"
-        );
     }
+    assert_eq!(r.position().offset, v1_positions[0]);
 }
 
 #[test]

@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use sluice_spool::{Position, SpoolReader};
+use sluice_spool::{Damage, Position, SpoolError, SpoolReader};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -108,8 +108,28 @@ pub async fn run_sink(mut s: SinkRun) {
                     first_at.get_or_insert_with(Instant::now);
                 }
                 Ok(None) => break,
+                Err(SpoolError::Damaged {
+                    damage,
+                    first_report,
+                }) => {
+                    // The reader is past the damage already: count it, say it, go on.
+                    read_any = true;
+                    report_damage(&s, &name, &damage, first_report);
+                    if gathered.is_empty() {
+                        // Nothing gathered before it: record the loss with the cursor now,
+                        // and let end-to-end acks waiting on it go.
+                        s.state.counts.spool_lost.add(&damage);
+                        gathered.clear(damage.to);
+                        s.progress.delivered.send_replace(damage.to);
+                        persist(&mut s, damage.to, &name);
+                        publish_ledger(&s, &name, None);
+                    } else {
+                        gathered.pass_over(&damage);
+                    }
+                }
                 Err(e) => {
-                    // A checksum error in the middle of the spool: never skip silently.
+                    // An I/O error, or damage in a version 1 segment (which cannot be
+                    // resynchronised past): never skip silently.
                     tracing::error!(sink = %name, error = %e, "cannot read the spool; sink stalls until the spool is repaired");
                     s.metrics.sink_retries.get_or_create(&label).inc();
                     tokio::select! {
@@ -211,6 +231,7 @@ async fn deliver_with_retry(s: &mut SinkRun, gathered: &Gathered, name: &str) ->
                     s.metrics.sink_latency.get_or_create(&label).observe(secs);
                 }
                 s.state.counts.offered.merge(&gathered.offered);
+                s.state.counts.spool_lost.merge(&gathered.lost);
                 s.state.counts.delivered.merge(&done.counts.delivered);
                 s.state.counts.dropped.merge(&done.counts.dropped);
                 s.state.resume = s.deliver.recovery_state();
@@ -245,6 +266,18 @@ async fn deliver_with_retry(s: &mut SinkRun, gathered: &Gathered, name: &str) ->
     }
 }
 
+/// A damaged spool stretch this sink passes over: counted in the metrics by whoever
+/// reports it first, logged by every sink it costs.
+fn report_damage(s: &SinkRun, name: &str, d: &Damage, first_report: bool) {
+    if first_report {
+        s.metrics.spool_damage(d);
+    }
+    tracing::error!(sink = %name, path = %d.path.display(), segment = d.from.segment,
+        offset = d.from.offset, end = d.to.offset, bytes = d.bytes(), batches = d.batches,
+        acknowledged = %d.acknowledged, reason = d.reason,
+        "spool damage: the sink passes over batches it had not delivered; their events are lost to it (reconcile reports them), the batches after them are delivered");
+}
+
 fn persist(s: &mut SinkRun, cursor: Position, name: &str) {
     s.state.cursor = Some(cursor);
     match save_state(&s.state_path, &s.state) {
@@ -276,5 +309,125 @@ pub fn lag_bytes(cursor: Position, committed: Position, segment_size: u64) -> u6
     } else {
         let whole = committed.segment - cursor.segment - 1;
         segment_size.saturating_sub(cursor.offset) + whole * segment_size + committed.offset
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sluice_forward::{write_entry, EventBatch, EventTime, Options, Provenance};
+    use sluice_spool::{FsyncPolicy, Spool, SpoolConfig, BATCH_HEADER_LEN};
+
+    fn chunk(seqs: std::ops::Range<u64>) -> Vec<u8> {
+        let mut entries = Vec::new();
+        let seqs: Vec<u64> = seqs.collect();
+        for s in &seqs {
+            let time = EventTime {
+                secs: 1_700_000_000,
+                nanos: 0,
+            };
+            write_entry(&mut entries, time, &[("n", s.to_string().as_bytes())]);
+        }
+        let batch = EventBatch {
+            tag: "t".into(),
+            count: seqs.len(),
+            entries,
+            options: Options {
+                provenance: Some(Provenance {
+                    source: "s".into(),
+                    seqs,
+                }),
+                ..Options::default()
+            },
+            hours: Vec::new(),
+        };
+        let mut buf = Vec::new();
+        crate::record::encode(&mut buf, EventTime::now(), &batch, 0, 0).unwrap();
+        buf
+    }
+
+    /// A running sink that meets a batch damaged on disk passes over it, counts and
+    /// records it, and delivers everything after it without a restart.
+    #[tokio::test]
+    async fn a_running_sink_passes_over_a_damaged_batch_and_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = SpoolConfig {
+            segment_bytes: 1 << 20,
+            max_bytes: 1 << 30,
+            fsync: FsyncPolicy::Never,
+        };
+        let (mut spool, _) = Spool::open(&dir.path().join("spool"), cfg).unwrap();
+        let mut at = Vec::new();
+        for i in 0..5u64 {
+            at.push(spool.append(&chunk(i * 10..i * 10 + 10)).unwrap());
+            spool.commit().unwrap();
+        }
+        // Bit rot in the third batch's payload after it was committed (and acknowledged).
+        let seg = dir
+            .path()
+            .join("spool")
+            .join(format!("{:020}.seg", at[2].segment));
+        let mut bytes = std::fs::read(&seg).unwrap();
+        bytes[(at[2].offset + BATCH_HEADER_LEN + 20) as usize] ^= 0x01;
+        std::fs::write(&seg, bytes).unwrap();
+
+        let metrics = Arc::new(RelayMetrics::new());
+        let ledger = Arc::new(Mutex::new(Ledger::default()));
+        let (delivered, _) = watch::channel(spool.head());
+        let (persisted, _) = watch::channel(spool.head());
+        let (_committed_tx, committed) = watch::channel(spool.tail());
+        let stop = CancellationToken::new();
+        let run = SinkRun {
+            config: toml::from_str("name = \"d\"").unwrap(),
+            deliver: Box::new(crate::sinks::discard::Discarder),
+            reader: spool.reader(spool.head()).unwrap(),
+            state: SinkState::default(),
+            state_path: dir.path().join("d.json"),
+            committed,
+            segment_size: 1 << 20,
+            progress: SinkProgress {
+                delivered,
+                persisted,
+            },
+            ledger: ledger.clone(),
+            metrics: metrics.clone(),
+            stop: stop.clone(),
+            abort: CancellationToken::new(),
+        };
+        let task = tokio::spawn(run_sink(run));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let done = {
+                let l = ledger.lock().unwrap();
+                l.sinks.get("d").map(|c| c.delivered.total()) == Some(40)
+            };
+            if done {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the sink stalled");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        stop.cancel();
+        task.await.unwrap();
+
+        assert_eq!(metrics.spool_corrupt_batches.get(), 1);
+        assert_eq!(
+            metrics.spool_corrupt_bytes.get(),
+            at[3].offset - at[2].offset
+        );
+        let state = load_state(&dir.path().join("d.json")).unwrap();
+        assert_eq!(state.cursor, Some(spool.tail()));
+        let lost = &state.counts.spool_lost;
+        assert_eq!((lost.batches, lost.bytes), (1, at[3].offset - at[2].offset));
+        assert_eq!(
+            (
+                lost.ranges[0].segment,
+                lost.ranges[0].from,
+                lost.ranges[0].to
+            ),
+            (at[2].segment, at[2].offset, at[3].offset)
+        );
+        assert!(lost.ranges[0].acknowledged);
+        assert_eq!(state.counts.offered.total(), 40);
     }
 }

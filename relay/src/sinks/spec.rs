@@ -8,7 +8,7 @@ use futures::future::BoxFuture;
 use sluice_spool::Position;
 
 use crate::envelope::hour_of;
-use crate::ledger::{Counts, SinkCounts};
+use crate::ledger::{Counts, SinkCounts, SpoolLoss};
 use crate::readback::Found;
 use crate::record::{self, SpooledChunk};
 
@@ -67,6 +67,9 @@ pub struct Gathered {
     /// What the sink is given, per tag and hour, counted once here by the driver (the
     /// ledger's "offered"), so that a sink taking everything need not count again.
     pub offered: Counts,
+    /// Damaged spool stretches passed over inside this gathering: recorded in the
+    /// sink's counts with the delivery, like `offered`, so a crash cannot count them twice.
+    pub(crate) lost: SpoolLoss,
 }
 
 impl Gathered {
@@ -81,6 +84,7 @@ impl Gathered {
             undecodable: 0,
             oldest_received: None,
             offered: Counts::default(),
+            lost: SpoolLoss::default(),
         }
     }
 
@@ -94,6 +98,13 @@ impl Gathered {
         self.undecodable = 0;
         self.oldest_received = None;
         self.offered = Counts::default();
+        self.lost = SpoolLoss::default();
+    }
+
+    /// Passes over a damaged spool stretch: the gathering ends after it.
+    pub(crate) fn pass_over(&mut self, damage: &sluice_spool::Damage) {
+        self.lost.add(damage);
+        self.end = damage.to;
     }
 
     /// Adds one spool record; `next` is the spool position after it.
