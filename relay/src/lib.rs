@@ -23,7 +23,7 @@ use sluice_spool::{FsyncPolicy, Spool, SpoolConfig};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use config::{FsyncMode, RelayConfig, StartFrom};
+use config::{AckMode, FsyncMode, RelayConfig, StartFrom};
 use ledger::Ledger;
 use metrics::RelayMetrics;
 use sinks::{SinkProgress, SinkRun};
@@ -98,6 +98,8 @@ pub async fn run(config: RelayConfig) -> anyhow::Result<()> {
     let sink_abort = CancellationToken::new();
     let mut sink_tasks = Vec::new();
     let mut required = Vec::new();
+    let ack_demand = (config.server.ack == AckMode::EndToEnd)
+        .then(|| Arc::new(watch::channel(sluice_spool::Position::default()).0));
     for sink in &config.sinks {
         let state_path = sinks::state_path(&data_dir, &sink.name);
         let state = sinks::load_state(&state_path).map_err(anyhow::Error::msg)?;
@@ -164,6 +166,10 @@ pub async fn run(config: RelayConfig) -> anyhow::Result<()> {
             },
             ledger: ledger.clone(),
             metrics: metrics.clone(),
+            ack_demand: ack_demand
+                .as_ref()
+                .filter(|_| sink.required)
+                .map(|d| d.subscribe()),
             stop: sink_stop.clone(),
             abort: sink_abort.clone(),
         };
@@ -232,6 +238,7 @@ pub async fn run(config: RelayConfig) -> anyhow::Result<()> {
         tls,
         writer: writer_tx.clone(),
         required_sinks: required,
+        ack_demand,
         metrics: metrics.clone(),
     });
     let accept_stop = CancellationToken::new();
