@@ -84,7 +84,11 @@ pub struct OutputConfig {
     /// Chunks sent but not yet acknowledged, at most.
     #[serde(default = "default_in_flight")]
     pub in_flight: usize,
-    /// A chunk not acknowledged within this is resent on a new connection.
+    /// When the oldest chunk is not acknowledged within this, the agent opens a second,
+    /// short-lived connection to the relay (TCP, TLS, shared-key handshake). A relay
+    /// that answers is waited for on the same connection, checked again every
+    /// `ack_timeout` (logged once, `sluice_agent_ack_waits_total`); one that does not
+    /// is left, and the unacknowledged chunks are resent to the next relay.
     #[serde(default = "default_ack_timeout")]
     pub ack_timeout: Span,
     /// TCP connect, TLS handshake and HELO/PING/PONG must finish within this.

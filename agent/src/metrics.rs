@@ -31,6 +31,7 @@ pub struct AgentMetrics {
     pub chunks_sent: Counter,
     pub heartbeats: Counter,
     pub chunks_resent: Counter,
+    pub ack_waits: Counter,
     pub chunks_acked: Counter,
     pub events_acked: Counter,
     pub in_flight: Gauge,
@@ -97,8 +98,13 @@ impl AgentMetrics {
         );
         r.register(
             "chunks_resent",
-            "Chunks sent again after a connection failure or ack timeout",
+            "Chunks sent again on a new connection after a failure",
             self.chunks_resent.clone(),
+        );
+        r.register(
+            "ack_waits",
+            "Episodes of an ack later than ack_timeout from a relay that still answered a new connection: the agent waited on that relay instead of failing over",
+            self.ack_waits.clone(),
         );
         r.register(
             "chunks_acked",

@@ -3,9 +3,18 @@
 //! reading thread (which moves the checkpoint).
 //!
 //! All chunks go to one relay at a time, so one source's chunks arrive in order at the
-//! relay that holds its dedup state. When the connection fails, or an ack is late, every
-//! unacknowledged chunk is resent, in order, on a new connection — to the next relay
-//! when the current one cannot be reached. Reconnects back off exponentially with jitter.
+//! relay that holds its dedup state. When the connection fails, every unacknowledged
+//! chunk is resent, in order, on a new connection — to the next relay when the current
+//! one cannot be reached or refuses us. Reconnects back off exponentially with jitter.
+//!
+//! A late ack alone is no reason to leave a relay: in `end_to_end` mode a relay acks only
+//! once its required sinks have the chunk, and every relay it could move to would spool
+//! (and deliver) a copy of the whole window. So when the oldest chunk is `ack_timeout`
+//! late, the agent checks the relay with a second, short-lived connection (Fluentd's
+//! `heartbeat_type transport`: TCP, TLS and the shared-key handshake, then closed). A relay
+//! that answers is waited for on the same connection (one warning per episode,
+//! `sluice_agent_ack_waits_total`), and checked again every `ack_timeout`; one that does
+//! not answer is left, and the window resent to the next relay.
 
 use std::collections::VecDeque;
 use std::sync::mpsc::Sender;
@@ -23,6 +32,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_util::codec::{Encoder, FramedRead};
+use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{split_host_port, OutputConfig};
@@ -61,7 +71,8 @@ enum Failure {
     Tls,
     /// The HELO/PING/PONG handshake failed.
     Auth,
-    /// A chunk was not acknowledged in time.
+    /// A chunk was not acknowledged in time, and the relay did not answer a new
+    /// connection either (hung, overloaded past answering, or cut off).
     AckTimeout,
     /// Writing to the connection failed.
     Io,
@@ -92,6 +103,17 @@ impl Failure {
             Failure::Io | Failure::Protocol | Failure::Closed => false,
         }
     }
+}
+
+/// A connection to a relay: TCP, or TLS over TCP.
+type RelayStream = Either<TcpStream, tokio_rustls::client::TlsStream<TcpStream>>;
+
+/// The oldest chunk is overdue and the relay still answers: the agent waits for it.
+struct AckWait {
+    /// When the chunk that was overdue first had been sent.
+    since: Instant,
+    /// When to check the relay again if no ack came meanwhile.
+    next_probe: Instant,
 }
 
 fn failed(reason: Failure, message: impl Into<String>) -> End {
@@ -180,47 +202,76 @@ impl Output {
         input_open: &mut bool,
         commits: &Sender<Commit>,
     ) -> End {
+        match self.connect(relay).await {
+            Ok(stream) => {
+                self.exchange(stream, relay, window, chunks, input_open, commits)
+                    .await
+            }
+            Err(end) => end,
+        }
+    }
+
+    /// TCP, then TLS unless `insecure`; the Forward handshake is the caller's.
+    async fn connect(&self, relay: &str) -> Result<RelayStream, End> {
         let connect_timeout = self.config.connect_timeout.get();
         let tcp = match tokio::time::timeout(connect_timeout, TcpStream::connect(relay)).await {
             Ok(Ok(s)) => s,
-            Ok(Err(e)) => return failed(Failure::Connect, format!("cannot connect: {e}")),
+            Ok(Err(e)) => return Err(failed(Failure::Connect, format!("cannot connect: {e}"))),
             Err(_) => {
-                return failed(
+                return Err(failed(
                     Failure::Connect,
                     format!("no connection within {connect_timeout:?}"),
-                )
+                ))
             }
         };
         let _ = tcp.set_nodelay(true);
-        match &self.tls {
-            None => {
-                self.exchange(tcp, window, chunks, input_open, commits)
-                    .await
-            }
-            Some(config) => {
-                let name = match &self.config.tls.server_name {
-                    Some(n) => n.clone(),
-                    None => split_host_port(relay).map(|(h, _)| h).unwrap_or_default(),
-                };
-                let Ok(server_name) = ServerName::try_from(name.clone()) else {
-                    return failed(
-                        Failure::Tls,
-                        format!("{name:?} is not a valid TLS server name"),
-                    );
-                };
-                let connector = tokio_rustls::TlsConnector::from(config.clone());
-                match tokio::time::timeout(connect_timeout, connector.connect(server_name, tcp)).await {
-                    Ok(Ok(tls)) => self.exchange(tls, window, chunks, input_open, commits).await,
-                    Ok(Err(e)) => failed(Failure::Tls, format!("TLS handshake with the relay failed: {e} (check output.tls.ca and output.tls.server_name)")),
-                    Err(_) => failed(Failure::Tls, format!("TLS handshake not finished within {connect_timeout:?}")),
-                }
-            }
+        let Some(config) = &self.tls else {
+            return Ok(Either::Left(tcp));
+        };
+        let name = match &self.config.tls.server_name {
+            Some(n) => n.clone(),
+            None => split_host_port(relay).map(|(h, _)| h).unwrap_or_default(),
+        };
+        let Ok(server_name) = ServerName::try_from(name.clone()) else {
+            return Err(failed(
+                Failure::Tls,
+                format!("{name:?} is not a valid TLS server name"),
+            ));
+        };
+        let connector = tokio_rustls::TlsConnector::from(config.clone());
+        match tokio::time::timeout(connect_timeout, connector.connect(server_name, tcp)).await {
+            Ok(Ok(tls)) => Ok(Either::Right(tls)),
+            Ok(Err(e)) => Err(failed(Failure::Tls, format!("TLS handshake with the relay failed: {e} (check output.tls.ca and output.tls.server_name)"))),
+            Err(_) => Err(failed(Failure::Tls, format!("TLS handshake not finished within {connect_timeout:?}"))),
         }
+    }
+
+    /// Whether `relay` answers: a new connection with the same transport and handshake
+    /// as a session (Fluentd's `heartbeat_type transport`), closed at once, sending no
+    /// data. With TLS or a shared key the relay process itself has to answer; over plain
+    /// TCP without a key only its kernel does (a hung process still completes the TCP
+    /// handshake from its listen backlog), so that setup proves less.
+    async fn probe(&self, relay: &str) -> Result<(), (Failure, String)> {
+        let unanswered = |end: End| match end {
+            End::Failed { reason, message } => (reason, message),
+            End::Done => (Failure::Protocol, "probe ended without an answer".into()),
+        };
+        let stream = self.connect(relay).await.map_err(unanswered)?;
+        let (read, mut write) = tokio::io::split(stream);
+        if let Some(key) = &self.config.shared_key {
+            let mut frames = FramedRead::new(read, ClientCodec::new(Limits::default()));
+            self.authenticate(key, &mut frames, &mut write)
+                .await
+                .map_err(unanswered)?;
+        }
+        let _ = write.shutdown().await;
+        Ok(())
     }
 
     async fn exchange<S>(
         &self,
         stream: S,
+        relay: &str,
         window: &mut VecDeque<InFlight>,
         chunks: &mut mpsc::Receiver<Chunk>,
         input_open: &mut bool,
@@ -248,6 +299,10 @@ impl Output {
         let ack_timeout = self.config.ack_timeout.get();
         let heartbeat = self.config.heartbeat_interval.get();
         let mut last_write = Instant::now();
+        // An overdue ack starts a probe of the relay (a second connection); while the
+        // relay answers, this connection keeps waiting (`wait`).
+        let mut probe: Option<futures::future::BoxFuture<'_, Result<(), (Failure, String)>>> = None;
+        let mut wait: Option<AckWait> = None;
         loop {
             if !*input_open && window.is_empty() {
                 let _ = write.shutdown().await;
@@ -259,11 +314,12 @@ impl Output {
             } else {
                 last_write + heartbeat
             };
-            let deadline = window
-                .front()
-                .and_then(|f| f.sent_at)
-                .map(|t| t + ack_timeout)
-                .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+            let oldest = window.front().and_then(|f| f.sent_at);
+            let deadline = match (&wait, oldest) {
+                (_, None) => Instant::now() + Duration::from_secs(3600),
+                (Some(w), Some(_)) => w.next_probe,
+                (None, Some(t)) => t + ack_timeout,
+            };
             let room = window.len() < self.config.in_flight && *input_open;
             tokio::select! {
                 chunk = chunks.recv(), if room => match chunk {
@@ -297,13 +353,48 @@ impl Output {
                             }
                         }
                         self.metrics.in_flight.set(window.len() as i64);
+                        // Acks flow again once the oldest chunk left is not overdue: the
+                        // episode (and any probe for it) is over.
+                        let overdue = window.front().and_then(|f| f.sent_at).is_some_and(|t| t.elapsed() >= ack_timeout);
+                        if !overdue {
+                            probe = None;
+                            if let Some(w) = wait.take() {
+                                tracing::info!(relay = %relay, waited = ?w.since.elapsed(), "acknowledgements resumed");
+                            }
+                        }
                     }
                     Some(Ok(other)) => return failed(Failure::Protocol, format!("unexpected frame from the relay: {}", frame_name(&other))),
                     Some(Err(e)) => return failed(Failure::Protocol, format!("bad response from the relay: {e}")),
                     None => return failed(Failure::Closed, "the relay closed the connection"),
                 },
-                _ = tokio::time::sleep_until(deadline.into()) => {
-                    return failed(Failure::AckTimeout, format!("no acknowledgement within {ack_timeout:?}; resending on a new connection"));
+                _ = tokio::time::sleep_until(deadline.into()), if probe.is_none() => {
+                    probe = Some(Box::pin(self.probe(relay)));
+                }
+                answered = async { probe.as_mut().expect("guarded by is_some").await }, if probe.is_some() => {
+                    probe = None;
+                    let age = oldest.map(|t| t.elapsed()).unwrap_or_default();
+                    match answered {
+                        Err((reason, message)) => {
+                            return failed(Failure::AckTimeout, format!(
+                                "no acknowledgement for {age:?} (ack_timeout {ack_timeout:?}), and the relay does not answer a new connection ({}: {message}); resending to the next relay",
+                                reason.as_label()
+                            ));
+                        }
+                        Ok(()) => {
+                            let next_probe = Instant::now() + ack_timeout;
+                            match &mut wait {
+                                Some(w) => {
+                                    tracing::debug!(relay = %relay, oldest_chunk_age = ?age, "still no acknowledgement; the relay still answers");
+                                    w.next_probe = next_probe;
+                                }
+                                None => {
+                                    self.metrics.ack_waits.inc();
+                                    tracing::warn!(relay = %relay, oldest_chunk_age = ?age, unacknowledged = window.len(), "no acknowledgement within ack_timeout ({ack_timeout:?}), but the relay still answers: waiting on it instead of failing over (in end_to_end mode its sinks may be slow; another relay would only spool a second copy)");
+                                    wait = Some(AckWait { since: oldest.unwrap_or_else(Instant::now), next_probe });
+                                }
+                            }
+                        }
+                    }
                 }
                 _ = tokio::time::sleep_until(beat_at.into()) => {
                     // Forward's heartbeat: a msgpack nil, skipped by servers.
@@ -420,5 +511,200 @@ fn frame_name(f: &ServerFrame) -> &'static str {
         ServerFrame::Helo(_) => "HELO",
         ServerFrame::Pong(_) => "PONG",
         ServerFrame::Ack(_) => "ack",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The output against fake relays on loopback (plain TCP, no key): a relay that holds
+    //! its ack but still takes connections is waited for; one that stops taking
+    //! connections is left for the next.
+
+    use super::*;
+    use crate::source::SourceId;
+    use sluice_forward::{encode_ack, encode_compressed_packed_forward, gzip_entries, write_entry};
+    use sluice_forward::{ClientFrame, EventTime, ServerCodec};
+    use tokio::net::TcpListener;
+
+    fn chunk(id: &str) -> Chunk {
+        let mut entries = Vec::new();
+        write_entry(&mut entries, EventTime::now(), &[("message", b"hi")]);
+        let mut frame = BytesMut::new();
+        encode_compressed_packed_forward("app", &gzip_entries(&entries), 1, id, None, &mut frame);
+        Chunk {
+            id: id.into(),
+            input: 0,
+            source: SourceId("s".into()),
+            end: 1,
+            count: 1,
+            frame: frame.freeze(),
+        }
+    }
+
+    fn output(relays: &[std::net::SocketAddr]) -> Output {
+        let config: OutputConfig = serde_json::from_value(serde_json::json!({
+            "relays": relays.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+            "insecure": true,
+            "ack_timeout": "200ms",
+            "connect_timeout": "500ms",
+            "retry_min": "10ms",
+            "retry_max": "50ms",
+        }))
+        .unwrap();
+        Output {
+            config,
+            agent_id: "agent".into(),
+            tls: None,
+            metrics: Arc::new(AgentMetrics::default()),
+        }
+    }
+
+    /// A relay that reads chunks and acks each one only when `ack` is told its id.
+    /// Connections that send nothing are probes.
+    struct FakeRelay {
+        addr: std::net::SocketAddr,
+        received: Arc<std::sync::Mutex<Vec<String>>>,
+        ack: tokio::sync::broadcast::Sender<String>,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    impl FakeRelay {
+        async fn start() -> FakeRelay {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let received = Arc::new(std::sync::Mutex::new(Vec::new()));
+            let (ack, _) = tokio::sync::broadcast::channel::<String>(16);
+            let task = tokio::spawn({
+                let (received, ack) = (received.clone(), ack.clone());
+                async move {
+                    while let Ok((stream, _)) = listener.accept().await {
+                        let (received, mut acks) = (received.clone(), ack.subscribe());
+                        tokio::spawn(async move {
+                            let (read, mut write) = tokio::io::split(stream);
+                            let mut frames =
+                                FramedRead::new(read, ServerCodec::new(Limits::default()));
+                            let mut mine = Vec::new();
+                            loop {
+                                tokio::select! {
+                                    frame = frames.next() => match frame {
+                                        Some(Ok(ClientFrame::Events(b))) => {
+                                            let id = b.options.chunk.clone().unwrap();
+                                            received.lock().unwrap().push(id.clone());
+                                            mine.push(id);
+                                        }
+                                        _ => return,
+                                    },
+                                    Ok(id) = acks.recv() => if mine.contains(&id) {
+                                        let mut out = BytesMut::new();
+                                        encode_ack(&id, &mut out);
+                                        let _ = write.write_all(&out).await;
+                                    },
+                                }
+                            }
+                        });
+                    }
+                }
+            });
+            FakeRelay {
+                addr,
+                received,
+                ack,
+                task,
+            }
+        }
+
+        fn received(&self) -> Vec<String> {
+            self.received.lock().unwrap().clone()
+        }
+
+        /// Stops accepting connections (the listener closes); open ones go on.
+        fn stop_listening(&self) {
+            self.task.abort();
+        }
+    }
+
+    async fn until(what: &str, mut cond: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !cond() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_late_ack_from_a_relay_that_answers_is_waited_for() {
+        let (a, b) = (FakeRelay::start().await, FakeRelay::start().await);
+        let out = output(&[a.addr, b.addr]);
+        let metrics = out.metrics.clone();
+        let (chunk_tx, chunk_rx) = mpsc::channel(4);
+        let (commit_tx, commit_rx) = std::sync::mpsc::channel();
+        let task = tokio::spawn(out.run(chunk_rx, commit_tx, CancellationToken::new()));
+        chunk_tx.send(chunk("c1")).await.unwrap();
+        until("the chunk to reach a relay", || {
+            !a.received().is_empty() || !b.received().is_empty()
+        })
+        .await;
+        let (active, other) = if a.received().is_empty() {
+            (&b, &a)
+        } else {
+            (&a, &b)
+        };
+        // Five ack timeouts without an ack: one episode, no failover, no resend.
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        assert_eq!(metrics.ack_waits.get(), 1);
+        assert_eq!(metrics.chunks_resent.get(), 0);
+        assert!(
+            other.received().is_empty(),
+            "failed over to the other relay"
+        );
+        assert_eq!(active.received(), ["c1"]);
+        active.ack.send("c1".into()).unwrap();
+        until("the ack", || metrics.chunks_acked.get() == 1).await;
+        assert_eq!(commit_rx.recv().unwrap().end, 1);
+        // A second late ack is a second episode.
+        chunk_tx.send(chunk("c2")).await.unwrap();
+        until("a second episode", || metrics.ack_waits.get() == 2).await;
+        active.ack.send("c2".into()).unwrap();
+        drop(chunk_tx);
+        task.await.unwrap();
+        assert!(other.received().is_empty());
+        let errors = metrics.relay_errors.get_or_create(&crate::metrics::Reason {
+            reason: "ack_timeout".into(),
+        });
+        assert_eq!(errors.get(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_late_ack_from_a_relay_that_stopped_answering_fails_over() {
+        let (a, b) = (FakeRelay::start().await, FakeRelay::start().await);
+        let out = output(&[a.addr, b.addr]);
+        let metrics = out.metrics.clone();
+        let (chunk_tx, chunk_rx) = mpsc::channel(4);
+        let (commit_tx, _commit_rx) = std::sync::mpsc::channel();
+        let task = tokio::spawn(out.run(chunk_rx, commit_tx, CancellationToken::new()));
+        chunk_tx.send(chunk("c1")).await.unwrap();
+        until("the chunk to reach a relay", || {
+            !a.received().is_empty() || !b.received().is_empty()
+        })
+        .await;
+        let (active, other) = if a.received().is_empty() {
+            (&b, &a)
+        } else {
+            (&a, &b)
+        };
+        active.stop_listening();
+        until("the chunk to be resent to the other relay", || {
+            other.received() == ["c1"]
+        })
+        .await;
+        let errors = metrics.relay_errors.get_or_create(&crate::metrics::Reason {
+            reason: "ack_timeout".into(),
+        });
+        assert_eq!(errors.get(), 1);
+        assert_eq!(metrics.ack_waits.get(), 0);
+        other.ack.send("c1".into()).unwrap();
+        drop(chunk_tx);
+        task.await.unwrap();
+        assert_eq!(metrics.chunks_acked.get(), 1);
     }
 }

@@ -24,7 +24,7 @@ use sluice_spool::{FsyncPolicy, Spool, SpoolConfig};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use config::{FsyncMode, RelayConfig, StartFrom};
+use config::{AckMode, FsyncMode, RelayConfig, StartFrom};
 use ledger::Ledger;
 use metrics::RelayMetrics;
 use sinks::{SinkProgress, SinkRun};
@@ -108,6 +108,8 @@ pub async fn run(config: RelayConfig) -> anyhow::Result<()> {
     let sink_abort = CancellationToken::new();
     let mut sink_tasks = Vec::new();
     let mut required = Vec::new();
+    let ack_demand = (config.server.ack == AckMode::EndToEnd)
+        .then(|| Arc::new(watch::channel(sluice_spool::Position::default()).0));
     for sink in &config.sinks {
         let state_path = sinks::state_path(&data_dir, &sink.name);
         let state = sinks::load_state(&state_path).map_err(anyhow::Error::msg)?;
@@ -174,6 +176,10 @@ pub async fn run(config: RelayConfig) -> anyhow::Result<()> {
             },
             ledger: ledger.clone(),
             metrics: metrics.clone(),
+            ack_demand: ack_demand
+                .as_ref()
+                .filter(|_| sink.required)
+                .map(|d| d.subscribe()),
             stop: sink_stop.clone(),
             abort: sink_abort.clone(),
         };
@@ -242,6 +248,7 @@ pub async fn run(config: RelayConfig) -> anyhow::Result<()> {
         tls,
         writer: writer_tx.clone(),
         required_sinks: required,
+        ack_demand,
         metrics: metrics.clone(),
         budget: budget::Budget::new(config.server.max_inflight_bytes.as_usize()),
         pool: budget::DecodePool::new(config.server.decode_threads()),

@@ -40,6 +40,11 @@ pub struct ServerState {
     pub writer: mpsc::Sender<WriterMsg>,
     /// Delivered positions of the required sinks, for end-to-end acks.
     pub required_sinks: Vec<watch::Receiver<Position>>,
+    /// In `end_to_end` mode: the furthest spool position an acknowledgement waits for.
+    /// Each connection raises it before it waits; the required sinks' drivers read it
+    /// and deliver what they gathered at once, instead of at their size or age limit
+    /// (an object sink's `max_object_age` would otherwise hold every ack that long).
+    pub ack_demand: Option<Arc<watch::Sender<Position>>>,
     pub metrics: Arc<RelayMetrics>,
     /// Ingest memory, all connections together (`max_inflight_bytes`).
     pub budget: Budget,
@@ -605,6 +610,7 @@ where
     )>(IN_FLIGHT_PER_CONNECTION);
     let end_to_end = state.config.ack == AckMode::EndToEnd;
     let mut required = state.required_sinks.clone();
+    let demand = state.ack_demand.clone();
     let metrics = state.metrics.clone();
     let ack_write_timeout = state.config.frame_timeout.get();
     let mut acker = tokio::spawn(async move {
@@ -639,6 +645,15 @@ where
             // holding the connection's window for it would only slow the sender down
             // (fluent-logger sends one frame per event) without protecting anything.
             if end_to_end && chunk.is_some() {
+                if let Some(demand) = &demand {
+                    demand.send_if_modified(|furthest| {
+                        let further = accepted.end > *furthest;
+                        if further {
+                            *furthest = accepted.end;
+                        }
+                        further
+                    });
+                }
                 for sink in &mut required {
                     if sink.wait_for(|p| *p >= accepted.end).await.is_err() {
                         return Err(reject(

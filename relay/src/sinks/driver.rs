@@ -82,6 +82,13 @@ pub struct SinkRun {
     pub progress: SinkProgress,
     pub ledger: Arc<Mutex<Ledger>>,
     pub metrics: Arc<RelayMetrics>,
+    /// For a required sink in `end_to_end` mode: the furthest spool position an
+    /// acknowledgement waits for (`ServerState::ack_demand`). While it is past the
+    /// cursor, what is gathered is delivered as soon as nothing more is readable: acks
+    /// wait for this sink, so holding a gathering until `gather_limits` (an object sink's
+    /// `max_object_age`) would hold the senders just as long. Under load deliveries
+    /// still grow, with whatever arrives while the previous one runs.
+    pub ack_demand: Option<watch::Receiver<Position>>,
     /// Stop gathering new data.
     pub stop: CancellationToken,
     /// Give up on the current delivery (shutdown timeout passed).
@@ -146,9 +153,15 @@ pub async fn run_sink(mut s: SinkRun) {
             .get_or_create(&label)
             .set(lag as i64);
         let stopping = s.stop.is_cancelled();
+        // An ack waits for something at or after the cursor, i.e. in this gathering or
+        // not yet readable (then the wait below ends when it is committed).
+        let demanded = s
+            .ack_demand
+            .as_ref()
+            .is_some_and(|d| *d.borrow() > gathered.start);
         let due = gathered.bytes() >= max_bytes
             || first_at.is_some_and(|t| t.elapsed() >= max_wait)
-            || (stopping && !gathered.is_empty());
+            || ((stopping || demanded) && !gathered.is_empty());
         if due {
             if !deliver_with_retry(&mut s, &gathered, &name).await {
                 return; // aborted: the cursor stays where it was; the data stays in the spool
@@ -174,11 +187,25 @@ pub async fn run_sink(mut s: SinkRun) {
             Some(t) => max_wait.saturating_sub(t.elapsed()),
             None => Duration::from_millis(500),
         };
-        tokio::select! {
-            _ = s.stop.cancelled() => {}
-            _ = s.committed.changed() => {}
-            _ = tokio::time::sleep(wait) => {}
+        let demand_gone = tokio::select! {
+            _ = s.stop.cancelled() => false,
+            _ = s.committed.changed() => false,
+            changed = demand_changed(&mut s.ack_demand) => changed.is_err(),
+            _ = tokio::time::sleep(wait) => false,
+        };
+        if demand_gone {
+            s.ack_demand = None; // the server is gone: nobody waits any more
         }
+    }
+}
+
+/// Resolves when the ack demand moves; never without one.
+async fn demand_changed(
+    demand: &mut Option<watch::Receiver<Position>>,
+) -> Result<(), watch::error::RecvError> {
+    match demand {
+        Some(d) => d.changed().await,
+        None => std::future::pending().await,
     }
 }
 

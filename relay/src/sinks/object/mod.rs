@@ -33,7 +33,10 @@ pub struct ObjectSink {
     /// An object is written when this much (uncompressed) is gathered ...
     #[serde(default = "default_object_size")]
     pub max_object_size: ByteSize,
-    /// ... or when the oldest gathered event waited this long.
+    /// ... or when the oldest gathered event waited this long. With `server.ack =
+    /// "end_to_end"` and `required = true`, an object is also written as soon as an
+    /// acknowledgement waits for what is gathered (nothing more to read right then), so
+    /// acks never wait for this age.
     #[serde(default = "default_object_age")]
     pub max_object_age: Span,
 }
