@@ -57,8 +57,8 @@ pub struct Dedup {
     unexported: HashMap<String, HashSet<u64>>,
 }
 
-/// What the relay knows of one source. About 100 bytes in memory plus the source id
-/// (docs/relay.md, "Memory").
+/// What the relay knows of one source. About 130 bytes in memory with the table's
+/// overhead, plus the source id (docs/relay.md, "Memory per source").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Mark {
     /// The highest seq accepted.

@@ -109,7 +109,8 @@ pub struct SpoolWriter {
     /// Distinct tags per client. Keyed by connection until the server hands the writer
     /// the authenticated client.
     tags: TagsPerClient<u64>,
-    last_prune: Instant,
+    /// None until the first housekeeping, which prunes at once.
+    last_prune: Option<Instant>,
     state_buf: Vec<u8>,
     ledger: Arc<Mutex<Ledger>>,
     metrics: Arc<RelayMetrics>,
@@ -211,7 +212,7 @@ impl SpoolWriter {
             snapshot_at: tail,
             retention: Retention::default(),
             tags: TagsPerClient::new(Retention::default().max_tags_per_client),
-            last_prune: Instant::now(),
+            last_prune: None,
             state_buf: Vec::new(),
             ledger,
             metrics,
@@ -375,6 +376,16 @@ impl SpoolWriter {
             self.ready.set_refusing(self.failing);
         }
         self.housekeeping();
+        // Persist what changed since the last roll, so the next start replays nothing.
+        match self.spool.sync() {
+            Ok(_) => {
+                let tail = self.spool.tail();
+                if let Err(e) = self.persist_state(tail) {
+                    tracing::warn!(error = %e, "persisting the relay state at shutdown failed; the next start replays the spool from the last record");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "spool sync at shutdown failed"),
+        }
         tracing::info!("spool writer stopped");
     }
 
@@ -542,8 +553,8 @@ impl SpoolWriter {
             }
         }
         self.unpin_snapshot();
-        if self.last_prune.elapsed() >= PRUNE_EVERY {
-            self.last_prune = Instant::now();
+        if self.last_prune.is_none_or(|t| t.elapsed() >= PRUNE_EVERY) {
+            self.last_prune = Some(Instant::now());
             self.prune(unix_now());
         }
         match self.spool.gc() {
