@@ -46,6 +46,12 @@ struct Args {
     /// Unacknowledged chunks per connection.
     #[arg(long, default_value_t = 16)]
     in_flight: usize,
+    /// Distinct sources, all connections together: chunk `c` of a connection belongs to
+    /// its source `c % (sources / connections)`. 0: one source per connection. With
+    /// `--chunk-events 1 --events N --sources N`, the relay learns N sources (a dedup
+    /// table of that size, for `bench/dedup-sources.sh`).
+    #[arg(long, default_value_t = 0)]
+    sources: usize,
     /// PID of the relay, to report its CPU seconds.
     #[arg(long)]
     relay_pid: Option<u32>,
@@ -98,10 +104,14 @@ fn build_frames(args: &Args, conn: usize, count: usize) -> Vec<(String, Bytes)> 
         gz.write_all(&entries).expect("gzip into memory");
         let gz = gz.finish().expect("gzip into memory");
         let id = format!("c{conn}-{c}");
-        let prov = Provenance {
-            source: format!("loadgen:{}:{conn}", std::process::id()),
-            seqs,
+        let per_conn = args.sources.div_ceil(args.connections);
+        let source = if per_conn == 0 {
+            format!("loadgen:{}:{conn}", std::process::id())
+        } else {
+            // The seqs of one connection ascend, so those of each of its sources do too.
+            format!("loadgen:{}:{conn}:{}", std::process::id(), c % per_conn)
         };
+        let prov = Provenance { source, seqs };
         let mut out = BytesMut::new();
         encode_compressed_packed_forward(
             "bench.access",

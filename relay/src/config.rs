@@ -39,6 +39,15 @@ pub struct RelaySection {
     /// How long a graceful shutdown may take to flush the sinks.
     #[serde(default = "default_shutdown_timeout")]
     pub shutdown_timeout: Span,
+    /// The ledger (received, offered, delivered, dropped per tag and hour) forgets hours
+    /// that ended longer ago than this, and `reconcile` no longer reports them. Bounds
+    /// the ledger, whose tags and hours come from the clients.
+    #[serde(default = "default_ledger_retention")]
+    pub ledger_retention: Span,
+}
+
+fn default_ledger_retention() -> Span {
+    Span::secs(31 * 86_400)
 }
 
 fn default_shutdown_timeout() -> Span {
@@ -142,6 +151,13 @@ pub struct ServerSection {
     #[serde(default)]
     #[schemars(extend("default" = "true when clients authenticate (shared key or client certificates)"))]
     pub bind_sources: Option<bool>,
+    /// Distinct tags one client may send. A chunk with a tag beyond it is refused (not
+    /// acknowledged, the connection closed, `chunks_refused{reason="max_tags_per_client"}`,
+    /// a warning naming the client and the tag); its other tags go on. A tag is forgotten
+    /// once the client sent none of it for `relay.ledger_retention`. Tags and hours are
+    /// chosen by clients, and the ledger counts every one.
+    #[serde(default = "default_max_tags_per_client")]
+    pub max_tags_per_client: usize,
 }
 
 /// Bytes a client (one IP address, all its connections together) may send per second.
@@ -208,6 +224,9 @@ fn default_frame_timeout() -> Span {
 fn default_idle_timeout() -> Span {
     Span::secs(300)
 }
+fn default_max_tags_per_client() -> usize {
+    1000
+}
 fn default_handshake_timeout() -> Span {
     Span::secs(10)
 }
@@ -244,6 +263,13 @@ pub struct SpoolSection {
     /// With `fsync = "interval"`: the longest time between two fsyncs.
     #[serde(default = "default_fsync_interval")]
     pub fsync_interval: Span,
+    /// A source (one agent input and file) is forgotten by dedup once it has sent
+    /// nothing for this long and every sink has delivered its data. Every rotated file is
+    /// a new source, so without this the table grows for good. Trade-off: a source silent
+    /// for longer that then resends an old chunk gets it spooled again (a duplicate,
+    /// never a loss).
+    #[serde(default = "default_dedup_retention")]
+    pub dedup_retention: Span,
 }
 
 impl Default for SpoolSection {
@@ -254,6 +280,7 @@ impl Default for SpoolSection {
             max_size: default_spool_max(),
             fsync: FsyncMode::Always,
             fsync_interval: default_fsync_interval(),
+            dedup_retention: default_dedup_retention(),
         }
     }
 }
@@ -266,6 +293,9 @@ fn default_spool_max() -> ByteSize {
 }
 fn default_fsync_interval() -> Span {
     Span::secs(1)
+}
+fn default_dedup_retention() -> Span {
+    Span::secs(7 * 86_400)
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, schemars::JsonSchema)]
@@ -482,6 +512,23 @@ impl RelayConfig {
         }
         if self.server.decode_threads == Some(0) {
             return Err("server.decode_threads = 0 would decode nothing: set at least 1 (or leave it out for one per CPU)".into());
+        }
+        if self.server.max_tags_per_client == 0 {
+            return Err(
+                "server.max_tags_per_client = 0 would refuse every chunk: set at least 1".into(),
+            );
+        }
+        if self.spool.dedup_retention.get() < std::time::Duration::from_secs(3600) {
+            return Err(format!(
+                "spool.dedup_retention ({}) must be at least 1h: a source that resends after a longer pause than this gets duplicated",
+                self.spool.dedup_retention
+            ));
+        }
+        if self.relay.ledger_retention.get() < std::time::Duration::from_secs(2 * 3600) {
+            return Err(format!(
+                "relay.ledger_retention ({}) must be at least 2h: the hour being written must not be forgotten",
+                self.relay.ledger_retention
+            ));
         }
         if self.spool.max_size < self.spool.segment_size {
             return Err(format!(

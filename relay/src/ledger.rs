@@ -67,6 +67,44 @@ impl Counts {
         }
     }
 
+    /// Sets a cell; 0 removes it (and a tag left without hours).
+    pub fn set(&mut self, tag: &str, hour: u64, n: u64) {
+        match self.0.get_mut(tag) {
+            Some(hours) if n == 0 => {
+                hours.remove(&hour);
+                if hours.is_empty() {
+                    self.0.remove(tag);
+                }
+            }
+            Some(hours) => {
+                hours.insert(hour, n);
+            }
+            None if n == 0 => {}
+            None => {
+                self.0.insert(tag.to_string(), BTreeMap::from([(hour, n)]));
+            }
+        }
+    }
+
+    /// Removes every cell of an hour before `hour`, telling `gone` about each.
+    pub fn prune_before(&mut self, hour: u64, mut gone: impl FnMut(&str, u64)) {
+        self.0.retain(|tag, hours| {
+            let keep = hours.split_off(&hour);
+            for &h in hours.keys() {
+                gone(tag, h);
+            }
+            *hours = keep;
+            !hours.is_empty()
+        });
+    }
+
+    /// Every (tag, hour, events) cell.
+    pub fn cells(&self) -> impl Iterator<Item = (&str, u64, u64)> {
+        self.0
+            .iter()
+            .flat_map(|(t, h)| h.iter().map(move |(hour, n)| (t.as_str(), *hour, *n)))
+    }
+
     pub fn total(&self) -> u64 {
         self.0.values().flat_map(|h| h.values()).sum()
     }
@@ -97,6 +135,14 @@ impl Counts {
 /// One sink's counts. `offered` is what the sink was given (after `start_from`, and
 /// later routing and filters); every offered event ends up delivered or dropped, and a
 /// difference is a delivery still under way.
+impl SinkCounts {
+    pub fn forget_before(&mut self, hour: u64) {
+        for counts in [&mut self.offered, &mut self.delivered, &mut self.dropped] {
+            counts.prune_before(hour, |_, _| {});
+        }
+    }
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SinkCounts {
     /// Absent in state files written before offered was counted: read as empty.
@@ -161,6 +207,15 @@ pub struct Ledger {
     pub received: Counts,
     pub duplicates: u64,
     pub sinks: BTreeMap<String, SinkCounts>,
+    /// Hours before this one (hours since the epoch) are forgotten
+    /// (`relay.ledger_retention`): `reconcile` does not report them. 0 in ledgers
+    /// written before hours were forgotten.
+    #[serde(default)]
+    pub forgotten_before: u64,
+    /// Bumped whenever a count changes, so the periodic export writes the file only
+    /// when there is something new. Not persisted.
+    #[serde(skip)]
+    pub revision: u64,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -171,6 +226,19 @@ enum LedgerFile {
 }
 
 impl Ledger {
+    /// Forgets the sinks' counts of hours before `hour` (the received counts are the
+    /// writer's, which forgets them itself) and records the bound for `reconcile`.
+    pub fn forget_before(&mut self, hour: u64) {
+        if hour <= self.forgotten_before {
+            return;
+        }
+        self.forgotten_before = hour;
+        for counts in self.sinks.values_mut() {
+            counts.forget_before(hour);
+        }
+        self.revision += 1;
+    }
+
     pub fn save(&self, path: &Path) -> std::io::Result<()> {
         let bytes = serde_json::to_vec_pretty(&LedgerFile::V1(self.clone()))?;
         sluice_core::durable::write_atomic(path, &bytes)

@@ -13,6 +13,8 @@ pub mod reconcile;
 pub mod record;
 pub mod server;
 pub mod sinks;
+pub mod state_store;
+pub mod tag_limit;
 pub mod writer;
 
 use std::sync::{Arc, Mutex};
@@ -85,6 +87,11 @@ pub async fn run(config: RelayConfig) -> anyhow::Result<()> {
         ..Default::default()
     }));
     let (mut writer, committed) = SpoolWriter::recover(spool, ledger.clone(), metrics.clone())?;
+    writer.set_retention(writer::Retention {
+        dedup: config.spool.dedup_retention.get(),
+        ledger: config.relay.ledger_retention.get(),
+        max_tags_per_client: config.server.max_tags_per_client,
+    });
 
     // Sinks removed from the config give up their cursor, so the spool can be collected.
     let configured: std::collections::BTreeSet<&str> =
@@ -204,21 +211,31 @@ pub async fn run(config: RelayConfig) -> anyhow::Result<()> {
         let stop = background.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
+            // The export is written only when a count changed since the last write.
+            let mut saved = None;
             loop {
                 tokio::select! {
                     _ = stop.cancelled() => return,
                     _ = tick.tick() => {}
                 }
                 let _ = tx.try_send(WriterMsg::Tick);
-                let snapshot = ledger.lock().unwrap_or_else(|e| e.into_inner()).clone();
-                if let Err(e) = tokio::task::spawn_blocking({
+                let snapshot = {
+                    let ledger = ledger.lock().unwrap_or_else(|e| e.into_inner());
+                    if saved == Some(ledger.revision) {
+                        continue;
+                    }
+                    ledger.clone()
+                };
+                let revision = snapshot.revision;
+                match tokio::task::spawn_blocking({
                     let path = path.clone();
                     move || snapshot.save(&path)
                 })
                 .await
                 .unwrap_or(Ok(()))
                 {
-                    tracing::warn!(error = %e, "cannot write the ledger");
+                    Ok(()) => saved = Some(revision),
+                    Err(e) => tracing::warn!(error = %e, "cannot write the ledger"),
                 }
             }
         });

@@ -46,6 +46,18 @@ pub struct RelayMetrics {
     pub spool_corrupt_segments: Counter,
     pub spool_corrupt_batches: Counter,
     pub spool_corrupt_bytes: Counter,
+    /// Chunks not accepted (not acknowledged, the connection closed) by reason, e.g.
+    /// `max_tags_per_client`.
+    pub chunks_refused: Family<Reason, Counter>,
+    /// Sources in the dedup table.
+    pub dedup_sources: Gauge,
+    /// Sources forgotten after `spool.dedup_retention`.
+    pub dedup_sources_pruned: Counter,
+    /// Ledger (tag, hour) cells forgotten after `relay.ledger_retention`.
+    pub ledger_hours_pruned: Counter,
+    /// Bytes written to persist the relay state (dedup marks and counts): change
+    /// records, compactions and their manifest.
+    pub state_bytes_written: Counter,
     pub sink_events: Family<SinkLabel, Counter>,
     pub sink_bytes: Family<SinkLabel, Counter>,
     pub sink_retries: Family<SinkLabel, Counter>,
@@ -85,6 +97,11 @@ impl RelayMetrics {
             spool_corrupt_segments: Default::default(),
             spool_corrupt_batches: Default::default(),
             spool_corrupt_bytes: Default::default(),
+            chunks_refused: Default::default(),
+            dedup_sources: Default::default(),
+            dedup_sources_pruned: Default::default(),
+            ledger_hours_pruned: Default::default(),
+            state_bytes_written: Default::default(),
             sink_events: Default::default(),
             sink_bytes: Default::default(),
             sink_retries: Default::default(),
@@ -183,6 +200,31 @@ impl RelayMetrics {
             self.spool_corrupt_bytes.clone(),
         );
         r.register(
+            "chunks_refused",
+            "Chunks not accepted (unacknowledged, connection closed), by reason",
+            self.chunks_refused.clone(),
+        );
+        r.register(
+            "dedup_sources",
+            "Sources in the dedup table",
+            self.dedup_sources.clone(),
+        );
+        r.register(
+            "dedup_sources_pruned",
+            "Sources forgotten after spool.dedup_retention",
+            self.dedup_sources_pruned.clone(),
+        );
+        r.register(
+            "ledger_hours_pruned",
+            "Ledger (tag, hour) cells forgotten after relay.ledger_retention",
+            self.ledger_hours_pruned.clone(),
+        );
+        r.register(
+            "state_bytes_written",
+            "Bytes written to persist the dedup table and received counts",
+            self.state_bytes_written.clone(),
+        );
+        r.register(
             "sink_events",
             "Events delivered, by sink",
             self.sink_events.clone(),
@@ -231,6 +273,14 @@ impl RelayMetrics {
     pub fn spool_damage(&self, d: &sluice_spool::Damage) {
         self.spool_corrupt_batches.inc_by(d.batches);
         self.spool_corrupt_bytes.inc_by(d.bytes());
+    }
+
+    pub fn refuse_chunk(&self, reason: &str) {
+        self.chunks_refused
+            .get_or_create(&Reason {
+                reason: reason.to_string(),
+            })
+            .inc();
     }
 
     pub fn sink(&self, sink: &str) -> SinkLabel {

@@ -46,6 +46,8 @@ pub async fn report(
     for (_, a) in actuals.values() {
         keys.extend(a.counts.keys().map(|(t, h)| (t.to_string(), h)));
     }
+    // Hours past relay.ledger_retention are forgotten by the ledger, not missing.
+    keys.retain(|(_, hour)| *hour >= ledger.forgotten_before);
     let mut out = String::new();
     use std::fmt::Write;
     let _ = writeln!(

@@ -6,11 +6,18 @@
 //! So an acknowledgement never precedes durability, and a busy relay pays one fsync per
 //! group rather than per chunk.
 //!
-//! Dedup ([`crate::dedup`]) decides what of a chunk is new. Its table (and the received
-//! counts) is snapshotted into the spool at each segment roll, *after* the commit that
-//! made the previous segment durable, and rebuilt at start by replaying the spool from
-//! the snapshot. Were the snapshot written before that commit, a crash could leave it
-//! ahead of the data, and a resend of the lost tail would be trimmed as a duplicate: lost.
+//! Dedup ([`crate::dedup`]) decides what of a chunk is new. What changed in its table
+//! (and the received counts) since the last time is persisted after each segment roll
+//! ([`crate::state_store`]: one record of the changes, now and then a compaction),
+//! *after* a commit that made the spool durable up to the position the record names,
+//! and the state is rebuilt at start by replaying the spool from that position. Were
+//! the record written before that commit, a crash could leave it ahead of the data,
+//! and a resend of the lost tail would be trimmed as a duplicate: lost.
+//!
+//! Housekeeping prunes what would otherwise grow for good: sources idle for
+//! `spool.dedup_retention` whose data every sink has, counts of hours older than
+//! `relay.ledger_retention`; and `server.max_tags_per_client` refuses a client's chunk
+//! with one tag too many ([`crate::tag_limit`]).
 //!
 //! Backpressure: once the spool is at its size limit the writer stops taking requests —
 //! at once, also in the middle of gathering a group — so the spool exceeds its limit by
@@ -19,17 +26,19 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use sluice_core::metrics::Readiness;
 use sluice_forward::{EventBatch, EventTime};
 use sluice_spool::{Position, Spool, SpoolError};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::dedup::Dedup;
+use crate::dedup::{Dedup, Seen};
 use crate::ledger::Ledger;
 use crate::metrics::RelayMetrics;
 use crate::record;
+use crate::state_store::{Manifest, StateStore};
+use crate::tag_limit::TagsPerClient;
 
 /// A chunk to spool; the reply says where it ended up (or why it could not be).
 pub struct WriteRequest {
@@ -66,13 +75,49 @@ pub enum WriterMsg {
 
 const SNAPSHOT: &str = "relay-state";
 const MAX_GROUP: usize = 1024;
+/// How often housekeeping looks for sources and hours past their retention (a scan of
+/// the whole table: about 10 ms per million sources).
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
+
+/// How long the writer keeps what it learns, and how much a client may add.
+#[derive(Debug, Clone, Copy)]
+pub struct Retention {
+    /// `spool.dedup_retention`.
+    pub dedup: Duration,
+    /// `relay.ledger_retention`.
+    pub ledger: Duration,
+    /// `server.max_tags_per_client`.
+    pub max_tags_per_client: usize,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention {
+            dedup: Duration::from_secs(7 * 86_400),
+            ledger: Duration::from_secs(31 * 86_400),
+            max_tags_per_client: 1000,
+        }
+    }
+}
 
 pub struct SpoolWriter {
     spool: Spool,
     dedup: Dedup,
-    pending_snapshot: Option<(Position, Vec<u8>)>,
+    /// A segment rolled since the state was last persisted.
+    persist_due: bool,
+    /// The relay state's files; None until one could be created.
+    store: Option<StateStore>,
+    /// The generation a new store gets when there is none.
+    next_generation: u64,
     /// Where the snapshot on disk is: it keeps the segments after it from collection.
     snapshot_at: Position,
+    retention: Retention,
+    /// Distinct tags per client: the name it authenticated as, or, for an anonymous
+    /// client, its connection (forgotten when it closes).
+    tags: TagsPerClient<String>,
+    /// None until the first housekeeping, which prunes at once.
+    last_prune: Option<Instant>,
+    state_buf: Vec<u8>,
     ledger: Arc<Mutex<Ledger>>,
     metrics: Arc<RelayMetrics>,
     committed: watch::Sender<Position>,
@@ -99,13 +144,35 @@ impl SpoolWriter {
         ledger: Arc<Mutex<Ledger>>,
         metrics: Arc<RelayMetrics>,
     ) -> Result<(SpoolWriter, watch::Receiver<Position>), SpoolError> {
+        let state_dir = StateStore::dir_in(spool.dir());
+        let mut store = None;
+        let mut next_generation = 1;
         let (mut dedup, from) = match spool.read_snapshot(SNAPSHOT)? {
-            Some((at, bytes)) => match Dedup::from_snapshot(&bytes) {
-                Ok(d) => (d, at),
-                Err(e) => {
-                    tracing::warn!(error = %e, "relay state snapshot unreadable; rebuilding from the whole spool");
-                    (Dedup::default(), spool.head())
+            Some((at, bytes)) => match Manifest::decode(&bytes) {
+                Some(Manifest::V2 { generation }) => {
+                    next_generation = generation + 1;
+                    match load_state(&state_dir, generation) {
+                        Ok((d, last, s)) => {
+                            store = s;
+                            (d, last)
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "relay state unreadable; rebuilding from the whole spool");
+                            (Dedup::default(), spool.head())
+                        }
+                    }
                 }
+                // The upgrade path: a version 1 snapshot holds the whole state.
+                None => match Dedup::from_v1_snapshot(&bytes, unix_now(), at) {
+                    Ok(d) => {
+                        tracing::info!(sources = d.sources(), "relay state snapshot of version 1 read; it is rewritten in the current format");
+                        (d, at)
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "relay state snapshot unreadable; rebuilding from the whole spool");
+                        (Dedup::default(), spool.head())
+                    }
+                },
             },
             None => (Dedup::default(), spool.head()),
         };
@@ -114,8 +181,8 @@ impl SpoolWriter {
         let mut buf = Vec::new();
         let mut replayed = 0u64;
         loop {
-            match reader.next(&mut buf) {
-                Ok(Some(_)) => {}
+            let end = match reader.next(&mut buf) {
+                Ok(Some((_, end))) => end,
                 Ok(None) => break,
                 Err(SpoolError::Damaged {
                     damage,
@@ -137,10 +204,10 @@ impl SpoolWriter {
                     metrics.spool_errors.inc();
                     break;
                 }
-            }
+            };
             match record::decode(&buf) {
                 Ok(chunk) => {
-                    dedup.replay(&chunk);
+                    dedup.replay(&chunk, end);
                     replayed += 1;
                 }
                 Err(e) => {
@@ -158,8 +225,14 @@ impl SpoolWriter {
         let mut writer = SpoolWriter {
             spool,
             dedup,
-            pending_snapshot: None,
+            persist_due: false,
+            store,
+            next_generation,
             snapshot_at: tail,
+            retention: Retention::default(),
+            tags: TagsPerClient::new(Retention::default().max_tags_per_client),
+            last_prune: None,
+            state_buf: Vec::new(),
             ledger,
             metrics,
             committed,
@@ -171,12 +244,19 @@ impl SpoolWriter {
             fail_next_append: false,
             buf: Vec::with_capacity(1 << 20),
         };
-        // A snapshot at the tail right away: it bounds garbage collection from now on
-        // and makes the next recovery short.
-        let snap = writer.snapshot_bytes();
-        writer.spool.write_snapshot(SNAPSHOT, tail, &snap)?;
+        // The state at the tail right away (what the replay changed, or a first base):
+        // it bounds garbage collection from now on and makes the next recovery short.
+        if let Err(e) = writer.persist_state(tail) {
+            tracing::warn!(error = %e, "cannot persist the relay state; will retry at the next segment roll");
+        }
         writer.export();
         Ok((writer, rx))
+    }
+
+    /// Sets the retentions and the tag limit (from the config).
+    pub fn set_retention(&mut self, retention: Retention) {
+        self.retention = retention;
+        self.tags.set_max(retention.max_tags_per_client);
     }
 
     pub fn spool(&self) -> &Spool {
@@ -202,8 +282,56 @@ impl SpoolWriter {
         self.sink_cursors.push((sink, cursor));
     }
 
-    fn snapshot_bytes(&self) -> Vec<u8> {
-        self.dedup.snapshot()
+    /// Persists what changed in the relay state, as of spool position `at`, which must
+    /// be durable (see the crate docs on ordering): one change record, or a compaction
+    /// when the log has grown past twice the base; then the manifest, which moves the
+    /// spool's garbage-collection bound to `at`.
+    fn persist_state(&mut self, at: Position) -> Result<(), String> {
+        let mut rec = std::mem::take(&mut self.state_buf);
+        rec.clear();
+        let result = self.write_state(at, &mut rec);
+        self.state_buf = rec;
+        result
+    }
+
+    fn write_state(&mut self, at: Position, rec: &mut Vec<u8>) -> Result<(), String> {
+        let dir = StateStore::dir_in(self.spool.dir());
+        let compact = self.store.as_ref().is_none_or(StateStore::should_compact);
+        let (generation, fresh) = if compact {
+            let generation = self
+                .store
+                .as_ref()
+                .map_or(self.next_generation, |s| s.generation() + 1);
+            self.dedup.encode_full(at, rec);
+            let fresh = StateStore::create(&dir, generation, rec)
+                .map_err(|e| format!("compacting the relay state into {}: {e}", dir.display()))?;
+            (generation, Some(fresh))
+        } else {
+            let store = self.store.as_mut().expect("a store unless compacting");
+            self.dedup.encode_changes(at, rec);
+            store
+                .append(rec)
+                .map_err(|e| format!("appending to the relay state in {}: {e}", dir.display()))?;
+            (store.generation(), None)
+        };
+        // The record is durable: recovery reads it whether or not the manifest below is
+        // written, so these changes need not be written again.
+        self.dedup.changes_persisted();
+        self.metrics.state_bytes_written.inc_by(rec.len() as u64);
+        let manifest = Manifest::V2 { generation }.encode();
+        self.spool
+            .write_snapshot(SNAPSHOT, at, &manifest)
+            .map_err(|e| e.to_string())?;
+        self.metrics
+            .state_bytes_written
+            .inc_by(manifest.len() as u64);
+        if let Some(fresh) = fresh {
+            fresh.remove_others();
+            self.store = Some(fresh);
+        }
+        self.snapshot_at = at;
+        self.persist_due = false;
+        Ok(())
     }
 
     /// Runs until every sender of `rx` is gone.
@@ -217,7 +345,10 @@ impl SpoolWriter {
             while let Some(msg) = next.take() {
                 match msg {
                     WriterMsg::Tick => tick = true,
-                    WriterMsg::Closed(connection) => self.dedup.connection_closed(connection),
+                    WriterMsg::Closed(connection) => {
+                        self.dedup.connection_closed(connection);
+                        self.tags.forget_client(&anonymous(connection));
+                    }
                     WriterMsg::Shutdown => {
                         shutdown = true;
                         break;
@@ -264,6 +395,16 @@ impl SpoolWriter {
             self.ready.set_refusing(self.failing);
         }
         self.housekeeping();
+        // Persist what changed since the last roll, so the next start replays nothing.
+        match self.spool.sync() {
+            Ok(_) => {
+                let tail = self.spool.tail();
+                if let Err(e) = self.persist_state(tail) {
+                    tracing::warn!(error = %e, "persisting the relay state at shutdown failed; the next start replays the spool from the last record");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "spool sync at shutdown failed"),
+        }
         if let Err(e) = self.spool.close() {
             tracing::warn!(error = %e, "closing the spool failed (the next start recovers it)");
         }
@@ -276,6 +417,7 @@ impl SpoolWriter {
         client: Option<&str>,
         connection: u64,
     ) -> Result<Accepted, String> {
+        let now = unix_now();
         let provenance = batch.options.provenance.as_ref();
         let namespace = provenance.and_then(|p| record::namespace(client, &p.source));
         let key = provenance.map(|p| record::dedup_key(namespace, &p.source));
@@ -286,11 +428,35 @@ impl SpoolWriter {
                 return Err(format!("an earlier chunk of source {source} (from seq {}) could not be spooled; later chunks are refused until it is resent, to keep the order", e.failed));
             }
         }
-        let result = self.append_in_order(batch, namespace, key.as_deref());
+        let result = self
+            .check_tag(batch, client, connection, now)
+            .and_then(|()| self.append_in_order(batch, namespace, key.as_deref(), now));
         if let (Err(_), Some(key), Some((first, _))) = (&result, &key, range) {
             self.dedup.refuse(key, first, connection);
         }
         result
+    }
+
+    /// `server.max_tags_per_client`.
+    fn check_tag(
+        &mut self,
+        batch: &EventBatch,
+        client: Option<&str>,
+        connection: u64,
+        now: u64,
+    ) -> Result<(), String> {
+        let key = client.map_or_else(|| anonymous(connection), str::to_string);
+        match self.tags.admit(&key, &batch.tag, now) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                self.metrics.refuse_chunk("max_tags_per_client");
+                tracing::warn!(client = %key, tag = %batch.tag, limit = e.max, "chunk refused: the client already sent server.max_tags_per_client distinct tags");
+                Err(format!(
+                    "tag {:?} refused: this client already sent {} distinct tags (server.max_tags_per_client)",
+                    batch.tag, e.max
+                ))
+            }
+        }
     }
 
     /// `key` is the chunk's source in the dedup table ([`record::dedup_key`]).
@@ -299,6 +465,7 @@ impl SpoolWriter {
         batch: &EventBatch,
         namespace: Option<&str>,
         key: Option<&str>,
+        now: u64,
     ) -> Result<Accepted, String> {
         #[cfg(test)]
         if std::mem::take(&mut self.fail_next_append) {
@@ -326,6 +493,13 @@ impl SpoolWriter {
             self.metrics.events_duplicate.inc_by(skip as u64);
         }
         if skip == batch.count {
+            // A source that resends is alive: keep it from being pruned.
+            if let Some(p) = &batch.options.provenance {
+                if let Some(&last) = p.seqs.last() {
+                    let end = self.spool.tail();
+                    self.dedup.accept(&p.source, last, Seen { secs: now, end });
+                }
+            }
             return Ok(Accepted {
                 end: self.spool.tail(),
                 accepted: 0,
@@ -350,20 +524,19 @@ impl SpoolWriter {
             e.to_string()
         })?;
         if pos.segment != segment_before {
-            // The state before this chunk is the state at the start of its segment.
-            let at = Position {
-                segment: pos.segment,
-                offset: 0,
-            };
-            self.pending_snapshot = Some((at, self.snapshot_bytes()));
+            self.persist_due = true;
         }
         let chunk = record::decode(&self.buf).map_err(|e| e.to_string())?;
+        let seen = Seen {
+            secs: now,
+            end: self.spool.tail(),
+        };
         // The decoder counted events per hour while validating them; use that unless it
         // is missing (then parse the entries again, as recovery does).
         let known: u64 = batch.hours.iter().map(|&(_, n)| n as u64).sum();
         if known == batch.count as u64 {
             if let (Some(key), Some(last)) = (chunk.dedup_key(), chunk.last_seq()) {
-                self.dedup.accept(&key, last);
+                self.dedup.accept(&key, last, seen);
             }
             let mut skip = skip as u64;
             for &(hour, n) in &batch.hours {
@@ -373,7 +546,7 @@ impl SpoolWriter {
                 self.dedup.count_received(chunk.tag, hour, n - taken);
             }
         } else {
-            self.dedup.replay(&chunk);
+            self.dedup.replay(&chunk, seen.end);
         }
         self.metrics.chunks_received.inc();
         self.metrics.events_received.inc_by(chunk.count as u64);
@@ -392,14 +565,12 @@ impl SpoolWriter {
         self.metrics.spool_commits.inc();
         match committed {
             Ok(synced) => {
-                if synced {
-                    if let Some((at, bytes)) = self.pending_snapshot.take() {
-                        match self.spool.write_snapshot(SNAPSHOT, at, &bytes) {
-                            Ok(()) => self.snapshot_at = at,
-                            Err(e) => {
-                                tracing::warn!(error = %e, "writing the relay state snapshot failed; will retry at the next roll")
-                            }
-                        }
+                if synced && self.persist_due {
+                    // Everything appended is durable now: the state as it stands is the
+                    // state at the tail.
+                    let tail = self.spool.tail();
+                    if let Err(e) = self.persist_state(tail) {
+                        tracing::warn!(error = %e, "persisting the relay state failed; will retry at the next commit");
                     }
                 }
                 self.committed.send_replace(self.spool.tail());
@@ -432,6 +603,10 @@ impl SpoolWriter {
             }
         }
         self.unpin_snapshot();
+        if self.last_prune.is_none_or(|t| t.elapsed() >= PRUNE_EVERY) {
+            self.last_prune = Some(Instant::now());
+            self.prune(unix_now());
+        }
         match self.spool.gc() {
             Ok(0) => {}
             Ok(freed) => tracing::debug!(freed, "spool segments collected"),
@@ -458,11 +633,8 @@ impl SpoolWriter {
             return;
         }
         let tail = self.spool.tail();
-        let bytes = self.snapshot_bytes();
-        match self.spool.write_snapshot(SNAPSHOT, tail, &bytes) {
+        match self.persist_state(tail) {
             Ok(()) => {
-                self.snapshot_at = tail;
-                self.pending_snapshot = None;
                 self.committed.send_replace(tail);
             }
             Err(e) => {
@@ -471,14 +643,103 @@ impl SpoolWriter {
         }
     }
 
-    fn export(&self) {
+    /// Forgets sources silent for `dedup_retention` whose data every sink has (by the
+    /// persisted cursors), counts of hours that ended `ledger_retention` ago, and tags
+    /// no client sent for that long. The removals are persisted with the next record.
+    fn prune(&mut self, now: u64) {
+        let delivered = self
+            .spool
+            .cursors()
+            .values()
+            .min()
+            .copied()
+            .unwrap_or_else(|| self.spool.tail());
+        let sources = self
+            .dedup
+            .prune(now, self.retention.dedup.as_secs(), delivered);
+        let ledger_secs = self.retention.ledger.as_secs();
+        let before_hour = now.saturating_sub(ledger_secs) / 3600;
+        let hours = self.dedup.prune_received_before(before_hour);
+        self.tags.forget_idle(now, ledger_secs);
+        if sources > 0 || hours > 0 {
+            tracing::info!(
+                sources,
+                hours,
+                left = self.dedup.sources(),
+                "forgot sources and ledger hours past their retention"
+            );
+        }
+        self.metrics.dedup_sources_pruned.inc_by(sources as u64);
+        self.metrics.ledger_hours_pruned.inc_by(hours as u64);
         let mut ledger = self.ledger.lock().unwrap_or_else(|e| e.into_inner());
-        ledger.received = self.dedup.received().clone();
+        ledger.forget_before(before_hour);
+    }
+
+    #[cfg(test)]
+    fn unpin_or_persist_for_test(&mut self) {
+        self.spool.sync().unwrap();
+        let tail = self.spool.tail();
+        self.persist_state(tail).unwrap();
+    }
+
+    fn export(&mut self) {
+        self.metrics.dedup_sources.set(self.dedup.sources() as i64);
+        let mut ledger = self.ledger.lock().unwrap_or_else(|e| e.into_inner());
+        let before = ledger.duplicates;
+        let mut received = std::mem::take(&mut ledger.received);
+        let changed = self.dedup.export_received(&mut received);
+        ledger.received = received;
         ledger.duplicates = self.dedup.duplicates();
+        if changed || before != ledger.duplicates {
+            ledger.revision += 1;
+        }
     }
 }
 
+/// The relay's clock, in unix seconds (what retention is measured in).
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Reads generation `generation` of the relay state: its records applied in order.
+/// Returns the state, the spool position the last record was taken at, and the store to
+/// append to.
+fn load_state(
+    dir: &std::path::Path,
+    generation: u64,
+) -> Result<(Dedup, Position, Option<StateStore>), String> {
+    let loaded = StateStore::open(dir, generation)?;
+    if loaded.torn {
+        tracing::warn!(generation, "the relay state log ended in a torn record (a crash while appending); it was cut off, and the spool is replayed from the record before it");
+    }
+    let mut records = loaded.records.iter();
+    let mut dedup = Dedup::default();
+    let base = records.next().ok_or("the relay state has no base")?;
+    let mut at = dedup.apply(base).map_err(|e| e.to_string())?;
+    for rec in records {
+        match dedup.apply(rec) {
+            Ok(next) => at = next,
+            Err(e) => {
+                // A checksummed record that does not decode: stop here; the replay from
+                // `at` on rebuilds the rest (marks only ever rise, so nothing is lost).
+                // Appending after it would hide the new records behind it: no store, so
+                // the next persist compacts into a new generation.
+                tracing::warn!(error = %e, "a relay state record is unreadable; replaying the spool from the one before");
+                return Ok((dedup, at, None));
+            }
+        }
+    }
+    Ok((dedup, at, Some(loaded.store)))
+}
+
 /// Byte offset of entry `index` in the batch's entries.
+/// How the tag limit names a client that did not authenticate.
+fn anonymous(connection: u64) -> String {
+    format!("connection {connection}")
+}
+
 fn entry_offset(batch: &EventBatch, index: usize) -> Result<usize, String> {
     if index == 0 {
         return Ok(0);
@@ -548,6 +809,188 @@ mod tests {
         let ledger = Arc::new(Mutex::new(Ledger::default()));
         let (w, _) = SpoolWriter::recover(spool, ledger, metrics.clone()).unwrap();
         (w, metrics, dir)
+    }
+
+    /// The writer's appends of one group and its commit (what `run` does).
+    fn offer_group(
+        w: &mut SpoolWriter,
+        batches: Vec<EventBatch>,
+        connection: u64,
+    ) -> Vec<Result<Accepted, String>> {
+        let mut group = Vec::new();
+        let mut answers = Vec::new();
+        for b in batches {
+            let result = w.append(&b, None, connection);
+            let (reply, answer) = oneshot::channel();
+            group.push((
+                WriteRequest {
+                    batch: b,
+                    connection,
+                    client: None,
+                    reply,
+                },
+                result,
+            ));
+            answers.push(answer);
+        }
+        w.commit(&mut group);
+        answers
+            .into_iter()
+            .map(|mut a| a.try_recv().unwrap())
+            .collect()
+    }
+
+    fn reopen(dir: &std::path::Path, segment_bytes: u64) -> SpoolWriter {
+        let cfg = SpoolConfig {
+            segment_bytes,
+            max_bytes: 1 << 30,
+            fsync: FsyncPolicy::Always,
+        };
+        let (spool, _) = sluice_spool::Spool::open(dir, cfg).unwrap();
+        let ledger = Arc::new(Mutex::new(Ledger::default()));
+        SpoolWriter::recover(spool, ledger, Arc::new(RelayMetrics::new()))
+            .unwrap()
+            .0
+    }
+
+    /// With many sources known, a segment roll persists what changed since the last one,
+    /// not the whole table; and a restart still knows every source.
+    #[test]
+    fn a_segment_roll_writes_what_changed_not_the_whole_table() {
+        const SOURCES: usize = 20_000;
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = reopen(dir.path(), 256 << 10);
+        for chunk in (0..SOURCES).collect::<Vec<_>>().chunks(1000) {
+            let batches = chunk
+                .iter()
+                .map(|i| batch(&format!("agent-7:/var/log/app-{i}.log"), 0..1))
+                .collect();
+            offer_group(&mut w, batches, 1);
+        }
+        // Compact now (as happens once the log outgrows twice the base), so that the roll
+        // below is an ordinary one.
+        w.store = None;
+        w.unpin_or_persist_for_test();
+        // A big chunk of one source rolls the segment (maybe twice): what is written now
+        // follows that one source, not the 20,000 known.
+        let before = w.metrics.state_bytes_written.get();
+        let segment = w.spool.active_segment();
+        let mut next = 1;
+        while w.spool.active_segment() == segment {
+            offer_group(
+                &mut w,
+                vec![batch("agent-7:/var/log/app-1.log", next..next + 2000)],
+                1,
+            );
+            next += 2000;
+        }
+        let written = w.metrics.state_bytes_written.get() - before;
+        assert!(written > 0, "the roll persisted nothing");
+        assert!(
+            written < 2_000,
+            "one changed source cost {written} bytes at a roll"
+        );
+        drop(w);
+        let mut w = reopen(dir.path(), 256 << 10);
+        assert_eq!(w.dedup.sources(), SOURCES);
+        let again = w
+            .append(&batch("agent-7:/var/log/app-9.log", 0..1), None, 1)
+            .unwrap();
+        assert_eq!(again.duplicates, 1, "a resend after the restart is trimmed");
+    }
+
+    /// A source idle past `dedup_retention` whose data the sinks have is forgotten, and
+    /// stays forgotten across a restart; one a sink still needs is kept.
+    #[test]
+    fn an_idle_delivered_source_is_pruned_and_stays_pruned() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = reopen(dir.path(), 1 << 20);
+        offer_group(&mut w, vec![batch("old", 0..5)], 1);
+        let delivered = w.spool.tail();
+        w.spool.set_cursor("sink", delivered).unwrap();
+        offer_group(&mut w, vec![batch("undelivered", 0..5)], 1);
+        let week = 7 * 86_400;
+        w.prune(unix_now() + week + 10);
+        assert_eq!(w.dedup.sources(), 1);
+        assert!(w.dedup.mark("old").is_none());
+        assert_eq!(w.metrics.dedup_sources_pruned.get(), 1);
+        w.unpin_or_persist_for_test();
+        drop(w);
+        let w = reopen(dir.path(), 1 << 20);
+        assert_eq!(
+            w.dedup.sources(),
+            1,
+            "the pruned source came back after a restart"
+        );
+    }
+
+    /// `server.max_tags_per_client`: the chunk with one tag too many is refused, counted
+    /// and logged; the client's known tags and other clients go on.
+    #[test]
+    fn a_client_past_max_tags_is_refused_and_others_are_not() {
+        let (mut w, metrics, _dir) = test_writer(1 << 20, 1 << 30);
+        w.set_retention(Retention {
+            max_tags_per_client: 3,
+            ..Retention::default()
+        });
+        let tagged = |tag: &str, source: &str| {
+            let mut b = batch(source, 0..2);
+            b.tag = tag.into();
+            b
+        };
+        for t in ["a", "b", "c"] {
+            assert!(w.append(&tagged(t, t), None, 1).is_ok());
+        }
+        let refused = w.append(&tagged("d", "d"), None, 1).unwrap_err();
+        assert!(
+            refused.contains("\"d\"") && refused.contains("max_tags_per_client"),
+            "{refused}"
+        );
+        let label = crate::metrics::Reason {
+            reason: "max_tags_per_client".into(),
+        };
+        assert_eq!(metrics.chunks_refused.get_or_create(&label).get(), 1);
+        assert!(
+            w.append(&tagged("a", "a2"), None, 1).is_ok(),
+            "a known tag goes on"
+        );
+        assert!(
+            w.append(&tagged("d", "d"), None, 2).is_ok(),
+            "another client is not affected"
+        );
+        assert_eq!(w.dedup.received().0.len(), 4);
+        // An authenticated client is one client over all its connections.
+        for (t, conn) in [("p", 5), ("q", 6), ("r", 7)] {
+            assert!(w.append(&tagged(t, t), Some("host-x"), conn).is_ok());
+        }
+        assert!(w.append(&tagged("s", "s"), Some("host-x"), 8).is_err());
+    }
+
+    /// A spool written by a relay with the version 1 snapshot (the whole table as JSON)
+    /// is read, and rewritten in the current format.
+    #[test]
+    fn a_version_1_snapshot_is_upgraded() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (mut spool, _) =
+                sluice_spool::Spool::open(dir.path(), SpoolConfig::default()).unwrap();
+            let v1 = br#"{"version":"1","dedup":{"a":7},"received":{"t":{"2026-11-23T09":3}},"duplicates":2}"#;
+            let at = spool.tail();
+            spool.write_snapshot(SNAPSHOT, at, v1).unwrap();
+        }
+        let mut w = reopen(dir.path(), 1 << 20);
+        assert_eq!(w.dedup.duplicate_prefix("a", &[6, 7, 8]), 2);
+        assert_eq!(w.dedup.received().total(), 3);
+        let (_, manifest) = w.spool.read_snapshot(SNAPSHOT).unwrap().unwrap();
+        assert!(Manifest::decode(&manifest).is_some());
+        assert_eq!(w.append(&batch("a", 0..9), None, 1).unwrap().accepted, 1);
+        drop(w);
+        let w = reopen(dir.path(), 1 << 20);
+        assert_eq!(
+            w.dedup.duplicate_prefix("a", &[7, 8, 9]),
+            2,
+            "the mark survives the second start"
+        );
     }
 
     /// A chunk that failed to spool must not be overtaken by the next chunk of its

@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::common::SinkCommon;
 use super::spec::{Deliver, Gathered};
-use crate::ledger::{Counts, Ledger, SinkCounts};
+use crate::ledger::{Ledger, SinkCounts};
 use crate::metrics::RelayMetrics;
 
 #[derive(Serialize, Deserialize, Default, Clone)]
@@ -103,7 +103,12 @@ pub async fn run_sink(mut s: SinkRun) {
     let mut gathered = Gathered::new(s.reader.position());
     let mut scratch = Vec::new();
     let mut first_at: Option<Instant> = None;
-    publish_ledger(&s, &name, None);
+    {
+        let mut ledger = s.ledger.lock().unwrap_or_else(|e| e.into_inner());
+        s.state.counts.forget_before(ledger.forgotten_before);
+        ledger.sinks.insert(name.clone(), s.state.counts.clone());
+        ledger.revision += 1;
+    }
     loop {
         // Gather what is committed, up to the limit.
         let mut read_any = false;
@@ -129,7 +134,7 @@ pub async fn run_sink(mut s: SinkRun) {
                         gathered.clear(damage.to);
                         s.progress.delivered.send_replace(damage.to);
                         persist(&mut s, damage.to, &name);
-                        publish_ledger(&s, &name, None);
+                        publish_ledger(&s, &name, |c| c.spool_lost.add(&damage));
                     } else {
                         gathered.pass_over(&damage);
                     }
@@ -224,7 +229,7 @@ async fn deliver_with_retry(s: &mut SinkRun, gathered: &Gathered, name: &str) ->
     }
     // The ledger shows this delivery's events as offered and not yet delivered (pending)
     // while it runs; the state file gets them only with the delivery's success.
-    publish_ledger(s, name, Some(&gathered.offered));
+    publish_ledger(s, name, |c| c.offered.merge(&gathered.offered));
     let mut backoff = s.config.retry_min.get();
     let started = Instant::now();
     loop {
@@ -262,7 +267,11 @@ async fn deliver_with_retry(s: &mut SinkRun, gathered: &Gathered, name: &str) ->
                 s.state.counts.delivered.merge(&done.counts.delivered);
                 s.state.counts.dropped.merge(&done.counts.dropped);
                 s.state.resume = s.deliver.recovery_state();
-                publish_ledger(s, name, None);
+                publish_ledger(s, name, |c| {
+                    c.spool_lost.merge(&gathered.lost);
+                    c.delivered.merge(&done.counts.delivered);
+                    c.dropped.merge(&done.counts.dropped);
+                });
                 if started.elapsed() > Duration::from_secs(5) {
                     tracing::info!(sink = %name, after = ?started.elapsed(), "sink recovered; delivery succeeded");
                 }
@@ -307,6 +316,13 @@ fn report_damage(s: &SinkRun, name: &str, d: &Damage, first_report: bool) {
 
 fn persist(s: &mut SinkRun, cursor: Position, name: &str) {
     s.state.cursor = Some(cursor);
+    // Hours past relay.ledger_retention (the writer moves the bound).
+    let forgotten_before = s
+        .ledger
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .forgotten_before;
+    s.state.counts.forget_before(forgotten_before);
     match save_state(&s.state_path, &s.state) {
         Ok(()) => {
             s.progress.persisted.send_replace(cursor);
@@ -317,15 +333,13 @@ fn persist(s: &mut SinkRun, cursor: Position, name: &str) {
     }
 }
 
-/// Publishes the sink's counts to the shared ledger, with `pending` (a delivery under
-/// way) counted as offered.
-fn publish_ledger(s: &SinkRun, name: &str, pending: Option<&Counts>) {
-    let mut counts = s.state.counts.clone();
-    if let Some(pending) = pending {
-        counts.offered.merge(pending);
-    }
+/// Applies a delivery's counts to the sink's copy in the shared ledger: only what the
+/// delivery changed, not the sink's whole history. Its events are counted as offered
+/// when the delivery starts, and as delivered or dropped when it succeeded.
+fn publish_ledger(s: &SinkRun, name: &str, change: impl FnOnce(&mut SinkCounts)) {
     let mut ledger = s.ledger.lock().unwrap_or_else(|e| e.into_inner());
-    ledger.sinks.insert(name.to_string(), counts);
+    change(ledger.sinks.entry(name.to_string()).or_default());
+    ledger.revision += 1;
 }
 
 /// Bytes between a sink's cursor and the spool's committed end. Segments are cut at about
@@ -369,7 +383,7 @@ mod tests {
             hours: Vec::new(),
         };
         let mut buf = Vec::new();
-        crate::record::encode(&mut buf, EventTime::now(), &batch, 0, 0).unwrap();
+        crate::record::encode(&mut buf, EventTime::now(), &batch, None, 0, 0).unwrap();
         buf
     }
 
@@ -410,6 +424,7 @@ mod tests {
             reader: spool.reader(spool.head()).unwrap(),
             state: SinkState::default(),
             state_path: dir.path().join("d.json"),
+            ack_demand: None,
             committed,
             segment_size: 1 << 20,
             progress: SinkProgress {
