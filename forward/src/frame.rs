@@ -325,7 +325,7 @@ pub fn decode_hint(frame: &[u8]) -> DecodeHint {
         };
         read_string(&mut r, "tag").ok()?;
         match r.head().ok()? {
-            Head::Str(n) | Head::Bin(n) => Some(n as usize),
+            Head::Str(n) | Head::Bin(n) => Some(n),
             _ => None,
         }
     })() else {
