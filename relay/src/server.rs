@@ -395,6 +395,15 @@ async fn decode(
         });
     }
     let max = limits.max_decompressed_bytes;
+    // A gzip member inflates to at least what its trailer announces (modulo 4 GiB, and
+    // the limit is far below): past the limit, it is refused without inflating a byte.
+    // A trailer that lies low only moves the refusal to inflating up to the limit.
+    if hint.gzip && hint.announced > max {
+        return Err(decode_reject(
+            DecodeError::DecompressedTooLarge { limit: max },
+            0,
+        ));
+    }
     let entries = hint.entries_len.unwrap_or(frame.len());
     let mut estimate = output_estimate(&hint, entries, max);
     // The reader held budget for the frame and, for PackedForward, for decoding it: decode
