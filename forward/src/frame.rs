@@ -10,7 +10,7 @@ use crate::batch::{
     normalise_entries, push_hour, read_record, read_time, write_entry_header, EventBatch,
 };
 use crate::error::{malformed, DecodeError};
-use crate::gzip::gunzip;
+use crate::gzip::{gunzip, trailer_size};
 use crate::handshake::{Helo, Ping, Pong};
 use crate::limits::{Limits, MAX_DEPTH};
 use crate::msgpack::{
@@ -334,9 +334,8 @@ pub fn decode_hint(frame: &[u8]) -> DecodeHint {
     hint.entries_len = Some(len);
     let payload = r.rest();
     hint.gzip = payload.starts_with(&[0x1f, 0x8b]);
-    if hint.gzip && payload.len() >= len && len >= 4 {
-        let t = &payload[len - 4..len];
-        hint.announced = u32::from_le_bytes([t[0], t[1], t[2], t[3]]) as usize;
+    if hint.gzip && payload.len() >= len {
+        hint.announced = trailer_size(&payload[..len]);
     }
     hint
 }

@@ -117,6 +117,17 @@ impl Write for GzipWriter {
 
 // ---- inflating ----------------------------------------------------------------------------
 
+/// The uncompressed size the last gzip member's trailer (ISIZE) announces; 0 if `data`
+/// is too short to have one. Exact for a single member, a hint otherwise.
+pub(crate) fn trailer_size(data: &[u8]) -> usize {
+    match data.len().checked_sub(4) {
+        Some(at) => {
+            u32::from_le_bytes([data[at], data[at + 1], data[at + 2], data[at + 3]]) as usize
+        }
+        None => 0,
+    }
+}
+
 /// Gunzips at most `limit` bytes. The output buffer starts at the size the gzip trailer
 /// announces (exact for one member, as sluice agents send) and otherwise doubles, but
 /// never to more than `limit + 1` bytes, whatever the input claims.
@@ -124,11 +135,7 @@ pub fn gunzip(data: &[u8], limit: usize) -> Result<Vec<u8>, DecodeError> {
     // Sized from the last member's ISIZE trailer (right for the usual single member),
     // never past the limit; decompress_vec writes into spare capacity, so nothing is
     // zeroed first, and crc32fast checks each member with the CPU's CRC instructions.
-    let announced = data
-        .len()
-        .checked_sub(4)
-        .map(|at| u32::from_le_bytes([data[at], data[at + 1], data[at + 2], data[at + 3]]) as usize)
-        .unwrap_or(0);
+    let announced = trailer_size(data);
     let cap = limit.saturating_add(1);
     let mut out = Vec::with_capacity(announced.max(4096).min(cap));
     let mut rest = data;

@@ -785,3 +785,51 @@ fn client_codec_passes_raw_frames_through() {
         .unwrap();
     assert_eq!(&out[..], b"\xc0");
 }
+
+/// The hint a server budgets by: the entries' length from the header alone, gzip from
+/// the payload's first bytes, the trailer's size once the frame is whole.
+#[test]
+fn decode_hint_reads_what_a_prefix_shows() {
+    let mut entries = Vec::new();
+    for i in 0..200u32 {
+        write_entry(
+            &mut entries,
+            EventTime::now(),
+            &[("message", format!("line {i}").as_bytes())],
+        );
+    }
+    let gz = gzip_entries(&entries);
+    let mut frame = BytesMut::new();
+    encode_compressed_packed_forward("t", &gz, 200, "c", None, &mut frame);
+    let whole = decode_hint(&frame);
+    assert_eq!(whole.entries_len, Some(gz.len()));
+    assert!(whole.gzip && !whole.heartbeat);
+    assert_eq!(whole.announced, entries.len());
+    let prefix = decode_hint(&frame[..16]);
+    assert_eq!(
+        prefix.entries_len,
+        Some(gz.len()),
+        "the header announces the size"
+    );
+    assert!(prefix.gzip);
+    assert_eq!(prefix.announced, 0, "no trailer yet");
+    assert!(decode_hint(&[0xc0]).heartbeat);
+    // Message mode announces nothing.
+    let mut message = BytesMut::new();
+    write_array_len(&mut message, 3);
+    write_str(&mut message, "t");
+    write_uint(&mut message, 1_700_000_000);
+    write_map_len(&mut message, 0);
+    assert_eq!(decode_hint(&message).entries_len, None);
+    // Framer + decode_client_frame decode what the codec decodes.
+    let mut buf = frame.clone();
+    let cut = Framer::new(Limits::default())
+        .next_frame(&mut buf)
+        .unwrap()
+        .unwrap();
+    let Some(ClientFrame::Events(batch)) = decode_client_frame(&cut, &Limits::default()).unwrap()
+    else {
+        panic!("events expected")
+    };
+    assert_eq!(batch.count, 200);
+}

@@ -33,10 +33,15 @@ pub const VERSION_NAMESPACED: u8 = 2;
 /// anonymous, so the marks of sluice agents are keyed by their source id alone.
 pub fn namespace<'a>(client: Option<&'a str>, source: &str) -> Option<&'a str> {
     let client = client?;
-    let own = source
+    (!owns(client, source)).then_some(client)
+}
+
+/// Whether `source` is one of `client`'s own: it begins with `{client}:`, as a sluice
+/// agent's source ids begin with its `agent.id` (its PING hostname).
+pub fn owns(client: &str, source: &str) -> bool {
+    source
         .strip_prefix(client)
-        .is_some_and(|rest| rest.starts_with(':'));
-    (!own).then_some(client)
+        .is_some_and(|rest| rest.starts_with(':'))
 }
 
 /// The key dedup keeps a source's mark under.

@@ -417,30 +417,27 @@ async fn decode(
             estimate = estimate.min(have);
         }
     }
-    let mut frame = Some(frame);
+    let mut bytes = frame;
     loop {
-        let need = (frame.as_ref().map_or(0, |f| f.len()) + estimate).saturating_sub(FREE_BUFFER);
+        let need = (bytes.len() + estimate).saturating_sub(FREE_BUFFER);
         let holding = held.bytes();
         reserve(state, &mut held, need, holding).await?;
         let limits = Limits {
             max_decompressed_bytes: estimate,
             ..limits
         };
-        let Some(bytes) = frame.take() else {
-            unreachable!("the frame is put back before every retry")
-        };
-        let (decoded, bytes) = state
+        let (decoded, back) = state
             .pool
             .run(move || (decode_client_frame(&bytes, &limits), bytes))
             .await;
         match decoded {
             Err(DecodeError::DecompressedTooLarge { .. }) if estimate < max => {
                 estimate = max;
-                frame = Some(bytes);
+                bytes = back;
             }
             Err(e) => return Err(decode_reject(e, 0)),
             Ok(decoded) => {
-                drop(bytes);
+                drop(back);
                 let size = match &decoded {
                     Some(ClientFrame::Events(b)) => b.entries.len(),
                     _ => 0,
@@ -833,10 +830,7 @@ where
 /// (`{identity}:...`), or None when it is (or carries no provenance).
 fn foreign_source(batch: &EventBatch, identity: &str) -> Option<Reject> {
     let source = &batch.options.provenance.as_ref()?.source;
-    let own = source
-        .strip_prefix(identity)
-        .is_some_and(|rest| rest.starts_with(':'));
-    match own {
+    match crate::record::owns(identity, source) {
         true => None,
         false => Some(reject(
             RejectReason::SourceIdentity,

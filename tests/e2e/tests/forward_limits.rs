@@ -6,44 +6,10 @@ mod forward_common;
 
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
 use forward_common::*;
 use sluice_core::tls::load_certs;
 use sluice_e2e::*;
-use sluice_forward::{
-    write_entry, ClientCodec, ClientFrame, EventBatch, EventTime, Options, ServerFrame,
-};
-use tokio_util::codec::Encoder;
-
-/// An uncompressed PackedForward chunk whose events carry `pad` bytes of filler each, so
-/// its size on the wire is what the test says.
-fn padded_chunk(prefix: &str, first: u64, count: u64, pad: usize, id: &str) -> Vec<u8> {
-    let filler = "x".repeat(pad);
-    let mut entries = Vec::new();
-    for n in first..first + count {
-        let message = format!("{prefix}{n:08}");
-        write_entry(
-            &mut entries,
-            EventTime::now(),
-            &[("message", message.as_bytes()), ("pad", filler.as_bytes())],
-        );
-    }
-    let batch = EventBatch {
-        hours: Vec::new(),
-        tag: "forward.limits".into(),
-        entries,
-        count: count as usize,
-        options: Options {
-            chunk: Some(id.to_string()),
-            ..Options::default()
-        },
-    };
-    let mut out = BytesMut::new();
-    ClientCodec::new(Default::default())
-        .encode(ClientFrame::Events(batch), &mut out)
-        .unwrap();
-    out.to_vec()
-}
+use sluice_forward::ServerFrame;
 
 #[test]
 fn rate_limit_slows_one_client_by_backpressure_and_not_the_others() {

@@ -13,47 +13,13 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use forward_common::*;
 use sluice_e2e::*;
-use sluice_forward::{
-    encode_compressed_packed_forward, write_entry, ClientCodec, ClientFrame, EventBatch, EventTime,
-    Options,
-};
-use tokio_util::codec::Encoder;
+use sluice_forward::encode_compressed_packed_forward;
 
 fn env_or(name: &str, default: u64) -> u64 {
     std::env::var(name)
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-/// An uncompressed PackedForward frame of about `bytes`, events of 1 KiB of noise.
-fn big_frame(bytes: usize, id: &str) -> Vec<u8> {
-    let pad = String::from_utf8(noise(1000, 7).iter().map(|b| b'a' + b % 26).collect()).unwrap();
-    let mut entries = Vec::with_capacity(bytes + 4096);
-    let mut count = 0;
-    while entries.len() + 1100 < bytes {
-        write_entry(
-            &mut entries,
-            EventTime::now(),
-            &[("message", pad.as_bytes())],
-        );
-        count += 1;
-    }
-    let batch = EventBatch {
-        hours: Vec::new(),
-        tag: "forward.load".into(),
-        entries,
-        count,
-        options: Options {
-            chunk: Some(id.to_string()),
-            ..Options::default()
-        },
-    };
-    let mut out = BytesMut::new();
-    ClientCodec::new(Default::default())
-        .encode(ClientFrame::Events(batch), &mut out)
-        .unwrap();
-    out.to_vec()
 }
 
 /// A connection whose socket buffers are small, so that a client the relay does not
@@ -111,7 +77,8 @@ fn memory_stays_within_the_budget_with_500_connections_pushing_large_frames() {
     // × max_decompressed + per sink twice its largest delivery (one sink, one batch).
     let bound_mib = 64 + (conns as u64 * 128 * 1024).div_ceil(MIB) + 3 * 32 + 2 * 32;
 
-    let frame = Arc::new(big_frame(15 * MIB as usize, "big"));
+    // 15,360 events of about 1 KiB: a 15 MiB uncompressed PackedForward frame.
+    let frame = Arc::new(padded_chunk("big-", 0, 15 * 1024, 1000, "big"));
     let files = tls_files(&s.ca.ca, None, "localhost");
     let stop = Arc::new(AtomicBool::new(false));
     let connected = Arc::new(AtomicU64::new(0));

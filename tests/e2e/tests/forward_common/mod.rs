@@ -17,7 +17,7 @@ use sluice_core::tls::{client_config, ClientTlsFiles};
 use sluice_e2e::*;
 use sluice_forward::{
     encode_compressed_packed_forward, gzip_entries, write_entry, ClientCodec, ClientFrame,
-    ClientHandshake, ClientHandshakeError, EventTime, Limits, ServerFrame,
+    ClientHandshake, ClientHandshakeError, EventBatch, EventTime, Limits, Options, ServerFrame,
 };
 use tokio_util::codec::{Decoder, Encoder};
 
@@ -348,4 +348,34 @@ impl Conn {
             ))),
         }
     }
+}
+
+/// An uncompressed PackedForward chunk whose events carry `pad` bytes of filler each, so
+/// its size on the wire is what the test says.
+pub fn padded_chunk(prefix: &str, first: u64, count: u64, pad: usize, id: &str) -> Vec<u8> {
+    let filler = "x".repeat(pad);
+    let mut entries = Vec::new();
+    for n in first..first + count {
+        let message = format!("{prefix}{n:08}");
+        write_entry(
+            &mut entries,
+            EventTime::now(),
+            &[("message", message.as_bytes()), ("pad", filler.as_bytes())],
+        );
+    }
+    let batch = EventBatch {
+        hours: Vec::new(),
+        tag: "forward.limits".into(),
+        entries,
+        count: count as usize,
+        options: Options {
+            chunk: Some(id.to_string()),
+            ..Options::default()
+        },
+    };
+    let mut out = BytesMut::new();
+    ClientCodec::new(Default::default())
+        .encode(ClientFrame::Events(batch), &mut out)
+        .unwrap();
+    out.to_vec()
 }
