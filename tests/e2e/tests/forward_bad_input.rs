@@ -318,3 +318,30 @@ fn wait_delivered_numbered(relay: &Relay, count: u64) {
         || delivered(&relay.sink_file("file"), "line ").len() as u64 == count,
     );
 }
+
+/// With client certificates required and no shared key, a client is the DNS name in its
+/// certificate: a chunk claiming another host's source is refused (`bind_sources` is on
+/// by default), its own sources are taken.
+#[test]
+fn a_client_certificate_names_the_sources_it_may_send() {
+    let s = setup();
+    let relay = mutual_tls_relay(&s);
+    let cert = s.ca.issue("client-m", &["agent-m"], false);
+    let files = tls_files(&s.ca.ca, Some(&cert), "localhost");
+
+    let mut forger = Conn::connect(relay.forward, &files).unwrap();
+    let claim = chunk_from("agent-a:app:1", "forged-", &[u64::MAX], "forged");
+    assert!(forger.send_expect_ack(&claim, "forged").is_err());
+    relay.expect_rejected(
+        Some(forger.local),
+        "source_identity",
+        "its source ids must begin with \"agent-m:\"",
+    );
+    let mut own = Conn::connect(relay.forward, &files).unwrap();
+    let seqs: Vec<u64> = (0..10).collect();
+    own.send_expect_ack(&chunk_from("agent-m:app:1", "m-", &seqs, "m0"), "m0")
+        .unwrap();
+    own.close();
+    wait_delivered(&relay, "m-", 10);
+    assert!(delivered(&relay.sink_file("file"), "forged-").is_empty());
+}
