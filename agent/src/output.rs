@@ -631,6 +631,18 @@ mod tests {
         }
     }
 
+    /// Waits for the chunk to reach one of the two relays: (the one it chose, the other).
+    async fn chosen<'r>(a: &'r FakeRelay, b: &'r FakeRelay) -> (&'r FakeRelay, &'r FakeRelay) {
+        until("the chunk to reach a relay", || {
+            !a.received().is_empty() || !b.received().is_empty()
+        })
+        .await;
+        match a.received().is_empty() {
+            true => (b, a),
+            false => (a, b),
+        }
+    }
+
     #[tokio::test]
     async fn a_late_ack_from_a_relay_that_answers_is_waited_for() {
         let (a, b) = (FakeRelay::start().await, FakeRelay::start().await);
@@ -640,16 +652,13 @@ mod tests {
         let (commit_tx, commit_rx) = std::sync::mpsc::channel();
         let task = tokio::spawn(out.run(chunk_rx, commit_tx, CancellationToken::new()));
         chunk_tx.send(chunk("c1")).await.unwrap();
-        until("the chunk to reach a relay", || {
-            !a.received().is_empty() || !b.received().is_empty()
+        let (active, other) = chosen(&a, &b).await;
+        // The ack is late: one episode, then several more ack timeouts without an ack,
+        // and still no failover and no resend.
+        until("the late ack to be noticed", || {
+            metrics.ack_waits.get() == 1
         })
         .await;
-        let (active, other) = if a.received().is_empty() {
-            (&b, &a)
-        } else {
-            (&a, &b)
-        };
-        // Five ack timeouts without an ack: one episode, no failover, no resend.
         tokio::time::sleep(Duration::from_millis(1000)).await;
         assert_eq!(metrics.ack_waits.get(), 1);
         assert_eq!(metrics.chunks_resent.get(), 0);
@@ -683,15 +692,7 @@ mod tests {
         let (commit_tx, _commit_rx) = std::sync::mpsc::channel();
         let task = tokio::spawn(out.run(chunk_rx, commit_tx, CancellationToken::new()));
         chunk_tx.send(chunk("c1")).await.unwrap();
-        until("the chunk to reach a relay", || {
-            !a.received().is_empty() || !b.received().is_empty()
-        })
-        .await;
-        let (active, other) = if a.received().is_empty() {
-            (&b, &a)
-        } else {
-            (&a, &b)
-        };
+        let (active, other) = chosen(&a, &b).await;
         active.stop_listening();
         until("the chunk to be resent to the other relay", || {
             other.received() == ["c1"]

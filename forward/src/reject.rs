@@ -48,6 +48,9 @@ pub enum RejectReason {
     /// A chunk's source id belongs to another client than the one that authenticated
     /// (`server.bind_sources`).
     SourceIdentity,
+    /// The address's frames were refused several times in a row; its new connections
+    /// are closed for a while (`server.refusal_backoff`).
+    RefusalBackoff,
 }
 
 impl RejectReason {
@@ -71,6 +74,7 @@ impl RejectReason {
             RejectReason::Shutdown => "shutdown",
             RejectReason::MemoryBudget => "memory_budget",
             RejectReason::SourceIdentity => "source_identity",
+            RejectReason::RefusalBackoff => "refusal_backoff",
         }
     }
 

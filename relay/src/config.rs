@@ -128,6 +128,14 @@ pub struct ServerSection {
     /// the accept: one budget, not one per step.
     #[serde(default = "default_handshake_timeout")]
     pub handshake_timeout: Span,
+    /// After 3 refused frames in a row from one address (over `max_frame` or
+    /// `max_decompressed`, or not Forward at all: a gzip bomb sent in a loop), its new
+    /// connections are closed right after the accept for this long, doubling with each
+    /// further refusal up to 60 s, counted as
+    /// `connections_rejected{reason="refusal_backoff"}`. Its open connections go on; a
+    /// connection from it that ends without a refusal clears it. "0s" turns it off.
+    #[serde(default = "default_refusal_backoff")]
+    pub refusal_backoff: Span,
     /// Memory for ingest, all connections together: frames being read (beyond each
     /// connection's first 64 KiB) and decoded chunks until the spool has them. A
     /// connection that needs more waits (TCP pushes back on its client). Must hold at
@@ -226,6 +234,9 @@ fn default_idle_timeout() -> Span {
 }
 fn default_max_tags_per_client() -> usize {
     1000
+}
+fn default_refusal_backoff() -> Span {
+    Span::secs(1)
 }
 fn default_handshake_timeout() -> Span {
     Span::secs(10)

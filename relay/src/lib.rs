@@ -11,6 +11,7 @@ pub mod metrics;
 pub mod readback;
 pub mod reconcile;
 pub mod record;
+pub mod refusals;
 pub mod server;
 pub mod sinks;
 pub mod state_store;

@@ -31,6 +31,7 @@ use tokio_util::sync::CancellationToken;
 use crate::budget::{Budget, DecodePool, Held, FREE_BUFFER};
 use crate::config::{AckMode, RateLimit, ServerSection};
 use crate::metrics::RelayMetrics;
+use crate::refusals::Refusals;
 use crate::writer::{Accepted, WriteRequest, WriterMsg};
 use sluice_spool::Position;
 
@@ -102,6 +103,7 @@ pub async fn serve(
 ) {
     let slots = Arc::new(Semaphore::new(state.config.max_connections));
     let per_ip = Arc::new(PerIp::default());
+    let refusals = Arc::new(Refusals::new(state.config.refusal_backoff.get()));
     let rate = state
         .config
         .rate_limit
@@ -132,6 +134,14 @@ pub async fn serve(
                 }
             },
         };
+        if refusals
+            .blocked(peer.ip(), std::time::Instant::now())
+            .is_some()
+        {
+            // Logged once when the backoff began; each refused connection is counted.
+            state.metrics.reject(RejectReason::RefusalBackoff);
+            continue;
+        }
         let Ok(permit) = slots.clone().try_acquire_owned() else {
             tracing::warn!(%peer, limit = state.config.max_connections, "connection refused: max_connections reached");
             state.metrics.reject(RejectReason::MaxConnections);
@@ -147,12 +157,16 @@ pub async fn serve(
         if let Some(rate) = &rate {
             if rate_cleaned.elapsed() > Duration::from_secs(60) {
                 rate.limiter.retain_recent();
-                rate_cleaned = tokio::time::Instant::now();
             }
+        }
+        if rate_cleaned.elapsed() > Duration::from_secs(60) {
+            refusals.forget_expired(std::time::Instant::now());
+            rate_cleaned = tokio::time::Instant::now();
         }
         let state = state.clone();
         let conns = conns.clone();
         let rate = rate.clone();
+        let refusals = refusals.clone();
         let connection_id = NEXT_CONNECTION.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         tokio::spawn(async move {
             state.metrics.connections_total.inc();
@@ -166,9 +180,22 @@ pub async fn serve(
                 conns,
                 rate,
             };
-            if let Err(reject) = connection(stream, link).await {
-                tracing::warn!(%peer, reason = reject.reason.as_label(), "{}", reject.message);
-                state.metrics.reject(reject.reason);
+            match connection(stream, link).await {
+                Ok(()) => refusals.cleared(peer.ip()),
+                Err(reject) => {
+                    tracing::warn!(%peer, reason = reject.reason.as_label(), "{}", reject.message);
+                    state.metrics.reject(reject.reason);
+                    match reject.reason {
+                        // The client sent what no Forward server takes: a bomb, garbage.
+                        RejectReason::FrameTooLarge | RejectReason::Malformed => {
+                            let now = std::time::Instant::now();
+                            if let Some(backoff) = refusals.refused(peer.ip(), now) {
+                                tracing::warn!(ip = %peer.ip(), ?backoff, "frames from this address were refused {} times in a row: its new connections are refused for {backoff:?} (server.refusal_backoff; its open connections go on)", crate::refusals::STREAK);
+                            }
+                        }
+                        _ => {}
+                    }
+                }
             }
             state.metrics.connections_active.dec();
             // The slots are free before the (possibly waiting) message to the writer.
@@ -366,6 +393,9 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
 /// The most one read may fill; a TLS record is at most 16 KiB of plaintext.
 const READ_WINDOW: usize = 64 * 1024;
 
+/// Uncompressed frames up to this size are decoded on the connection's own task.
+const DECODE_INLINE: usize = 16 * 1024;
+
 /// A decoded frame and the budget held for it until the spool has it.
 struct Decoded {
     frame: Option<ClientFrame>,
@@ -426,10 +456,17 @@ async fn decode(
             max_decompressed_bytes: estimate,
             ..limits
         };
-        let (decoded, back) = state
-            .pool
-            .run(move || (decode_client_frame(&bytes, &limits), bytes))
-            .await;
+        // A small uncompressed frame (fluent-logger sends one event per frame) costs less
+        // to decode than to hand to another thread, and its cost is bounded by its size.
+        let (decoded, back) = match !hint.gzip && bytes.len() <= DECODE_INLINE {
+            true => (decode_client_frame(&bytes, &limits), bytes),
+            false => {
+                state
+                    .pool
+                    .run(move || (decode_client_frame(&bytes, &limits), bytes))
+                    .await
+            }
+        };
         match decoded {
             Err(DecodeError::DecompressedTooLarge { .. }) if estimate < max => {
                 estimate = max;

@@ -114,7 +114,7 @@ pub struct SpoolWriter {
     retention: Retention,
     /// Distinct tags per client: the name it authenticated as, or, for an anonymous
     /// client, its connection (forgotten when it closes).
-    tags: TagsPerClient<String>,
+    tags: TagsPerClient<TagClient>,
     /// None until the first housekeeping, which prunes at once.
     last_prune: Option<Instant>,
     state_buf: Vec<u8>,
@@ -347,14 +347,14 @@ impl SpoolWriter {
                     WriterMsg::Tick => tick = true,
                     WriterMsg::Closed(connection) => {
                         self.dedup.connection_closed(connection);
-                        self.tags.forget_client(&anonymous(connection));
+                        self.tags.forget_client(&TagClient::Connection(connection));
                     }
                     WriterMsg::Shutdown => {
                         shutdown = true;
                         break;
                     }
                     WriterMsg::Write(req) => {
-                        let result = self.append(&req.batch, req.client.as_deref(), req.connection);
+                        let result = self.append(&req.batch, req.client.as_ref(), req.connection);
                         group.push((req, result));
                     }
                 }
@@ -414,12 +414,12 @@ impl SpoolWriter {
     fn append(
         &mut self,
         batch: &EventBatch,
-        client: Option<&str>,
+        client: Option<&std::sync::Arc<str>>,
         connection: u64,
     ) -> Result<Accepted, String> {
         let now = unix_now();
         let provenance = batch.options.provenance.as_ref();
-        let namespace = provenance.and_then(|p| record::namespace(client, &p.source));
+        let namespace = provenance.and_then(|p| record::namespace(client.map(|c| &**c), &p.source));
         let key = provenance.map(|p| record::dedup_key(namespace, &p.source));
         let range = provenance.and_then(|p| Some((*p.seqs.first()?, *p.seqs.last()?)));
         if let (Some(key), Some((first, last))) = (&key, range) {
@@ -441,11 +441,13 @@ impl SpoolWriter {
     fn check_tag(
         &mut self,
         batch: &EventBatch,
-        client: Option<&str>,
+        client: Option<&std::sync::Arc<str>>,
         connection: u64,
         now: u64,
     ) -> Result<(), String> {
-        let key = client.map_or_else(|| anonymous(connection), str::to_string);
+        let key = client.map_or(TagClient::Connection(connection), |c| {
+            TagClient::Named(c.clone())
+        });
         match self.tags.admit(&key, &batch.tag, now) {
             Ok(()) => Ok(()),
             Err(e) => {
@@ -734,12 +736,24 @@ fn load_state(
     Ok((dedup, at, Some(loaded.store)))
 }
 
-/// Byte offset of entry `index` in the batch's entries.
-/// How the tag limit names a client that did not authenticate.
-fn anonymous(connection: u64) -> String {
-    format!("connection {connection}")
+/// Who the tag limit counts for: the name a client authenticated as, or, for an
+/// anonymous one, its connection. Cheap to make per chunk (no allocation).
+#[derive(Clone, PartialEq, Eq, Hash)]
+enum TagClient {
+    Named(std::sync::Arc<str>),
+    Connection(u64),
 }
 
+impl std::fmt::Display for TagClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TagClient::Named(name) => f.write_str(name),
+            TagClient::Connection(id) => write!(f, "connection {id}"),
+        }
+    }
+}
+
+/// Byte offset of entry `index` in the batch's entries.
 fn entry_offset(batch: &EventBatch, index: usize) -> Result<usize, String> {
     if index == 0 {
         return Ok(0);
@@ -961,9 +975,13 @@ mod tests {
         assert_eq!(w.dedup.received().0.len(), 4);
         // An authenticated client is one client over all its connections.
         for (t, conn) in [("p", 5), ("q", 6), ("r", 7)] {
-            assert!(w.append(&tagged(t, t), Some("host-x"), conn).is_ok());
+            assert!(w
+                .append(&tagged(t, t), Some(&"host-x".into()), conn)
+                .is_ok());
         }
-        assert!(w.append(&tagged("s", "s"), Some("host-x"), 8).is_err());
+        assert!(w
+            .append(&tagged("s", "s"), Some(&"host-x".into()), 8)
+            .is_err());
     }
 
     /// A spool written by a relay with the version 1 snapshot (the whole table as JSON)
@@ -1032,13 +1050,13 @@ mod tests {
         let forged = w
             .append(
                 &batch("agent-a:f", u64::MAX - 1..u64::MAX),
-                Some("mallory"),
+                Some(&"mallory".into()),
                 1,
             )
             .unwrap();
         assert_eq!(forged.accepted, 1, "spooled, under mallory's namespace");
         let own = w
-            .append(&batch("agent-a:f", 0..10), Some("agent-a"), 2)
+            .append(&batch("agent-a:f", 0..10), Some(&"agent-a".into()), 2)
             .unwrap();
         assert_eq!(
             own.accepted, 10,
@@ -1061,13 +1079,13 @@ mod tests {
         let (mut w, _) =
             SpoolWriter::recover(spool, ledger, Arc::new(RelayMetrics::new())).unwrap();
         let resent = w
-            .append(&batch("agent-a:f", 0..12), Some("agent-a"), 4)
+            .append(&batch("agent-a:f", 0..12), Some(&"agent-a".into()), 4)
             .unwrap();
         assert_eq!((resent.duplicates, resent.accepted), (10, 2));
         let claim_again = w
             .append(
                 &batch("agent-a:f", u64::MAX - 1..u64::MAX),
-                Some("mallory"),
+                Some(&"mallory".into()),
                 5,
             )
             .unwrap();
