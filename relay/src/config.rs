@@ -486,9 +486,12 @@ impl RelayConfig {
                     sink.name
                 ));
             }
-            if sink.name.is_empty() || sink.name.contains(['/', '\\']) {
+            // The name is a folder under <data_dir>/sinks/ and a metric label.
+            let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+            if sink.name.is_empty() || sink.name.starts_with('.') || !sink.name.chars().all(allowed)
+            {
                 return Err(format!(
-                    "sink name {:?} must be non-empty and contain no '/'",
+                    "sink name {:?} must be letters, digits, '-', '_' or '.', and not start with '.'",
                     sink.name
                 ));
             }

@@ -136,6 +136,13 @@ impl Counts {
 /// later routing and filters); every offered event ends up delivered or dropped, and a
 /// difference is a delivery still under way.
 impl SinkCounts {
+    pub fn merge(&mut self, other: &SinkCounts) {
+        self.offered.merge(&other.offered);
+        self.delivered.merge(&other.delivered);
+        self.dropped.merge(&other.dropped);
+        self.spool_lost.merge(&other.spool_lost);
+    }
+
     pub fn forget_before(&mut self, hour: u64) {
         for counts in [&mut self.offered, &mut self.delivered, &mut self.dropped] {
             counts.prune_before(hour, |_, _| {});

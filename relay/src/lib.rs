@@ -103,12 +103,8 @@ pub async fn run(config: RelayConfig) -> anyhow::Result<()> {
             writer.spool_mut().remove_cursor(&old)?;
             // Set its state aside too, so that adding a sink of that name later starts
             // where its `start_from` says, not at a cursor long since collected.
-            let state = sinks::state_path(&data_dir, &old);
-            if state.exists() {
-                let aside = state.with_extension("json.removed");
-                std::fs::rename(&state, &aside)
-                    .with_context(|| format!("cannot move {} aside", state.display()))?;
-            }
+            sinks::state::set_aside(&data_dir, &old)
+                .with_context(|| format!("cannot set aside the state of the removed sink {old}"))?;
         }
     }
 
@@ -119,10 +115,11 @@ pub async fn run(config: RelayConfig) -> anyhow::Result<()> {
     let ack_demand = (config.server.ack == AckMode::EndToEnd)
         .then(|| Arc::new(watch::channel(sluice_spool::Position::default()).0));
     for sink in &config.sinks {
-        let state_path = sinks::state_path(&data_dir, &sink.name);
-        let state = sinks::load_state(&state_path).map_err(anyhow::Error::msg)?;
+        let state =
+            sinks::SinkStateFile::open(&data_dir, &sink.name).map_err(anyhow::Error::msg)?;
         let spool = writer.spool();
         let start = state
+            .state()
             .cursor
             .or_else(|| spool.cursors().get(&sink.name).copied())
             .unwrap_or(match sink.start_from {
@@ -163,7 +160,7 @@ pub async fn run(config: RelayConfig) -> anyhow::Result<()> {
             })
             .map_err(anyhow::Error::msg)?;
         let mut deliver = deliver;
-        deliver.restore(state.resume.clone());
+        deliver.restore(state.state().resume.clone());
         let (delivered, delivered_rx) = watch::channel(start);
         let (persisted, persisted_rx) = watch::channel(start);
         writer.watch_cursor(sink.name.clone(), persisted_rx);
@@ -175,7 +172,6 @@ pub async fn run(config: RelayConfig) -> anyhow::Result<()> {
             deliver,
             reader: writer.spool().reader(start)?,
             state,
-            state_path,
             committed: committed.clone(),
             segment_size: config.spool.segment_size.as_u64(),
             progress: SinkProgress {

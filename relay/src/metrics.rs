@@ -58,6 +58,8 @@ pub struct RelayMetrics {
     /// Bytes written to persist the relay state (dedup marks and counts): change
     /// records, compactions and their manifest.
     pub state_bytes_written: Counter,
+    /// Bytes written to persist each sink's cursor, counts and recovery data.
+    pub sink_state_bytes_written: Family<SinkLabel, Counter>,
     pub sink_events: Family<SinkLabel, Counter>,
     pub sink_bytes: Family<SinkLabel, Counter>,
     pub sink_retries: Family<SinkLabel, Counter>,
@@ -102,6 +104,7 @@ impl RelayMetrics {
             dedup_sources_pruned: Default::default(),
             ledger_hours_pruned: Default::default(),
             state_bytes_written: Default::default(),
+            sink_state_bytes_written: Default::default(),
             sink_events: Default::default(),
             sink_bytes: Default::default(),
             sink_retries: Default::default(),
@@ -223,6 +226,11 @@ impl RelayMetrics {
             "state_bytes_written",
             "Bytes written to persist the dedup table and received counts",
             self.state_bytes_written.clone(),
+        );
+        r.register(
+            "sink_state_bytes_written",
+            "Bytes written to persist a sink's cursor, counts and recovery data",
+            self.sink_state_bytes_written.clone(),
         );
         r.register(
             "sink_events",

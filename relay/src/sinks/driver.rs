@@ -6,62 +6,25 @@
 //! without blocking any other sink; its data stays in the spool (and the spool's size
 //! limit turns into backpressure towards the agents).
 //!
-//! The cursor and the sink's ledger counts are written together to
-//! `<data_dir>/sinks/<name>.json` (atomically), so after a crash they agree; a chunk
+//! The cursor and the sink's ledger counts are saved together after every delivery
+//! (one appended record, [`super::state`]), so after a crash they agree; a chunk
 //! delivered but not yet recorded is delivered again, and must not duplicate: object keys
 //! are deterministic, so object storage overwrites; the Kafka sink saves its partition
 //! offsets with the cursor and, after a crash, reads back what the lost delivery had
 //! already written and skips it (see `kafka/writer.rs`).
 
-use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
 use sluice_spool::{Damage, Position, SpoolError, SpoolReader};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::common::SinkCommon;
 use super::spec::{Deliver, Gathered};
+use super::state::SinkStateFile;
 use crate::ledger::{Ledger, SinkCounts};
 use crate::metrics::RelayMetrics;
-
-#[derive(Serialize, Deserialize, Default, Clone)]
-pub struct SinkState {
-    pub cursor: Option<Position>,
-    pub counts: SinkCounts,
-    /// The sink's own recovery data ([`Deliver::recovery_state`]).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub resume: Option<serde_json::Value>,
-}
-
-#[derive(Serialize, Deserialize)]
-#[serde(tag = "version")]
-enum SinkStateFile {
-    #[serde(rename = "1")]
-    V1(SinkState),
-}
-
-pub fn state_path(data_dir: &Path, sink: &str) -> PathBuf {
-    data_dir.join("sinks").join(format!("{sink}.json"))
-}
-
-pub fn load_state(path: &Path) -> Result<SinkState, String> {
-    match std::fs::read(path) {
-        Ok(bytes) => match serde_json::from_slice(&bytes) {
-            Ok(SinkStateFile::V1(s)) => Ok(s),
-            Err(e) => Err(format!("sink state {} is unreadable: {e}", path.display())),
-        },
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(SinkState::default()),
-        Err(e) => Err(format!("cannot read sink state {}: {e}", path.display())),
-    }
-}
-
-fn save_state(path: &Path, state: &SinkState) -> std::io::Result<()> {
-    let bytes = serde_json::to_vec(&SinkStateFile::V1(state.clone()))?;
-    sluice_core::durable::write_atomic(path, &bytes)
-}
 
 /// Positions a sink publishes: `delivered` (for end-to-end acks) and `persisted` (the
 /// cursor on disk, which bounds spool garbage collection).
@@ -74,8 +37,7 @@ pub struct SinkRun {
     pub config: SinkCommon,
     pub deliver: Box<dyn Deliver>,
     pub reader: SpoolReader,
-    pub state: SinkState,
-    pub state_path: PathBuf,
+    pub state: SinkStateFile,
     pub committed: watch::Receiver<Position>,
     /// The spool's segment size, to turn two positions into a byte distance.
     pub segment_size: u64,
@@ -105,8 +67,10 @@ pub async fn run_sink(mut s: SinkRun) {
     let mut first_at: Option<Instant> = None;
     {
         let mut ledger = s.ledger.lock().unwrap_or_else(|e| e.into_inner());
-        s.state.counts.forget_before(ledger.forgotten_before);
-        ledger.sinks.insert(name.clone(), s.state.counts.clone());
+        s.state.forget_before(ledger.forgotten_before);
+        ledger
+            .sinks
+            .insert(name.clone(), s.state.state().counts.clone());
         ledger.revision += 1;
     }
     loop {
@@ -130,7 +94,7 @@ pub async fn run_sink(mut s: SinkRun) {
                     if gathered.is_empty() {
                         // Nothing gathered before it: record the loss with the cursor now,
                         // and let end-to-end acks waiting on it go.
-                        s.state.counts.spool_lost.add(&damage);
+                        s.state.count(|c| c.spool_lost.add(&damage));
                         gathered.clear(damage.to);
                         s.progress.delivered.send_replace(damage.to);
                         persist(&mut s, damage.to, &name);
@@ -217,10 +181,11 @@ async fn demand_changed(
 async fn deliver_with_retry(s: &mut SinkRun, gathered: &Gathered, name: &str) -> bool {
     let label = s.metrics.sink(name);
     if let Some(intent) = s.deliver.intent_state() {
-        s.state.resume = Some(intent);
+        s.state.set_resume(Some(intent));
         // Without this record a crash mid-delivery could go unnoticed: retry until saved.
-        while let Err(e) = save_state(&s.state_path, &s.state) {
-            tracing::warn!(sink = %name, error = %e, path = %s.state_path.display(), "cannot save the sink state before delivering; retrying");
+        let cursor = gathered.start;
+        while let Err(e) = s.state.persist(cursor) {
+            tracing::warn!(sink = %name, error = %e, path = %s.state.path().display(), "cannot save the sink state before delivering; retrying");
             tokio::select! {
                 _ = s.abort.cancelled() => return false,
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
@@ -262,11 +227,13 @@ async fn deliver_with_retry(s: &mut SinkRun, gathered: &Gathered, name: &str) ->
                     let secs = now.saturating_sub(received) as f64 / 1e9;
                     s.metrics.sink_latency.get_or_create(&label).observe(secs);
                 }
-                s.state.counts.offered.merge(&gathered.offered);
-                s.state.counts.spool_lost.merge(&gathered.lost);
-                s.state.counts.delivered.merge(&done.counts.delivered);
-                s.state.counts.dropped.merge(&done.counts.dropped);
-                s.state.resume = s.deliver.recovery_state();
+                s.state.count(|c| {
+                    c.offered.merge(&gathered.offered);
+                    c.spool_lost.merge(&gathered.lost);
+                    c.delivered.merge(&done.counts.delivered);
+                    c.dropped.merge(&done.counts.dropped);
+                });
+                s.state.set_resume(s.deliver.recovery_state());
                 publish_ledger(s, name, |c| {
                     c.spool_lost.merge(&gathered.lost);
                     c.delivered.merge(&done.counts.delivered);
@@ -315,20 +282,23 @@ fn report_damage(s: &SinkRun, name: &str, d: &Damage, first_report: bool) {
 }
 
 fn persist(s: &mut SinkRun, cursor: Position, name: &str) {
-    s.state.cursor = Some(cursor);
     // Hours past relay.ledger_retention (the writer moves the bound).
     let forgotten_before = s
         .ledger
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .forgotten_before;
-    s.state.counts.forget_before(forgotten_before);
-    match save_state(&s.state_path, &s.state) {
-        Ok(()) => {
+    s.state.forget_before(forgotten_before);
+    match s.state.persist(cursor) {
+        Ok(written) => {
+            s.metrics
+                .sink_state_bytes_written
+                .get_or_create(&s.metrics.sink(name))
+                .inc_by(written);
             s.progress.persisted.send_replace(cursor);
         }
         Err(e) => {
-            tracing::warn!(sink = %name, error = %e, path = %s.state_path.display(), "cannot save the sink cursor; will retry")
+            tracing::warn!(sink = %name, error = %e, path = %s.state.path().display(), "cannot save the sink cursor; will retry")
         }
     }
 }
@@ -422,8 +392,7 @@ mod tests {
             config: toml::from_str("name = \"d\"").unwrap(),
             deliver: Box::new(crate::sinks::discard::Discarder),
             reader: spool.reader(spool.head()).unwrap(),
-            state: SinkState::default(),
-            state_path: dir.path().join("d.json"),
+            state: SinkStateFile::open(dir.path(), "d").unwrap(),
             ack_demand: None,
             committed,
             segment_size: 1 << 20,
@@ -457,7 +426,8 @@ mod tests {
             metrics.spool_corrupt_bytes.get(),
             at[3].offset - at[2].offset
         );
-        let state = load_state(&dir.path().join("d.json")).unwrap();
+        let file = SinkStateFile::open(dir.path(), "d").unwrap();
+        let state = file.state();
         assert_eq!(state.cursor, Some(spool.tail()));
         let lost = &state.counts.spool_lost;
         assert_eq!((lost.batches, lost.bytes), (1, at[3].offset - at[2].offset));

@@ -16,6 +16,7 @@
 mod common;
 mod driver;
 mod spec;
+pub mod state;
 
 pub mod discard;
 pub mod file;
@@ -25,11 +26,12 @@ pub mod object;
 use serde::{Deserialize, Serialize};
 
 pub use common::{SinkCommon, StartFrom};
-pub use driver::{lag_bytes, load_state, run_sink, state_path, SinkProgress, SinkRun, SinkState};
+pub use driver::{lag_bytes, run_sink, SinkProgress, SinkRun};
 pub use spec::{
     Deliver, DeliverError, DeliverFuture, Delivered, Gathered, ReadBackContext, SinkContext,
     SinkSpec,
 };
+pub use state::{SinkState, SinkStateFile};
 
 /// Declares the sink types: the `SinkKind` enum (serde `type` key), the list of type
 /// names, and the one dispatch to each type's [`SinkSpec`].
