@@ -527,8 +527,14 @@ mod tests {
             let mut v = vec![0x92u8; depth];
             v.extend_from_slice(&[0x92, 0x01, 0x02]);
             v.extend(std::iter::repeat_n(0x03u8, depth));
-            assert_eq!(scan(&v, 64).unwrap(), Scan::Complete(v.len()), "depth {depth}");
-            let full = scan_in::<SCAN_STACK>(&v[..v.len() - 1], 64).unwrap().unwrap();
+            assert_eq!(
+                scan(&v, 64).unwrap(),
+                Scan::Complete(v.len()),
+                "depth {depth}"
+            );
+            let full = scan_in::<SCAN_STACK>(&v[..v.len() - 1], 64)
+                .unwrap()
+                .unwrap();
             assert_eq!(scan(&v[..v.len() - 1], 64).unwrap(), full);
             assert!(matches!(
                 scan(&v, depth),

@@ -486,12 +486,12 @@ impl RelayConfig {
                     sink.name
                 ));
             }
-            // The name is a folder under <data_dir>/sinks/ and a metric label.
-            let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
-            if sink.name.is_empty() || sink.name.starts_with('.') || !sink.name.chars().all(allowed)
-            {
+            // The name is a folder under <data_dir>/sink-state/ (`.removed` there holds
+            // removed sinks' state) and a metric label.
+            let bad = |c: char| c == '/' || c == '\\' || c.is_control();
+            if sink.name.is_empty() || sink.name.starts_with('.') || sink.name.contains(bad) {
                 return Err(format!(
-                    "sink name {:?} must be letters, digits, '-', '_' or '.', and not start with '.'",
+                    "sink name {:?} must be non-empty, hold no '/', '\\' or control characters, and not start with '.'",
                     sink.name
                 ));
             }

@@ -6,6 +6,7 @@ pub mod budget;
 pub mod config;
 pub mod dedup;
 pub mod envelope;
+pub mod incarnation;
 pub mod ledger;
 pub mod metrics;
 pub mod readback;
@@ -76,7 +77,9 @@ pub async fn run(config: RelayConfig) -> anyhow::Result<()> {
     metrics
         .spool_corrupt_segments
         .inc_by(recovery.corrupt_segments.len() as u64);
+    let incarnation = incarnation::load_or_create(&spool_dir).map_err(anyhow::Error::msg)?;
     tracing::info!(
+        incarnation = %incarnation,
         segments = recovery.segments,
         batches = recovery.batches,
         bytes = recovery.bytes,
@@ -157,6 +160,7 @@ pub async fn run(config: RelayConfig) -> anyhow::Result<()> {
             .build(&sinks::SinkContext {
                 name: &sink.name,
                 relay: &config.relay.id,
+                incarnation: &incarnation,
             })
             .map_err(anyhow::Error::msg)?;
         let mut deliver = deliver;

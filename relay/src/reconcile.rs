@@ -29,8 +29,10 @@ pub async fn report(
     let ledger_path = config.relay.data_dir.join("ledger.json");
     let ledger = Ledger::load(&ledger_path)?;
     let mut actuals: BTreeMap<String, (StartFrom, Found)> = BTreeMap::new();
+    let incarnation = crate::incarnation::read(&config.spool_dir())?;
     let ctx = ReadBackContext {
         relay: &config.relay.id,
+        incarnation: incarnation.as_deref(),
         kafka_timeout,
     };
     for sink in config.sinks.iter().filter(|s| s.enabled) {

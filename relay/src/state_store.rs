@@ -40,6 +40,9 @@ const COMPACT_FACTOR: u64 = 2;
 /// …and at least this much (a tiny base would otherwise be rewritten at every roll).
 const COMPACT_MIN_LOG: u64 = 1 << 20;
 const FRAME_HEADER: usize = 8;
+/// How [`StateStore::open`] says a base fails its checksum or length (as opposed to an
+/// I/O error), so a caller may fall back to an older generation.
+pub const DAMAGED: &str = "is damaged (checksum or length)";
 
 /// The spool snapshot's content from version 2 on: a pointer to the current generation.
 /// (Version 1 held the whole state as JSON; see `Dedup::from_v1_snapshot`.)
@@ -100,7 +103,13 @@ impl StateStore {
     /// Starts generation `generation` with `full` as its base and an empty log. Nothing
     /// refers to it until the caller writes the manifest.
     pub fn create(dir: &Path, generation: u64, full: &[u8]) -> io::Result<StateStore> {
-        std::fs::create_dir_all(dir)?;
+        if !dir.exists() {
+            std::fs::create_dir_all(dir)?;
+            // The new folder's own entry must be durable before anything relies on it.
+            if let Some(parent) = dir.parent() {
+                File::open(parent)?.sync_all()?;
+            }
+        }
         let mut framed = Vec::with_capacity(full.len() + FRAME_HEADER);
         frame(&mut framed, full);
         sluice_core::durable::write_atomic(&base_path(dir, generation), &framed)?;
@@ -129,10 +138,7 @@ impl StateStore {
             .map_err(|e| format!("cannot read {}: {e}", base_file.display()))?;
         let (mut records, rest) = unframe(&base);
         if records.len() != 1 || !rest.is_empty() {
-            return Err(format!(
-                "{} is damaged (checksum or length)",
-                base_file.display()
-            ));
+            return Err(format!("{} {DAMAGED}", base_file.display()));
         }
         let log_file = log_path(dir, generation);
         let log_bytes = match std::fs::read(&log_file) {
@@ -246,6 +252,11 @@ fn unframe(mut bytes: &[u8]) -> (Vec<&[u8]>, &[u8]) {
     while bytes.len() >= FRAME_HEADER {
         let len = u32::from_le_bytes(bytes[0..4].try_into().expect("4 bytes")) as usize;
         let crc = u32::from_le_bytes(bytes[4..8].try_into().expect("4 bytes"));
+        // No record is empty: a zero header is a file extended before its data was
+        // written (a crash on a file system that does that), i.e. a torn end.
+        if len == 0 {
+            break;
+        }
         let Some(payload) = bytes.get(FRAME_HEADER..FRAME_HEADER + len) else {
             break;
         };

@@ -73,10 +73,31 @@ pub async fn run_sink(mut s: SinkRun) {
             .insert(name.clone(), s.state.state().counts.clone());
         ledger.revision += 1;
     }
+    // A delivery a crash cut short, to be repeated with the same events (see
+    // `Deliver::replays_exactly`): gather up to where it ended, whatever the limits.
+    let mut replay_to = s
+        .state
+        .state()
+        .delivering
+        .filter(|end| *end > gathered.start);
+    if let Some(end) = replay_to {
+        if end > *s.committed.borrow() {
+            // The spool lost its unsynced tail in the crash: what was delivered from
+            // there cannot be read again, so no gathering can equal it. The sink's
+            // create-only keys keep the old object (a repeated key with other content is
+            // written beside it).
+            tracing::warn!(sink = %name, segment = end.segment, offset = end.offset,
+                "the delivery cut short by the crash ended past the recovered spool; it is not repeated exactly");
+            replay_to = None;
+        } else {
+            tracing::info!(sink = %name, segment = end.segment, offset = end.offset,
+                "repeating the delivery a crash cut short, with the same events");
+        }
+    }
     loop {
-        // Gather what is committed, up to the limit.
+        // Gather what is committed, up to the limit (or up to the delivery to repeat).
         let mut read_any = false;
-        while gathered.bytes() < max_bytes {
+        while replay_to.map_or(gathered.bytes() < max_bytes, |end| gathered.end < end) {
             match s.reader.next(&mut scratch) {
                 Ok(Some((_, next))) => {
                     read_any = true;
@@ -116,6 +137,9 @@ pub async fn run_sink(mut s: SinkRun) {
                 }
             }
         }
+        if replay_to.is_some_and(|end| gathered.end >= end && gathered.is_empty()) {
+            replay_to = None; // all of it was spool damage, passed over above
+        }
         let lag = lag_bytes(gathered.start, *s.committed.borrow(), s.segment_size);
         s.metrics
             .sink_lag_bytes
@@ -128,15 +152,22 @@ pub async fn run_sink(mut s: SinkRun) {
             .ack_demand
             .as_ref()
             .is_some_and(|d| *d.borrow() > gathered.start);
-        let due = gathered.bytes() >= max_bytes
-            || first_at.is_some_and(|t| t.elapsed() >= max_wait)
-            || ((stopping || demanded) && !gathered.is_empty());
+        let due = match replay_to {
+            // A delivery being repeated is due where it ended, never shorter or longer.
+            Some(end) => gathered.end >= end && !gathered.is_empty(),
+            None => {
+                gathered.bytes() >= max_bytes
+                    || first_at.is_some_and(|t| t.elapsed() >= max_wait)
+                    || ((stopping || demanded) && !gathered.is_empty())
+            }
+        };
         if due {
             if !deliver_with_retry(&mut s, &gathered, &name).await {
                 return; // aborted: the cursor stays where it was; the data stays in the spool
             }
             gathered.clear(gathered.end);
             first_at = None;
+            replay_to = None;
             s.progress.delivered.send_replace(gathered.start);
             // Persist before gathering again: a gathering must start where the last
             // recorded one ended, or a crash could re-gather across two deliveries and
@@ -180,11 +211,28 @@ async fn demand_changed(
 
 async fn deliver_with_retry(s: &mut SinkRun, gathered: &Gathered, name: &str) -> bool {
     let label = s.metrics.sink(name);
-    if let Some(intent) = s.deliver.intent_state() {
-        s.state.set_resume(Some(intent));
+    let intent = s.deliver.intent_state();
+    let exact = s.deliver.replays_exactly();
+    if intent.is_some() || exact {
+        if intent.is_some() {
+            s.state.set_resume(intent);
+        }
+        if exact {
+            s.state.set_delivering(Some(gathered.end));
+        }
         // Without this record a crash mid-delivery could go unnoticed: retry until saved.
         let cursor = gathered.start;
-        while let Err(e) = s.state.persist(cursor) {
+        loop {
+            let e = match s.state.persist(cursor) {
+                Ok(written) => {
+                    s.metrics
+                        .sink_state_bytes_written
+                        .get_or_create(&label)
+                        .inc_by(written);
+                    break;
+                }
+                Err(e) => e,
+            };
             tracing::warn!(sink = %name, error = %e, path = %s.state.path().display(), "cannot save the sink state before delivering; retrying");
             tokio::select! {
                 _ = s.abort.cancelled() => return false,
@@ -234,6 +282,7 @@ async fn deliver_with_retry(s: &mut SinkRun, gathered: &Gathered, name: &str) ->
                     c.dropped.merge(&done.counts.dropped);
                 });
                 s.state.set_resume(s.deliver.recovery_state());
+                s.state.set_delivering(None);
                 publish_ledger(s, name, |c| {
                     c.spool_lost.merge(&gathered.lost);
                     c.delivered.merge(&done.counts.delivered);

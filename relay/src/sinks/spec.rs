@@ -41,11 +41,16 @@ pub struct SinkContext<'a> {
     pub name: &'a str,
     /// This relay's id (`relay.id`), part of object keys.
     pub relay: &'a str,
+    /// The spool's incarnation ([`crate::incarnation`]), part of object keys.
+    pub incarnation: &'a str,
 }
 
 /// What reading a sink back may need beyond its own config.
 pub struct ReadBackContext<'a> {
     pub relay: &'a str,
+    /// The spool's incarnation, when it has one: object keys of other incarnations (an
+    /// earlier spool of this relay id) are not this ledger's.
+    pub incarnation: Option<&'a str>,
     /// How long reading Kafka may take before giving up.
     pub kafka_timeout: Duration,
 }
@@ -222,6 +227,14 @@ pub trait Deliver: Send {
     /// in the middle of it can be recognised; `None` saves nothing.
     fn intent_state(&self) -> Option<serde_json::Value> {
         None
+    }
+
+    /// Whether a delivery cut short by a crash must be repeated with exactly the same
+    /// events (the object sink: its keys are create-only, so the same key must get the
+    /// same content). Then the driver records where each gathering ends before it is
+    /// delivered, and after a crash gathers up to there again, whatever the limits.
+    fn replays_exactly(&self) -> bool {
+        false
     }
 
     /// Called once at start with the last state saved by [`Deliver::recovery_state`] or

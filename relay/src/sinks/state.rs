@@ -1,7 +1,7 @@
 //! A sink's state on disk: its cursor, its ledger counts and its own recovery data,
 //! persisted together so that after a crash they agree.
 //!
-//! Files, in `<data_dir>/sinks/<name>/`, in the [`StateStore`] format: a *base* record
+//! Files, in `<data_dir>/sink-state/<name>/`, in the [`StateStore`] format: a *base* record
 //! holding the whole [`SinkState`] and a *log* of [`Change`] records after it. Each
 //! persist (after every delivery) appends one record of what that delivery changed — the
 //! new cursor, the counts it added, the sink's recovery data — with one fdatasync, so its
@@ -11,10 +11,13 @@
 //!
 //! The current generation is the highest one whose base is whole: a base is written
 //! atomically and holds everything the older generation did, so a crash during a
-//! compaction leaves either generation usable and loses nothing.
+//! compaction leaves either generation usable and loses nothing. A log record that
+//! cannot be read (a torn or zeroed end) ends the log there, and the next persist
+//! compacts.
 //!
 //! Sink state files of version 1 (`<data_dir>/sinks/<name>.json`, the whole state
-//! rewritten at every delivery) are read once and turned into generation 1.
+//! rewritten at every delivery) are read once, turned into generation 1, and renamed
+//! `<name>.json.converted`.
 
 use std::path::{Path, PathBuf};
 
@@ -31,6 +34,11 @@ pub struct SinkState {
     /// The sink's own recovery data ([`crate::sinks::Deliver::recovery_state`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resume: Option<serde_json::Value>,
+    /// Where the delivery under way ends, for a sink that [replays
+    /// exactly](crate::sinks::Deliver::replays_exactly): set before it starts, cleared
+    /// after it succeeded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delivering: Option<Position>,
 }
 
 /// What one persist changed.
@@ -44,6 +52,8 @@ struct Change {
     resume: Option<serde_json::Value>,
     /// Hours before this one are forgotten (`relay.ledger_retention`).
     forgotten_before: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    delivering: Option<Position>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -72,23 +82,30 @@ pub struct SinkStateFile {
     /// Counts added since the last record that was written.
     added: SinkCounts,
     forgotten_before: u64,
+    /// The log ended in a record that could not be read: write a new generation next.
+    must_compact: bool,
 }
 
-/// The folder a sink's state lives in.
+/// The folder a sink's state lives in. Sink names are non-empty, hold no `/`, `\\` or
+/// control characters and do not start with `.` (`config.rs`), so `.removed` is no
+/// sink's folder.
 pub fn state_dir(data_dir: &Path, sink: &str) -> PathBuf {
-    data_dir.join("sinks").join(sink)
+    data_dir.join("sink-state").join(sink)
 }
 
 fn v1_path(data_dir: &Path, sink: &str) -> PathBuf {
     data_dir.join("sinks").join(format!("{sink}.json"))
 }
 
-/// Sets a removed sink's state aside (as `<name>.removed`), so that adding a sink of
-/// that name later starts where its `start_from` says, not at a cursor long collected.
+/// Sets a removed sink's state aside (in `sink-state/.removed/<name>`), so that adding
+/// a sink of that name later starts where its `start_from` says, not at a cursor long
+/// collected.
 pub fn set_aside(data_dir: &Path, sink: &str) -> std::io::Result<()> {
     let dir = state_dir(data_dir, sink);
     if dir.exists() {
-        let aside = data_dir.join("sinks").join(format!("{sink}.removed"));
+        let removed = data_dir.join("sink-state").join(".removed");
+        std::fs::create_dir_all(&removed)?;
+        let aside = removed.join(sink);
         if aside.exists() {
             std::fs::remove_dir_all(&aside)?;
         }
@@ -111,6 +128,7 @@ impl SinkStateFile {
             state: SinkState::default(),
             added: SinkCounts::default(),
             forgotten_before: 0,
+            must_compact: false,
         };
         let mut generations = generations(&dir)?;
         generations.sort_unstable_by(|a, b| b.cmp(a));
@@ -118,16 +136,24 @@ impl SinkStateFile {
         for generation in generations {
             match StateStore::open(&dir, generation) {
                 Ok(loaded) => {
-                    file.state = replay(&loaded.records).map_err(|e| {
+                    let (state, unread) = replay(&loaded.records).map_err(|e| {
                         format!("sink state in {} is unreadable: {e}", dir.display())
                     })?;
-                    if loaded.torn {
-                        tracing::warn!(path = %dir.display(), "the sink state log ended in a torn record (a crash while saving); it was cut off, and the deliveries it recorded are repeated");
+                    file.state = state;
+                    if loaded.torn || unread > 0 {
+                        tracing::warn!(path = %dir.display(), unreadable_records = unread, "the sink state log ended in a torn record (a crash while saving); it was cut off there, and the deliveries it recorded are repeated");
                     }
+                    file.must_compact = unread > 0;
                     file.store = Some(loaded.store);
                     break;
                 }
-                Err(e) => damaged.push(e),
+                // Only a damaged base falls back to an older generation; an I/O error
+                // must not make the relay go back in time.
+                Err(e) if e.contains(crate::state_store::DAMAGED) => {
+                    tracing::warn!(path = %dir.display(), error = %e, "a sink state generation is damaged; trying the one before it");
+                    damaged.push(e);
+                }
+                Err(e) => return Err(e),
             }
         }
         if file.store.is_none() && !damaged.is_empty() {
@@ -151,10 +177,11 @@ impl SinkStateFile {
                 Err(e) => return Err(format!("cannot read sink state {}: {e}", v1.display())),
             }
         }
-        // Converted (now or at an earlier start that crashed before removing it).
+        // Converted (now or at an earlier start that crashed before renaming it).
         if file.store.is_some() && v1.exists() {
-            std::fs::remove_file(&v1)
-                .map_err(|e| format!("cannot remove the converted {}: {e}", v1.display()))?;
+            let done = v1.with_extension("json.converted");
+            std::fs::rename(&v1, &done)
+                .map_err(|e| format!("cannot rename the converted {}: {e}", v1.display()))?;
         }
         Ok(file)
     }
@@ -177,6 +204,10 @@ impl SinkStateFile {
         self.state.resume = resume;
     }
 
+    pub fn set_delivering(&mut self, end: Option<Position>) {
+        self.state.delivering = end;
+    }
+
     /// Forgets counts of hours before `hour` (saved with the next persist).
     pub fn forget_before(&mut self, hour: u64) {
         if hour > self.forgotten_before {
@@ -189,30 +220,31 @@ impl SinkStateFile {
     /// written. On failure nothing is lost from memory: the next persist writes it all.
     pub fn persist(&mut self, cursor: Position) -> std::io::Result<u64> {
         self.state.cursor = Some(cursor);
-        let Some(store) = self.store.as_mut() else {
+        let Some(store) = self.store.as_ref() else {
             return self.compact();
         };
-        if store.should_compact() {
-            return self.compact();
-        }
-        let record = Record::Change(Change {
-            cursor: self.state.cursor,
-            added: std::mem::take(&mut self.added),
-            resume: self.state.resume.clone(),
-            forgotten_before: self.forgotten_before,
-        });
-        let bytes = serde_json::to_vec(&record)?;
-        let Record::Change(change) = record else {
-            unreachable!("built above")
-        };
-        match store.append(&bytes) {
-            Ok(n) => Ok(n),
-            Err(e) => {
-                // Keep what the record held for the next attempt.
-                self.added = change.added;
-                Err(e)
+        if self.must_compact || store.should_compact() {
+            match self.compact() {
+                Ok(n) => return Ok(n),
+                // A full disk has room for a small record sooner than for the whole
+                // state: append, and compact at a later persist.
+                Err(e) if !self.must_compact => {
+                    tracing::warn!(path = %self.dir.display(), error = %e, "cannot compact the sink state; appending instead");
+                }
+                Err(e) => return Err(e),
             }
         }
+        let bytes = serde_json::to_vec(&Record::Change(Change {
+            cursor: self.state.cursor,
+            added: self.added.clone(),
+            resume: self.state.resume.clone(),
+            forgotten_before: self.forgotten_before,
+            delivering: self.state.delivering,
+        }))?;
+        let store = self.store.as_mut().expect("checked above");
+        let n = store.append(&bytes)?;
+        self.added = SinkCounts::default();
+        Ok(n)
     }
 
     /// Writes the whole state as a new generation and removes the older ones.
@@ -227,6 +259,7 @@ impl SinkStateFile {
         let written = store.base_bytes();
         self.store = Some(store);
         self.added = SinkCounts::default();
+        self.must_compact = false;
         Ok(written)
     }
 }
@@ -250,11 +283,16 @@ fn generations(dir: &Path) -> Result<Vec<u64>, String> {
         .collect())
 }
 
-fn replay(records: &[Vec<u8>]) -> Result<SinkState, String> {
+/// The state the records make, and how many records at the end could not be read (the
+/// log is taken to end before them).
+fn replay(records: &[Vec<u8>]) -> Result<(SinkState, usize), String> {
     let mut state = SinkState::default();
     for (i, bytes) in records.iter().enumerate() {
-        let record: Record =
-            serde_json::from_slice(bytes).map_err(|e| format!("record {i}: {e}"))?;
+        let record: Record = match serde_json::from_slice(bytes) {
+            Ok(r) => r,
+            Err(e) if i == 0 => return Err(format!("the base: {e}")),
+            Err(_) => return Ok((state, records.len() - i)),
+        };
         match (i, record) {
             (0, Record::Full { version, state: s }) if version <= VERSION => state = s,
             (0, Record::Full { version, .. }) => {
@@ -269,10 +307,11 @@ fn replay(records: &[Vec<u8>]) -> Result<SinkState, String> {
                 state.counts.merge(&c.added);
                 state.counts.forget_before(c.forgotten_before);
                 state.resume = c.resume;
+                state.delivering = c.delivering;
             }
         }
     }
-    Ok(state)
+    Ok((state, 0))
 }
 
 #[cfg(test)]
@@ -335,9 +374,9 @@ mod tests {
         }
         f.forget_before(1100);
         f.persist(pos(2, 0)).unwrap();
-        let log = std::fs::metadata(dir.path().join("sinks/k"))
+        let log = std::fs::metadata(dir.path().join("sink-state/k"))
             .map(|_| {
-                std::fs::read_dir(dir.path().join("sinks/k"))
+                std::fs::read_dir(dir.path().join("sink-state/k"))
                     .unwrap()
                     .flatten()
                     .map(|e| e.metadata().unwrap().len())
@@ -367,6 +406,7 @@ mod tests {
         assert_eq!(f.state().cursor, Some(pos(3, 40)));
         assert_eq!(f.state().counts.delivered.total(), 5);
         assert!(!dir.path().join("sinks/k.json").exists());
+        assert!(dir.path().join("sinks/k.json.converted").exists());
         f.count(|c| c.delivered.add("a", 1, 1));
         f.persist(pos(3, 50)).unwrap();
         drop(f);
@@ -386,7 +426,7 @@ mod tests {
         f.count(|c| c.delivered.add("a", 1, 4));
         f.persist(pos(0, 2)).unwrap();
         let expected = f.state().clone();
-        let sdir = dir.path().join("sinks/k");
+        let sdir = dir.path().join("sink-state/k");
         // The old generation's files, kept as if the removal had not happened.
         let old_base = std::fs::read(sdir.join("1.base")).unwrap();
         let old_log = std::fs::read(sdir.join("1.log")).unwrap();
@@ -397,5 +437,30 @@ mod tests {
         let back = SinkStateFile::open(dir.path(), "k").unwrap();
         assert_eq!(back.state(), &expected);
         assert!(!sdir.join("1.base").exists());
+    }
+
+    /// A file system that extended the log before writing its data leaves zeros at the
+    /// end after a crash: the state reads up to them, and the next persist compacts.
+    #[test]
+    fn a_zeroed_log_end_is_cut_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut f = SinkStateFile::open(dir.path(), "k").unwrap();
+        f.count(|c| c.delivered.add("a", 1, 3));
+        f.persist(pos(0, 1)).unwrap();
+        f.count(|c| c.delivered.add("a", 1, 4));
+        f.persist(pos(0, 2)).unwrap();
+        let expected = f.state().clone();
+        drop(f);
+        let log = dir.path().join("sink-state/k/1.log");
+        let mut bytes = std::fs::read(&log).unwrap();
+        bytes.extend_from_slice(&[0u8; 64]);
+        std::fs::write(&log, bytes).unwrap();
+        let mut back = SinkStateFile::open(dir.path(), "k").unwrap();
+        assert_eq!(back.state(), &expected);
+        back.count(|c| c.delivered.add("a", 1, 1));
+        back.persist(pos(0, 3)).unwrap();
+        drop(back);
+        let again = SinkStateFile::open(dir.path(), "k").unwrap();
+        assert_eq!(again.state().counts.delivered.get("a", 1), 8);
     }
 }

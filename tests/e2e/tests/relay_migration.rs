@@ -116,7 +116,7 @@ fn migrate_from_object_storage_to_kafka_in_phases() {
         "Kafka got nothing after it was removed"
     );
     assert!(
-        dir.join("relay-data/sinks/kafka.removed").exists(),
+        dir.join("relay-data/sink-state/.removed/kafka").exists(),
         "removed sink's state set aside"
     );
 }

@@ -13,7 +13,7 @@ use object_store::ObjectStore;
 use serde::{Deserialize, Serialize};
 use sluice_core::units::{ByteSize, Span};
 
-pub use writer::{partition, ObjectWriter};
+pub use writer::{object_key, partition, ObjectWriter};
 
 use crate::readback::Found;
 use crate::sinks::spec::{Deliver, ReadBackContext, SinkContext, SinkSpec};
@@ -53,6 +53,10 @@ impl SinkSpec for ObjectSink {
         url::Url::parse(&self.url).map_err(|e| {
             format!("sink {name:?}: url {:?} is not a URL ({e}); use file:///dir, s3://bucket, gs://bucket or az://container", self.url)
         })?;
+        // Build the store as the relay would (no request is made), so a missing
+        // backend, an unknown option or a missing account shows here, not at start.
+        configure_store(&self.url, &self.options, false)
+            .map_err(|e| format!("sink {name:?}: {e}"))?;
         Ok(())
     }
 
@@ -64,6 +68,8 @@ impl SinkSpec for ObjectSink {
         let (store, prefix) = self.open()?;
         Ok(Box::new(ObjectWriter {
             relay: ctx.relay.to_string(),
+            incarnation: ctx.incarnation.to_string(),
+            create_only: Arc::new(std::sync::atomic::AtomicBool::new(true)),
             store,
             prefix,
             max_bytes: self.max_object_size.as_usize(),
@@ -77,9 +83,15 @@ impl SinkSpec for ObjectSink {
     ) -> BoxFuture<'a, Result<Option<Found>, String>> {
         Box::pin(async move {
             let (store, prefix) = self.open()?;
-            readback::read(ctx.relay, store.as_ref(), &prefix, &self.url)
-                .await
-                .map(Some)
+            readback::read(
+                ctx.relay,
+                ctx.incarnation,
+                store.as_ref(),
+                &prefix,
+                &self.url,
+            )
+            .await
+            .map(Some)
         })
     }
 }
@@ -104,12 +116,35 @@ pub fn open_store(
     url: &str,
     options: &BTreeMap<String, String>,
 ) -> Result<(Arc<dyn ObjectStore>, String), String> {
+    configure_store(url, options, true)
+}
+
+/// Builds the store for `url` (no request is made); `create` makes a local directory
+/// that does not exist yet (the check leaves the disk alone).
+fn configure_store(
+    url: &str,
+    options: &BTreeMap<String, String>,
+    create: bool,
+) -> Result<(Arc<dyn ObjectStore>, String), String> {
     let parsed = url::Url::parse(url).map_err(|e| format!("url {url:?}: {e}"))?;
     match parsed.scheme() {
         "file" => {
             let dir = parsed
                 .to_file_path()
                 .map_err(|_| format!("url {url:?} is not a usable local path"))?;
+            if !create {
+                if let Some(missing) = dir.ancestors().find(|d| d.exists()).filter(|d| !d.is_dir())
+                {
+                    return Err(format!(
+                        "url {url:?}: {} is not a directory",
+                        missing.display()
+                    ));
+                }
+                return Ok((
+                    Arc::new(object_store::memory::InMemory::new()),
+                    String::new(),
+                ));
+            }
             std::fs::create_dir_all(&dir)
                 .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
             let store = object_store::local::LocalFileSystem::new_with_prefix(&dir)
@@ -117,7 +152,11 @@ pub fn open_store(
             Ok((Arc::new(store), String::new()))
         }
         "s3" | "s3a" => {
-            let mut builder = object_store::aws::AmazonS3Builder::from_env().with_url(url);
+            // Create-only puts (If-None-Match), which S3 and most S3-compatible stores
+            // honour; `conditional_put = "disabled"` in options turns them off.
+            let mut builder = object_store::aws::AmazonS3Builder::from_env()
+                .with_url(url)
+                .with_config(object_store::aws::AmazonS3ConfigKey::ConditionalPut, "etag");
             for (k, v) in options {
                 let key: object_store::aws::AmazonS3ConfigKey = k
                     .parse()

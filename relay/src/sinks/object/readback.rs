@@ -8,25 +8,41 @@ use object_store::{ObjectStore, ObjectStoreExt};
 
 use crate::readback::Found;
 
-/// Whether an object key was written by `relay` (`.../<relay>-<segment>-<offset>.ndjson.gz`).
-fn written_by(key: &str, relay: &str) -> bool {
+/// Whether an object key was written by `relay` in `incarnation`:
+/// `.../<relay>-<incarnation>-<segment>-<offset>[.<copy>].ndjson.gz`. Keys from before
+/// incarnations (`<relay>-<segment>-<offset>`) belong to every incarnation of the relay
+/// (the spool that wrote them was upgraded, not replaced).
+fn written_by(key: &str, relay: &str, incarnation: Option<&str>) -> bool {
     let name = key.rsplit('/').next().unwrap_or(key);
     let Some(stem) = name.strip_suffix(".ndjson.gz") else {
         return false;
     };
+    // An object written beside an existing key: `.<copy>` before the suffix.
+    let stem = match stem.rsplit_once('.') {
+        Some((s, copy)) if !copy.is_empty() && copy.bytes().all(|b| b.is_ascii_digit()) => s,
+        _ => stem,
+    };
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
     let mut parts = stem.rsplitn(3, '-');
-    let (Some(offset), Some(segment), Some(id)) = (parts.next(), parts.next(), parts.next()) else {
+    let (Some(offset), Some(segment), Some(rest)) = (parts.next(), parts.next(), parts.next())
+    else {
         return false;
     };
-    id == relay
-        && !offset.is_empty()
-        && offset.bytes().all(|b| b.is_ascii_digit())
-        && segment.bytes().all(|b| b.is_ascii_digit())
+    if !digits(offset) || !digits(segment) {
+        return false;
+    }
+    match rest.rsplit_once('-') {
+        Some((id, inc)) if crate::incarnation::is_incarnation(inc) => {
+            id == relay && incarnation.is_none_or(|mine| mine == inc)
+        }
+        _ => rest == relay,
+    }
 }
 
 /// `full` is the key prefix the sink writes under; `url` only names the store in errors.
 pub async fn read(
     relay: &str,
+    incarnation: Option<&str>,
     store: &dyn ObjectStore,
     full: &str,
     url: &str,
@@ -44,7 +60,7 @@ pub async fn read(
     let mut found = Found::default();
     let mut text = Vec::new();
     for meta in objects {
-        if !written_by(meta.location.as_ref(), relay) {
+        if !written_by(meta.location.as_ref(), relay, incarnation) {
             continue;
         }
         let bytes = store
@@ -66,11 +82,26 @@ pub async fn read(
 #[cfg(test)]
 mod tests {
     #[test]
-    fn keys_of_other_relays_are_not_read() {
-        let key =
+    fn keys_of_other_relays_and_incarnations_are_not_read() {
+        let inc = "i0123456789abcdef";
+        let key = format!(
+            "p/tag=a/dt=2026-11-23/hour=09/relay-1-{inc}-00000000000000000003-000000000042.ndjson.gz"
+        );
+        assert!(super::written_by(&key, "relay-1", Some(inc)));
+        assert!(super::written_by(&key, "relay-1", None));
+        assert!(!super::written_by(
+            &key,
+            "relay-1",
+            Some("i0000000000000000")
+        ));
+        assert!(!super::written_by(&key, "relay", Some(inc)));
+        let copy = key.replace(".ndjson.gz", ".2.ndjson.gz");
+        assert!(super::written_by(&copy, "relay-1", Some(inc)));
+        // Written before incarnations: this relay's, whatever its incarnation now.
+        let old =
             "p/tag=a/dt=2026-11-23/hour=09/relay-1-00000000000000000003-000000000042.ndjson.gz";
-        assert!(super::written_by(key, "relay-1"));
-        assert!(!super::written_by(key, "relay"));
-        assert!(!super::written_by("p/x.json", "relay-1"));
+        assert!(super::written_by(old, "relay-1", Some(inc)));
+        assert!(!super::written_by(old, "relay", Some(inc)));
+        assert!(!super::written_by("p/x.json", "relay-1", None));
     }
 }

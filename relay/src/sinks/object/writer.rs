@@ -1,21 +1,32 @@
 //! Writes gzip NDJSON objects of JSON envelopes, partitioned by tag and *event-time* hour:
 //!
 //! ```text
-//! <prefix>/tag=<tag>/dt=<YYYY-MM-DD>/hour=<HH>/<relay>-<segment>-<offset>.ndjson.gz
+//! <prefix>/tag=<tag>/dt=<YYYY-MM-DD>/hour=<HH>/<relay>-<incarnation>-<segment>-<offset>.ndjson.gz
 //! ```
 //!
-//! The key is derived from the spool position where the gathering started, so a
-//! delivery repeated after a crash writes the same keys again: it overwrites (with the
-//! same events, or more of them), never duplicates. Late events simply land in their own
-//! hour's folder.
+//! - The key is derived from the spool position where the gathering started and the
+//!   relay's incarnation (a random id made with the spool, [`crate::incarnation`]), so
+//!   keys of different spools never meet — a relay restarted with an empty data
+//!   directory, or two relays given one id, cannot write a key that exists.
+//! - Each key part is percent-encoded by `object_store` (`/` as `%2F`, `%` as `%25`,
+//!   ...), so two tags never share a folder (`a/b` and `a_b` stay apart).
+//! - Uploads are create-only (`PutMode::Create`): an object is never replaced. A delivery
+//!   repeated after a crash gathers exactly the same events again (the driver records
+//!   where each gathering ends, see `Deliver::replays_exactly`), so it writes the same
+//!   key with the same bytes; the store says the key exists, the relay reads it back,
+//!   finds the same content and counts it delivered. A key that exists with *other*
+//!   content (a spool whose unsynced tail was lost in a crash and rewritten) is not
+//!   touched: the new object goes beside it as `<...>.<n>.ndjson.gz`, logged.
+//! - Late events simply land in their own hour's folder.
 
 use std::collections::BTreeMap;
 use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use object_store::path::Path as ObjectPath;
-use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use object_store::path::{Path as ObjectPath, PathPart};
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutPayload};
 use sluice_forward::GzipWriter;
 
 use crate::envelope::{civil_from_days, hour_of};
@@ -23,31 +34,122 @@ use crate::sinks::spec::{Deliver, DeliverError, DeliverFuture, Delivered, Gather
 
 pub struct ObjectWriter {
     pub relay: String,
+    /// The spool's incarnation ([`crate::incarnation`]).
+    pub incarnation: String,
     pub store: Arc<dyn ObjectStore>,
     /// The full key prefix, without a trailing '/'.
     pub prefix: String,
     pub max_bytes: usize,
     pub max_age: Duration,
+    /// Cleared when the store cannot do create-only puts (an S3-compatible store without
+    /// conditional writes, with `conditional_put = "disabled"`): then keys are unique
+    /// but a repeated upload overwrites its own object.
+    pub create_only: Arc<AtomicBool>,
 }
 
-/// `tag=<tag>/dt=YYYY-MM-DD/hour=HH`, with characters that would break a key replaced.
-pub fn partition(tag: &str, hour: u64) -> String {
+/// `tag=<tag>/dt=YYYY-MM-DD/hour=HH` as key parts (each percent-encoded when the key is
+/// built, see [`object_key`]).
+pub fn partition(tag: &str, hour: u64) -> [String; 3] {
     let secs = hour as i64 * 3600;
     let (y, m, d) = civil_from_days(secs.div_euclid(86_400));
-    let safe: String = tag
-        .chars()
-        .map(|c| {
-            if c == '/' || c == '\\' || c.is_control() {
-                '_'
-            } else {
-                c
+    [
+        format!("tag={tag}"),
+        format!("dt={y:04}-{m:02}-{d:02}"),
+        format!("hour={:02}", secs.rem_euclid(86_400) / 3600),
+    ]
+}
+
+/// The key of the object of one (tag, hour) of a gathering that started at
+/// (`segment`, `offset`); `copy` > 0 for an object written beside an existing key.
+pub fn object_key(
+    prefix: &str,
+    tag: &str,
+    hour: u64,
+    relay: &str,
+    incarnation: &str,
+    (segment, offset): (u64, u64),
+    copy: u32,
+) -> ObjectPath {
+    let name = if copy == 0 {
+        format!("{relay}-{incarnation}-{segment:020}-{offset:012}.ndjson.gz")
+    } else {
+        format!("{relay}-{incarnation}-{segment:020}-{offset:012}.{copy}.ndjson.gz")
+    };
+    let prefix = ObjectPath::parse(prefix).unwrap_or_else(|_| ObjectPath::from(prefix));
+    let parts = partition(tag, hour);
+    prefix
+        .parts()
+        .chain(parts.iter().map(|p| PathPart::from(p.as_str())))
+        .chain(std::iter::once(PathPart::from(name.as_str())))
+        .collect()
+}
+
+/// Writes `body` under `key(0)` without replacing anything: an existing object with the
+/// same bytes is this upload done before (success); one with other bytes is left alone
+/// and the body goes to the first free `key(n)`.
+async fn put_once(
+    store: &dyn ObjectStore,
+    key: impl Fn(u32) -> ObjectPath,
+    body: Vec<u8>,
+    create_only: &AtomicBool,
+) -> Result<(), DeliverError> {
+    let body = bytes::Bytes::from(body);
+    if !create_only.load(Ordering::Relaxed) {
+        let path = key(0);
+        return store
+            .put(&path, PutPayload::from(body))
+            .await
+            .map(|_| ())
+            .map_err(|e| classify(path.as_ref(), e));
+    }
+    for copy in 0..100 {
+        let path = key(copy);
+        let put = store
+            .put_opts(
+                &path,
+                PutPayload::from(body.clone()),
+                PutMode::Create.into(),
+            )
+            .await;
+        match put {
+            Ok(_) => {
+                if copy > 0 {
+                    tracing::error!(key = %path, first = %key(0), "an object with this key existed with other content; it was kept, and this delivery written beside it (reconcile may count these events twice)");
+                }
+                return Ok(());
             }
-        })
-        .collect();
-    format!(
-        "tag={safe}/dt={y:04}-{m:02}-{d:02}/hour={:02}",
-        secs.rem_euclid(86_400) / 3600
-    )
+            Err(object_store::Error::AlreadyExists { .. }) => {
+                let existing = store
+                    .get(&path)
+                    .await
+                    .map_err(|e| classify(path.as_ref(), e))?
+                    .bytes()
+                    .await
+                    .map_err(|e| classify(path.as_ref(), e))?;
+                if existing == body {
+                    tracing::info!(key = %path, "object already written with the same content (a delivery repeated after a crash)");
+                    return Ok(());
+                }
+            }
+            Err(
+                object_store::Error::NotImplemented { .. }
+                | object_store::Error::NotSupported { .. },
+            ) => {
+                tracing::warn!(key = %path, "the object store cannot do create-only puts; objects are written with plain puts (keys stay unique per relay incarnation)");
+                create_only.store(false, Ordering::Relaxed);
+                return store
+                    .put(&path, PutPayload::from(body))
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| classify(path.as_ref(), e));
+            }
+            Err(e) => return Err(classify(path.as_ref(), e)),
+        }
+    }
+    Err(DeliverError::Permanent(format!(
+        "100 objects beside {} exist with other content; refusing to go on",
+        key(0)
+    )))
 }
 
 /// Refused credentials or permissions, or a store that cannot do what is asked, will
@@ -84,25 +186,18 @@ impl Deliver for ObjectWriter {
                 }
             }
             let uploads = groups.into_iter().map(|((tag, hour), gz)| {
-                let key = format!(
-                    "{}{}{}/{}-{:020}-{:012}.ndjson.gz",
-                    self.prefix,
-                    if self.prefix.is_empty() { "" } else { "/" },
-                    partition(tag, hour),
-                    self.relay,
-                    batch.start.segment,
-                    batch.start.offset
-                );
                 let store = self.store.clone();
+                let create_only = self.create_only.clone();
+                let (prefix, relay, incarnation) = (&self.prefix, &self.relay, &self.incarnation);
+                let start = (batch.start.segment, batch.start.offset);
+                let key =
+                    move |copy| object_key(prefix, tag, hour, relay, incarnation, start, copy);
                 async move {
                     let body = gz
                         .finish()
                         .map_err(|e| DeliverError::Transient(format!("gzip: {e}")))?;
                     let len = body.len() as u64;
-                    store
-                        .put(&ObjectPath::from(key.as_str()), PutPayload::from(body))
-                        .await
-                        .map_err(|e| classify(&key, e))?;
+                    put_once(store.as_ref(), key, body, &create_only).await?;
                     Ok::<u64, DeliverError>(len)
                 }
             });
@@ -115,5 +210,77 @@ impl Deliver for ObjectWriter {
 
     fn gather_limits(&self) -> (usize, Duration) {
         (self.max_bytes, self.max_age)
+    }
+
+    fn replays_exactly(&self) -> bool {
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::TryStreamExt;
+    use object_store::memory::InMemory;
+
+    fn key(tag: &str) -> String {
+        object_key("logs", tag, 491_000, "r1", "i0123456789abcdef", (3, 40), 0).to_string()
+    }
+
+    #[test]
+    fn tags_never_share_a_folder() {
+        let tags = ["a/b", "a_b", "a%2Fb", "a\\b", "a b", "..", "."];
+        let keys: std::collections::BTreeSet<String> = tags.iter().map(|t| key(t)).collect();
+        assert_eq!(keys.len(), tags.len(), "{keys:?}");
+        for k in &keys {
+            assert_eq!(
+                k.matches('/').count(),
+                4,
+                "a tag made a folder of its own: {k}"
+            );
+        }
+        assert_eq!(
+            key("app.web"),
+            "logs/tag=app.web/dt=2026-01-05/hour=08/r1-i0123456789abcdef-00000000000000000003-000000000040.ndjson.gz"
+        );
+    }
+
+    async fn objects(store: &InMemory) -> Vec<(String, bytes::Bytes)> {
+        let metas: Vec<_> = store.list(None).try_collect().await.unwrap();
+        let mut out = Vec::new();
+        for m in metas {
+            let b = store.get(&m.location).await.unwrap().bytes().await.unwrap();
+            out.push((m.location.to_string(), b));
+        }
+        out.sort();
+        out
+    }
+
+    /// A repeated upload of the same bytes is success and writes nothing; other bytes
+    /// under an existing key never replace it.
+    #[tokio::test]
+    async fn an_object_is_never_replaced() {
+        let store = InMemory::new();
+        let create_only = AtomicBool::new(true);
+        let k = |copy| object_key("", "t", 1, "r", "i0000000000000001", (0, 0), copy);
+        put_once(&store, k, b"first".to_vec(), &create_only)
+            .await
+            .unwrap();
+        put_once(&store, k, b"first".to_vec(), &create_only)
+            .await
+            .unwrap();
+        assert_eq!(objects(&store).await.len(), 1);
+        put_once(&store, k, b"second".to_vec(), &create_only)
+            .await
+            .unwrap();
+        put_once(&store, k, b"second".to_vec(), &create_only)
+            .await
+            .unwrap();
+        let all = objects(&store).await;
+        assert_eq!(all.len(), 2, "{all:?}");
+        assert_eq!(all[0].0, k(1).to_string());
+        assert_eq!(&all[0].1[..], b"second");
+        assert_eq!(all[1].0, k(0).to_string());
+        assert_eq!(&all[1].1[..], b"first");
     }
 }
