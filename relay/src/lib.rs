@@ -165,6 +165,10 @@ pub async fn run(config: RelayConfig) -> anyhow::Result<()> {
             .map_err(anyhow::Error::msg)?;
         let mut deliver = deliver;
         deliver.restore(state.state().resume.clone());
+        deliver
+            .start()
+            .await
+            .map_err(|e| anyhow::anyhow!("sink {:?}: {e}", sink.name))?;
         let (delivered, delivered_rx) = watch::channel(start);
         let (persisted, persisted_rx) = watch::channel(start);
         writer.watch_cursor(sink.name.clone(), persisted_rx);

@@ -59,6 +59,11 @@ pub struct SinkRun {
 
 /// Reads the spool and delivers until `stop`, then flushes what was gathered.
 pub async fn run_sink(mut s: SinkRun) {
+    drive(&mut s).await;
+    s.deliver.finish().await;
+}
+
+async fn drive(s: &mut SinkRun) {
     let name = s.config.name.clone();
     let label = s.metrics.sink(&name);
     let (max_bytes, max_wait) = s.deliver.gather_limits();
@@ -111,15 +116,15 @@ pub async fn run_sink(mut s: SinkRun) {
                 }) => {
                     // The reader is past the damage already: count it, say it, go on.
                     read_any = true;
-                    report_damage(&s, &name, &damage, first_report);
+                    report_damage(s, &name, &damage, first_report);
                     if gathered.is_empty() {
                         // Nothing gathered before it: record the loss with the cursor now,
                         // and let end-to-end acks waiting on it go.
                         s.state.count(|c| c.spool_lost.add(&damage));
                         gathered.clear(damage.to);
                         s.progress.delivered.send_replace(damage.to);
-                        persist(&mut s, damage.to, &name);
-                        publish_ledger(&s, &name, |c| c.spool_lost.add(&damage));
+                        persist(s, damage.to, &name);
+                        publish_ledger(s, &name, |c| c.spool_lost.add(&damage));
                     } else {
                         gathered.pass_over(&damage);
                     }
@@ -162,7 +167,7 @@ pub async fn run_sink(mut s: SinkRun) {
             }
         };
         if due {
-            if !deliver_with_retry(&mut s, &gathered, &name).await {
+            if !deliver_with_retry(s, &gathered, &name).await {
                 return; // aborted: the cursor stays where it was; the data stays in the spool
             }
             gathered.clear(gathered.end);
@@ -172,11 +177,11 @@ pub async fn run_sink(mut s: SinkRun) {
             // Persist before gathering again: a gathering must start where the last
             // recorded one ended, or a crash could re-gather across two deliveries and
             // write the same events under two object keys.
-            persist(&mut s, gathered.start, &name);
+            persist(s, gathered.start, &name);
             continue;
         }
         if stopping {
-            persist(&mut s, gathered.start, &name);
+            persist(s, gathered.start, &name);
             return;
         }
         if read_any {

@@ -237,6 +237,18 @@ pub trait Deliver: Send {
         false
     }
 
+    /// Called once at start, before the first delivery. An error stops the relay from
+    /// starting (the object sink's lease held by another live relay with this id); a
+    /// destination that cannot be reached is not an error here.
+    fn start(&mut self) -> futures::future::BoxFuture<'_, Result<(), String>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    /// Called once when the sink stops, after its last delivery.
+    fn finish(&mut self) -> futures::future::BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
+
     /// Called once at start with the last state saved by [`Deliver::recovery_state`] or
     /// [`Deliver::intent_state`].
     fn restore(&mut self, _state: Option<serde_json::Value>) {}

@@ -105,6 +105,15 @@ impl Services {
         )
     }
 
+    /// Every object of `bucket` with its ETag (`s3_etags.py`, boto3).
+    pub fn s3_etags(&self, bucket: &str) -> std::collections::BTreeMap<String, String> {
+        let v = self.py(
+            "s3_etags.py",
+            &["--endpoint", &self.s3_endpoint, "--bucket", bucket],
+        );
+        serde_json::from_value(v).expect("s3_etags.py prints a map of strings")
+    }
+
     pub fn s3_summary(&self, bucket: &str) -> serde_json::Value {
         self.py(
             "s3_summary.py",
@@ -214,10 +223,20 @@ pub struct Proc {
 
 impl Proc {
     pub fn start(binary: &str, config: &Path, log: &Path) -> Proc {
+        Proc::start_with_env(binary, config, log, &[])
+    }
+
+    pub fn start_with_env(
+        binary: &str,
+        config: &Path,
+        log: &Path,
+        env: &[(String, String)],
+    ) -> Proc {
         let log_file = std::fs::File::create(log).expect("log file");
         let child = die_with_test(&mut Command::new(bin(binary)))
             .arg("--config")
             .arg(config)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .env("SLUICE_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log_file)

@@ -20,6 +20,9 @@ pub struct Lives {
     stem: String,
     proc_: Option<Proc>,
     logs: Vec<PathBuf>,
+    /// Extra environment for the next lives (test failpoints such as
+    /// `SLUICE_TEST_CRASH_AFTER_UPLOAD`).
+    pub env: Vec<(String, String)>,
 }
 
 impl Lives {
@@ -38,6 +41,7 @@ impl Lives {
             stem,
             proc_: None,
             logs: Vec::new(),
+            env: Vec::new(),
         }
     }
 
@@ -48,7 +52,12 @@ impl Lives {
             0 => self.dir.join(format!("{}.log", self.stem)),
             n => self.dir.join(format!("{}-{n}.log", self.stem)),
         };
-        self.proc_ = Some(Proc::start(self.binary, &self.config_path, &log));
+        self.proc_ = Some(Proc::start_with_env(
+            self.binary,
+            &self.config_path,
+            &log,
+            &self.env,
+        ));
         self.logs.push(log);
     }
 

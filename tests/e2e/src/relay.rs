@@ -24,6 +24,8 @@ pub struct RelaySpec {
     /// File names: `<stem>.toml`, `<stem>.log` (then `<stem>-1.log`, ...), `<stem>-data/`.
     pub stem: String,
     pub config: RelayConfig,
+    /// Extra environment for every life (test failpoints).
+    pub env: Vec<(String, String)>,
 }
 
 impl RelaySpec {
@@ -55,6 +57,7 @@ impl RelaySpec {
                 },
                 sinks: Vec::new(),
             },
+            env: Vec::new(),
         }
     }
 
@@ -95,9 +98,11 @@ impl RelaySpec {
             .listen
             .expect("the harness reads the relay's metrics: keep metrics.listen set");
         let config_path = self.dir.join(format!("{}.toml", self.stem));
+        let mut lives = Lives::new("sluice-relay", self.dir, self.stem, config_path, metrics);
+        lives.env = self.env;
         let mut relay = Relay {
             forward: self.config.server.listen,
-            lives: Lives::new("sluice-relay", self.dir, self.stem, config_path, metrics),
+            lives,
             config: self.config,
         };
         relay.write_config();

@@ -167,6 +167,23 @@ fn relay_killed_twenty_times_loses_nothing() {
             );
         }
     }
+    // Object storage: a delivery cut short by a kill is repeated with the same events,
+    // so it finds its object already there with the same bytes (create-only puts); no
+    // object is written beside another, and no line twice.
+    let logs: String = relay
+        .logs()
+        .iter()
+        .map(|l| std::fs::read_to_string(l).unwrap_or_default())
+        .collect();
+    let repeated = logs
+        .matches("object already written with the same content")
+        .count();
+    eprintln!("s3: {repeated} uploads found already written with the same bytes");
+    assert!(
+        !logs.contains("written beside it"),
+        "an object key was reused with other content"
+    );
+    assert_eq!(dup_s3, 0, "object storage holds a line twice");
     for (n, log) in relay.logs().iter().enumerate() {
         let text = std::fs::read_to_string(log).unwrap_or_default();
         assert!(

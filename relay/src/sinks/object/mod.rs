@@ -2,6 +2,7 @@
 //! gzip NDJSON objects of JSON envelopes, partitioned by tag and *event-time* hour (see
 //! `writer.rs` for the keys and why a repeated upload cannot duplicate).
 
+pub mod lease;
 mod readback;
 mod writer;
 
@@ -39,6 +40,16 @@ pub struct ObjectSink {
     /// acks never wait for this age.
     #[serde(default = "default_object_age")]
     pub max_object_age: Span,
+    /// How long this relay's lease (`<prefix>/_sluice/relays/<relay.id>.json`, renewed
+    /// every third of this) holds its id. A relay that finds its id's lease held by
+    /// another live relay refuses to start; one that stopped cleanly frees it at once.
+    /// `0s` turns leases off.
+    #[serde(default = "default_lease_ttl")]
+    pub lease_ttl: Span,
+}
+
+fn default_lease_ttl() -> Span {
+    Span::secs(60)
 }
 
 fn default_object_size() -> ByteSize {
@@ -66,7 +77,19 @@ impl SinkSpec for ObjectSink {
 
     fn build(&self, ctx: &SinkContext<'_>) -> Result<Box<dyn Deliver>, String> {
         let (store, prefix) = self.open()?;
+        let ttl = self.lease_ttl.get();
+        let lease = (!ttl.is_zero()).then(|| {
+            Arc::new(lease::Lease::new(
+                store.clone(),
+                &prefix,
+                ctx.relay,
+                ctx.incarnation,
+                ttl,
+            ))
+        });
         Ok(Box::new(ObjectWriter {
+            lease,
+            lease_task: None,
             relay: ctx.relay.to_string(),
             incarnation: ctx.incarnation.to_string(),
             create_only: Arc::new(std::sync::atomic::AtomicBool::new(true)),
@@ -173,5 +196,52 @@ fn configure_store(
                 .map_err(|e| format!("object store {url}: {e}"))?;
             Ok((Arc::from(store), path.to_string()))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(url: &str, options: &[(&str, &str)]) -> Result<(), String> {
+        let sink: ObjectSink = serde_json::from_value(serde_json::json!({
+            "url": url,
+            "options": options.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<BTreeMap<_, _>>(),
+        }))
+        .unwrap();
+        sink.validate("archive")
+    }
+
+    /// `--check-config` builds the store the way the relay would, without a request: GCS
+    /// and Azure are built in, and their mistakes show in the check, naming the sink.
+    #[test]
+    fn the_check_builds_every_backend() {
+        let dir = tempfile::tempdir().unwrap();
+        let local = format!("file://{}/not/yet", dir.path().display());
+        check(&local, &[]).unwrap();
+        assert!(
+            !dir.path().join("not").exists(),
+            "the check leaves the disk alone"
+        );
+        check("s3://bucket/logs", &[("region", "eu-west-1")]).unwrap();
+        let e = check("s3://bucket", &[("colour", "blue")]).unwrap_err();
+        assert!(e.contains("archive") && e.contains("colour"), "{e}");
+        check(
+            "gs://bucket",
+            &[(
+                "service_account_key",
+                r#"{"private_key": "", "client_email": "x@y"}"#,
+            )],
+        )
+        .map_err(|e| assert!(!e.contains("not enabled"), "{e}"))
+        .ok();
+        check(
+            "az://container",
+            &[("account_name", "acct"), ("access_key", "a2V5")],
+        )
+        .unwrap();
+        let e = check("az://container", &[]).unwrap_err();
+        assert!(e.contains("archive"), "{e}");
+        assert!(!e.contains("not enabled"), "azure is built in: {e}");
     }
 }

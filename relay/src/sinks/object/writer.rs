@@ -29,6 +29,7 @@ use object_store::path::{Path as ObjectPath, PathPart};
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutPayload};
 use sluice_forward::GzipWriter;
 
+use super::lease::{Lease, LeaseError};
 use crate::envelope::{civil_from_days, hour_of};
 use crate::sinks::spec::{Deliver, DeliverError, DeliverFuture, Delivered, Gathered};
 
@@ -41,6 +42,9 @@ pub struct ObjectWriter {
     pub prefix: String,
     pub max_bytes: usize,
     pub max_age: Duration,
+    /// The relay's lease in the bucket (`None` with `lease_ttl = "0s"`).
+    pub lease: Option<Arc<Lease>>,
+    pub lease_task: Option<tokio::task::JoinHandle<()>>,
     /// Cleared when the store cannot do create-only puts (an S3-compatible store without
     /// conditional writes, with `conditional_put = "disabled"`): then keys are unique
     /// but a repeated upload overwrites its own object.
@@ -84,22 +88,42 @@ pub fn object_key(
         .collect()
 }
 
+/// Test failpoint for the crash window between an upload and the cursor save:
+/// `SLUICE_TEST_CRASH_AFTER_UPLOAD=n` aborts the process (like kill -9: nothing is saved)
+/// after the n-th delivery of this process that created an object. Unset, it costs one
+/// load of a cached value per delivery.
+fn crash_point() {
+    static LIMIT: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    static CREATED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let limit = LIMIT.get_or_init(|| {
+        std::env::var("SLUICE_TEST_CRASH_AFTER_UPLOAD")
+            .ok()
+            .and_then(|v| v.parse().ok())
+    });
+    if let Some(n) = *limit {
+        if CREATED.fetch_add(1, Ordering::Relaxed) + 1 >= n {
+            eprintln!("SLUICE_TEST_CRASH_AFTER_UPLOAD: aborting after an upload, before the cursor is saved");
+            std::process::abort();
+        }
+    }
+}
+
 /// Writes `body` under `key(0)` without replacing anything: an existing object with the
 /// same bytes is this upload done before (success); one with other bytes is left alone
-/// and the body goes to the first free `key(n)`.
+/// and the body goes to the first free `key(n)`. Returns whether an object was created.
 async fn put_once(
     store: &dyn ObjectStore,
     key: impl Fn(u32) -> ObjectPath,
     body: Vec<u8>,
     create_only: &AtomicBool,
-) -> Result<(), DeliverError> {
+) -> Result<bool, DeliverError> {
     let body = bytes::Bytes::from(body);
     if !create_only.load(Ordering::Relaxed) {
         let path = key(0);
         return store
             .put(&path, PutPayload::from(body))
             .await
-            .map(|_| ())
+            .map(|_| true)
             .map_err(|e| classify(path.as_ref(), e));
     }
     for copy in 0..100 {
@@ -116,7 +140,7 @@ async fn put_once(
                 if copy > 0 {
                     tracing::error!(key = %path, first = %key(0), "an object with this key existed with other content; it was kept, and this delivery written beside it (reconcile may count these events twice)");
                 }
-                return Ok(());
+                return Ok(true);
             }
             Err(object_store::Error::AlreadyExists { .. }) => {
                 let existing = store
@@ -128,7 +152,7 @@ async fn put_once(
                     .map_err(|e| classify(path.as_ref(), e))?;
                 if existing == body {
                     tracing::info!(key = %path, "object already written with the same content (a delivery repeated after a crash)");
-                    return Ok(());
+                    return Ok(false);
                 }
             }
             Err(
@@ -140,7 +164,7 @@ async fn put_once(
                 return store
                     .put(&path, PutPayload::from(body))
                     .await
-                    .map(|_| ())
+                    .map(|_| true)
                     .map_err(|e| classify(path.as_ref(), e));
             }
             Err(e) => return Err(classify(path.as_ref(), e)),
@@ -168,6 +192,12 @@ fn classify(key: &str, e: object_store::Error) -> DeliverError {
 impl Deliver for ObjectWriter {
     fn deliver<'a>(&'a mut self, batch: &'a Gathered) -> DeliverFuture<'a> {
         Box::pin(async move {
+            if let Some(lease) = &self.lease {
+                lease.check().await.map_err(|e| match e {
+                    LeaseError::Held(m) => DeliverError::Permanent(m),
+                    LeaseError::Unreachable(m) => DeliverError::Transient(m),
+                })?;
+            }
             let mut done = Delivered::default();
             let mut groups: BTreeMap<(&str, u64), GzipWriter> = BTreeMap::new();
             let mut line = Vec::with_capacity(4096);
@@ -197,12 +227,17 @@ impl Deliver for ObjectWriter {
                         .finish()
                         .map_err(|e| DeliverError::Transient(format!("gzip: {e}")))?;
                     let len = body.len() as u64;
-                    put_once(store.as_ref(), key, body, &create_only).await?;
-                    Ok::<u64, DeliverError>(len)
+                    let created = put_once(store.as_ref(), key, body, &create_only).await?;
+                    Ok::<(u64, bool), DeliverError>((len, created))
                 }
             });
-            for len in futures::future::try_join_all(uploads).await? {
+            let mut created = false;
+            for (len, new) in futures::future::try_join_all(uploads).await? {
                 done.bytes += len;
+                created |= new;
+            }
+            if created {
+                crash_point();
             }
             Ok(done)
         })
@@ -214,6 +249,50 @@ impl Deliver for ObjectWriter {
 
     fn replays_exactly(&self) -> bool {
         true
+    }
+
+    fn start(&mut self) -> futures::future::BoxFuture<'_, Result<(), String>> {
+        Box::pin(async move {
+            let Some(lease) = self.lease.clone() else {
+                return Ok(());
+            };
+            let first = tokio::time::timeout(Duration::from_secs(10), lease.acquire()).await;
+            match first {
+                Ok(Ok(())) => {}
+                Ok(Err(LeaseError::Held(m))) => return Err(m),
+                Ok(Err(LeaseError::Unreachable(m))) => {
+                    tracing::warn!(error = %m, "the object store cannot be reached at start; the relay lease is taken before the first upload")
+                }
+                Err(_) => {
+                    tracing::warn!(lease = %lease.path(), "the object store did not answer within 10 s at start; the relay lease is taken before the first upload")
+                }
+            }
+            let renewing = lease.clone();
+            self.lease_task = Some(tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(renewing.renew_every()).await;
+                    match renewing.renew().await {
+                        Ok(()) => {}
+                        Err(LeaseError::Held(_)) => return, // logged by renew; uploads stop
+                        Err(LeaseError::Unreachable(m)) => {
+                            tracing::warn!(error = %m, "cannot renew the relay lease; retrying")
+                        }
+                    }
+                }
+            }));
+            Ok(())
+        })
+    }
+
+    fn finish(&mut self) -> futures::future::BoxFuture<'_, ()> {
+        Box::pin(async move {
+            if let Some(task) = self.lease_task.take() {
+                task.abort();
+            }
+            if let Some(lease) = &self.lease {
+                let _ = tokio::time::timeout(Duration::from_secs(5), lease.release()).await;
+            }
+        })
     }
 }
 
