@@ -112,6 +112,14 @@ impl Lives {
         &self.logs
     }
 
+    /// Every life's log, first to last, as one text.
+    pub fn all_logs_text(&self) -> String {
+        self.logs
+            .iter()
+            .map(|l| std::fs::read_to_string(l).unwrap_or_default())
+            .collect()
+    }
+
     /// The current life's log as written.
     pub fn log_text(&self) -> String {
         self.process().log_text()

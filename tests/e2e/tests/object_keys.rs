@@ -217,11 +217,7 @@ fn a_crash_between_upload_and_cursor_save_duplicates_nothing() {
     agent.stop(Duration::from_secs(30));
     relay.stop(Duration::from_secs(60));
 
-    let logs: String = relay
-        .logs()
-        .iter()
-        .map(|l| std::fs::read_to_string(l).unwrap_or_default())
-        .collect();
+    let logs = relay.all_logs_text();
     let repeated = logs
         .matches("object already written with the same content")
         .count() as u64;

@@ -170,11 +170,7 @@ fn relay_killed_twenty_times_loses_nothing() {
     // Object storage: a delivery cut short by a kill is repeated with the same events,
     // so it finds its object already there with the same bytes (create-only puts); no
     // object is written beside another, and no line twice.
-    let logs: String = relay
-        .logs()
-        .iter()
-        .map(|l| std::fs::read_to_string(l).unwrap_or_default())
-        .collect();
+    let logs = relay.all_logs_text();
     let repeated = logs
         .matches("object already written with the same content")
         .count();

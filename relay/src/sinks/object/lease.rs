@@ -45,12 +45,16 @@ pub enum LeaseError {
     Held(String),
     /// The store could not be asked.
     Unreachable(String),
+    /// The credentials may not read the lease.
+    Forbidden(String),
 }
 
 impl std::fmt::Display for LeaseError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            LeaseError::Held(m) | LeaseError::Unreachable(m) => f.write_str(m),
+            LeaseError::Held(m) | LeaseError::Unreachable(m) | LeaseError::Forbidden(m) => {
+                f.write_str(m)
+            }
         }
     }
 }
@@ -60,6 +64,8 @@ enum Status {
     NotYet,
     Held,
     Lost(String),
+    /// The credentials may not read the bucket: no lease (logged once).
+    Disabled,
 }
 
 pub struct Lease {
@@ -84,7 +90,7 @@ fn host_name() -> String {
 
 /// Where the lease of `relay` lives under `prefix`.
 pub fn lease_path(prefix: &str, relay: &str) -> ObjectPath {
-    let base = ObjectPath::parse(prefix).unwrap_or_else(|_| ObjectPath::from(prefix));
+    let base = ObjectPath::from(prefix);
     base.parts()
         .chain(["_sluice", "relays"].map(object_store::path::PathPart::from))
         .chain(std::iter::once(object_store::path::PathPart::from(
@@ -129,6 +135,17 @@ impl Lease {
         (self.ttl / 3).max(Duration::from_millis(100))
     }
 
+    fn status(&self) -> Status {
+        self.status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn set_status(&self, status: Status) {
+        *self.status.lock().unwrap_or_else(|e| e.into_inner()) = status;
+    }
+
     fn mine(&self) -> LeaseDoc {
         self.doc.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
@@ -140,33 +157,56 @@ impl Lease {
         let bytes = match self.store.get(&self.path).await {
             Ok(got) => got.bytes().await.map_err(unreachable)?,
             Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(
+                e @ (object_store::Error::PermissionDenied { .. }
+                | object_store::Error::Unauthenticated { .. }),
+            ) => return Err(LeaseError::Forbidden(format!("{e}"))),
             Err(e) => return Err(unreachable(e)),
         };
         // An unreadable lease (not ours to interpret) is treated as absent, and replaced.
         Ok(serde_json::from_slice(&bytes).ok())
     }
 
-    async fn write(&self, stopped: bool) -> Result<(), LeaseError> {
+    /// Writes this relay's lease; `create` only where there is none (two relays that
+    /// start at once both find none: one create wins, the other reads the winner's).
+    /// Returns `false` when `create` found one after all.
+    async fn write(&self, stopped: bool, create: bool) -> Result<bool, LeaseError> {
         let bytes = {
             let mut doc = self.doc.lock().unwrap_or_else(|e| e.into_inner());
             doc.renewed_at = now_secs();
             doc.stopped = stopped;
             serde_json::to_vec_pretty(&*doc).unwrap_or_default()
         };
-        self.store
-            .put(&self.path, PutPayload::from(bytes))
-            .await
-            .map(|_| ())
-            .map_err(|e| {
-                LeaseError::Unreachable(format!("cannot write the relay lease {}: {e}", self.path))
-            })
+        let mode = if create {
+            object_store::PutMode::Create
+        } else {
+            object_store::PutMode::Overwrite
+        };
+        let put = self
+            .store
+            .put_opts(&self.path, PutPayload::from(bytes.clone()), mode.into())
+            .await;
+        let put = match put {
+            Err(object_store::Error::AlreadyExists { .. }) => return Ok(false),
+            Err(
+                object_store::Error::NotImplemented { .. }
+                | object_store::Error::NotSupported { .. },
+            ) if create => self.store.put(&self.path, PutPayload::from(bytes)).await,
+            other => other,
+        };
+        put.map(|_| true).map_err(|e| {
+            LeaseError::Unreachable(format!("cannot write the relay lease {}: {e}", self.path))
+        })
     }
 
-    /// Whether `other` (read from the bucket) is another incarnation still alive.
+    /// Whether `other` (read from the bucket) is another relay still alive: another
+    /// incarnation, or this incarnation on another host (a copied data directory).
+    /// This incarnation on this host is this relay restarted, and takes over at once.
     fn held_by_other(&self, other: &LeaseDoc) -> Option<String> {
         let mine = self.mine();
         let age = now_secs().saturating_sub(other.renewed_at);
-        (other.incarnation != mine.incarnation && !other.stopped && age < other.ttl_secs).then(|| {
+        let someone_else = other.incarnation != mine.incarnation || other.host != mine.host;
+        (someone_else && !other.stopped && age < other.ttl_secs).then(|| {
             format!(
                 "relay id {:?} is in use: its lease {} is held by incarnation {} on host {:?} (pid {}), renewed {age} s ago (ttl {} s). Give every relay its own relay.id (a StatefulSet, not a Deployment); if that relay is gone, start this one again after {} s",
                 mine.relay,
@@ -180,44 +220,57 @@ impl Lease {
         })
     }
 
-    /// Takes the lease unless another live incarnation holds it.
+    /// Takes the lease unless another live relay holds it. Credentials that may not
+    /// read the bucket turn the lease off (logged), rather than stop the sink.
     pub async fn acquire(&self) -> Result<(), LeaseError> {
-        if let Some(other) = self.read().await? {
-            if let Some(held) = self.held_by_other(&other) {
-                *self.status.lock().unwrap_or_else(|e| e.into_inner()) = Status::Lost(held.clone());
-                return Err(LeaseError::Held(held));
+        // Twice at most: a create that loses a race reads the winner's lease.
+        for _ in 0..2 {
+            let found = match self.read().await {
+                Ok(found) => found,
+                Err(LeaseError::Forbidden(e)) => {
+                    tracing::error!(lease = %self.path, error = %e, "the credentials may not read the bucket: no relay lease, so a second relay with this relay.id would not be refused (grant GetObject to have it)");
+                    self.set_status(Status::Disabled);
+                    return Ok(());
+                }
+                Err(e) => return Err(e),
+            };
+            if let Some(other) = &found {
+                if let Some(held) = self.held_by_other(other) {
+                    self.set_status(Status::Lost(held.clone()));
+                    return Err(LeaseError::Held(held));
+                }
+                if other.incarnation != self.mine().incarnation {
+                    tracing::info!(lease = %self.path, previous = %other.incarnation, previous_host = %other.host,
+                        stopped = other.stopped, "taking over the relay lease of an earlier incarnation of this relay id");
+                }
             }
-            if other.incarnation != self.mine().incarnation {
-                tracing::info!(lease = %self.path, previous = %other.incarnation, previous_host = %other.host,
-                    stopped = other.stopped, "taking over the relay lease of an earlier incarnation of this relay id");
+            if self.write(false, found.is_none()).await? {
+                self.set_status(Status::Held);
+                return Ok(());
             }
         }
-        self.write(false).await?;
-        *self.status.lock().unwrap_or_else(|e| e.into_inner()) = Status::Held;
-        Ok(())
+        Err(LeaseError::Unreachable(format!(
+            "the relay lease {} changed while it was being taken; retrying",
+            self.path
+        )))
     }
 
-    /// Renews a held lease (or takes it, if not yet); finds out if another incarnation
-    /// took it meanwhile.
+    /// Renews a held lease (or takes it, if not yet); finds out if another relay took it
+    /// meanwhile.
     pub async fn renew(&self) -> Result<(), LeaseError> {
-        let status = self
-            .status
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        match status {
+        match self.status() {
             Status::Lost(m) => Err(LeaseError::Held(m)),
+            Status::Disabled => Ok(()),
             Status::NotYet => self.acquire().await,
             Status::Held => {
                 if let Some(other) = self.read().await? {
                     if let Some(held) = self.held_by_other(&other) {
                         tracing::error!(lease = %self.path, "{held}; this relay stops uploading to this sink");
-                        *self.status.lock().unwrap_or_else(|e| e.into_inner()) =
-                            Status::Lost(held.clone());
+                        self.set_status(Status::Lost(held.clone()));
                         return Err(LeaseError::Held(held));
                     }
                 }
-                self.write(false).await
+                self.write(false, false).await.map(|_| ())
             }
         }
     }
@@ -225,28 +278,33 @@ impl Lease {
     /// Before an upload: `Ok` while this relay holds the lease (taking it now if the
     /// store was unreachable at start).
     pub async fn check(&self) -> Result<(), LeaseError> {
-        let status = self
-            .status
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        match status {
-            Status::Held => Ok(()),
+        match self.status() {
+            Status::Held | Status::Disabled => Ok(()),
             Status::Lost(m) => Err(LeaseError::Held(m)),
             Status::NotYet => self.acquire().await,
         }
     }
 
-    /// Marks the lease stopped (a clean shutdown), if this relay holds it.
+    /// Marks the lease stopped (a clean shutdown), if it is still this relay's: a lease
+    /// another relay took meanwhile is left alone.
     pub async fn release(&self) {
-        let held = matches!(
-            *self.status.lock().unwrap_or_else(|e| e.into_inner()),
-            Status::Held
-        );
-        if held {
-            if let Err(e) = self.write(true).await {
-                tracing::warn!(error = %e, "cannot mark the relay lease stopped; a successor with another data directory waits for its ttl");
+        if !matches!(self.status(), Status::Held) {
+            return;
+        }
+        let mine = self.mine();
+        match self.read().await {
+            Ok(Some(doc))
+                if doc.incarnation == mine.incarnation
+                    && doc.pid == mine.pid
+                    && doc.host == mine.host => {}
+            Ok(_) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the relay lease at shutdown; it is left to expire");
+                return;
             }
+        }
+        if let Err(e) = self.write(true, false).await {
+            tracing::warn!(error = %e, "cannot mark the relay lease stopped; a successor with another data directory waits for its ttl");
         }
     }
 }
@@ -314,5 +372,40 @@ mod tests {
             .await
             .unwrap();
         lease(&store, "i0000000000000002").acquire().await.unwrap();
+    }
+
+    /// A copied data directory (same incarnation) on another host is another relay; the
+    /// release of a relay whose lease was taken leaves the new holder's lease alone.
+    #[tokio::test]
+    async fn a_copied_data_directory_is_refused_and_release_is_careful() {
+        let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+        let elsewhere = LeaseDoc {
+            relay: "r1".into(),
+            incarnation: "i0000000000000001".into(),
+            host: "some-other-host".into(),
+            pid: 1,
+            started_at: 0,
+            renewed_at: now_secs(),
+            ttl_secs: 60,
+            stopped: false,
+        };
+        let path = lease_path("logs", "r1");
+        store
+            .put(
+                &path,
+                PutPayload::from(serde_json::to_vec(&elsewhere).unwrap()),
+            )
+            .await
+            .unwrap();
+        let copy = lease(&store, "i0000000000000001");
+        assert!(matches!(copy.acquire().await, Err(LeaseError::Held(_))));
+        // An earlier holder that lost the lease does not mark the new one stopped.
+        let old = lease(&store, "i0000000000000002");
+        old.set_status(Status::Held);
+        old.release().await;
+        let now: LeaseDoc =
+            serde_json::from_slice(&store.get(&path).await.unwrap().bytes().await.unwrap())
+                .unwrap();
+        assert_eq!(now, elsewhere);
     }
 }

@@ -170,16 +170,21 @@ fn configure_store(
             }
             std::fs::create_dir_all(&dir)
                 .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+            // fsync: an object counted delivered must survive a power loss, since a
+            // repeated delivery finds it and does not write it again.
             let store = object_store::local::LocalFileSystem::new_with_prefix(&dir)
-                .map_err(|e| format!("local store {}: {e}", dir.display()))?;
+                .map_err(|e| format!("local store {}: {e}", dir.display()))?
+                .with_fsync(true);
             Ok((Arc::new(store), String::new()))
         }
         "s3" | "s3a" => {
             // Create-only puts (If-None-Match), which S3 and most S3-compatible stores
             // honour; `conditional_put = "disabled"` in options turns them off.
-            let mut builder = object_store::aws::AmazonS3Builder::from_env()
-                .with_url(url)
-                .with_config(object_store::aws::AmazonS3ConfigKey::ConditionalPut, "etag");
+            let mut builder = object_store::aws::AmazonS3Builder::from_env().with_url(url);
+            if std::env::var_os("AWS_CONDITIONAL_PUT").is_none() {
+                builder = builder
+                    .with_config(object_store::aws::AmazonS3ConfigKey::ConditionalPut, "etag");
+            }
             for (k, v) in options {
                 let key: object_store::aws::AmazonS3ConfigKey = k
                     .parse()

@@ -79,7 +79,9 @@ pub fn object_key(
     } else {
         format!("{relay}-{incarnation}-{segment:020}-{offset:012}.{copy}.ndjson.gz")
     };
-    let prefix = ObjectPath::parse(prefix).unwrap_or_else(|_| ObjectPath::from(prefix));
+    // Path::from encodes the prefix's parts the way keys were always written (and the
+    // way readback lists them).
+    let prefix = ObjectPath::from(prefix);
     let parts = partition(tag, hour);
     prefix
         .parts()
@@ -109,8 +111,14 @@ fn crash_point() {
 }
 
 /// Writes `body` under `key(0)` without replacing anything: an existing object with the
-/// same bytes is this upload done before (success); one with other bytes is left alone
-/// and the body goes to the first free `key(n)`. Returns whether an object was created.
+/// same content is this upload done before (success); one with other content is left
+/// alone and the body goes to the first free `key(n)`. Returns whether an object was
+/// created.
+///
+/// The key is looked at before the put, so a store that ignores `If-None-Match` (or has
+/// no create-only put at all) still never gets a plain put over an existing object; the
+/// create-only put then closes the window between the look and the put where the store
+/// can.
 async fn put_once(
     store: &dyn ObjectStore,
     key: impl Fn(u32) -> ObjectPath,
@@ -118,54 +126,43 @@ async fn put_once(
     create_only: &AtomicBool,
 ) -> Result<bool, DeliverError> {
     let body = bytes::Bytes::from(body);
-    if !create_only.load(Ordering::Relaxed) {
-        let path = key(0);
-        return store
-            .put(&path, PutPayload::from(body))
-            .await
-            .map(|_| true)
-            .map_err(|e| classify(path.as_ref(), e));
-    }
-    for copy in 0..100 {
+    let mut copy = 0;
+    while copy < 100 {
         let path = key(copy);
-        let put = store
-            .put_opts(
-                &path,
-                PutPayload::from(body.clone()),
-                PutMode::Create.into(),
-            )
-            .await;
-        match put {
+        match existing(store, &path).await? {
+            Some(found) if same_content(&found, &body) => {
+                tracing::info!(key = %path, "object already written with the same content (a delivery repeated after a crash)");
+                return Ok(false);
+            }
+            Some(_) => {
+                copy += 1;
+                continue;
+            }
+            None => {}
+        }
+        let mode = if create_only.load(Ordering::Relaxed) {
+            PutMode::Create
+        } else {
+            PutMode::Overwrite
+        };
+        match store
+            .put_opts(&path, PutPayload::from(body.clone()), mode.into())
+            .await
+        {
             Ok(_) => {
                 if copy > 0 {
                     tracing::error!(key = %path, first = %key(0), "an object with this key existed with other content; it was kept, and this delivery written beside it (reconcile may count these events twice)");
                 }
                 return Ok(true);
             }
-            Err(object_store::Error::AlreadyExists { .. }) => {
-                let existing = store
-                    .get(&path)
-                    .await
-                    .map_err(|e| classify(path.as_ref(), e))?
-                    .bytes()
-                    .await
-                    .map_err(|e| classify(path.as_ref(), e))?;
-                if existing == body {
-                    tracing::info!(key = %path, "object already written with the same content (a delivery repeated after a crash)");
-                    return Ok(false);
-                }
-            }
+            // Written meanwhile (a request retried after a lost answer): look again.
+            Err(object_store::Error::AlreadyExists { .. }) => {}
             Err(
                 object_store::Error::NotImplemented { .. }
                 | object_store::Error::NotSupported { .. },
-            ) => {
-                tracing::warn!(key = %path, "the object store cannot do create-only puts; objects are written with plain puts (keys stay unique per relay incarnation)");
+            ) if create_only.load(Ordering::Relaxed) => {
+                tracing::warn!(key = %path, "the object store cannot do create-only puts; each key is looked at before a plain put instead (keys stay unique per relay incarnation)");
                 create_only.store(false, Ordering::Relaxed);
-                return store
-                    .put(&path, PutPayload::from(body))
-                    .await
-                    .map(|_| true)
-                    .map_err(|e| classify(path.as_ref(), e));
             }
             Err(e) => return Err(classify(path.as_ref(), e)),
         }
@@ -174,6 +171,40 @@ async fn put_once(
         "100 objects beside {} exist with other content; refusing to go on",
         key(0)
     )))
+}
+
+/// The object at `path`, if there is one. Credentials that may write but not read (a
+/// PutObject-only policy) cannot look: then the create-only put alone guards the key.
+async fn existing(
+    store: &dyn ObjectStore,
+    path: &ObjectPath,
+) -> Result<Option<bytes::Bytes>, DeliverError> {
+    let got = match store.get(path).await {
+        Ok(got) => got,
+        Err(object_store::Error::NotFound { .. }) => return Ok(None),
+        Err(
+            object_store::Error::PermissionDenied { .. }
+            | object_store::Error::Unauthenticated { .. },
+        ) => {
+            tracing::warn!(key = %path, "cannot read the object store (no read permission): keys are guarded by create-only puts alone");
+            return Ok(None);
+        }
+        Err(e) => return Err(classify(path.as_ref(), e)),
+    };
+    got.bytes()
+        .await
+        .map(Some)
+        .map_err(|e| classify(path.as_ref(), e))
+}
+
+/// Same events, whatever compressor wrote them: the gzip trailers (CRC32 and length of
+/// the uncompressed data) agree. A newer relay's gzip may pick other bytes for the same
+/// lines; a repeated delivery must still count as done, not be written again.
+fn same_content(found: &[u8], body: &[u8]) -> bool {
+    found == body
+        || (found.len() >= 8
+            && body.len() >= 8
+            && found[found.len() - 8..] == body[body.len() - 8..])
 }
 
 /// Refused credentials or permissions, or a store that cannot do what is asked, will
@@ -195,7 +226,9 @@ impl Deliver for ObjectWriter {
             if let Some(lease) = &self.lease {
                 lease.check().await.map_err(|e| match e {
                     LeaseError::Held(m) => DeliverError::Permanent(m),
-                    LeaseError::Unreachable(m) => DeliverError::Transient(m),
+                    LeaseError::Unreachable(m) | LeaseError::Forbidden(m) => {
+                        DeliverError::Transient(m)
+                    }
                 })?;
             }
             let mut done = Delivered::default();
@@ -260,7 +293,7 @@ impl Deliver for ObjectWriter {
             match first {
                 Ok(Ok(())) => {}
                 Ok(Err(LeaseError::Held(m))) => return Err(m),
-                Ok(Err(LeaseError::Unreachable(m))) => {
+                Ok(Err(LeaseError::Unreachable(m) | LeaseError::Forbidden(m))) => {
                     tracing::warn!(error = %m, "the object store cannot be reached at start; the relay lease is taken before the first upload")
                 }
                 Err(_) => {
@@ -274,7 +307,7 @@ impl Deliver for ObjectWriter {
                     match renewing.renew().await {
                         Ok(()) => {}
                         Err(LeaseError::Held(_)) => return, // logged by renew; uploads stop
-                        Err(LeaseError::Unreachable(m)) => {
+                        Err(LeaseError::Unreachable(m) | LeaseError::Forbidden(m)) => {
                             tracing::warn!(error = %m, "cannot renew the relay lease; retrying")
                         }
                     }
@@ -361,5 +394,26 @@ mod tests {
         assert_eq!(&all[0].1[..], b"second");
         assert_eq!(all[1].0, k(0).to_string());
         assert_eq!(&all[1].1[..], b"first");
+    }
+
+    /// A delivery repeated by a newer relay whose gzip picks other bytes for the same
+    /// lines still finds its object done, rather than writing the lines again.
+    #[tokio::test]
+    async fn the_same_lines_gzipped_otherwise_are_the_same_object() {
+        let gz = |level| {
+            let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(level));
+            for i in 0..2000 {
+                writeln!(e, "{{\"n\":{i},\"message\":\"GET /api/{i} 200\"}}").unwrap();
+            }
+            e.finish().unwrap()
+        };
+        let (fast, small) = (gz(1), gz(9));
+        assert_ne!(fast, small);
+        let store = InMemory::new();
+        let create_only = AtomicBool::new(true);
+        let k = |copy| object_key("", "t", 1, "r", "i0000000000000001", (0, 0), copy);
+        assert!(put_once(&store, k, fast, &create_only).await.unwrap());
+        assert!(!put_once(&store, k, small, &create_only).await.unwrap());
+        assert_eq!(objects(&store).await.len(), 1);
     }
 }
