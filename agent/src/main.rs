@@ -33,17 +33,22 @@ fn main() -> std::process::ExitCode {
         }
     };
     if cli.check_config {
-        println!("{}: ok", cli.config.display());
-        println!(
+        // Written at once, and a closed pipe (`--check-config | head`) is not an error.
+        use std::fmt::Write as _;
+        let mut out = String::new();
+        let _ = writeln!(out, "{}: ok", cli.config.display());
+        let _ = writeln!(
+            out,
             "  agent {} (checkpoints in {})",
             config.agent.id,
             config.agent.data_dir.display()
         );
         for input in &config.inputs {
             let spec = input.spec();
-            println!("  input {:?}: {}", spec.name(), spec.describe());
+            let _ = writeln!(out, "  input {:?}: {}", spec.name(), spec.describe());
         }
-        println!(
+        let _ = writeln!(
+            out,
             "  output: relays {:?} ({}), chunks of {} or {}, {} in flight",
             config.output.relays,
             if config.output.insecure {
@@ -55,10 +60,11 @@ fn main() -> std::process::ExitCode {
             config.output.chunk_age,
             config.output.in_flight
         );
-        println!("  settings (defaults filled in, secrets redacted):");
+        let _ = writeln!(out, "  settings (defaults filled in, secrets redacted):");
         for line in config.settings() {
-            println!("    {line}");
+            let _ = writeln!(out, "    {line}");
         }
+        let _ = std::io::Write::write_all(&mut std::io::stdout(), out.as_bytes());
         return std::process::ExitCode::SUCCESS;
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()

@@ -47,8 +47,12 @@ fn main() -> std::process::ExitCode {
         }
     };
     if cli.check_config {
-        println!("{}: ok", cli.config.display());
-        println!(
+        // Written at once, and a closed pipe (`--check-config | head`) is not an error.
+        use std::fmt::Write as _;
+        let mut out = String::new();
+        let _ = writeln!(out, "{}: ok", cli.config.display());
+        let _ = writeln!(
+            out,
             "  relay {} listening on {} ({})",
             config.relay.id,
             config.server.listen,
@@ -58,7 +62,8 @@ fn main() -> std::process::ExitCode {
                 "TLS"
             }
         );
-        println!(
+        let _ = writeln!(
+            out,
             "  ack mode {:?}, spool {} (max {}, fsync {:?})",
             config.server.ack,
             config.spool_dir().display(),
@@ -67,17 +72,19 @@ fn main() -> std::process::ExitCode {
         );
         for s in &config.sinks {
             let kind = s.kind.spec().describe();
-            println!(
+            let _ = writeln!(
+                out,
                 "  sink {:?}: {kind}{}{}",
                 s.name,
                 if s.enabled { "" } else { " (disabled)" },
                 if s.required { "" } else { " (not required)" }
             );
         }
-        println!("  settings (defaults filled in, secrets redacted):");
+        let _ = writeln!(out, "  settings (defaults filled in, secrets redacted):");
         for line in config.settings() {
-            println!("    {line}");
+            let _ = writeln!(out, "    {line}");
         }
+        let _ = std::io::Write::write_all(&mut std::io::stdout(), out.as_bytes());
         return std::process::ExitCode::SUCCESS;
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()

@@ -9,13 +9,15 @@ commits) until each partition is at its end, and prints one JSON object:
     {"messages": total, "distinct_messages": distinct record.message,
      "distinct_provenance": distinct non-null (source, seq), "duplicates": ...,
      "per_tag_hour": {"<tag>|<YYYY-MM-DDTHH>": n}, "bad": invalid envelopes,
-     "header_mismatch": n, "partitions": n, "timed_out": bool}
+     "header_mismatch": n, "timestamp_mismatch": n, "partitions": n, "timed_out": bool}
 
 `duplicates` is messages - bad - distinct_messages (bad messages are neither).
 `header_mismatch` counts valid events whose Kafka key or headers disagree with the
 envelope: key must be the source id (no key when source is null), header `tag` must be
 the tag, headers `source` / `seq` (when present, and required when the envelope's value
-is not null) must equal the envelope's source / decimal seq.
+is not null) must equal the envelope's source / decimal seq. `timestamp_mismatch` counts
+valid events whose Kafka timestamp is not a CreateTime equal to the envelope's event
+time in milliseconds (rounded down).
 
 "At its end" is the partition-EOF event librdkafka raises when a fetch reaches the high
 watermark the broker reports in its Fetch response, at an offset at least the high
@@ -35,7 +37,7 @@ import sys
 import time
 import uuid
 
-from confluent_kafka import Consumer, KafkaError, TopicPartition
+from confluent_kafka import TIMESTAMP_CREATE_TIME, Consumer, KafkaError, TopicPartition
 
 from _envelope import Summary, emit, fail
 
@@ -79,6 +81,20 @@ def _on_error(err):
     print(f"kafka: {err}", file=sys.stderr)
 
 
+def event_millis(time_text):
+    """`2026-11-23T05:00:00.123456789Z` (fraction optional) -> Unix milliseconds."""
+    import datetime
+
+    whole, _, frac = time_text.rstrip("Z").partition(".")
+    secs = datetime.datetime.strptime(whole, "%Y-%m-%dT%H:%M:%S").replace(tzinfo=datetime.timezone.utc)
+    return int(secs.timestamp()) * 1000 + int((frac + "000")[:3])
+
+
+def timestamp_agrees(ev, timestamp):
+    kind, millis = timestamp
+    return kind == TIMESTAMP_CREATE_TIME and millis == event_millis(ev["time"])
+
+
 def partitions_of(consumer, topic, deadline):
     while True:
         left = deadline - time.monotonic()
@@ -108,6 +124,7 @@ def summarize(consumer, topic, expect, deadline):
 
     summary = Summary()
     header_mismatch = 0
+    timestamp_mismatch = 0
     timed_out = False
     while True:
         for m in consumer.consume(num_messages=10000, timeout=1):
@@ -125,6 +142,8 @@ def summarize(consumer, topic, expect, deadline):
             ev = summary.add(m.value(), f" at {topic}/{m.partition()}@{m.offset()}")
             if ev is not None and not headers_agree(ev, m.key(), m.headers()):
                 header_mismatch += 1
+            if ev is not None and not timestamp_agrees(ev, m.timestamp()):
+                timestamp_mismatch += 1
         complete = all(at_end[p] and eof_offset[p] >= floor[p] for p in parts)
         if complete and summary.messages >= expect:
             break
@@ -134,6 +153,7 @@ def summarize(consumer, topic, expect, deadline):
 
     result = summary.result()
     result["header_mismatch"] = header_mismatch
+    result["timestamp_mismatch"] = timestamp_mismatch
     result["partitions"] = len(parts)
     result["timed_out"] = timed_out
     return result

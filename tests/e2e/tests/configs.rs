@@ -157,3 +157,28 @@ fn check_config_explains_mistakes() {
         "{out}"
     );
 }
+
+/// `--check-config | head -1`: the reader closes the pipe after the first line; the
+/// check still exits 0 and does not panic on the broken pipe.
+#[test]
+fn check_config_into_a_closed_pipe_is_not_an_error() {
+    for (binary, config) in [
+        ("sluice-relay", "configs/relay.toml"),
+        ("sluice-agent", "configs/agent.toml"),
+    ] {
+        let mut child = Command::new(bin(binary))
+            .arg("--config")
+            .arg(repo().join(config))
+            .arg("--check-config")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Close the read end at once, as `head` does once it has its line.
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!stderr.contains("panicked"), "{binary}: {stderr}");
+        assert!(out.status.success(), "{binary}: {} {stderr}", out.status);
+    }
+}

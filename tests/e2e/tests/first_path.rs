@@ -72,6 +72,10 @@ fn hundred_thousand_lines_reach_kafka_and_s3_exactly_once() {
     let kafka = svc.kafka_summary(&topic, LINES);
     let s3 = svc.s3_summary(&bucket);
     eprintln!("kafka: {kafka}\ns3: {s3}");
+    assert_eq!(
+        kafka["timestamp_mismatch"], 0,
+        "every Kafka record's timestamp is a CreateTime equal to its event time"
+    );
     for (name, summary) in [("kafka", &kafka), ("s3", &s3)] {
         assert_eq!(
             summary["distinct_messages"], LINES,

@@ -83,6 +83,10 @@ fn fluent_logger_events_reach_kafka_and_s3() {
         "kafka: {kafka}\ns3: {s3}\nread back after {:?}",
         started.elapsed()
     );
+    assert_eq!(
+        kafka["timestamp_mismatch"], 0,
+        "Kafka timestamps are the clients' event times (CreateTime): {kafka}"
+    );
     for (name, summary) in [("kafka", &kafka), ("s3", &s3)] {
         assert_eq!(summary["messages"], total, "{name}: every event once");
         assert_eq!(summary["distinct_messages"], total, "{name}: distinct");

@@ -351,8 +351,12 @@ impl Deliver for KafkaWriter {
                         key: "seq",
                         value: Some(seq_bytes),
                     });
+                // CreateTime = the event's own time, so retention and consumers see the
+                // log's time, not when the relay produced it.
+                let millis = (entry.time.as_unix_nanos() / 1_000_000) as i64;
                 let mut record = FutureRecord::to(&self.topic)
                     .payload(&self.buf[..])
+                    .timestamp(millis)
                     .headers(headers);
                 if let Some(source) = source {
                     record = record.key(source);
