@@ -415,16 +415,22 @@ mod tests {
         assert_eq!(back.state().resume, Some(serde_json::json!({ "x": 1 })));
     }
 
+    /// A sink state after two deliveries of 3 and 4 events (generation 1, two records).
+    fn two_deliveries(data_dir: &Path) -> SinkStateFile {
+        let mut f = SinkStateFile::open(data_dir, "k").unwrap();
+        f.count(|c| c.delivered.add("a", 1, 3));
+        f.persist(pos(0, 1)).unwrap();
+        f.count(|c| c.delivered.add("a", 1, 4));
+        f.persist(pos(0, 2)).unwrap();
+        f
+    }
+
     /// A crash during a compaction, after the new base was written and before the old
     /// generation was removed: the newer base holds everything.
     #[test]
     fn a_compaction_cut_short_leaves_a_usable_state() {
         let dir = tempfile::tempdir().unwrap();
-        let mut f = SinkStateFile::open(dir.path(), "k").unwrap();
-        f.count(|c| c.delivered.add("a", 1, 3));
-        f.persist(pos(0, 1)).unwrap();
-        f.count(|c| c.delivered.add("a", 1, 4));
-        f.persist(pos(0, 2)).unwrap();
+        let mut f = two_deliveries(dir.path());
         let expected = f.state().clone();
         let sdir = dir.path().join("sink-state/k");
         // The old generation's files, kept as if the removal had not happened.
@@ -440,15 +446,12 @@ mod tests {
     }
 
     /// A file system that extended the log before writing its data leaves zeros at the
-    /// end after a crash: the state reads up to them, and the next persist compacts.
+    /// end after a crash: the state reads up to them, the log is cut back there, and the
+    /// next persist appends after the good records.
     #[test]
     fn a_zeroed_log_end_is_cut_off() {
         let dir = tempfile::tempdir().unwrap();
-        let mut f = SinkStateFile::open(dir.path(), "k").unwrap();
-        f.count(|c| c.delivered.add("a", 1, 3));
-        f.persist(pos(0, 1)).unwrap();
-        f.count(|c| c.delivered.add("a", 1, 4));
-        f.persist(pos(0, 2)).unwrap();
+        let f = two_deliveries(dir.path());
         let expected = f.state().clone();
         drop(f);
         let log = dir.path().join("sink-state/k/1.log");
