@@ -6,6 +6,13 @@
 //!
 //! `source` and `seq` are the event's provenance (null when the sender gave none), so
 //! `SELECT DISTINCT source, seq` removes any duplicate an at-least-once path produced.
+//!
+//! Object storage gets the record itself, flat, with the same four fields after its own
+//! (what BigQuery, Snowflake and Athena load as columns), see [`write_flat`]:
+//!
+//! ```json
+//! {"message":"…","_time":"2026-11-23T05:00:00.123456789Z","_tag":"app.log","_source":"web-1:app:…","_seq":4242}
+//! ```
 
 use sluice_forward::{record_to_json, EventTime};
 
@@ -34,6 +41,47 @@ pub fn write(
     }
     out.extend_from_slice(b",\"record\":");
     record_to_json(record, out)?;
+    out.push(b'}');
+    Ok(())
+}
+
+/// Appends one object line (without a trailing newline): the record's fields, then
+/// `_time`, `_tag`, `_source` and `_seq` (records are maps: the server refuses others).
+/// A record field with one of these four names stays in the line, before sluice's
+/// (JSON readers that keep the last of two equal keys read sluice's).
+pub fn write_flat(
+    out: &mut Vec<u8>,
+    time: EventTime,
+    tag: &str,
+    source: Option<&str>,
+    seq: Option<u64>,
+    record: &[u8],
+) -> Result<(), sluice_forward::DecodeError> {
+    let start = out.len();
+    record_to_json(record, out)?;
+    if out.get(start) != Some(&b'{') || out.last() != Some(&b'}') {
+        return Err(sluice_forward::DecodeError::Malformed {
+            what: "record is not a map".into(),
+        });
+    }
+    out.pop();
+    if out.len() - start > 1 {
+        out.push(b',');
+    }
+    out.extend_from_slice(b"\"_time\":\"");
+    write_rfc3339(out, time);
+    out.extend_from_slice(b"\",\"_tag\":");
+    write_json_str(out, tag);
+    out.extend_from_slice(b",\"_source\":");
+    match source {
+        Some(s) => write_json_str(out, s),
+        None => out.extend_from_slice(b"null"),
+    }
+    out.extend_from_slice(b",\"_seq\":");
+    match seq {
+        Some(s) => out.extend_from_slice(itoa(s, &mut [0u8; 20])),
+        None => out.extend_from_slice(b"null"),
+    }
     out.push(b'}');
     Ok(())
 }
@@ -163,6 +211,30 @@ mod tests {
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "1970-01-01T00:00:00.000000000Z"
+        );
+    }
+
+    #[test]
+    fn object_lines_are_the_record_and_its_provenance() {
+        let t = EventTime {
+            secs: 1_795_000_000,
+            nanos: 5,
+        };
+        let line = |record: &[u8], source| {
+            let mut out = Vec::new();
+            write_flat(&mut out, t, "a\"b", source, Some(7), record).unwrap();
+            String::from_utf8(out).unwrap()
+        };
+        let mut map = Vec::new();
+        sluice_forward::write_entry(&mut map, t, &[("msg", b"hi".as_slice())]);
+        let record = &map[sluice_forward::ENTRY_HEADER_LEN..];
+        assert_eq!(
+            line(record, Some("s1")),
+            r#"{"msg":"hi","_time":"2026-11-18T11:06:40.000000005Z","_tag":"a\"b","_source":"s1","_seq":7}"#
+        );
+        assert_eq!(
+            line(&[0x80], None),
+            r#"{"_time":"2026-11-18T11:06:40.000000005Z","_tag":"a\"b","_source":null,"_seq":7}"#
         );
     }
 

@@ -3,6 +3,7 @@
 //! the end-to-end tests build their configs from [`config`]'s types.
 
 pub mod budget;
+pub mod clock;
 pub mod config;
 pub mod dedup;
 pub mod envelope;
@@ -78,6 +79,7 @@ pub async fn run(config: RelayConfig) -> anyhow::Result<()> {
         .spool_corrupt_segments
         .inc_by(recovery.corrupt_segments.len() as u64);
     let incarnation = incarnation::load_or_create(&spool_dir).map_err(anyhow::Error::msg)?;
+    let clock = clock::Clock::from_env().map_err(anyhow::Error::msg)?;
     tracing::info!(
         incarnation = %incarnation,
         segments = recovery.segments,
@@ -161,6 +163,9 @@ pub async fn run(config: RelayConfig) -> anyhow::Result<()> {
                 name: &sink.name,
                 relay: &config.relay.id,
                 incarnation: &incarnation,
+                data_dir: &data_dir,
+                metrics: metrics.clone(),
+                clock,
             })
             .map_err(anyhow::Error::msg)?;
         let mut deliver = deliver;
@@ -182,6 +187,7 @@ pub async fn run(config: RelayConfig) -> anyhow::Result<()> {
             state,
             committed: committed.clone(),
             segment_size: config.spool.segment_size.as_u64(),
+            hold_limit: config.spool.max_size.as_u64() / 2,
             progress: SinkProgress {
                 delivered,
                 persisted,

@@ -67,6 +67,12 @@ pub struct RelayMetrics {
     pub sink_dropped: Family<SinkReason, Counter>,
     pub sink_lag_bytes: Family<SinkLabel, Gauge>,
     pub sink_latency: Family<SinkLabel, Histogram>,
+    /// Object sinks: events written after their hour's manifest (a new revision).
+    pub late_events: Family<SinkLabel, Counter>,
+    /// Object sinks: hours closed (manifests and markers written).
+    pub hours_closed: Family<SinkLabel, Counter>,
+    /// Object sinks: seconds from the end of the last closed hour to its manifest.
+    pub hour_close_delay: Family<SinkLabel, Gauge>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -112,6 +118,9 @@ impl RelayMetrics {
             sink_dropped: Default::default(),
             sink_lag_bytes: Default::default(),
             sink_latency: Family::new_with_constructor(latency_histogram),
+            late_events: Default::default(),
+            hours_closed: Default::default(),
+            hour_close_delay: Default::default(),
         }
     }
 
@@ -266,6 +275,21 @@ impl RelayMetrics {
             "sink_latency_seconds",
             "Time from receipt to delivery",
             self.sink_latency.clone(),
+        );
+        r.register(
+            "late_events",
+            "Object sinks: events that arrived after their hour's manifest was written (written to a new object; the manifest gets a new revision)",
+            self.late_events.clone(),
+        );
+        r.register(
+            "hours_closed",
+            "Object sinks: event-time hours closed (manifest, _SUCCESS marker and hour marker written)",
+            self.hours_closed.clone(),
+        );
+        r.register(
+            "hour_close_delay_seconds",
+            "Object sinks: seconds from the end of the last closed hour to its manifest (time to completeness)",
+            self.hour_close_delay.clone(),
         );
     }
 

@@ -35,10 +35,32 @@ struct EnvelopeHead<'a> {
     seq: Option<u64>,
 }
 
+/// An object line: the record's fields and sluice's four (`envelope::write_flat`).
+#[derive(Deserialize)]
+struct FlatHead<'a> {
+    #[serde(rename = "_time", borrow)]
+    time: Option<&'a str>,
+    #[serde(rename = "_tag", borrow)]
+    tag: Option<std::borrow::Cow<'a, str>>,
+    #[serde(rename = "_source", borrow)]
+    source: Option<std::borrow::Cow<'a, str>>,
+    #[serde(rename = "_seq")]
+    seq: Option<u64>,
+}
+
 impl Found {
-    /// Counts one JSON envelope.
+    /// Counts one line: an object line (record and `_time`, `_tag`, `_source`, `_seq`)
+    /// or a JSON envelope (Kafka, the file sink).
     pub fn add_line(&mut self, line: &[u8]) {
-        let Ok(head) = serde_json::from_slice::<EnvelopeHead>(line) else {
+        let flat = serde_json::from_slice::<FlatHead>(line).ok().and_then(|f| {
+            Some(EnvelopeHead {
+                time: f.time?,
+                tag: f.tag?,
+                source: f.source,
+                seq: f.seq,
+            })
+        });
+        let Some(head) = flat.or_else(|| serde_json::from_slice::<EnvelopeHead>(line).ok()) else {
             self.unreadable += 1;
             return;
         };
@@ -85,11 +107,24 @@ mod tests {
     fn duplicates_are_counted_once() {
         let mut found = Found::default();
         let line = br#"{"time":"2026-11-18T11:06:40Z","tag":"t","source":"s","seq":1,"record":{}}"#;
-        found.add_ndjson(&[&line[..], b"\n", &line[..], b"\nnot json\n"].concat());
+        let flat = br#"{"time":"x","tag":"y","_time":"2026-11-18T11:06:40Z","_tag":"t","_source":"s","_seq":2}"#;
+        found.add_ndjson(
+            &[
+                &line[..],
+                b"\n",
+                &line[..],
+                b"\nnot json\n",
+                &flat[..],
+                b"\n",
+                &flat[..],
+                b"\n",
+            ]
+            .concat(),
+        );
         assert_eq!(
             (found.events, found.duplicates, found.unreadable),
-            (2, 1, 1)
+            (4, 2, 1)
         );
-        assert_eq!(found.counts.total(), 1);
+        assert_eq!(found.counts.total(), 2);
     }
 }

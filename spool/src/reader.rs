@@ -52,6 +52,15 @@ impl SpoolReader {
         self.pos
     }
 
+    /// Moves back to `pos`, a position this reader returned before and whose segment is
+    /// still kept (at or after the reader's persisted cursor), to read it again.
+    pub fn seek(&mut self, pos: Position) {
+        self.pos = pos;
+        self.file = None;
+        self.limit = 0;
+        self.next_segment = None;
+    }
+
     /// Reads the next committed batch into `buf` (cleared first). Returns its position
     /// and the position right after it (what a sink stores as its cursor once the batch
     /// is delivered), or None when caught up.

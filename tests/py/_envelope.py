@@ -1,9 +1,14 @@
 """Shared checks for the sluice event envelope, used by kafka_summary.py and s3_summary.py.
 
-Every event the relay writes (Kafka message value, one line of a gzip NDJSON object) is
+Every event the relay writes to Kafka (the message value) is
 
     {"time": "2026-11-23T05:00:00.123456789Z", "tag": "app.log",
      "source": "<source id>" | null, "seq": <u64> | null, "record": {...}}
+
+and every line of a gzip NDJSON object is the record itself with four fields after its
+own, read here as the same envelope:
+
+    {...record..., "_time": "...", "_tag": "app.log", "_source": ... | null, "_seq": ... | null}
 
 `Summary.add` validates one serialized envelope and counts it. An event is *bad* when it
 is not JSON, not an object, lacks one of the five keys, or a key has the wrong type
@@ -45,6 +50,7 @@ class Summary:
         try:
             text = raw.decode("utf-8") if isinstance(raw, (bytes, bytearray)) else raw
             ev, end = _DECODER.raw_decode(text)
+            ev = _from_flat(ev)
             problem = _problem(ev) if end == len(text) or not text[end:].strip() else "data after the JSON value"
         except (ValueError, TypeError, AttributeError) as e:
             ev, problem = None, f"not JSON: {e}"
@@ -84,6 +90,19 @@ class Summary:
             "number_min": self.number_min,
             "number_max": self.number_max,
         }
+
+
+_FLAT = ("_time", "_tag", "_source", "_seq")
+
+
+def _from_flat(ev):
+    """An object line (record + `_time`, `_tag`, `_source`, `_seq`) as an envelope; any
+    other value as it is. A line with some but not all four fields is left as it is (and
+    is then bad: it has no "time")."""
+    if not isinstance(ev, dict) or not all(k in ev for k in _FLAT):
+        return ev
+    record = {k: v for k, v in ev.items() if k not in _FLAT}
+    return {"time": ev["_time"], "tag": ev["_tag"], "source": ev["_source"], "seq": ev["_seq"], "record": record}
 
 
 def _problem(ev):

@@ -5,7 +5,8 @@
                    [--first 1] [--time 2026-11-23T05:00:00Z] [--ack [--batch 1000] [--tls-ca CA]]
 
 Each event is {"message": "<prefix><number zero-padded to 8>"}, numbers --first ..
---first+N-1, with an EventTime (nanoseconds) of --time (default: now). Prints {"sent": N}
+--first+N-1, with an EventTime (nanoseconds) of --time (default: now), or spread evenly
+over the --spread seconds after --time. Prints {"sent": N}
 on success; exits 1 if any event could not be sent (or, with --ack, was not acknowledged).
 
 Default mode: the official `fluent-logger` client (fluent.sender.FluentSender), which
@@ -48,6 +49,8 @@ def main():
     ap.add_argument("--prefix", default="line ", help='message prefix (default "line ")')
     ap.add_argument("--first", type=int, default=1, help="number of the first event (default 1)")
     ap.add_argument("--time", help="event time, RFC 3339 (default: now)")
+    ap.add_argument("--spread", type=float, default=0.0,
+                    help="with --time: event i of N is stamped --time + i*spread/N seconds (default 0)")
     ap.add_argument("--timeout", type=float, default=10.0, help="socket timeout in seconds (default 10)")
     ap.add_argument("--ack", action="store_true", help="Forward mode with chunk ids, wait for each ack")
     ap.add_argument("--batch", type=int, default=1000, help="events per acknowledged chunk (--ack)")
@@ -70,8 +73,13 @@ def main():
     else:
         fixed_ns = None
 
+    sent = [0]
+
     def event_time():
-        return EventTime.from_unix_nano(fixed_ns if fixed_ns is not None else time.time_ns())
+        i, sent[0] = sent[0], sent[0] + 1
+        if fixed_ns is None:
+            return EventTime.from_unix_nano(time.time_ns())
+        return EventTime.from_unix_nano(fixed_ns + int(i * args.spread * 1e9 / max(args.count, 1)))
 
     numbers = range(args.first, args.first + args.count)
     if args.ack:

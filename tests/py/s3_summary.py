@@ -13,9 +13,9 @@ non-empty line. Prints one JSON object with the same fields as kafka_summary.py:
      "misplaced": events in an object whose key says another partition}
 
 `misplaced` checks the event-time partitioning: for a key containing
-`tag=<tag>/dt=<YYYY-MM-DD>/hour=<HH>/`, every event in it must have that tag (compared
-URL-decoded) and an event time in that date and hour. Keys without that pattern are not
-checked. An object that is not valid gzip counts one `bad` and is reported on stderr.
+`<tag>/dt=<YYYY-MM-DD>/hour=<HH>/` (the default key template; `tag=<tag>/` before
+templates), every event in it must have that tag (compared URL-decoded) and an event
+time in that date and hour. Keys without that pattern are not checked. An object that is not valid gzip counts one `bad` and is reported on stderr.
 """
 
 import argparse
@@ -29,7 +29,7 @@ from urllib.parse import unquote
 from _envelope import Summary, emit, fail
 from _s3 import client
 
-_PART = re.compile(r"(?:^|/)tag=([^/]+)/dt=(\d{4}-\d\d-\d\d)/hour=(\d\d)/")
+_PART = re.compile(r"(?:^|/)(?:tag=)?([^/]+)/dt=(\d{4}-\d\d-\d\d)/hour=(\d\d)/")
 
 
 def main():

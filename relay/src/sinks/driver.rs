@@ -21,7 +21,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::common::SinkCommon;
-use super::spec::{Deliver, Gathered};
+use super::spec::{Deliver, DeliverError, Gathered};
 use super::state::SinkStateFile;
 use crate::ledger::{Ledger, SinkCounts};
 use crate::metrics::RelayMetrics;
@@ -41,6 +41,10 @@ pub struct SinkRun {
     pub committed: watch::Receiver<Position>,
     /// The spool's segment size, to turn two positions into a byte distance.
     pub segment_size: u64,
+    /// The most spool a gathering may span (bytes) before it is delivered, whatever the
+    /// sink's limits: a gathering holds its spool segments, and a sink that rolls large
+    /// objects must not fill the spool by waiting (half the spool's `max_size`).
+    pub hold_limit: u64,
     pub progress: SinkProgress,
     pub ledger: Arc<Mutex<Ledger>>,
     pub metrics: Arc<RelayMetrics>,
@@ -99,15 +103,47 @@ async fn drive(s: &mut SinkRun) {
                 "repeating the delivery a crash cut short, with the same events");
         }
     }
-    loop {
+    let absorbs = s.deliver.absorbs();
+    // The sink asked for the gathering to be delivered (a partition is full).
+    let mut cut = false;
+    // The gathering whose events the shared ledger shows as offered already.
+    let mut offered_for = None;
+    let mut reread_wait = s.config.retry_min.get();
+    'gather: loop {
         // Gather what is committed, up to the limit (or up to the delivery to repeat).
         let mut read_any = false;
-        while replay_to.map_or(gathered.bytes() < max_bytes, |end| gathered.end < end) {
+        while replay_to.map_or(
+            gathered.bytes() < max_bytes && !cut && !holds_too_much(s, &gathered),
+            |end| gathered.end < end,
+        ) {
             match s.reader.next(&mut scratch) {
                 Ok(Some((_, next))) => {
                     read_any = true;
                     gathered.push(&scratch, next);
                     first_at.get_or_insert_with(Instant::now);
+                    if absorbs {
+                        match s.deliver.absorb(&gathered) {
+                            Ok(c) => {
+                                cut |= c;
+                                gathered.absorbed();
+                            }
+                            Err(e) => {
+                                // The sink dropped what it had: read the gathering again.
+                                tracing::warn!(sink = %name, error = %e, retry_in = ?reread_wait, "the sink could not take the events it was given; reading them again from the spool");
+                                s.metrics.sink_retries.get_or_create(&label).inc();
+                                tokio::select! {
+                                    _ = s.stop.cancelled() => return,
+                                    _ = tokio::time::sleep(reread_wait) => {}
+                                }
+                                reread_wait = (reread_wait * 2).min(s.config.retry_max.get());
+                                s.reader.seek(gathered.start);
+                                gathered.clear(gathered.start);
+                                first_at = None;
+                                cut = false;
+                                continue 'gather;
+                            }
+                        }
+                    }
                 }
                 Ok(None) => break,
                 Err(SpoolError::Damaged {
@@ -157,22 +193,46 @@ async fn drive(s: &mut SinkRun) {
             .ack_demand
             .as_ref()
             .is_some_and(|d| *d.borrow() > gathered.start);
+        // The sink's own deadline (an hour to close) delivers even an empty gathering.
+        let sink_due = s.deliver.due_by();
         let due = match replay_to {
             // A delivery being repeated is due where it ended, never shorter or longer.
             Some(end) => gathered.end >= end && !gathered.is_empty(),
             None => {
                 gathered.bytes() >= max_bytes
                     || first_at.is_some_and(|t| t.elapsed() >= max_wait)
-                    || ((stopping || demanded) && !gathered.is_empty())
+                    || ((stopping || demanded || cut || holds_too_much(s, &gathered))
+                        && !gathered.is_empty())
+                    || (!stopping && sink_due.is_some_and(|t| Instant::now() >= t))
             }
         };
         if due {
-            if !deliver_with_retry(s, &gathered, &name).await {
-                return; // aborted: the cursor stays where it was; the data stays in the spool
+            gathered.caught_up = gathered.end >= *s.committed.borrow();
+            let offered = offered_for == Some((gathered.start, gathered.end));
+            offered_for = Some((gathered.start, gathered.end));
+            match deliver_with_retry(s, &gathered, &name, offered).await {
+                Outcome::Delivered => reread_wait = s.config.retry_min.get(),
+                // Aborted: the cursor stays where it was; the data stays in the spool.
+                Outcome::Aborted => return,
+                Outcome::Reread => {
+                    // The same events again, up to where this gathering ended.
+                    tokio::select! {
+                        _ = s.stop.cancelled() => return,
+                        _ = tokio::time::sleep(reread_wait) => {}
+                    }
+                    reread_wait = (reread_wait * 2).min(s.config.retry_max.get());
+                    replay_to = Some(gathered.end);
+                    s.reader.seek(gathered.start);
+                    gathered.clear(gathered.start);
+                    first_at = None;
+                    cut = false;
+                    continue;
+                }
             }
             gathered.clear(gathered.end);
             first_at = None;
             replay_to = None;
+            cut = false;
             s.progress.delivered.send_replace(gathered.start);
             // Persist before gathering again: a gathering must start where the last
             // recorded one ended, or a crash could re-gather across two deliveries and
@@ -188,10 +248,13 @@ async fn drive(s: &mut SinkRun) {
             continue;
         }
         // Caught up: wait for new data, the gather deadline or shutdown.
-        let wait = match first_at {
+        let mut wait = match first_at {
             Some(t) => max_wait.saturating_sub(t.elapsed()),
             None => Duration::from_millis(500),
         };
+        if let Some(t) = sink_due {
+            wait = wait.min(t.saturating_duration_since(Instant::now()));
+        }
         let demand_gone = tokio::select! {
             _ = s.stop.cancelled() => false,
             _ = s.committed.changed() => false,
@@ -214,7 +277,28 @@ async fn demand_changed(
     }
 }
 
-async fn deliver_with_retry(s: &mut SinkRun, gathered: &Gathered, name: &str) -> bool {
+/// Whether the gathering spans more of the spool than a gathering may hold.
+fn holds_too_much(s: &SinkRun, gathered: &Gathered) -> bool {
+    s.hold_limit > 0 && lag_bytes(gathered.start, gathered.end, s.segment_size) >= s.hold_limit
+}
+
+/// How a delivery ended.
+enum Outcome {
+    Delivered,
+    /// Given up at shutdown (the shutdown timeout passed).
+    Aborted,
+    /// The sink lost what it absorbed: read the same gathering again.
+    Reread,
+}
+
+/// `offered`: the shared ledger shows this gathering as offered already (an earlier
+/// attempt that had to be read again).
+async fn deliver_with_retry(
+    s: &mut SinkRun,
+    gathered: &Gathered,
+    name: &str,
+    offered: bool,
+) -> Outcome {
     let label = s.metrics.sink(name);
     let intent = s.deliver.intent_state();
     let exact = s.deliver.replays_exactly();
@@ -240,19 +324,21 @@ async fn deliver_with_retry(s: &mut SinkRun, gathered: &Gathered, name: &str) ->
             };
             tracing::warn!(sink = %name, error = %e, path = %s.state.path().display(), "cannot save the sink state before delivering; retrying");
             tokio::select! {
-                _ = s.abort.cancelled() => return false,
+                _ = s.abort.cancelled() => return Outcome::Aborted,
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             }
         }
     }
     // The ledger shows this delivery's events as offered and not yet delivered (pending)
     // while it runs; the state file gets them only with the delivery's success.
-    publish_ledger(s, name, |c| c.offered.merge(&gathered.offered));
+    if !offered {
+        publish_ledger(s, name, |c| c.offered.merge(&gathered.offered));
+    }
     let mut backoff = s.config.retry_min.get();
     let started = Instant::now();
     loop {
         let attempt = tokio::select! {
-            _ = s.abort.cancelled() => return false,
+            _ = s.abort.cancelled() => return Outcome::Aborted,
             r = s.deliver.deliver(gathered) => r,
         };
         match attempt {
@@ -296,7 +382,12 @@ async fn deliver_with_retry(s: &mut SinkRun, gathered: &Gathered, name: &str) ->
                 if started.elapsed() > Duration::from_secs(5) {
                     tracing::info!(sink = %name, after = ?started.elapsed(), "sink recovered; delivery succeeded");
                 }
-                return true;
+                return Outcome::Delivered;
+            }
+            Err(DeliverError::Reread(e)) => {
+                s.metrics.sink_retries.get_or_create(&label).inc();
+                tracing::warn!(sink = %name, error = %e, events = gathered.events, "delivery failed; its events are read again from the spool");
+                return Outcome::Reread;
             }
             Err(e) => {
                 s.metrics.sink_retries.get_or_create(&label).inc();
@@ -314,7 +405,7 @@ async fn deliver_with_retry(s: &mut SinkRun, gathered: &Gathered, name: &str) ->
                     tracing::warn!(sink = %name, error = %e, retry_in = ?wait, events = gathered.events, "delivery failed; will retry (data stays in the spool)");
                 }
                 tokio::select! {
-                    _ = s.abort.cancelled() => return false,
+                    _ = s.abort.cancelled() => return Outcome::Aborted,
                     _ = tokio::time::sleep(wait) => {}
                 }
                 backoff = (backoff * 2).min(s.config.retry_max.get());
@@ -450,6 +541,7 @@ mod tests {
             ack_demand: None,
             committed,
             segment_size: 1 << 20,
+            hold_limit: 0,
             progress: SinkProgress {
                 delivered,
                 persisted,

@@ -43,6 +43,12 @@ pub struct SinkContext<'a> {
     pub relay: &'a str,
     /// The spool's incarnation ([`crate::incarnation`]), part of object keys.
     pub incarnation: &'a str,
+    /// The relay's data directory: a sink's own files go in
+    /// [`crate::sinks::state::state_dir`] under it.
+    pub data_dir: &'a std::path::Path,
+    pub metrics: std::sync::Arc<crate::metrics::RelayMetrics>,
+    /// The clock hours close by ([`crate::clock`]).
+    pub clock: crate::clock::Clock,
 }
 
 /// What reading a sink back may need beyond its own config.
@@ -75,6 +81,13 @@ pub struct Gathered {
     /// Damaged spool stretches passed over inside this gathering: recorded in the
     /// sink's counts with the delivery, like `offered`, so a crash cannot count them twice.
     pub(crate) lost: SpoolLoss,
+    /// Records a sink that [`Deliver::absorbs`] has taken (no longer in `chunks`), and
+    /// their bytes.
+    absorbed: usize,
+    absorbed_bytes: usize,
+    /// Set by the driver when the delivery is cut: the gathering reached the spool's
+    /// committed end then (everything acknowledged by then is in it or delivered before).
+    pub caught_up: bool,
 }
 
 impl Gathered {
@@ -90,6 +103,9 @@ impl Gathered {
             oldest_received: None,
             offered: Counts::default(),
             lost: SpoolLoss::default(),
+            absorbed: 0,
+            absorbed_bytes: 0,
+            caught_up: false,
         }
     }
 
@@ -104,6 +120,17 @@ impl Gathered {
         self.oldest_received = None;
         self.offered = Counts::default();
         self.lost = SpoolLoss::default();
+        self.absorbed = 0;
+        self.absorbed_bytes = 0;
+        self.caught_up = false;
+    }
+
+    /// Drops the chunks a sink has absorbed; the counts and positions stay.
+    pub(crate) fn absorbed(&mut self) {
+        self.absorbed += self.bounds.len();
+        self.absorbed_bytes += self.buf.len();
+        self.buf.clear();
+        self.bounds.clear();
     }
 
     /// Passes over a damaged spool stretch: the gathering ends after it.
@@ -135,12 +162,13 @@ impl Gathered {
         chunk.count_hours(|hour, n| offered.add(chunk.tag, hour, n));
     }
 
+    /// Bytes of spool records gathered (absorbed ones included).
     pub fn bytes(&self) -> usize {
-        self.buf.len()
+        self.buf.len() + self.absorbed_bytes
     }
 
     pub fn is_empty(&self) -> bool {
-        self.bounds.is_empty()
+        self.bounds.is_empty() && self.absorbed == 0
     }
 
     /// The gathered chunks, decoded (borrowing the buffer).
@@ -181,6 +209,10 @@ pub enum DeliverError {
     /// every `retry_max`.
     #[error("{0}")]
     Permanent(String),
+    /// A sink that [`Deliver::absorbs`] lost what it absorbed (a local write failed):
+    /// the driver reads the same gathering again from the spool and retries.
+    #[error("{0}")]
+    Reread(String),
 }
 
 impl DeliverError {
@@ -216,6 +248,27 @@ pub trait Deliver: Send {
 
     /// How much to gather before delivering, and how long the oldest chunk may wait.
     fn gather_limits(&self) -> (usize, Duration);
+
+    /// Whether the sink takes chunks as they are gathered ([`Deliver::absorb`]), so the
+    /// driver holds none in memory (the object sink writes them to local files). Then
+    /// [`Deliver::deliver`] is called with every chunk of the gathering absorbed, and
+    /// again with the same (absorbed) gathering after a failure.
+    fn absorbs(&self) -> bool {
+        false
+    }
+
+    /// Takes the gathering's chunks (only called when [`Deliver::absorbs`]); returns
+    /// whether the gathering should be delivered now. An error means the sink dropped
+    /// what it had absorbed: the driver reads the gathering again.
+    fn absorb(&mut self, _batch: &Gathered) -> Result<bool, DeliverError> {
+        Ok(false)
+    }
+
+    /// When the sink wants a delivery whatever is gathered, even nothing (the object
+    /// sink's next hour close).
+    fn due_by(&self) -> Option<std::time::Instant> {
+        None
+    }
 
     /// State the sink needs after a crash to avoid delivering twice, saved atomically
     /// with the cursor after every successful delivery.

@@ -114,12 +114,52 @@ impl Services {
         serde_json::from_value(v).expect("s3_etags.py prints a map of strings")
     }
 
+    /// Hour partitions as boto3 finds them: objects and their lines, manifests, markers
+    /// (tests/py/s3_hours.py).
+    pub fn s3_hours(&self, bucket: &str) -> serde_json::Value {
+        self.py(
+            "s3_hours.py",
+            &["--endpoint", &self.s3_endpoint, "--bucket", bucket],
+        )
+    }
+
     pub fn s3_summary(&self, bucket: &str) -> serde_json::Value {
         self.py(
             "s3_summary.py",
             &["--endpoint", &self.s3_endpoint, "--bucket", bucket],
         )
     }
+}
+
+/// A test knob from the environment (`SLUICE_OUTAGE_SECS=120` and the like), else `default`.
+pub fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Seconds since the epoch as `YYYY-MM-DDTHH:MM:SS.fffffffffZ`.
+pub fn rfc3339(secs: f64) -> String {
+    sluice_relay::sinks::object::hours::rfc3339_secs(secs)
+}
+
+/// Seconds since the epoch of `YYYY-MM-DDTHH:MM:SS[.f]Z` (panics on anything else).
+pub fn parse_rfc3339(t: &str) -> f64 {
+    let num = |r: std::ops::Range<usize>| -> i64 {
+        t.get(r)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("not RFC 3339: {t:?}"))
+    };
+    let days =
+        sluice_relay::envelope::days_from_civil(num(0..4), num(5..7) as u32, num(8..10) as u32);
+    let whole = days * 86_400 + num(11..13) * 3600 + num(14..16) * 60 + num(17..19);
+    let frac: f64 = t
+        .get(19..t.len() - 1)
+        .filter(|f| f.starts_with('.'))
+        .map(|f| format!("0{f}").parse().unwrap_or(0.0))
+        .unwrap_or(0.0);
+    whole as f64 + frac
 }
 
 /// A unique, valid name for topics and buckets of one test.

@@ -10,13 +10,6 @@ use std::time::{Duration, Instant};
 
 use sluice_e2e::*;
 
-fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 struct Setup {
     dir: tempfile::TempDir,
     certs: Certs,

@@ -1,9 +1,15 @@
 //! `type = "object_store"`: S3, GCS, Azure or a local directory, through `object_store`.
-//! gzip NDJSON objects of JSON envelopes, partitioned by tag and *event-time* hour (see
-//! `writer.rs` for the keys and why a repeated upload cannot duplicate).
+//! gzip NDJSON objects (each line the record and its provenance), partitioned by tag and
+//! *event-time* hour, rolled by size and age, with a manifest and `_SUCCESS` marker per
+//! hour once it is complete. `writer.rs`: deliveries and why a repeated upload cannot
+//! duplicate; `key.rs`: key templates; `stage.rs`: open partitions in local files;
+//! `hours.rs`: hour close, manifests, revisions; `lease.rs`: one live relay per id.
 
+pub mod hours;
+pub mod key;
 pub mod lease;
 mod readback;
+pub mod stage;
 mod writer;
 
 use std::collections::BTreeMap;
@@ -14,7 +20,7 @@ use object_store::ObjectStore;
 use serde::{Deserialize, Serialize};
 use sluice_core::units::{ByteSize, Span};
 
-pub use writer::{object_key, partition, ObjectWriter};
+pub use writer::ObjectWriter;
 
 use crate::readback::Found;
 use crate::sinks::spec::{Deliver, ReadBackContext, SinkContext, SinkSpec};
@@ -31,15 +37,33 @@ pub struct ObjectSink {
     /// Credentials are better taken from the environment (AWS_ACCESS_KEY_ID, ...).
     #[serde(default)]
     pub options: BTreeMap<String, String>,
-    /// An object is written when this much (uncompressed) is gathered ...
+    /// Object keys. Placeholders: `{prefix}` (first folder only), `{tag}`, `{dt}`
+    /// (YYYY-MM-DD) and `{hour}` (HH) of the event time, in folders; `{relay}`,
+    /// `{incarnation}`, `{first}` and `{last}` (spool positions of the delivery) in the
+    /// name, which ends in `.ndjson.gz`. Each part is percent-encoded.
+    #[serde(default = "default_key_template")]
+    pub key_template: String,
+    /// Objects roll per tag and event-time hour: one is written when its partition holds
+    /// this much NDJSON (before compression) ...
     #[serde(default = "default_object_size")]
     pub max_object_size: ByteSize,
-    /// ... or when the oldest gathered event waited this long. With `server.ack =
-    /// "end_to_end"` and `required = true`, an object is also written as soon as an
+    /// ... or when the oldest event gathered waited this long, or when
+    /// `max_open_partitions` are open, or an hour is due to close. With `server.ack =
+    /// "end_to_end"` and `required = true`, objects are also written as soon as an
     /// acknowledgement waits for what is gathered (nothing more to read right then), so
     /// acks never wait for this age.
     #[serde(default = "default_object_age")]
     pub max_object_age: Span,
+    /// Partitions (tag, hour) open at once; each costs about 350 KiB of memory (its
+    /// compressor) and a file in `<data_dir>/sink-state/<sink>/stage/`.
+    #[serde(default = "default_open_partitions")]
+    pub max_open_partitions: usize,
+    /// An hour closes (its manifests and `_SUCCESS` markers are written) once the
+    /// relay's clock is this far past its end and everything spooled by then is
+    /// uploaded. Events of the hour arriving later still land in it, in new objects,
+    /// and its manifest gets a new revision (`sluice_relay_late_events_total`).
+    #[serde(default = "default_lateness")]
+    pub allowed_lateness: Span,
     /// How long this relay's lease (`<prefix>/_sluice/relays/<relay.id>.json`, renewed
     /// every third of this) holds its id. A relay that finds its id's lease held by
     /// another live relay refuses to start; one that stopped cleanly frees it at once.
@@ -53,10 +77,19 @@ fn default_lease_ttl() -> Span {
 }
 
 fn default_object_size() -> ByteSize {
-    ByteSize::mib(64)
+    ByteSize::mib(128)
 }
 fn default_object_age() -> Span {
-    Span::secs(10)
+    Span::secs(300)
+}
+fn default_open_partitions() -> usize {
+    64
+}
+fn default_lateness() -> Span {
+    Span::secs(300)
+}
+fn default_key_template() -> String {
+    key::DEFAULT_TEMPLATE.to_string()
 }
 
 impl SinkSpec for ObjectSink {
@@ -68,6 +101,18 @@ impl SinkSpec for ObjectSink {
         // backend, an unknown option or a missing account shows here, not at start.
         configure_store(&self.url, &self.options, false)
             .map_err(|e| format!("sink {name:?}: {e}"))?;
+        key::KeyTemplate::parse(&self.key_template).map_err(|e| format!("sink {name:?}: {e}"))?;
+        if self.max_open_partitions == 0 {
+            return Err(format!(
+                "sink {name:?}: max_open_partitions must be at least 1"
+            ));
+        }
+        if self.max_object_size.as_u64() < 1 << 20 {
+            return Err(format!(
+                "sink {name:?}: max_object_size {} is below 1 MiB; objects that small make the many-small-files problem this sink rolls to avoid",
+                self.max_object_size
+            ));
+        }
         Ok(())
     }
 
@@ -87,7 +132,9 @@ impl SinkSpec for ObjectSink {
                 ttl,
             ))
         });
+        let dir = crate::sinks::state::state_dir(ctx.data_dir, ctx.name);
         Ok(Box::new(ObjectWriter {
+            name: ctx.name.to_string(),
             lease,
             lease_task: None,
             relay: ctx.relay.to_string(),
@@ -95,8 +142,21 @@ impl SinkSpec for ObjectSink {
             create_only: Arc::new(std::sync::atomic::AtomicBool::new(true)),
             store,
             prefix,
-            max_bytes: self.max_object_size.as_usize(),
+            template: key::KeyTemplate::parse(&self.key_template)?,
             max_age: self.max_object_age.get(),
+            lateness: self.allowed_lateness.get().as_secs_f64(),
+            clock: ctx.clock,
+            stage: stage::Stage::open(
+                dir.join("stage"),
+                self.max_open_partitions,
+                self.max_object_size.as_u64(),
+            )?,
+            book: hours::HourBook::open(dir.join("hours"))?,
+            metrics: ctx.metrics.clone(),
+            pending: Vec::new(),
+            pending_for: None,
+            cut_clock: 0.0,
+            stage_broken: false,
         }))
     }
 
@@ -106,12 +166,14 @@ impl SinkSpec for ObjectSink {
     ) -> BoxFuture<'a, Result<Option<Found>, String>> {
         Box::pin(async move {
             let (store, prefix) = self.open()?;
+            let template = key::KeyTemplate::parse(&self.key_template)?;
             readback::read(
                 ctx.relay,
                 ctx.incarnation,
                 store.as_ref(),
                 &prefix,
                 &self.url,
+                &template,
             )
             .await
             .map(Some)

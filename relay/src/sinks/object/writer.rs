@@ -1,47 +1,69 @@
-//! Writes gzip NDJSON objects of JSON envelopes, partitioned by tag and *event-time* hour:
+//! Writes gzip NDJSON objects, one per (tag, event-time hour) of a delivery, under keys
+//! from the sink's `key_template` ([`super::key`]), and closes hours ([`super::hours`]).
 //!
-//! ```text
-//! <prefix>/tag=<tag>/dt=<YYYY-MM-DD>/hour=<HH>/<relay>-<incarnation>-<segment>-<offset>.ndjson.gz
-//! ```
-//!
-//! - The key is derived from the spool position where the gathering started and the
-//!   relay's incarnation (a random id made with the spool, [`crate::incarnation`]), so
-//!   keys of different spools never meet — a relay restarted with an empty data
-//!   directory, or two relays given one id, cannot write a key that exists.
-//! - Each key part is percent-encoded by `object_store` (`/` as `%2F`, `%` as `%25`,
-//!   ...), so two tags never share a folder (`a/b` and `a_b` stay apart).
-//! - Uploads are create-only (`PutMode::Create`): an object is never replaced. A delivery
-//!   repeated after a crash gathers exactly the same events again (the driver records
-//!   where each gathering ends, see `Deliver::replays_exactly`), so it writes the same
-//!   key with the same bytes; the store says the key exists, the relay reads it back,
-//!   finds the same content and counts it delivered. A key that exists with *other*
-//!   content (a spool whose unsynced tail was lost in a crash and rewritten) is not
-//!   touched: the new object goes beside it as `<...>.<n>.ndjson.gz`, logged.
-//! - Late events simply land in their own hour's folder.
+//! - A delivery is a gathering of spooled chunks, cut by the driver when a partition
+//!   reaches `max_object_size`, `max_open_partitions` are open, the oldest chunk waited
+//!   `max_object_age`, or an hour is due to close. Its events are written into the
+//!   stage as they are read ([`super::stage`]: local files, not memory), so a delivery
+//!   of many large partitions costs disk, not RAM.
+//! - The key holds the relay's incarnation and the spool positions where the gathering
+//!   started and ended, so keys of different spools never meet and a delivery repeated
+//!   after a crash (the driver repeats it with exactly the same events, see
+//!   `Deliver::replays_exactly`) writes the same key with the same content.
+//! - Uploads are create-only (`PutMode::Create`): an object is never replaced. A key
+//!   that exists with the same content (same gzip trailer: CRC32 and length of the
+//!   lines) is this upload done before: success. One with *other* content (a spool whose
+//!   unsynced tail was lost in a crash and rewritten) is not touched: the new object goes
+//!   beside it as `<...>.<n>.ndjson.gz`, logged.
+//! - Objects over `MULTIPART_AT` go up as multipart uploads in `PART_SIZE` parts; an
+//!   upload that fails is aborted, so no parts are left behind by a failure (a crash in
+//!   the middle of one can leave parts: a bucket lifecycle rule for incomplete multipart
+//!   uploads removes them, docs/relay.md).
 
-use std::collections::BTreeMap;
-use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use object_store::path::{Path as ObjectPath, PathPart};
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutPayload};
-use sluice_forward::GzipWriter;
+use sluice_spool::Position;
 
+use super::hours::{self, HourBook, ObjectEntry};
+use super::key::{date_and_hour, KeyTemplate, KeyValues};
 use super::lease::{Lease, LeaseError};
-use crate::envelope::{civil_from_days, hour_of};
+use super::stage::{self, Stage, Staged};
+use crate::clock::Clock;
+use crate::metrics::RelayMetrics;
 use crate::sinks::spec::{Deliver, DeliverError, DeliverFuture, Delivered, Gathered};
 
+/// Objects larger than this go up in parts.
+pub const MULTIPART_AT: u64 = 16 << 20;
+/// The size of each part (S3 wants at least 5 MiB but the last).
+pub const PART_SIZE: usize = 8 << 20;
+
 pub struct ObjectWriter {
+    pub name: String,
     pub relay: String,
     /// The spool's incarnation ([`crate::incarnation`]).
     pub incarnation: String,
     pub store: Arc<dyn ObjectStore>,
     /// The full key prefix, without a trailing '/'.
     pub prefix: String,
-    pub max_bytes: usize,
+    pub template: KeyTemplate,
     pub max_age: Duration,
+    /// `allowed_lateness`, in seconds.
+    pub lateness: f64,
+    pub clock: Clock,
+    pub stage: Stage,
+    pub book: HourBook,
+    pub metrics: Arc<RelayMetrics>,
+    /// The finished partitions of the delivery under way, and its (start, end).
+    pub pending: Vec<Staged>,
+    pub pending_for: Option<(Position, Position)>,
+    /// The clock when the delivery under way was cut (its first attempt).
+    pub cut_clock: f64,
+    /// The stage lost events (a write failed): the gathering must be read again.
+    pub stage_broken: bool,
     /// The relay's lease in the bucket (`None` with `lease_ttl = "0s"`).
     pub lease: Option<Arc<Lease>>,
     pub lease_task: Option<tokio::task::JoinHandle<()>>,
@@ -49,45 +71,6 @@ pub struct ObjectWriter {
     /// conditional writes, with `conditional_put = "disabled"`): then keys are unique
     /// but a repeated upload overwrites its own object.
     pub create_only: Arc<AtomicBool>,
-}
-
-/// `tag=<tag>/dt=YYYY-MM-DD/hour=HH` as key parts (each percent-encoded when the key is
-/// built, see [`object_key`]).
-pub fn partition(tag: &str, hour: u64) -> [String; 3] {
-    let secs = hour as i64 * 3600;
-    let (y, m, d) = civil_from_days(secs.div_euclid(86_400));
-    [
-        format!("tag={tag}"),
-        format!("dt={y:04}-{m:02}-{d:02}"),
-        format!("hour={:02}", secs.rem_euclid(86_400) / 3600),
-    ]
-}
-
-/// The key of the object of one (tag, hour) of a gathering that started at
-/// (`segment`, `offset`); `copy` > 0 for an object written beside an existing key.
-pub fn object_key(
-    prefix: &str,
-    tag: &str,
-    hour: u64,
-    relay: &str,
-    incarnation: &str,
-    (segment, offset): (u64, u64),
-    copy: u32,
-) -> ObjectPath {
-    let name = if copy == 0 {
-        format!("{relay}-{incarnation}-{segment:020}-{offset:012}.ndjson.gz")
-    } else {
-        format!("{relay}-{incarnation}-{segment:020}-{offset:012}.{copy}.ndjson.gz")
-    };
-    // Path::from encodes the prefix's parts the way keys were always written (and the
-    // way readback lists them).
-    let prefix = ObjectPath::from(prefix);
-    let parts = partition(tag, hour);
-    prefix
-        .parts()
-        .chain(parts.iter().map(|p| PathPart::from(p.as_str())))
-        .chain(std::iter::once(PathPart::from(name.as_str())))
-        .collect()
 }
 
 /// Test failpoint for the crash window between an upload and the cursor save:
@@ -112,8 +95,8 @@ fn crash_point() {
 
 /// Writes `body` under `key(0)` without replacing anything: an existing object with the
 /// same content is this upload done before (success); one with other content is left
-/// alone and the body goes to the first free `key(n)`. Returns whether an object was
-/// created.
+/// alone and the body goes to the first free `key(n)`. Returns the key written (or found)
+/// and whether an object was created.
 ///
 /// The key is looked at before the put, so a store that ignores `If-None-Match` (or has
 /// no create-only put at all) still never gets a plain put over an existing object; the
@@ -122,17 +105,17 @@ fn crash_point() {
 async fn put_once(
     store: &dyn ObjectStore,
     key: impl Fn(u32) -> ObjectPath,
-    body: Vec<u8>,
+    body: Body<'_>,
     create_only: &AtomicBool,
-) -> Result<bool, DeliverError> {
-    let body = bytes::Bytes::from(body);
+) -> Result<(ObjectPath, bool), DeliverError> {
+    let tail = body.tail()?;
     let mut copy = 0;
     while copy < 100 {
         let path = key(copy);
         match existing(store, &path).await? {
-            Some(found) if same_content(&found, &body) => {
+            Some(found) if same_content(&found, (body.len(), &tail)) => {
                 tracing::info!(key = %path, "object already written with the same content (a delivery repeated after a crash)");
-                return Ok(false);
+                return Ok((path, false));
             }
             Some(_) => {
                 copy += 1;
@@ -145,15 +128,24 @@ async fn put_once(
         } else {
             PutMode::Overwrite
         };
-        match store
-            .put_opts(&path, PutPayload::from(body.clone()), mode.into())
-            .await
-        {
-            Ok(_) => {
+        let put = match &body {
+            Body::Memory(bytes) => store
+                .put_opts(&path, PutPayload::from(bytes.clone()), mode.into())
+                .await
+                .map(|_| ()),
+            // Multipart uploads have no create-only mode in object_store: the look
+            // above guards the key, a create-only put cannot.
+            Body::File(staged) => match put_parts(store, &path, staged).await {
+                Ok(()) => Ok(()),
+                Err(e) => return Err(e),
+            },
+        };
+        match put {
+            Ok(()) => {
                 if copy > 0 {
                     tracing::error!(key = %path, first = %key(0), "an object with this key existed with other content; it was kept, and this delivery written beside it (reconcile may count these events twice)");
                 }
-                return Ok(true);
+                return Ok((path, true));
             }
             // Written meanwhile (a request retried after a lost answer): look again.
             Err(object_store::Error::AlreadyExists { .. }) => {}
@@ -173,38 +165,43 @@ async fn put_once(
     )))
 }
 
-/// The object at `path`, if there is one. Credentials that may write but not read (a
-/// PutObject-only policy) cannot look: then the create-only put alone guards the key.
+/// The length and last (up to) 8 bytes of the object at `path`, if there is one.
+/// Credentials that may write but not read (a PutObject-only policy) cannot look: then
+/// the create-only put alone guards the key.
 async fn existing(
     store: &dyn ObjectStore,
     path: &ObjectPath,
-) -> Result<Option<bytes::Bytes>, DeliverError> {
-    let got = match store.get(path).await {
-        Ok(got) => got,
+) -> Result<Option<(u64, bytes::Bytes)>, DeliverError> {
+    let denied = |path: &ObjectPath| {
+        tracing::warn!(key = %path, "cannot read the object store (no read permission): keys are guarded by create-only puts alone");
+        Ok(None)
+    };
+    let size = match store.head(path).await {
+        Ok(meta) => meta.size,
         Err(object_store::Error::NotFound { .. }) => return Ok(None),
         Err(
             object_store::Error::PermissionDenied { .. }
             | object_store::Error::Unauthenticated { .. },
-        ) => {
-            tracing::warn!(key = %path, "cannot read the object store (no read permission): keys are guarded by create-only puts alone");
-            return Ok(None);
-        }
+        ) => return denied(path),
         Err(e) => return Err(classify(path.as_ref(), e)),
     };
-    got.bytes()
-        .await
-        .map(Some)
-        .map_err(|e| classify(path.as_ref(), e))
+    match store.get_range(path, size.saturating_sub(8)..size).await {
+        Ok(tail) => Ok(Some((size, tail))),
+        Err(object_store::Error::NotFound { .. }) => Ok(None),
+        Err(
+            object_store::Error::PermissionDenied { .. }
+            | object_store::Error::Unauthenticated { .. },
+        ) => denied(path),
+        Err(e) => Err(classify(path.as_ref(), e)),
+    }
 }
 
 /// Same events, whatever compressor wrote them: the gzip trailers (CRC32 and length of
 /// the uncompressed data) agree. A newer relay's gzip may pick other bytes for the same
 /// lines; a repeated delivery must still count as done, not be written again.
-fn same_content(found: &[u8], body: &[u8]) -> bool {
-    found == body
-        || (found.len() >= 8
-            && body.len() >= 8
-            && found[found.len() - 8..] == body[body.len() - 8..])
+/// Objects shorter than a trailer (not gzip) are compared whole.
+fn same_content((found_len, found_tail): &(u64, bytes::Bytes), (len, tail): (u64, &[u8])) -> bool {
+    found_tail[..] == *tail && (*found_len == len || (*found_len >= 8 && len >= 8))
 }
 
 /// Refused credentials or permissions, or a store that cannot do what is asked, will
@@ -220,7 +217,303 @@ fn classify(key: &str, e: object_store::Error) -> DeliverError {
     }
 }
 
+/// An object's body: in memory (small) or in its stage file (large, sent in parts).
+enum Body<'a> {
+    Memory(bytes::Bytes),
+    File(&'a Staged),
+}
+
+impl Body<'_> {
+    fn len(&self) -> u64 {
+        match self {
+            Body::Memory(b) => b.len() as u64,
+            Body::File(s) => s.len,
+        }
+    }
+
+    /// The last (up to) 8 bytes: a gzip member's trailer.
+    fn tail(&self) -> Result<Vec<u8>, DeliverError> {
+        match self {
+            Body::Memory(b) => Ok(b[b.len().saturating_sub(8)..].to_vec()),
+            Body::File(s) => s
+                .trailer()
+                .map_err(|e| DeliverError::Transient(format!("read {}: {e}", s.path.display()))),
+        }
+    }
+}
+
+/// Uploads `body` in parts; aborts the upload when any part (or the completion) fails.
+async fn put_parts(
+    store: &dyn ObjectStore,
+    path: &ObjectPath,
+    staged: &Staged,
+) -> Result<(), DeliverError> {
+    let mut upload = store
+        .put_multipart(path)
+        .await
+        .map_err(|e| classify(path.as_ref(), e))?;
+    let mut sent = 0u64;
+    let result: Result<(), DeliverError> = async {
+        while sent < staged.len {
+            let n = (staged.len - sent).min(PART_SIZE as u64) as usize;
+            let part = staged.read_at(sent, n).map_err(|e| {
+                DeliverError::Transient(format!("read {}: {e}", staged.path.display()))
+            })?;
+            upload
+                .put_part(PutPayload::from(part))
+                .await
+                .map_err(|e| classify(path.as_ref(), e))?;
+            sent += n as u64;
+        }
+        upload
+            .complete()
+            .await
+            .map(|_| ())
+            .map_err(|e| classify(path.as_ref(), e))
+    }
+    .await;
+    if let Err(e) = &result {
+        match upload.abort().await {
+            Ok(()) => {
+                tracing::warn!(key = %path, error = %e, "multipart upload failed; aborted (no parts left behind)")
+            }
+            Err(abort) => {
+                tracing::error!(key = %path, error = %e, abort_error = %abort, "multipart upload failed and could not be aborted: its parts stay until the bucket's lifecycle rule removes them")
+            }
+        }
+    }
+    result
+}
+
+impl ObjectWriter {
+    fn values<'a>(&'a self, tag: &'a str, hour: u64, batch: (Position, Position)) -> KeyValues<'a> {
+        KeyValues {
+            prefix: &self.prefix,
+            tag,
+            hour,
+            relay: &self.relay,
+            incarnation: &self.incarnation,
+            first: batch.0,
+            last: batch.1,
+        }
+    }
+
+    fn label(&self) -> crate::metrics::SinkLabel {
+        self.metrics.sink(&self.name)
+    }
+
+    /// `<partition>/_manifests/<relay>-<incarnation>.r<rev>.json`
+    fn manifest_path(&self, tag: &str, hour: u64, revision: u32) -> ObjectPath {
+        let partition = self
+            .template
+            .partition(&self.values(tag, hour, Default::default()));
+        let name = format!("{}-{}.r{revision:06}.json", self.relay, self.incarnation);
+        partition
+            .parts()
+            .chain([PathPart::from("_manifests"), PathPart::from(name)])
+            .collect()
+    }
+
+    fn success_path(&self, tag: &str, hour: u64) -> ObjectPath {
+        let partition = self
+            .template
+            .partition(&self.values(tag, hour, Default::default()));
+        let name = format!("_SUCCESS-{}-{}", self.relay, self.incarnation);
+        partition.parts().chain([PathPart::from(name)]).collect()
+    }
+
+    /// `<prefix>/_sluice/hours/dt=<date>/hour=<HH>/<relay>-<incarnation>.json`
+    fn marker_path(&self, hour: u64) -> ObjectPath {
+        let (dt, hh) = date_and_hour(hour);
+        let prefix = ObjectPath::from(self.prefix.as_str());
+        let path: ObjectPath = prefix
+            .parts()
+            .map(|p| PathPart::from(p.as_ref().to_string()))
+            .chain(
+                [
+                    "_sluice".to_string(),
+                    "hours".to_string(),
+                    format!("dt={dt}"),
+                    format!("hour={hh}"),
+                    format!("{}-{}.json", self.relay, self.incarnation),
+                ]
+                .into_iter()
+                .map(PathPart::from),
+            )
+            .collect();
+        path
+    }
+
+    async fn put_json(
+        &self,
+        path: &ObjectPath,
+        value: &serde_json::Value,
+    ) -> Result<(), DeliverError> {
+        let body =
+            serde_json::to_vec_pretty(value).map_err(|e| DeliverError::Permanent(e.to_string()))?;
+        self.store
+            .put(path, PutPayload::from(body))
+            .await
+            .map(|_| ())
+            .map_err(|e| classify(path.as_ref(), e))
+    }
+
+    /// Writes the next revision of a tag's hour: its manifest, then (the first time) its
+    /// `_SUCCESS` marker.
+    async fn write_revision(&mut self, tag: &str, hour: u64) -> Result<(), DeliverError> {
+        let now = self.clock.now();
+        let Some((revision, th)) = self.book.next_revision(tag, hour, now) else {
+            return Ok(());
+        };
+        let manifest = hours::manifest_json(&self.relay, &self.incarnation, tag, hour, &th);
+        let path = self.manifest_path(tag, hour, revision);
+        self.put_json(&path, &manifest).await?;
+        let success = serde_json::json!({
+            "manifest": path.to_string(),
+            "revision": revision,
+            "records": th.totals.records,
+        });
+        self.put_json(&self.success_path(tag, hour), &success)
+            .await?;
+        if revision == 1 {
+            let delay = now - (hour + 1) as f64 * 3600.0;
+            self.metrics
+                .hour_close_delay
+                .get_or_create(&self.label())
+                .set(delay.max(0.0) as i64);
+            tracing::info!(sink = %self.name, tag, hour = %crate::envelope::hour_label(hour), records = th.totals.records, objects = th.objects.len(), delay_seconds = delay as i64, manifest = %path, "hour complete: manifest written");
+        } else {
+            tracing::info!(sink = %self.name, tag, hour = %crate::envelope::hour_label(hour), revision, records = th.totals.records, late = th.late, manifest = %path, "late events: the hour's manifest has a new revision");
+        }
+        self.book.written(tag, hour, th);
+        Ok(())
+    }
+
+    /// The hour marker: which tags this relay had in `hour`, and their latest manifest.
+    async fn write_marker(&self, hour: u64) -> Result<(), DeliverError> {
+        let mut tags = serde_json::Map::new();
+        for tag in self.book.tags(hour) {
+            if let Some(th) = self.book.get(&tag, hour) {
+                tags.insert(
+                    tag.clone(),
+                    serde_json::json!({
+                        "records": th.totals.records,
+                        "revision": th.revision,
+                        "manifest": self.manifest_path(&tag, hour, th.revision).to_string(),
+                    }),
+                );
+            }
+        }
+        let marker = serde_json::json!({
+            "version": 1,
+            "relay": self.relay,
+            "incarnation": self.incarnation,
+            "hour": crate::envelope::hour_label(hour),
+            "closed_at": hours::rfc3339_secs(self.clock.now()),
+            "tags": tags,
+        });
+        self.put_json(&self.marker_path(hour), &marker).await
+    }
+
+    /// A late event's hour left the book long ago: continue from its latest manifest.
+    async fn restore_hour(&mut self, tag: &str, hour: u64) -> Result<(), DeliverError> {
+        let dir = self.manifest_path(tag, hour, 0);
+        let folder: ObjectPath = dir.parts().take(dir.parts().count() - 1).collect();
+        let mine = format!("{}-{}.r", self.relay, self.incarnation);
+        let mut latest: Option<ObjectPath> = None;
+        let listed = self
+            .store
+            .list_with_delimiter(Some(&folder))
+            .await
+            .map_err(|e| classify(folder.as_ref(), e))?;
+        for meta in listed.objects {
+            let name = meta.location.filename().unwrap_or_default();
+            if name.starts_with(&mine) && latest.as_ref().is_none_or(|l| meta.location > *l) {
+                latest = Some(meta.location);
+            }
+        }
+        let Some(path) = latest else { return Ok(()) };
+        let bytes = self
+            .store
+            .get(&path)
+            .await
+            .map_err(|e| classify(path.as_ref(), e))?
+            .bytes()
+            .await
+            .map_err(|e| classify(path.as_ref(), e))?;
+        let manifest: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
+            DeliverError::Permanent(format!("manifest {path} is not readable: {e}"))
+        })?;
+        let th: hours::TagHour = serde_json::from_value(manifest["book"].clone()).map_err(|e| {
+            DeliverError::Permanent(format!("manifest {path} is not readable: {e}"))
+        })?;
+        self.book.restore(tag, hour, th);
+        Ok(())
+    }
+
+    /// Uploads one finished partition; returns its key and whether it was created.
+    async fn upload(
+        &self,
+        staged: &Staged,
+        batch: (Position, Position),
+    ) -> Result<(ObjectPath, bool), DeliverError> {
+        let values = self.values(&staged.tag, staged.hour, batch);
+        let key = |copy| self.template.key(&values, copy);
+        if staged.len <= MULTIPART_AT {
+            let body = staged.read().map_err(|e| {
+                DeliverError::Transient(format!("read {}: {e}", staged.path.display()))
+            })?;
+            put_once(
+                self.store.as_ref(),
+                key,
+                Body::Memory(body.into()),
+                &self.create_only,
+            )
+            .await
+        } else {
+            put_once(
+                self.store.as_ref(),
+                key,
+                Body::File(staged),
+                &self.create_only,
+            )
+            .await
+        }
+    }
+}
+
 impl Deliver for ObjectWriter {
+    fn absorbs(&self) -> bool {
+        true
+    }
+
+    fn absorb(&mut self, batch: &Gathered) -> Result<bool, DeliverError> {
+        let mut cut = false;
+        for chunk in batch.chunks() {
+            let added = chunk
+                .map_err(DeliverError::from)
+                .and_then(|c| self.stage.add(&c));
+            match added {
+                Ok(full) => cut |= full,
+                Err(e) => {
+                    self.stage.clear();
+                    self.stage_broken = true;
+                    return Err(e);
+                }
+            }
+        }
+        Ok(cut)
+    }
+
+    fn due_by(&self) -> Option<Instant> {
+        let now = self.clock.now();
+        Some(self.clock.instant_at(hours::next_close(
+            self.book.last_closed(),
+            now,
+            self.lateness,
+        )))
+    }
+
     fn deliver<'a>(&'a mut self, batch: &'a Gathered) -> DeliverFuture<'a> {
         Box::pin(async move {
             if let Some(lease) = &self.lease {
@@ -231,44 +524,59 @@ impl Deliver for ObjectWriter {
                     }
                 })?;
             }
+            let range = (batch.start, batch.end);
+            if self.pending_for != Some(range) {
+                if self.stage_broken {
+                    self.stage_broken = false;
+                    self.stage.clear();
+                    return Err(DeliverError::Reread("the stage lost events (a write failed): reading the delivery again from the spool".into()));
+                }
+                stage::remove(&self.pending);
+                self.pending = match self.stage.finish() {
+                    Ok(p) => p,
+                    Err(e) => {
+                        self.stage.clear();
+                        return Err(DeliverError::Reread(format!(
+                            "{e}: reading the delivery again from the spool"
+                        )));
+                    }
+                };
+                self.pending_for = Some(range);
+                self.cut_clock = self.clock.now();
+            }
             let mut done = Delivered::default();
-            let mut groups: BTreeMap<(&str, u64), GzipWriter> = BTreeMap::new();
-            let mut line = Vec::with_capacity(4096);
-            for chunk in batch.chunks() {
-                let chunk = chunk?;
-                for event in chunk.events() {
-                    let (entry, seq) = event?;
-                    line.clear();
-                    chunk.write_envelope_line(&mut line, &entry, seq)?;
-                    let gz = groups
-                        .entry((chunk.tag, hour_of(entry.time)))
-                        .or_insert_with(|| GzipWriter::with_capacity(1 << 16));
-                    gz.write_all(&line)
-                        .map_err(|e| DeliverError::Transient(format!("gzip: {e}")))?;
-                    done.delivered(chunk.tag, entry.time);
-                }
-            }
-            let uploads = groups.into_iter().map(|((tag, hour), gz)| {
-                let store = self.store.clone();
-                let create_only = self.create_only.clone();
-                let (prefix, relay, incarnation) = (&self.prefix, &self.relay, &self.incarnation);
-                let start = (batch.start.segment, batch.start.offset);
-                let key =
-                    move |copy| object_key(prefix, tag, hour, relay, incarnation, start, copy);
-                async move {
-                    let body = gz
-                        .finish()
-                        .map_err(|e| DeliverError::Transient(format!("gzip: {e}")))?;
-                    let len = body.len() as u64;
-                    let created = put_once(store.as_ref(), key, body, &create_only).await?;
-                    Ok::<(u64, bool), DeliverError>((len, created))
-                }
-            });
             let mut created = false;
-            for (len, new) in futures::future::try_join_all(uploads).await? {
-                done.bytes += len;
-                created |= new;
+            let mut pending = std::mem::take(&mut self.pending);
+            let mut failed = None;
+            for staged in pending.iter_mut().filter(|s| !s.uploaded) {
+                match self.upload(staged, range).await {
+                    Ok((key, new)) => {
+                        created |= new;
+                        staged.uploaded = true;
+                        staged.key = Some(key.to_string());
+                    }
+                    Err(e) => {
+                        failed = Some(e);
+                        break;
+                    }
+                }
             }
+            let book_result = match failed {
+                Some(e) => Err(e),
+                None => self.record(&pending, batch.caught_up).await,
+            };
+            if let Err(e) = book_result {
+                self.pending = pending;
+                return Err(e);
+            }
+            for staged in &pending {
+                done.counts
+                    .delivered
+                    .add(&staged.tag, staged.hour, staged.stats.records);
+                done.bytes += staged.len;
+            }
+            stage::remove(&pending);
+            self.pending_for = None;
             if created {
                 crash_point();
             }
@@ -277,7 +585,7 @@ impl Deliver for ObjectWriter {
     }
 
     fn gather_limits(&self) -> (usize, Duration) {
-        (self.max_bytes, self.max_age)
+        (usize::MAX, self.max_age)
     }
 
     fn replays_exactly(&self) -> bool {
@@ -319,6 +627,8 @@ impl Deliver for ObjectWriter {
 
     fn finish(&mut self) -> futures::future::BoxFuture<'_, ()> {
         Box::pin(async move {
+            self.stage.clear();
+            stage::remove(&self.pending);
             if let Some(task) = self.lease_task.take() {
                 task.abort();
             }
@@ -329,32 +639,90 @@ impl Deliver for ObjectWriter {
     }
 }
 
+impl ObjectWriter {
+    /// Records a delivery's objects in the hour book, closes the hours that are due and
+    /// writes the revisions late events made due; the book is saved before the delivery
+    /// counts as done (before its cursor).
+    async fn record(&mut self, pending: &[Staged], caught_up: bool) -> Result<(), DeliverError> {
+        let mut late = 0;
+        for s in pending {
+            let key = s.key.clone().unwrap_or_default();
+            if self.book.is_closed(s.hour) && !self.book.has(&s.tag, s.hour) {
+                self.restore_hour(&s.tag, s.hour).await?;
+            }
+            let entry = ObjectEntry {
+                records: s.stats.records,
+                bytes: s.len,
+                min_time: s.stats.min_time,
+                max_time: s.stats.max_time,
+            };
+            let n = self.book.add_object(&s.tag, s.hour, &key, entry, &s.stats);
+            if n > 0 {
+                tracing::warn!(sink = %self.name, tag = %s.tag, hour = %crate::envelope::hour_label(s.hour), events = n, key = %key, "late events: their hour was already closed; written to a new object, the manifest is revised");
+            }
+            late += n;
+        }
+        if late > 0 {
+            self.metrics
+                .late_events
+                .get_or_create(&self.label())
+                .inc_by(late);
+        }
+        if caught_up {
+            for hour in self.book.closable(self.cut_clock, self.lateness) {
+                for tag in self.book.tags(hour) {
+                    let due = self
+                        .book
+                        .get(&tag, hour)
+                        .is_some_and(|th| th.revision == 0 || th.changed);
+                    if due {
+                        self.write_revision(&tag, hour).await?;
+                    }
+                }
+                self.write_marker(hour).await?;
+                self.book.set_closed(hour);
+                self.metrics.hours_closed.get_or_create(&self.label()).inc();
+                self.book.save().map_err(DeliverError::Transient)?;
+            }
+        }
+        let due = self.book.revisions_due();
+        let mut hours = std::collections::BTreeSet::new();
+        for (tag, hour) in due {
+            self.write_revision(&tag, hour).await?;
+            hours.insert(hour);
+        }
+        for hour in hours {
+            self.write_marker(hour).await?;
+        }
+        self.book.save().map_err(DeliverError::Transient)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use futures::TryStreamExt;
     use object_store::memory::InMemory;
+    use std::io::Write;
 
-    fn key(tag: &str) -> String {
-        object_key("logs", tag, 491_000, "r1", "i0123456789abcdef", (3, 40), 0).to_string()
+    fn k(copy: u32) -> ObjectPath {
+        let t = KeyTemplate::parse(super::super::key::DEFAULT_TEMPLATE).unwrap();
+        t.key(
+            &KeyValues {
+                prefix: "",
+                tag: "t",
+                hour: 1,
+                relay: "r",
+                incarnation: "i0000000000000001",
+                first: Position::default(),
+                last: Position::default(),
+            },
+            copy,
+        )
     }
 
-    #[test]
-    fn tags_never_share_a_folder() {
-        let tags = ["a/b", "a_b", "a%2Fb", "a\\b", "a b", "..", "."];
-        let keys: std::collections::BTreeSet<String> = tags.iter().map(|t| key(t)).collect();
-        assert_eq!(keys.len(), tags.len(), "{keys:?}");
-        for k in &keys {
-            assert_eq!(
-                k.matches('/').count(),
-                4,
-                "a tag made a folder of its own: {k}"
-            );
-        }
-        assert_eq!(
-            key("app.web"),
-            "logs/tag=app.web/dt=2026-01-05/hour=08/r1-i0123456789abcdef-00000000000000000003-000000000040.ndjson.gz"
-        );
+    fn mem(b: &[u8]) -> Body<'static> {
+        Body::Memory(bytes::Bytes::copy_from_slice(b))
     }
 
     async fn objects(store: &InMemory) -> Vec<(String, bytes::Bytes)> {
@@ -374,18 +742,18 @@ mod tests {
     async fn an_object_is_never_replaced() {
         let store = InMemory::new();
         let create_only = AtomicBool::new(true);
-        let k = |copy| object_key("", "t", 1, "r", "i0000000000000001", (0, 0), copy);
-        put_once(&store, k, b"first".to_vec(), &create_only)
+        put_once(&store, k, mem(b"first"), &create_only)
             .await
             .unwrap();
-        put_once(&store, k, b"first".to_vec(), &create_only)
+        put_once(&store, k, mem(b"first"), &create_only)
             .await
             .unwrap();
         assert_eq!(objects(&store).await.len(), 1);
-        put_once(&store, k, b"second".to_vec(), &create_only)
+        let (key, created) = put_once(&store, k, mem(b"second"), &create_only)
             .await
             .unwrap();
-        put_once(&store, k, b"second".to_vec(), &create_only)
+        assert_eq!((key, created), (k(1), true));
+        put_once(&store, k, mem(b"second"), &create_only)
             .await
             .unwrap();
         let all = objects(&store).await;
@@ -411,9 +779,67 @@ mod tests {
         assert_ne!(fast, small);
         let store = InMemory::new();
         let create_only = AtomicBool::new(true);
-        let k = |copy| object_key("", "t", 1, "r", "i0000000000000001", (0, 0), copy);
-        assert!(put_once(&store, k, fast, &create_only).await.unwrap());
-        assert!(!put_once(&store, k, small, &create_only).await.unwrap());
+        assert!(
+            put_once(&store, k, mem(&fast), &create_only)
+                .await
+                .unwrap()
+                .1
+        );
+        assert!(
+            !put_once(&store, k, mem(&small), &create_only)
+                .await
+                .unwrap()
+                .1
+        );
+        assert_eq!(objects(&store).await.len(), 1);
+    }
+
+    /// An object over `MULTIPART_AT` goes up in parts from its stage file, and a
+    /// repeated upload of it finds it done by its trailer.
+    #[tokio::test]
+    async fn a_large_object_goes_up_in_parts() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("big.gz");
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        let mut n = 0u64;
+        while e.get_ref().len() < (MULTIPART_AT as usize) + PART_SIZE {
+            for _ in 0..1000 {
+                n = n
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                writeln!(
+                    e,
+                    "{{\"n\":{n},\"message\":\"GET /api/{} 200 {}\"}}",
+                    n % 977,
+                    n >> 7
+                )
+                .unwrap();
+            }
+        }
+        let body = e.finish().unwrap();
+        std::fs::write(&path, &body).unwrap();
+        let staged = Staged {
+            tag: "t".into(),
+            hour: 1,
+            path,
+            len: body.len() as u64,
+            stats: Default::default(),
+            uploaded: false,
+            key: None,
+        };
+        let store = InMemory::new();
+        let create_only = AtomicBool::new(true);
+        let (key, created) = put_once(&store, k, Body::File(&staged), &create_only)
+            .await
+            .unwrap();
+        assert!(created);
+        let got = store.get(&key).await.unwrap().bytes().await.unwrap();
+        assert_eq!(got.len(), body.len());
+        assert!(got[..] == body[..]);
+        let (_, again) = put_once(&store, k, Body::File(&staged), &create_only)
+            .await
+            .unwrap();
+        assert!(!again, "found done by its trailer");
         assert_eq!(objects(&store).await.len(), 1);
     }
 }

@@ -1,0 +1,354 @@
+//! Hour close against moto, read with boto3 (tests/py/s3_hours.py), on a simulated
+//! clock (`SLUICE_TEST_CLOCK`) so that hours pass in seconds: late events land in their
+//! own hour and revise its manifest; an hour closes only after the store came back; six
+//! hours of steady input roll into few objects and close on time.
+
+use std::time::{Duration, Instant};
+
+use sluice_core::units::Span;
+use sluice_e2e::*;
+
+/// 2026-11-23T10:59:00Z
+const T_10_59: f64 = 1_795_431_540.0;
+const HOUR_10: &str = "2026-11-23T10";
+const HOUR_11: &str = "2026-11-23T11";
+
+fn send(svc: &Services, relay: &Relay, tag: &str, first: u64, count: u64, time: &str, spread: f64) {
+    let sent = svc.py(
+        "fluent_send.py",
+        &[
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &relay.forward.port().to_string(),
+            "--tag",
+            tag,
+            "--count",
+            &count.to_string(),
+            "--first",
+            &first.to_string(),
+            "--time",
+            time,
+            "--spread",
+            &spread.to_string(),
+            "--prefix",
+            &format!("{tag} "),
+            "--ack",
+            "--batch",
+            "200",
+        ],
+    );
+    assert_eq!(sent["sent"], count, "{sent}");
+}
+
+fn relay_with_clock(
+    svc: &Services,
+    dir: &std::path::Path,
+    bucket: &str,
+    clock: &str,
+    lateness: Span,
+    age: Span,
+) -> Relay {
+    svc.create_bucket(bucket);
+    let mut spec = RelaySpec::insecure(dir, "relay-hours");
+    let mut s3 = svc.s3_sink(bucket);
+    s3.object_store().allowed_lateness = lateness;
+    s3.object_store().max_object_age = age;
+    spec.config.sinks.push(s3);
+    spec.env.push(("SLUICE_TEST_CLOCK".into(), clock.into()));
+    spec.start()
+}
+
+fn partition<'a>(hours: &'a serde_json::Value, tag: &str, hour: &str) -> &'a serde_json::Value {
+    &hours["partitions"][format!("{tag}|{hour}")]
+}
+
+/// The latest manifest of the one relay incarnation that wrote the partition.
+fn latest(part: &serde_json::Value) -> &serde_json::Value {
+    let writers = part["manifests"].as_object().expect("manifests");
+    assert_eq!(writers.len(), 1, "one relay incarnation: {part}");
+    let revs = writers.values().next().unwrap().as_array().unwrap();
+    revs.last().unwrap()
+}
+
+/// The manifest lists exactly the objects boto3 finds, with their line counts.
+fn assert_manifest_matches_objects(part: &serde_json::Value) {
+    let m = latest(part);
+    assert_eq!(
+        m["objects"], part["objects"],
+        "manifest objects vs bucket: {part}"
+    );
+    assert_eq!(
+        m["records"], part["lines"],
+        "manifest records vs lines: {part}"
+    );
+}
+
+/// Events stamped 10:59:50–11:00:10, half of them sent after hour 10 closed: each lands
+/// in its own hour; hour 10 gets a second revision counting the late ones; every
+/// manifest's counts equal the lines boto3 reads; `_SUCCESS` shows only complete hours.
+#[test]
+fn late_events_land_in_their_hour_and_revise_its_manifest() {
+    const N: u64 = 1_000; // per tag and wave: half in hour 10, half in hour 11
+    let svc = Services::from_env();
+    let tmp = tempfile::tempdir().unwrap();
+    let bucket = unique_name("hours");
+    // 120× real time: hour 10 closes (11:30) about 15 s after the start, hour 11 (12:30)
+    // about 45 s after.
+    let relay = relay_with_clock(
+        &svc,
+        tmp.path(),
+        &bucket,
+        &format!("{T_10_59}:120"),
+        Span::secs(1800),
+        Span::secs(1),
+    );
+    let tags = ["hc.a", "hc.b"];
+    for tag in tags {
+        send(&svc, &relay, tag, 1, N, "2026-11-23T10:59:50Z", 20.0);
+    }
+    let closed = relay.counter("sluice_relay_hours_closed_total", "");
+    let early = svc.s3_hours(&bucket);
+    assert!(
+        partition(&early, "hc.a", HOUR_10)["success"]
+            .as_object()
+            .is_none_or(|s| s.is_empty()),
+        "the first wave must be acknowledged before hour 10 closes (the machine was too slow for this test's clock: {closed} hours closed): {early}"
+    );
+
+    wait_for("hour 10 closed", Duration::from_secs(120), || {
+        let h = svc.s3_hours(&bucket);
+        tags.iter().all(|t| {
+            partition(&h, t, HOUR_10)["success"]
+                .as_object()
+                .is_some_and(|s| !s.is_empty())
+        })
+    });
+    let at_close = svc.s3_hours(&bucket);
+    for tag in tags {
+        let part = partition(&at_close, tag, HOUR_10);
+        // Everything acknowledged before the close is in it, and nothing else.
+        assert_eq!(latest(part)["revision"], 1, "{part}");
+        assert_eq!(latest(part)["records"], N / 2, "{part}");
+        assert_manifest_matches_objects(part);
+        assert!(
+            partition(&at_close, tag, HOUR_11)["success"]
+                .as_object()
+                .is_none_or(|s| s.is_empty()),
+            "hour 11 is not complete yet: {at_close}"
+        );
+    }
+
+    // The second wave: the same times, minutes (of the relay's clock) after hour 10 closed.
+    for tag in tags {
+        send(&svc, &relay, tag, N + 1, N, "2026-11-23T10:59:50Z", 20.0);
+    }
+    relay.wait("the late half counted", Duration::from_secs(60), || {
+        relay.counter("sluice_relay_late_events_total", "") as u64 >= N
+    });
+    wait_for("hour 11 closed", Duration::from_secs(180), || {
+        let h = svc.s3_hours(&bucket);
+        tags.iter().all(|t| {
+            partition(&h, t, HOUR_11)["success"]
+                .as_object()
+                .is_some_and(|s| !s.is_empty())
+        })
+    });
+    let hours = svc.s3_hours(&bucket);
+    for tag in tags {
+        let h10 = partition(&hours, tag, HOUR_10);
+        assert_eq!(
+            latest(h10)["revision"],
+            2,
+            "a revision for the late events: {h10}"
+        );
+        assert_eq!(latest(h10)["records"], N, "{h10}");
+        assert_eq!(latest(h10)["late_records"], N / 2, "{h10}");
+        let writers = h10["manifests"].as_object().unwrap();
+        let revs = writers.values().next().unwrap().as_array().unwrap();
+        assert_eq!(revs.len(), 2, "revision 1 is kept: {h10}");
+        assert_eq!(revs[0]["records"], N / 2, "{h10}");
+        assert_manifest_matches_objects(h10);
+        let h11 = partition(&hours, tag, HOUR_11);
+        assert_eq!(
+            latest(h11)["revision"],
+            1,
+            "hour 11 had no late events: {h11}"
+        );
+        assert_eq!(latest(h11)["records"], N, "{h11}");
+        assert_manifest_matches_objects(h11);
+    }
+    assert_eq!(
+        relay.counter("sluice_relay_late_events_total", "") as u64,
+        N
+    );
+    for hour in [HOUR_10, HOUR_11] {
+        let marker = &hours["markers"][hour];
+        let writer = marker.as_object().and_then(|m| m.values().next());
+        let writer = writer.unwrap_or_else(|| panic!("no hour marker for {hour}: {hours}"));
+        for tag in tags {
+            assert!(
+                writer[tag].as_u64().is_some(),
+                "{hour} marker lists {tag}: {marker}"
+            );
+        }
+    }
+    let s3 = svc.s3_summary(&bucket);
+    assert_eq!(
+        s3["misplaced"], 0,
+        "an event outside its hour's folder: {s3}"
+    );
+    assert_eq!(s3["bad"], 0, "{s3}");
+    assert_eq!(s3["distinct_messages"], 4 * N, "{s3}");
+    assert_eq!(s3["duplicates"], 0, "{s3}");
+}
+
+/// The store stops answering (SIGSTOP) across the moment hour 10 is due to close: the
+/// upload waits (object_store retries the request), the spool holds what keeps arriving, no `_SUCCESS` is written while the
+/// hour's objects cannot be, and once the store is back the hour closes with every event.
+#[test]
+fn an_hour_closes_only_after_the_store_comes_back() {
+    const N: u64 = 1_000;
+    let outage = Duration::from_secs(env_u64("SLUICE_S3_OUTAGE_SECS", 20));
+    let shared = Services::from_env();
+    let tmp = tempfile::tempdir().unwrap();
+    let private = PrivateService::moto(&shared, &tmp.path().join("moto.log"));
+    let svc = shared.with(None, Some(&private.addr));
+    let bucket = unique_name("outage-hours");
+    // 30× real time, lateness 5 min: hour 10 is due to close 12 s after the start.
+    let relay = relay_with_clock(
+        &svc,
+        tmp.path(),
+        &bucket,
+        &format!("{T_10_59}:30"),
+        Span::secs(300),
+        Span::secs(1),
+    );
+    send(&svc, &relay, "out.a", 1, N, "2026-11-23T10:59:00Z", 50.0);
+    relay.wait_delivered("s3", N, Duration::from_secs(60));
+
+    private.pause();
+    let paused = Instant::now();
+    // More of hour 10, acknowledged from the spool while the store is down.
+    send(&svc, &relay, "out.a", N + 1, N, "2026-11-23T10:59:51Z", 8.0);
+    relay.wait("a backlog in the spool", Duration::from_secs(30), || {
+        relay.lag("s3").unwrap_or(0.0) > 0.0
+    });
+    let closed_before = relay.counter("sluice_relay_hours_closed_total", "");
+    while paused.elapsed() < outage {
+        relay.assert_running();
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(
+        relay.counter("sluice_relay_hours_closed_total", ""),
+        closed_before,
+        "no hour closes while the store is down"
+    );
+    private.resume();
+
+    wait_for(
+        "hour 10 closed after the outage",
+        Duration::from_secs(120),
+        || {
+            let h = svc.s3_hours(&bucket);
+            partition(&h, "out.a", HOUR_10)["success"]
+                .as_object()
+                .is_some_and(|s| !s.is_empty())
+        },
+    );
+    let hours = svc.s3_hours(&bucket);
+    let part = partition(&hours, "out.a", HOUR_10);
+    assert_eq!(latest(part)["revision"], 1, "{part}");
+    assert_eq!(
+        latest(part)["records"],
+        2 * N,
+        "every event, none late: {part}"
+    );
+    assert_manifest_matches_objects(part);
+    assert_eq!(relay.counter("sluice_relay_late_events_total", ""), 0.0);
+    let delay = relay
+        .metric("sluice_relay_hour_close_delay_seconds", "")
+        .unwrap_or(0.0);
+    assert!(
+        delay >= 300.0,
+        "closed after the outage, past its lateness: {delay}"
+    );
+}
+
+/// Steady input over six hours of the relay's clock, two tags: objects per hour per tag
+/// stay within what `max_object_age` implies, and each hour closes within
+/// `allowed_lateness` plus one roll interval of its end.
+#[test]
+fn six_hours_of_steady_input_roll_and_close_on_time() {
+    const RATE: f64 = 600.0;
+    const AGE_SECS: u64 = 2; // real seconds: 20 minutes of the relay's clock
+    const LATENESS: f64 = 300.0;
+    let svc = Services::from_env();
+    let tmp = tempfile::tempdir().unwrap();
+    let bucket = unique_name("six-hours");
+    let start = T_10_59 + 60.0; // 11:00
+                                // The test's own view of the relay's clock starts before the relay does, so the
+                                // events it stamps are never behind the relay's clock (never late).
+    let t0 = Instant::now();
+    let relay = relay_with_clock(
+        &svc,
+        tmp.path(),
+        &bucket,
+        &format!("{start}:{RATE}"),
+        Span::secs(LATENESS as u64),
+        Span::secs(AGE_SECS),
+    );
+    let now = || start + t0.elapsed().as_secs_f64() * RATE;
+    let end = start + 6.0 * 3600.0;
+    let tags = ["six.a", "six.b"];
+    let mut first = 1;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while now() < end {
+        assert!(
+            Instant::now() < deadline,
+            "the input loop ran past its time"
+        );
+        let at = now();
+        let t = format!("{}Z", &rfc3339(at)[..19]);
+        for tag in tags {
+            send(&svc, &relay, tag, first, 50, &t, 30.0);
+        }
+        first += 50;
+    }
+    // Hours 11..=16 of 2026-11-23 are inside the input.
+    let hours: Vec<String> = (11..=16).map(|h| format!("2026-11-23T{h:02}")).collect();
+    wait_for("six hours closed", Duration::from_secs(120), || {
+        let h = svc.s3_hours(&bucket);
+        tags.iter().all(|t| {
+            hours.iter().all(|hour| {
+                partition(&h, t, hour)["success"]
+                    .as_object()
+                    .is_some_and(|s| !s.is_empty())
+            })
+        })
+    });
+    let found = svc.s3_hours(&bucket);
+    let roll = AGE_SECS as f64 * RATE;
+    // Cut by age every roll interval, plus the cut at the hour's close, plus one.
+    let most = (3600.0 / roll).ceil() as usize + 2;
+    for tag in tags {
+        for (i, hour) in hours.iter().enumerate() {
+            let part = partition(&found, tag, hour);
+            let objects = part["objects"].as_object().unwrap().len();
+            assert!(
+                (1..=most).contains(&objects),
+                "{tag} {hour}: {objects} objects, at most {most} expected: {part}"
+            );
+            assert_manifest_matches_objects(part);
+            let closed = parse_rfc3339(latest(part)["closed_at"].as_str().unwrap());
+            let hour_end = start + (i + 1) as f64 * 3600.0;
+            assert!(
+                closed - hour_end <= LATENESS + roll,
+                "{tag} {hour} closed {} s after its end, more than lateness + one roll interval ({} s)",
+                closed - hour_end,
+                LATENESS + roll
+            );
+        }
+    }
+    assert_eq!(relay.counter("sluice_relay_late_events_total", ""), 0.0);
+}
