@@ -306,7 +306,8 @@ mod tests {
     /// docs/agent.md's config reference is generated from the structs above.
     #[test]
     fn config_docs_match_docs_agent_md() {
-        let doc = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/agent.md");
+        let doc = sluice_core::configdoc::manifest_dir(env!("CARGO_MANIFEST_DIR"))
+            .join("../docs/agent.md");
         let tables = sluice_core::configdoc::markdown(&AgentConfig::doc_sections());
         sluice_core::configdoc::check_docs(&doc, "agent config", &tables).unwrap();
     }

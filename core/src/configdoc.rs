@@ -232,3 +232,13 @@ pub fn check_docs(doc_path: &std::path::Path, name: &str, generated: &str) -> Re
         doc_path.display()
     ))
 }
+
+/// The crate's folder as cargo gives it to the running test (`CARGO_MANIFEST_DIR` at run
+/// time), else `built_in` (the path at compile time). A test binary can be reused by a
+/// build of the same sources at another path (a shared target directory), and must then
+/// read the files of the checkout it runs for.
+pub fn manifest_dir(built_in: &str) -> std::path::PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::PathBuf::from(built_in))
+}

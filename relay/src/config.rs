@@ -568,7 +568,8 @@ mod tests {
     /// docs/relay.md's config reference is generated from the structs above.
     #[test]
     fn config_docs_match_docs_relay_md() {
-        let doc = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/relay.md");
+        let doc = sluice_core::configdoc::manifest_dir(env!("CARGO_MANIFEST_DIR"))
+            .join("../docs/relay.md");
         let tables = sluice_core::configdoc::markdown(&RelayConfig::doc_sections());
         sluice_core::configdoc::check_docs(&doc, "relay config", &tables).unwrap();
     }

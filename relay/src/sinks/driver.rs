@@ -129,8 +129,14 @@ async fn drive(s: &mut SinkRun) {
                             }
                             Err(e) => {
                                 // The sink dropped what it had: read the gathering again.
-                                tracing::warn!(sink = %name, error = %e, retry_in = ?reread_wait, "the sink could not take the events it was given; reading them again from the spool");
                                 s.metrics.sink_retries.get_or_create(&label).inc();
+                                if e.is_permanent() {
+                                    s.metrics.sink_permanent_errors.get_or_create(&label).inc();
+                                    reread_wait = s.config.retry_max.get();
+                                    tracing::error!(sink = %name, error = %e, retry_in = ?reread_wait, "the sink cannot take the events it was given and will not until the cause is fixed (data stays in the spool)");
+                                } else {
+                                    tracing::warn!(sink = %name, error = %e, retry_in = ?reread_wait, "the sink could not take the events it was given; reading them again from the spool");
+                                }
                                 tokio::select! {
                                     _ = s.stop.cancelled() => return,
                                     _ = tokio::time::sleep(reread_wait) => {}
@@ -587,5 +593,114 @@ mod tests {
         );
         assert!(lost.ranges[0].acknowledged);
         assert_eq!(state.counts.offered.total(), 40);
+    }
+
+    /// A sink that takes chunks as they are read, fails once while taking them and once
+    /// more when delivering (losing what it took both times): the driver reads the same
+    /// events again each time, and every event is delivered exactly once.
+    #[tokio::test]
+    async fn an_absorbing_sink_that_loses_its_events_gets_them_again() {
+        use crate::sinks::spec::{DeliverFuture, Delivered};
+
+        #[derive(Default)]
+        struct Flaky {
+            held: Vec<u64>,
+            absorbs: usize,
+            delivers: usize,
+            delivered: Arc<Mutex<Vec<u64>>>,
+        }
+        impl Deliver for Flaky {
+            fn absorbs(&self) -> bool {
+                true
+            }
+            fn absorb(&mut self, batch: &Gathered) -> Result<bool, DeliverError> {
+                self.absorbs += 1;
+                if self.absorbs == 3 {
+                    self.held.clear();
+                    return Err(DeliverError::Transient("disk full".into()));
+                }
+                for c in batch.chunks() {
+                    let c = c.unwrap();
+                    for e in c.events() {
+                        self.held.push(e.unwrap().1.unwrap());
+                    }
+                }
+                Ok(self.held.len() >= 20)
+            }
+            fn deliver<'a>(&'a mut self, batch: &'a Gathered) -> DeliverFuture<'a> {
+                Box::pin(async move {
+                    assert_eq!(batch.chunks().count(), 0, "every chunk was absorbed");
+                    self.delivers += 1;
+                    if self.delivers == 2 {
+                        self.held.clear();
+                        return Err(DeliverError::Reread("stage lost".into()));
+                    }
+                    let mut done = Delivered::default();
+                    done.counts.delivered = batch.offered.clone();
+                    self.delivered.lock().unwrap().append(&mut self.held);
+                    Ok(done)
+                })
+            }
+            fn gather_limits(&self) -> (usize, Duration) {
+                (usize::MAX, Duration::from_millis(50))
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = SpoolConfig {
+            segment_bytes: 1 << 20,
+            max_bytes: 1 << 30,
+            fsync: FsyncPolicy::Never,
+        };
+        let (mut spool, _) = Spool::open(&dir.path().join("spool"), cfg).unwrap();
+        for i in 0..10u64 {
+            spool.append(&chunk(i * 10..i * 10 + 10)).unwrap();
+            spool.commit().unwrap();
+        }
+        let delivered_seqs = Arc::new(Mutex::new(Vec::new()));
+        let ledger = Arc::new(Mutex::new(Ledger::default()));
+        let (delivered, _) = watch::channel(spool.head());
+        let (persisted, _) = watch::channel(spool.head());
+        let (_committed_tx, committed) = watch::channel(spool.tail());
+        let stop = CancellationToken::new();
+        let run = SinkRun {
+            config: toml::from_str("name = \"f\"\nretry_min = \"10ms\"").unwrap(),
+            deliver: Box::new(Flaky {
+                delivered: delivered_seqs.clone(),
+                ..Flaky::default()
+            }),
+            reader: spool.reader(spool.head()).unwrap(),
+            state: SinkStateFile::open(dir.path(), "f").unwrap(),
+            ack_demand: None,
+            committed,
+            segment_size: 1 << 20,
+            hold_limit: 0,
+            progress: SinkProgress {
+                delivered,
+                persisted,
+            },
+            ledger: ledger.clone(),
+            metrics: Arc::new(RelayMetrics::new()),
+            stop: stop.clone(),
+            abort: CancellationToken::new(),
+        };
+        let task = tokio::spawn(run_sink(run));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while delivered_seqs.lock().unwrap().len() < 100 {
+            assert!(Instant::now() < deadline, "the sink stalled");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        stop.cancel();
+        task.await.unwrap();
+        let mut seqs = delivered_seqs.lock().unwrap().clone();
+        seqs.sort_unstable();
+        assert_eq!(seqs, (0..100).collect::<Vec<u64>>(), "each event once");
+        let state = SinkStateFile::open(dir.path(), "f").unwrap();
+        assert_eq!(state.state().counts.delivered.total(), 100);
+        assert_eq!(state.state().counts.offered.total(), 100);
+        assert_eq!(
+            ledger.lock().unwrap().sinks["f"].offered.total(),
+            100,
+            "offered once in the shared ledger"
+        );
     }
 }

@@ -7,7 +7,7 @@ use std::process::Command;
 use sluice_e2e::bin;
 
 fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+    sluice_core::configdoc::manifest_dir(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
 fn configs(dir: &Path, out: &mut Vec<PathBuf>) {
