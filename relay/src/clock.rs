@@ -63,6 +63,15 @@ impl Clock {
         }
     }
 
+    /// What this clock read at `instant` (a moment in the past).
+    pub fn at(&self, instant: Instant) -> f64 {
+        let ago = Instant::now()
+            .saturating_duration_since(instant)
+            .as_secs_f64();
+        let rate = self.simulated.map_or(1.0, |(_, _, rate)| rate);
+        self.now() - ago * rate
+    }
+
     /// The real instant at which this clock reads `unix_secs` (now, if it is past).
     pub fn instant_at(&self, unix_secs: f64) -> Instant {
         let ahead = (unix_secs - self.now()).max(0.0);

@@ -60,6 +60,9 @@ impl Found {
                 seq: f.seq,
             })
         });
+        if flat.is_none() && self.add_flat_with_repeated_keys(line) {
+            return;
+        }
         let Some(head) = flat.or_else(|| serde_json::from_slice::<EnvelopeHead>(line).ok()) else {
             self.unreadable += 1;
             return;
@@ -76,6 +79,36 @@ impl Found {
             }
         }
         self.counts.add(&head.tag, hour, 1);
+    }
+
+    /// An object line whose record has a field named like one of sluice's four (JSON
+    /// with a key twice, which the borrowing parse refuses): the last of each counts, as
+    /// the line's writer promised. Returns whether the line was one.
+    fn add_flat_with_repeated_keys(&mut self, line: &[u8]) -> bool {
+        let Ok(map) = serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(line)
+        else {
+            return false;
+        };
+        let (Some(time), Some(tag)) = (
+            map.get("_time").and_then(|v| v.as_str()),
+            map.get("_tag").and_then(|v| v.as_str()),
+        ) else {
+            return false;
+        };
+        let Some(hour) = hour_from_rfc3339(time) else {
+            return false;
+        };
+        self.events += 1;
+        let source = map.get("_source").and_then(|v| v.as_str());
+        let seq = map.get("_seq").and_then(|v| v.as_u64());
+        if let (Some(source), Some(seq)) = (source, seq) {
+            if !self.seen.insert((source.to_string(), seq)) {
+                self.duplicates += 1;
+                return true;
+            }
+        }
+        self.counts.add(tag, hour, 1);
+        true
     }
 
     /// Counts every non-empty line of newline-delimited envelopes.
@@ -108,6 +141,8 @@ mod tests {
         let mut found = Found::default();
         let line = br#"{"time":"2026-11-18T11:06:40Z","tag":"t","source":"s","seq":1,"record":{}}"#;
         let flat = br#"{"time":"x","tag":"y","_time":"2026-11-18T11:06:40Z","_tag":"t","_source":"s","_seq":2}"#;
+        // A record with its own `_tag` and `_seq`: sluice's (the last) count.
+        let repeated = br#"{"_tag":"mine","_seq":"x","_time":"2026-11-18T11:06:40Z","_tag":"t","_source":"s","_seq":3}"#;
         found.add_ndjson(
             &[
                 &line[..],
@@ -118,13 +153,15 @@ mod tests {
                 b"\n",
                 &flat[..],
                 b"\n",
+                &repeated[..],
+                b"\n",
             ]
             .concat(),
         );
         assert_eq!(
             (found.events, found.duplicates, found.unreadable),
-            (4, 2, 1)
+            (5, 2, 1)
         );
-        assert_eq!(found.counts.total(), 2);
+        assert_eq!(found.counts.total(), 3);
     }
 }

@@ -209,11 +209,19 @@ async fn drive(s: &mut SinkRun) {
                     || first_at.is_some_and(|t| t.elapsed() >= max_wait)
                     || ((stopping || demanded || cut || holds_too_much(s, &gathered))
                         && !gathered.is_empty())
-                    || (!stopping && sink_due.is_some_and(|t| Instant::now() >= t))
+                    // Only once everything committed is read: that is when it can act.
+                    || (!stopping
+                        && sink_due.is_some_and(|t| Instant::now() >= t)
+                        && s.reader.position() >= *s.committed.borrow())
             }
         };
         if due {
-            gathered.caught_up = gathered.end >= *s.committed.borrow();
+            // The time first, then the spool's end: everything committed before that
+            // moment is in this gathering or delivered before it, when it is caught up.
+            // (The reader's position, not the gathering's end: after the last record of
+            // a segment the reader stands at the next one's start.)
+            gathered.cut_at = Some(Instant::now());
+            gathered.caught_up = s.reader.position() >= *s.committed.borrow();
             let offered = offered_for == Some((gathered.start, gathered.end));
             offered_for = Some((gathered.start, gathered.end));
             match deliver_with_retry(s, &gathered, &name, offered).await {

@@ -88,6 +88,8 @@ pub struct Gathered {
     /// Set by the driver when the delivery is cut: the gathering reached the spool's
     /// committed end then (everything acknowledged by then is in it or delivered before).
     pub caught_up: bool,
+    /// When the driver cut it (taken before it looked at the spool's end).
+    pub cut_at: Option<std::time::Instant>,
 }
 
 impl Gathered {
@@ -106,6 +108,7 @@ impl Gathered {
             absorbed: 0,
             absorbed_bytes: 0,
             caught_up: false,
+            cut_at: None,
         }
     }
 
@@ -123,6 +126,7 @@ impl Gathered {
         self.absorbed = 0;
         self.absorbed_bytes = 0;
         self.caught_up = false;
+        self.cut_at = None;
     }
 
     /// Drops the chunks a sink has absorbed; the counts and positions stay.

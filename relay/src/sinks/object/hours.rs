@@ -31,8 +31,10 @@ use serde::{Deserialize, Serialize};
 
 use super::stage::ObjectStats;
 
-/// Hours kept in the book after they closed (a week).
+/// Hours kept in the book on disk after they closed (a week) ...
 pub const RETAIN_HOURS: u64 = 24 * 7;
+/// ... and in memory (a late event for an older one reads its file back).
+pub const MEMORY_HOURS: u64 = 3;
 
 /// Hours without events that still get an hour marker after a long stop.
 pub const EMPTY_MARKERS: u64 = 48;
@@ -54,8 +56,12 @@ pub struct ObjectEntry {
 pub struct TagHour {
     pub objects: BTreeMap<String, ObjectEntry>,
     pub totals: ObjectStats,
-    /// The last manifest revision written (0: none yet).
+    /// The latest manifest revision decided (0: none yet) ...
     pub revision: u32,
+    /// ... and the latest one written with its `_SUCCESS` (a crash between deciding a
+    /// revision and writing it leaves this behind: it is written after the restart).
+    #[serde(default)]
+    pub announced: u32,
     /// Objects were added since that revision.
     pub changed: bool,
     /// Clock time of the first manifest and of the latest one.
@@ -71,6 +77,9 @@ struct HourFile {
     version: u32,
     hour: u64,
     tags: BTreeMap<String, TagHour>,
+    /// The hour marker lists the latest announced revisions.
+    #[serde(default)]
+    marker_written: bool,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -86,6 +95,8 @@ pub struct HourBook {
     last_closed: Option<u64>,
     dirty: BTreeSet<u64>,
     closed_dirty: bool,
+    /// Files of hours before this (plus the retention) are gone from the disk.
+    pruned_upto: u64,
 }
 
 fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Option<T>, String> {
@@ -96,6 +107,31 @@ fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Option<T>, Str
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(format!("cannot read {}: {e}", path.display())),
     }
+}
+
+impl HourFile {
+    /// Its marker and every revision are written, and nothing changed since.
+    fn settled(&self) -> bool {
+        self.marker_written
+            && self
+                .tags
+                .values()
+                .all(|t| t.announced == t.revision && !t.changed)
+    }
+}
+
+fn read_hour(path: &Path) -> Result<Option<HourFile>, String> {
+    let Some(file) = read_json::<HourFile>(path)? else {
+        return Ok(None);
+    };
+    if file.version > VERSION {
+        return Err(format!(
+            "{} was written by a newer sluice (version {})",
+            path.display(),
+            file.version
+        ));
+    }
+    Ok(Some(file))
 }
 
 impl HourBook {
@@ -116,15 +152,13 @@ impl HourBook {
             else {
                 continue;
             };
-            if let Some(file) = read_json::<HourFile>(&entry.path())? {
-                if file.version > VERSION {
-                    return Err(format!(
-                        "{} was written by a newer sluice (version {})",
-                        entry.path().display(),
-                        file.version
-                    ));
+            if let Some(file) = read_hour(&entry.path())? {
+                let old = closed.last_closed.is_some_and(|c| hour + MEMORY_HOURS < c);
+                // An old hour stays on disk only (read back if a late event comes for
+                // it), unless a crash left something of it to write.
+                if !old || !file.settled() {
+                    hours.insert(hour, file);
                 }
-                hours.insert(hour, file);
             }
         }
         Ok(HourBook {
@@ -133,6 +167,7 @@ impl HourBook {
             last_closed: closed.last_closed,
             dirty: BTreeSet::new(),
             closed_dirty: false,
+            pruned_upto: 0,
         })
     }
 
@@ -144,11 +179,55 @@ impl HourBook {
         self.last_closed.is_some_and(|c| hour <= c)
     }
 
-    /// Whether the book still has this (tag, hour) (or must load it from the store).
-    pub fn has(&self, tag: &str, hour: u64) -> bool {
-        self.hours
+    /// Whether the book has this (tag, hour), reading a closed hour's file back into
+    /// memory if need be (when neither has it, it is continued from the store).
+    pub fn has(&mut self, tag: &str, hour: u64) -> Result<bool, String> {
+        if !self.hours.contains_key(&hour) && self.is_closed(hour) {
+            if let Some(file) = read_hour(&self.dir.join(format!("{hour}.json")))? {
+                self.hours.insert(hour, file);
+            }
+        }
+        Ok(self
+            .hours
             .get(&hour)
-            .is_some_and(|h| h.tags.contains_key(tag))
+            .is_some_and(|h| h.tags.contains_key(tag)))
+    }
+
+    /// Tags whose latest revision is decided but not yet written.
+    pub fn unannounced(&self) -> Vec<(String, u64)> {
+        let mut out = Vec::new();
+        for (&hour, file) in &self.hours {
+            for (tag, th) in &file.tags {
+                if th.announced < th.revision {
+                    out.push((tag.clone(), hour));
+                }
+            }
+        }
+        out
+    }
+
+    /// Whether a decided revision or a due hour marker is not written yet.
+    pub fn has_unannounced(&self) -> bool {
+        self.hours.values().any(|f| {
+            f.tags.values().any(|th| th.announced < th.revision)
+                || (self.is_closed(f.hour) && !f.marker_written)
+        })
+    }
+
+    /// Closed hours whose marker does not list their latest revisions yet.
+    pub fn markers_due(&self) -> Vec<u64> {
+        self.hours
+            .values()
+            .filter(|f| self.is_closed(f.hour) && !f.marker_written)
+            .map(|f| f.hour)
+            .collect()
+    }
+
+    pub fn marker_written(&mut self, hour: u64) {
+        if let Some(f) = self.hours.get_mut(&hour) {
+            f.marker_written = true;
+            self.dirty.insert(hour);
+        }
     }
 
     /// Puts back a tag's hour read from its latest manifest in the store.
@@ -162,6 +241,7 @@ impl HourBook {
             version: VERSION,
             hour,
             tags: BTreeMap::new(),
+            marker_written: false,
         })
     }
 
@@ -236,42 +316,54 @@ impl HourBook {
         out
     }
 
-    /// Starts the next revision of a tag's hour at clock time `now`: returns it, to be
-    /// written, and [`HourBook::written`] records it once it is.
-    pub fn next_revision(&mut self, tag: &str, hour: u64, now: f64) -> Option<(u32, TagHour)> {
-        let th = self.hours.get_mut(&hour)?.tags.get_mut(tag)?;
-        let mut next = th.clone();
-        next.revision += 1;
-        next.changed = false;
-        next.closed_at.get_or_insert(now);
-        next.revised_at = Some(now);
-        Some((next.revision, next))
-    }
-
-    pub fn written(&mut self, tag: &str, hour: u64, th: TagHour) {
-        self.file(hour).tags.insert(tag.to_string(), th);
+    /// Decides the next revision of a tag's hour at clock time `now` (saved with the
+    /// book before it is written, so a crash cannot write one revision number twice
+    /// with different content); [`HourBook::announced`] records it written.
+    pub fn next_revision(&mut self, tag: &str, hour: u64, now: f64) {
+        let Some(file) = self.hours.get_mut(&hour) else {
+            return;
+        };
+        let Some(th) = file.tags.get_mut(tag) else {
+            return;
+        };
+        th.revision += 1;
+        th.changed = false;
+        th.closed_at.get_or_insert(now);
+        th.revised_at = Some(now);
+        file.marker_written = false;
         self.dirty.insert(hour);
     }
 
+    pub fn announced(&mut self, tag: &str, hour: u64, revision: u32) {
+        if let Some(th) = self.hours.get_mut(&hour).and_then(|f| f.tags.get_mut(tag)) {
+            th.announced = th.announced.max(revision);
+            self.dirty.insert(hour);
+        }
+    }
+
+    /// Records `hour` closed (and every hour before it); its marker is due (an hour
+    /// without events gets one too, so a loader can tell "nothing" from "not yet").
     pub fn set_closed(&mut self, hour: u64) {
         if !self.is_closed(hour) {
             self.last_closed = Some(hour);
             self.closed_dirty = true;
+            self.file(hour);
+            self.dirty.insert(hour);
         }
     }
 
     /// Writes what changed, and forgets hours closed more than [`RETAIN_HOURS`] ago.
     pub fn save(&mut self) -> Result<(), String> {
-        for hour in std::mem::take(&mut self.dirty) {
-            let Some(file) = self.hours.get(&hour) else {
-                continue;
-            };
-            let path = self.dir.join(format!("{hour}.json"));
-            let bytes = serde_json::to_vec(file).map_err(|e| e.to_string())?;
-            if let Err(e) = sluice_core::durable::write_atomic(&path, &bytes) {
-                self.dirty.insert(hour);
-                return Err(format!("cannot write {}: {e}", path.display()));
+        let dirty: Vec<u64> = self.dirty.iter().copied().collect();
+        for hour in dirty {
+            if let Some(file) = self.hours.get(&hour) {
+                let path = self.dir.join(format!("{hour}.json"));
+                let bytes = serde_json::to_vec(file).map_err(|e| e.to_string())?;
+                // What is not written stays dirty (this hour and those after it).
+                sluice_core::durable::write_atomic(&path, &bytes)
+                    .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
             }
+            self.dirty.remove(&hour);
         }
         if self.closed_dirty {
             let path = self.dir.join("closed.json");
@@ -285,15 +377,31 @@ impl HourBook {
             self.closed_dirty = false;
         }
         if let Some(closed) = self.last_closed {
+            // Out of memory once written and announced; off the disk after a week.
             let old: Vec<u64> = self
                 .hours
-                .keys()
-                .copied()
-                .take_while(|&h| h + RETAIN_HOURS < closed)
+                .iter()
+                .take_while(|(&h, _)| h + MEMORY_HOURS < closed)
+                .filter(|(_, f)| f.settled())
+                .map(|(&h, _)| h)
                 .collect();
             for hour in old {
                 self.hours.remove(&hour);
-                let _ = std::fs::remove_file(self.dir.join(format!("{hour}.json")));
+            }
+            if closed > self.pruned_upto + RETAIN_HOURS {
+                let entries = std::fs::read_dir(&self.dir)
+                    .map_err(|e| format!("cannot read {}: {e}", self.dir.display()))?;
+                for entry in entries.flatten() {
+                    let hour = entry
+                        .file_name()
+                        .to_str()
+                        .and_then(|n| n.strip_suffix(".json"))
+                        .and_then(|n| n.parse::<u64>().ok());
+                    if hour.is_some_and(|h| h + RETAIN_HOURS < closed) {
+                        let _ = std::fs::remove_file(entry.path());
+                    }
+                }
+                self.pruned_upto = closed - RETAIN_HOURS;
             }
         }
         Ok(())
@@ -433,7 +541,7 @@ mod tests {
     }
 
     /// A repeated delivery adds nothing; an object after the close is late and makes a
-    /// new revision due; the book survives a restart.
+    /// new revision due; decided revisions not yet written survive a restart.
     #[test]
     fn objects_count_once_and_late_ones_revise_the_hour() {
         let dir = tempfile::tempdir().unwrap();
@@ -442,24 +550,59 @@ mod tests {
         assert_eq!(book.add_object("t", 10, "k1", entry(5), &stats(5)), 0);
         assert_eq!(book.add_object("t", 10, "k1", entry(5), &stats(5)), 0);
         assert_eq!(book.get("t", 10).unwrap().totals.records, 5);
-        let (rev, th) = book.next_revision("t", 10, 40_000.0).unwrap();
-        assert_eq!(rev, 1);
-        book.written("t", 10, th);
+        book.next_revision("t", 10, 40_000.0);
         book.set_closed(10);
         book.save().unwrap();
+        // A crash before the manifest was written: it is still due after the restart.
+        let mut book = HourBook::open(path.clone()).unwrap();
+        assert!(book.has_unannounced());
+        assert_eq!(book.unannounced(), vec![("t".to_string(), 10)]);
+        assert_eq!(book.markers_due(), vec![10]);
+        book.announced("t", 10, 1);
+        book.marker_written(10);
+        book.save().unwrap();
+        assert!(!book.has_unannounced());
         assert!(book.revisions_due().is_empty());
 
         let mut book = HourBook::open(path).unwrap();
         assert!(book.is_closed(10));
+        assert!(book.has("t", 10).unwrap());
         assert_eq!(book.add_object("t", 10, "k2", entry(3), &stats(3)), 3);
         assert_eq!(book.add_object("t", 10, "k2", entry(3), &stats(3)), 0);
         assert_eq!(book.revisions_due(), vec![("t".to_string(), 10)]);
-        let (rev, th) = book.next_revision("t", 10, 50_000.0).unwrap();
-        assert_eq!((rev, th.totals.records, th.late), (2, 8, 3));
+        book.next_revision("t", 10, 50_000.0);
+        let th = book.get("t", 10).unwrap().clone();
+        assert_eq!(
+            (th.revision, th.announced, th.totals.records, th.late),
+            (2, 1, 8, 3)
+        );
         assert_eq!(th.closed_at, Some(40_000.0));
         let m = manifest_json("r", "i0000000000000001", "t", 10, &th);
         assert_eq!(m["records"], 8);
         assert_eq!(m["objects"].as_array().unwrap().len(), 2);
         assert_eq!(m["sources"]["src"]["records"], 8);
+    }
+
+    /// Closed hours leave memory after `MEMORY_HOURS` and come back from their file.
+    #[test]
+    fn old_hours_are_read_back_from_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hours");
+        let mut book = HourBook::open(path.clone()).unwrap();
+        book.add_object("t", 10, "k1", entry(5), &stats(5));
+        book.next_revision("t", 10, 40_000.0);
+        book.set_closed(10);
+        book.announced("t", 10, 1);
+        book.marker_written(10);
+        for h in 11..=20 {
+            book.set_closed(h);
+            book.marker_written(h);
+        }
+        book.save().unwrap();
+        assert!(book.get("t", 10).is_none(), "out of memory");
+        assert!(book.has("t", 10).unwrap(), "back from its file");
+        assert_eq!(book.get("t", 10).unwrap().totals.records, 5);
+        let book = HourBook::open(path).unwrap();
+        assert!(book.get("t", 10).is_none(), "not loaded at start");
     }
 }

@@ -102,6 +102,13 @@ impl SinkSpec for ObjectSink {
         configure_store(&self.url, &self.options, false)
             .map_err(|e| format!("sink {name:?}: {e}"))?;
         key::KeyTemplate::parse(&self.key_template).map_err(|e| format!("sink {name:?}: {e}"))?;
+        if !self.key_template.starts_with("{prefix}/") && !self.prefix.trim_matches('/').is_empty()
+        {
+            return Err(format!(
+                "sink {name:?}: prefix {:?} is set but key_template does not start with {{prefix}}/: objects would land outside the prefix that leases, markers and reconcile use",
+                self.prefix
+            ));
+        }
         if self.max_open_partitions == 0 {
             return Err(format!(
                 "sink {name:?}: max_open_partitions must be at least 1"
@@ -156,7 +163,6 @@ impl SinkSpec for ObjectSink {
             pending: Vec::new(),
             pending_for: None,
             cut_clock: 0.0,
-            stage_broken: false,
         }))
     }
 

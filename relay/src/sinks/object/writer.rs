@@ -62,8 +62,6 @@ pub struct ObjectWriter {
     pub pending_for: Option<(Position, Position)>,
     /// The clock when the delivery under way was cut (its first attempt).
     pub cut_clock: f64,
-    /// The stage lost events (a write failed): the gathering must be read again.
-    pub stage_broken: bool,
     /// The relay's lease in the bucket (`None` with `lease_ttl = "0s"`).
     pub lease: Option<Arc<Lease>>,
     pub lease_task: Option<tokio::task::JoinHandle<()>>,
@@ -110,18 +108,20 @@ async fn put_once(
 ) -> Result<(ObjectPath, bool), DeliverError> {
     let tail = body.tail()?;
     let mut copy = 0;
+    let mut raced = 0;
     while copy < 100 {
         let path = key(copy);
-        match existing(store, &path).await? {
-            Some(found) if same_content(&found, (body.len(), &tail)) => {
+        let look = existing(store, &path).await?;
+        match look {
+            Look::Found(found) if same_content(&found, (body.len(), &tail)) => {
                 tracing::info!(key = %path, "object already written with the same content (a delivery repeated after a crash)");
                 return Ok((path, false));
             }
-            Some(_) => {
+            Look::Found(_) => {
                 copy += 1;
                 continue;
             }
-            None => {}
+            Look::Absent | Look::Denied => {}
         }
         let mode = if create_only.load(Ordering::Relaxed) {
             PutMode::Create
@@ -147,8 +147,21 @@ async fn put_once(
                 }
                 return Ok((path, true));
             }
+            // Keys are this relay's own and repeated deliveries are exact: an existing key
+            // that cannot be read (write-only credentials) is this delivery done before.
+            Err(object_store::Error::AlreadyExists { .. }) if matches!(look, Look::Denied) => {
+                tracing::info!(key = %path, "object already exists (cannot be read with these credentials): taken as this delivery written before a crash");
+                return Ok((path, false));
+            }
             // Written meanwhile (a request retried after a lost answer): look again.
-            Err(object_store::Error::AlreadyExists { .. }) => {}
+            Err(object_store::Error::AlreadyExists { .. }) => {
+                raced += 1;
+                if raced > 3 {
+                    return Err(DeliverError::Transient(format!(
+                        "put {path}: the store says the key exists but it cannot be found"
+                    )));
+                }
+            }
             Err(
                 object_store::Error::NotImplemented { .. }
                 | object_store::Error::NotSupported { .. },
@@ -165,20 +178,24 @@ async fn put_once(
     )))
 }
 
-/// The length and last (up to) 8 bytes of the object at `path`, if there is one.
-/// Credentials that may write but not read (a PutObject-only policy) cannot look: then
-/// the create-only put alone guards the key.
-async fn existing(
-    store: &dyn ObjectStore,
-    path: &ObjectPath,
-) -> Result<Option<(u64, bytes::Bytes)>, DeliverError> {
+/// What a look at a key found.
+enum Look {
+    /// Its length and last (up to) 8 bytes.
+    Found((u64, bytes::Bytes)),
+    Absent,
+    /// Credentials that may write but not read (a PutObject-only policy) cannot look:
+    /// then the create-only put alone guards the key.
+    Denied,
+}
+
+async fn existing(store: &dyn ObjectStore, path: &ObjectPath) -> Result<Look, DeliverError> {
     let denied = |path: &ObjectPath| {
         tracing::warn!(key = %path, "cannot read the object store (no read permission): keys are guarded by create-only puts alone");
-        Ok(None)
+        Ok(Look::Denied)
     };
     let size = match store.head(path).await {
         Ok(meta) => meta.size,
-        Err(object_store::Error::NotFound { .. }) => return Ok(None),
+        Err(object_store::Error::NotFound { .. }) => return Ok(Look::Absent),
         Err(
             object_store::Error::PermissionDenied { .. }
             | object_store::Error::Unauthenticated { .. },
@@ -186,8 +203,8 @@ async fn existing(
         Err(e) => return Err(classify(path.as_ref(), e)),
     };
     match store.get_range(path, size.saturating_sub(8)..size).await {
-        Ok(tail) => Ok(Some((size, tail))),
-        Err(object_store::Error::NotFound { .. }) => Ok(None),
+        Ok(tail) => Ok(Look::Found((size, tail))),
+        Err(object_store::Error::NotFound { .. }) => Ok(Look::Absent),
         Err(
             object_store::Error::PermissionDenied { .. }
             | object_store::Error::Unauthenticated { .. },
@@ -358,13 +375,13 @@ impl ObjectWriter {
             .map_err(|e| classify(path.as_ref(), e))
     }
 
-    /// Writes the next revision of a tag's hour: its manifest, then (the first time) its
-    /// `_SUCCESS` marker.
-    async fn write_revision(&mut self, tag: &str, hour: u64) -> Result<(), DeliverError> {
-        let now = self.clock.now();
-        let Some((revision, th)) = self.book.next_revision(tag, hour, now) else {
+    /// Writes the decided revision of a tag's hour: its manifest, then its `_SUCCESS`
+    /// marker pointing to it.
+    async fn announce_revision(&mut self, tag: &str, hour: u64) -> Result<(), DeliverError> {
+        let Some(th) = self.book.get(tag, hour).cloned() else {
             return Ok(());
         };
+        let revision = th.revision;
         let manifest = hours::manifest_json(&self.relay, &self.incarnation, tag, hour, &th);
         let path = self.manifest_path(tag, hour, revision);
         self.put_json(&path, &manifest).await?;
@@ -375,17 +392,30 @@ impl ObjectWriter {
         });
         self.put_json(&self.success_path(tag, hour), &success)
             .await?;
+        let label = crate::envelope::hour_label(hour);
         if revision == 1 {
-            let delay = now - (hour + 1) as f64 * 3600.0;
+            let delay = self.clock.now() - (hour + 1) as f64 * 3600.0;
             self.metrics
                 .hour_close_delay
                 .get_or_create(&self.label())
                 .set(delay.max(0.0) as i64);
-            tracing::info!(sink = %self.name, tag, hour = %crate::envelope::hour_label(hour), records = th.totals.records, objects = th.objects.len(), delay_seconds = delay as i64, manifest = %path, "hour complete: manifest written");
+            tracing::info!(sink = %self.name, tag, hour = %label, records = th.totals.records, objects = th.objects.len(), delay_seconds = delay as i64, manifest = %path, "hour complete: manifest written");
         } else {
-            tracing::info!(sink = %self.name, tag, hour = %crate::envelope::hour_label(hour), revision, records = th.totals.records, late = th.late, manifest = %path, "late events: the hour's manifest has a new revision");
+            tracing::info!(sink = %self.name, tag, hour = %label, revision, records = th.totals.records, late = th.late, manifest = %path, "late events: the hour's manifest has a new revision");
         }
-        self.book.written(tag, hour, th);
+        self.book.announced(tag, hour, revision);
+        Ok(())
+    }
+
+    /// Writes every decided revision not yet written, then the hour markers due.
+    async fn announce(&mut self) -> Result<(), DeliverError> {
+        for (tag, hour) in self.book.unannounced() {
+            self.announce_revision(&tag, hour).await?;
+        }
+        for hour in self.book.markers_due() {
+            self.write_marker(hour).await?;
+            self.book.marker_written(hour);
+        }
         Ok(())
     }
 
@@ -496,8 +526,8 @@ impl Deliver for ObjectWriter {
             match added {
                 Ok(full) => cut |= full,
                 Err(e) => {
+                    // The driver reads the gathering again into an empty stage.
                     self.stage.clear();
-                    self.stage_broken = true;
                     return Err(e);
                 }
             }
@@ -506,12 +536,13 @@ impl Deliver for ObjectWriter {
     }
 
     fn due_by(&self) -> Option<Instant> {
+        if self.book.has_unannounced() {
+            return Some(Instant::now()); // a crash came between a revision and its writes
+        }
         let now = self.clock.now();
-        Some(self.clock.instant_at(hours::next_close(
-            self.book.last_closed(),
-            now,
-            self.lateness,
-        )))
+        // A millisecond past the close, so the cut's clock reads past it too.
+        let close = hours::next_close(self.book.last_closed(), now, self.lateness) + 0.001;
+        Some(self.clock.instant_at(close))
     }
 
     fn deliver<'a>(&'a mut self, batch: &'a Gathered) -> DeliverFuture<'a> {
@@ -526,24 +557,22 @@ impl Deliver for ObjectWriter {
             }
             let range = (batch.start, batch.end);
             if self.pending_for != Some(range) {
-                if self.stage_broken {
-                    self.stage_broken = false;
-                    self.stage.clear();
-                    return Err(DeliverError::Reread("the stage lost events (a write failed): reading the delivery again from the spool".into()));
-                }
                 stage::remove(&self.pending);
                 self.pending = match self.stage.finish() {
                     Ok(p) => p,
                     Err(e) => {
-                        self.stage.clear();
                         return Err(DeliverError::Reread(format!(
                             "{e}: reading the delivery again from the spool"
                         )));
                     }
                 };
                 self.pending_for = Some(range);
-                self.cut_clock = self.clock.now();
             }
+            // The relay's clock when the driver cut the gathering (before it looked at
+            // the spool's end): hours closed by this delivery are those it had passed.
+            self.cut_clock = batch
+                .cut_at
+                .map_or_else(|| self.clock.now(), |at| self.clock.at(at));
             let mut done = Delivered::default();
             let mut created = false;
             let mut pending = std::mem::take(&mut self.pending);
@@ -641,13 +670,18 @@ impl Deliver for ObjectWriter {
 
 impl ObjectWriter {
     /// Records a delivery's objects in the hour book, closes the hours that are due and
-    /// writes the revisions late events made due; the book is saved before the delivery
-    /// counts as done (before its cursor).
+    /// revises those late events changed; the decisions are saved before their
+    /// manifests are written, and the book before the delivery counts as done (before
+    /// its cursor).
     async fn record(&mut self, pending: &[Staged], caught_up: bool) -> Result<(), DeliverError> {
         let mut late = 0;
         for s in pending {
             let key = s.key.clone().unwrap_or_default();
-            if self.book.is_closed(s.hour) && !self.book.has(&s.tag, s.hour) {
+            let known = self
+                .book
+                .has(&s.tag, s.hour)
+                .map_err(DeliverError::Transient)?;
+            if self.book.is_closed(s.hour) && !known {
                 self.restore_hour(&s.tag, s.hour).await?;
             }
             let entry = ObjectEntry {
@@ -668,6 +702,7 @@ impl ObjectWriter {
                 .get_or_create(&self.label())
                 .inc_by(late);
         }
+        let now = self.clock.now();
         if caught_up {
             for hour in self.book.closable(self.cut_clock, self.lateness) {
                 for tag in self.book.tags(hour) {
@@ -676,24 +711,18 @@ impl ObjectWriter {
                         .get(&tag, hour)
                         .is_some_and(|th| th.revision == 0 || th.changed);
                     if due {
-                        self.write_revision(&tag, hour).await?;
+                        self.book.next_revision(&tag, hour, now);
                     }
                 }
-                self.write_marker(hour).await?;
                 self.book.set_closed(hour);
                 self.metrics.hours_closed.get_or_create(&self.label()).inc();
-                self.book.save().map_err(DeliverError::Transient)?;
             }
         }
-        let due = self.book.revisions_due();
-        let mut hours = std::collections::BTreeSet::new();
-        for (tag, hour) in due {
-            self.write_revision(&tag, hour).await?;
-            hours.insert(hour);
+        for (tag, hour) in self.book.revisions_due() {
+            self.book.next_revision(&tag, hour, now);
         }
-        for hour in hours {
-            self.write_marker(hour).await?;
-        }
+        self.book.save().map_err(DeliverError::Transient)?;
+        self.announce().await?;
         self.book.save().map_err(DeliverError::Transient)
     }
 }
@@ -841,5 +870,137 @@ mod tests {
             .unwrap();
         assert!(!again, "found done by its trailer");
         assert_eq!(objects(&store).await.len(), 1);
+    }
+
+    /// A store whose multipart uploads fail at the second part, counting aborts.
+    #[derive(Debug)]
+    struct FailingParts {
+        inner: InMemory,
+        aborted: Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    impl std::fmt::Display for FailingParts {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "FailingParts")
+        }
+    }
+
+    #[derive(Debug)]
+    struct FailingUpload {
+        inner: Box<dyn object_store::MultipartUpload>,
+        parts: usize,
+        aborted: Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    #[async_trait::async_trait]
+    impl object_store::MultipartUpload for FailingUpload {
+        fn put_part(&mut self, data: PutPayload) -> object_store::UploadPart {
+            self.parts += 1;
+            if self.parts == 2 {
+                return Box::pin(async {
+                    Err(object_store::Error::Generic {
+                        store: "test",
+                        source: "connection reset".into(),
+                    })
+                });
+            }
+            self.inner.put_part(data)
+        }
+        async fn complete(&mut self) -> object_store::Result<object_store::PutResult> {
+            self.inner.complete().await
+        }
+        async fn abort(&mut self) -> object_store::Result<()> {
+            self.aborted.fetch_add(1, Ordering::SeqCst);
+            self.inner.abort().await
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl ObjectStore for FailingParts {
+        async fn put_opts(
+            &self,
+            location: &ObjectPath,
+            payload: PutPayload,
+            opts: object_store::PutOptions,
+        ) -> object_store::Result<object_store::PutResult> {
+            self.inner.put_opts(location, payload, opts).await
+        }
+        async fn put_multipart_opts(
+            &self,
+            location: &ObjectPath,
+            opts: object_store::PutMultipartOptions,
+        ) -> object_store::Result<Box<dyn object_store::MultipartUpload>> {
+            let inner = self.inner.put_multipart_opts(location, opts).await?;
+            Ok(Box::new(FailingUpload {
+                inner,
+                parts: 0,
+                aborted: self.aborted.clone(),
+            }))
+        }
+        async fn get_opts(
+            &self,
+            location: &ObjectPath,
+            options: object_store::GetOptions,
+        ) -> object_store::Result<object_store::GetResult> {
+            self.inner.get_opts(location, options).await
+        }
+        fn delete_stream(
+            &self,
+            locations: futures::stream::BoxStream<'static, object_store::Result<ObjectPath>>,
+        ) -> futures::stream::BoxStream<'static, object_store::Result<ObjectPath>> {
+            self.inner.delete_stream(locations)
+        }
+        fn list(
+            &self,
+            prefix: Option<&ObjectPath>,
+        ) -> futures::stream::BoxStream<'static, object_store::Result<object_store::ObjectMeta>>
+        {
+            self.inner.list(prefix)
+        }
+        async fn list_with_delimiter(
+            &self,
+            prefix: Option<&ObjectPath>,
+        ) -> object_store::Result<object_store::ListResult> {
+            self.inner.list_with_delimiter(prefix).await
+        }
+        async fn copy_opts(
+            &self,
+            from: &ObjectPath,
+            to: &ObjectPath,
+            options: object_store::CopyOptions,
+        ) -> object_store::Result<()> {
+            self.inner.copy_opts(from, to, options).await
+        }
+    }
+
+    /// A multipart upload that fails is aborted, leaves no object, and is a transient
+    /// error (the delivery is retried).
+    #[tokio::test]
+    async fn a_failed_multipart_upload_is_aborted() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("big.gz");
+        let len = MULTIPART_AT as usize + PART_SIZE + 10;
+        std::fs::write(&path, vec![7u8; len]).unwrap();
+        let staged = Staged {
+            tag: "t".into(),
+            hour: 1,
+            path,
+            len: len as u64,
+            stats: Default::default(),
+            uploaded: false,
+            key: None,
+        };
+        let store = FailingParts {
+            inner: InMemory::new(),
+            aborted: Default::default(),
+        };
+        let create_only = AtomicBool::new(true);
+        let e = put_once(&store, k, Body::File(&staged), &create_only)
+            .await
+            .unwrap_err();
+        assert!(!e.is_permanent(), "{e}");
+        assert!(e.to_string().contains("connection reset"), "{e}");
+        assert_eq!(store.aborted.load(Ordering::SeqCst), 1);
+        assert!(objects(&store.inner).await.is_empty());
     }
 }
