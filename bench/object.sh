@@ -100,9 +100,10 @@ TOML
     RELAY=$!
     wait_port "$port"
     cpu0=$(cpu_seconds "$RELAY")
-    t0=$(date +%s.%N)
     out=$("$BIN/sluice-loadgen" --relay "127.0.0.1:$port" --ca "$WORK/tls/ca.pem" \
       --events "$EVENTS" 2>/dev/null)
+    # The loadgen builds its frames before it sends: the run starts when sending did.
+    t0=$(python3 -c "import json,sys,time; print(time.time() - json.loads(sys.argv[1])['seconds'])" "$out")
     sink_done "$mport_metrics" "$EVENTS"
     t1=$(date +%s.%N)
     cpu1=$(cpu_seconds "$RELAY")

@@ -2,9 +2,12 @@
 //! event-time hour), written to a local file (`<data_dir>/sink-state/<sink>/stage/`)
 //! as events come, so an object of 128 MiB costs a file, not memory.
 //!
+//! Lines are made in the sink's task and compressed on a thread of the stage's own
+//! (`object-gzip`), 64 KiB at a time, so the two halves of the work use two cores.
 //! Memory per partition with an encoder is the compressor's state, a 64 KiB write buffer
 //! and up to 64 KiB of lines not yet compressed (about 420 KiB with zlib-rs at the fast
-//! level). At most `max_open_partitions` have an encoder: a chunk whose events span more
+//! level), plus 8 pieces of 64 KiB on their way to the compressor. At most
+//! `max_open_partitions` have an encoder: a chunk whose events span more
 //! (a backfill of many hours) ends the least recently used one's gzip member, and its
 //! next lines start a new member in the same file (multi-member gzip, which every gzip
 //! reader reads whole). The gathering is cut (and its objects uploaded) once that many
@@ -15,7 +18,7 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use flate2::write::GzEncoder;
 use flate2::Compression;
@@ -115,21 +118,22 @@ impl ObjectStats {
     }
 }
 
+/// A partition of the current gathering, as the sink's task sees it.
 struct Open {
-    /// The gzip member being written; `None` when none is (not yet, or finished to make
-    /// room for another partition's: the next lines start a new member in the file).
-    gz: Option<GzEncoder<BufWriter<File>>>,
-    /// Lines not yet compressed: compressing in 64 KiB pieces, not per line, keeps
-    /// per-call costs (zlib-rs' CRC setup, deflate's flush) off every event.
+    /// Its number for the compressor thread.
+    id: u64,
+    /// Lines not yet handed to the compressor: compressing in 64 KiB pieces, not per
+    /// line, keeps per-call costs (zlib-rs' CRC setup, deflate's flush) off every event.
     pending: Vec<u8>,
     path: PathBuf,
     stats: ObjectStats,
-    /// When its encoder was last used, to find the least recently used one.
-    used: u64,
 }
 
 /// Lines gathered per partition before they are compressed.
 const PENDING: usize = 64 << 10;
+
+/// Pieces of lines on their way to the compressor thread (its backpressure).
+const IN_FLIGHT: usize = 8;
 
 /// A finished partition, waiting in its file to be uploaded.
 pub struct Staged {
@@ -165,47 +169,166 @@ impl Staged {
     }
 }
 
+/// What the sink's task asks of the compressor thread.
+enum Cmd {
+    /// Compress these lines into partition `id`'s file (created at `path` if new).
+    Write {
+        id: u64,
+        path: PathBuf,
+        lines: Vec<u8>,
+    },
+    /// End the gzip members of these partitions and report their files' lengths.
+    Finish(Vec<u64>),
+    /// Drop every encoder (the files are removed by the sink's task once answered).
+    Clear,
+}
+
+enum Reply {
+    Finished(Result<Vec<(u64, u64)>, String>),
+    Cleared,
+}
+
+/// The open partitions of the current gathering. Lines are made in the sink's task;
+/// the compression runs on a thread of its own (so turning records into lines and
+/// compressing them use two cores), in the order the lines were handed over.
 pub struct Stage {
     dir: PathBuf,
     open: BTreeMap<(String, u64), Open>,
-    /// Partitions with an encoder (at most `max_open`).
-    active: usize,
     pub max_open: usize,
     pub max_bytes: u64,
     next: u64,
-    tick: u64,
     line: Vec<u8>,
+    to_compressor: std::sync::mpsc::SyncSender<Cmd>,
+    // (In mutexes only so that the stage is `Sync`, as the sink's future must be.)
+    replies: std::sync::Mutex<std::sync::mpsc::Receiver<Reply>>,
+    /// Buffers the compressor is done with, for reuse.
+    spare: std::sync::Mutex<std::sync::mpsc::Receiver<Vec<u8>>>,
+    /// The compressor's first error since the last finish or clear.
+    failed: std::sync::Arc<std::sync::Mutex<Option<String>>>,
+    /// Most encoders the compressor held at once (for tests).
+    pub peak_encoders: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
-fn io(what: &str, path: &Path, e: std::io::Error) -> DeliverError {
-    DeliverError::Transient(format!("{what} {}: {e}", path.display()))
+fn compressor_gone() -> DeliverError {
+    DeliverError::Transient("the object sink's compressor thread is gone".into())
 }
 
-/// A new gzip member appended to the partition's file.
-fn encoder(path: &Path) -> Result<GzEncoder<BufWriter<File>>, DeliverError> {
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .map_err(|e| io("cannot open", path, e))?;
-    Ok(GzEncoder::new(
-        BufWriter::with_capacity(1 << 16, file),
-        Compression::fast(),
-    ))
+/// The compressor thread: at most `max_open` encoders; when another partition needs
+/// one, the least recently used ends its gzip member and its next lines start a new
+/// member in the same file.
+struct Compressor {
+    max_open: usize,
+    encoders: std::collections::HashMap<u64, (GzEncoder<BufWriter<File>>, PathBuf, u64)>,
+    paths: std::collections::HashMap<u64, PathBuf>,
+    tick: u64,
+    failed: std::sync::Arc<std::sync::Mutex<Option<String>>>,
+    peak: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
-/// Ends the partition's gzip member (its file stays, closed).
-fn end_member(part: &mut Open) -> Result<(), DeliverError> {
-    if let Some(gz) = part.gz.take() {
-        gz.finish()
-            .and_then(|w| w.into_inner().map_err(|e| e.into_error()))
-            .map_err(|e| io("cannot finish", &part.path, e))?;
+impl Compressor {
+    fn fail(&self, e: String) {
+        let mut f = self.failed.lock().unwrap_or_else(|p| p.into_inner());
+        f.get_or_insert(e);
     }
-    Ok(())
+
+    fn end(&mut self, id: u64) -> Result<(), String> {
+        if let Some((gz, path, _)) = self.encoders.remove(&id) {
+            gz.finish()
+                .and_then(|w| w.into_inner().map_err(|e| e.into_error()))
+                .map_err(|e| format!("cannot finish {}: {e}", path.display()))?;
+        }
+        Ok(())
+    }
+
+    fn write(&mut self, id: u64, path: PathBuf, lines: &[u8]) -> Result<(), String> {
+        self.tick += 1;
+        if !self.encoders.contains_key(&id) {
+            if self.encoders.len() >= self.max_open {
+                let lru = self
+                    .encoders
+                    .iter()
+                    .min_by_key(|(_, (_, _, used))| *used)
+                    .map(|(&k, _)| k);
+                if let Some(lru) = lru {
+                    self.end(lru)?;
+                }
+            }
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+            let gz = GzEncoder::new(BufWriter::with_capacity(1 << 16, file), Compression::fast());
+            self.paths.insert(id, path.clone());
+            self.encoders.insert(id, (gz, path, self.tick));
+            self.peak
+                .fetch_max(self.encoders.len(), std::sync::atomic::Ordering::Relaxed);
+        }
+        let (gz, path, used) = self.encoders.get_mut(&id).expect("made above");
+        *used = self.tick;
+        gz.write_all(lines)
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))
+    }
+
+    fn run(
+        mut self,
+        cmds: std::sync::mpsc::Receiver<Cmd>,
+        replies: std::sync::mpsc::Sender<Reply>,
+        spare: std::sync::mpsc::SyncSender<Vec<u8>>,
+    ) {
+        for cmd in cmds {
+            match cmd {
+                Cmd::Write {
+                    id,
+                    path,
+                    mut lines,
+                } => {
+                    let failed = self.failed.lock().map(|f| f.is_some()).unwrap_or(true);
+                    if !failed {
+                        if let Err(e) = self.write(id, path, &lines) {
+                            self.fail(e);
+                        }
+                    }
+                    lines.clear();
+                    let _ = spare.try_send(lines);
+                }
+                Cmd::Finish(ids) => {
+                    let mut lens = Vec::with_capacity(ids.len());
+                    let mut result = Ok(());
+                    for id in ids {
+                        result = result.and_then(|()| self.end(id));
+                        let len = self
+                            .paths
+                            .remove(&id)
+                            .map(|p| std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0))
+                            .unwrap_or(0);
+                        lens.push((id, len));
+                    }
+                    let failed = self.failed.lock().unwrap_or_else(|p| p.into_inner()).take();
+                    let reply = match (failed, result) {
+                        (Some(e), _) | (None, Err(e)) => Err(e),
+                        (None, Ok(())) => Ok(lens),
+                    };
+                    if replies.send(Reply::Finished(reply)).is_err() {
+                        return;
+                    }
+                }
+                Cmd::Clear => {
+                    self.encoders.clear();
+                    self.paths.clear();
+                    self.failed.lock().unwrap_or_else(|p| p.into_inner()).take();
+                    if replies.send(Reply::Cleared).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
 }
 
 impl Stage {
-    /// A stage in `dir`, emptied of what an earlier run left there.
+    /// A stage in `dir`, emptied of what an earlier run left there, with its
+    /// compressor thread.
     pub fn open(dir: PathBuf, max_open: usize, max_bytes: u64) -> Result<Stage, String> {
         if dir.exists() {
             std::fs::remove_dir_all(&dir)
@@ -213,15 +336,35 @@ impl Stage {
         }
         std::fs::create_dir_all(&dir)
             .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        let (to_compressor, cmds) = std::sync::mpsc::sync_channel(IN_FLIGHT);
+        let (reply_tx, replies) = std::sync::mpsc::channel();
+        let (spare_tx, spare) = std::sync::mpsc::sync_channel(IN_FLIGHT + 1);
+        let failed = std::sync::Arc::new(std::sync::Mutex::new(None));
+        let peak_encoders = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let compressor = Compressor {
+            max_open: max_open.max(1),
+            encoders: Default::default(),
+            paths: Default::default(),
+            tick: 0,
+            failed: failed.clone(),
+            peak: peak_encoders.clone(),
+        };
+        std::thread::Builder::new()
+            .name("object-gzip".into())
+            .spawn(move || compressor.run(cmds, reply_tx, spare_tx))
+            .map_err(|e| format!("cannot start the compressor thread: {e}"))?;
         Ok(Stage {
             dir,
             open: BTreeMap::new(),
-            active: 0,
             max_open: max_open.max(1),
             max_bytes,
             next: 0,
-            tick: 0,
             line: Vec::with_capacity(4096),
+            to_compressor,
+            replies: std::sync::Mutex::new(replies),
+            spare: std::sync::Mutex::new(spare),
+            failed,
+            peak_encoders,
         })
     }
 
@@ -229,40 +372,35 @@ impl Stage {
         self.open.is_empty()
     }
 
-    /// Compresses a partition's pending lines, giving it an encoder first; when
-    /// `max_open` encoders exist, the least recently used one ends its member.
+    /// Hands a partition's pending lines to the compressor.
     fn compress(&mut self, key: &(String, u64)) -> Result<(), DeliverError> {
-        let needs_encoder = self.open.get(key).is_some_and(|p| p.gz.is_none());
-        if needs_encoder && self.active >= self.max_open {
-            let lru = self
-                .open
-                .iter()
-                .filter(|(k, p)| p.gz.is_some() && *k != key)
-                .min_by_key(|(_, p)| p.used)
-                .map(|(k, _)| k.clone());
-            if let Some(lru) = lru {
-                let part = self.open.get_mut(&lru).expect("listed");
-                end_member(part)?;
-                self.active -= 1;
-            }
-        }
-        self.tick += 1;
+        let fresh = self
+            .spare
+            .lock()
+            .ok()
+            .and_then(|s| s.try_recv().ok())
+            .unwrap_or_else(|| Vec::with_capacity(PENDING + 4096));
         let part = self.open.get_mut(key).expect("the caller made it");
-        if part.gz.is_none() {
-            part.gz = Some(encoder(&part.path)?);
-            self.active += 1;
+        let lines = std::mem::replace(&mut part.pending, fresh);
+        let cmd = Cmd::Write {
+            id: part.id,
+            path: part.path.clone(),
+            lines,
+        };
+        self.to_compressor.send(cmd).map_err(|_| compressor_gone())
+    }
+
+    fn check(&self) -> Result<(), DeliverError> {
+        match &*self.failed.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some(e) => Err(DeliverError::Transient(e.clone())),
+            None => Ok(()),
         }
-        part.used = self.tick;
-        let gz = part.gz.as_mut().expect("made above");
-        gz.write_all(&part.pending)
-            .map_err(|e| io("cannot write", &part.path, e))?;
-        part.pending.clear();
-        Ok(())
     }
 
     /// Writes a chunk's events into their partitions. Returns whether the gathering
     /// should be cut now (a partition is full, or `max_open` partitions are open).
     pub fn add(&mut self, chunk: &SpooledChunk<'_>) -> Result<bool, DeliverError> {
+        self.check()?;
         let mut full = false;
         for event in chunk.events() {
             let (entry, seq) = event?;
@@ -280,14 +418,14 @@ impl Stage {
             let part = match self.open.get_mut(&key) {
                 Some(p) => p,
                 None => {
-                    let path = self.dir.join(format!("{}.gz", self.next));
+                    let id = self.next;
                     self.next += 1;
+                    let path = self.dir.join(format!("{id}.gz"));
                     self.open.entry(key.clone()).or_insert(Open {
-                        gz: None,
-                        pending: Vec::new(),
+                        id,
+                        pending: Vec::with_capacity(PENDING + 4096),
                         path,
                         stats: ObjectStats::default(),
-                        used: 0,
                     })
                 }
             };
@@ -310,29 +448,33 @@ impl Stage {
     /// the stage is removed (the gathering is read again).
     pub fn finish(&mut self) -> Result<Vec<Staged>, DeliverError> {
         let keys: Vec<(String, u64)> = self.open.keys().cloned().collect();
+        let mut sent = Ok(());
+        for key in &keys {
+            if sent.is_ok() && !self.open[key].pending.is_empty() {
+                sent = self.compress(key);
+            }
+        }
+        let ids: Vec<u64> = keys.iter().map(|k| self.open[k].id).collect();
+        let lens = sent.and_then(|()| {
+            self.to_compressor
+                .send(Cmd::Finish(ids))
+                .map_err(|_| compressor_gone())?;
+            let reply = self.replies.lock().map_err(|_| compressor_gone())?.recv();
+            match reply {
+                Ok(Reply::Finished(Ok(lens))) => Ok(lens),
+                Ok(Reply::Finished(Err(e))) => Err(DeliverError::Transient(e)),
+                Ok(Reply::Cleared) | Err(_) => Err(compressor_gone()),
+            }
+        });
+        let lens = match lens {
+            Ok(l) => l,
+            Err(e) => {
+                self.clear();
+                return Err(e);
+            }
+        };
         let mut out = Vec::with_capacity(keys.len());
-        for key in keys {
-            let finished = (|| {
-                if !self.open[&key].pending.is_empty() {
-                    self.compress(&key)?;
-                }
-                let part = self.open.get_mut(&key).expect("listed");
-                if part.gz.is_some() {
-                    end_member(part)?;
-                    self.active -= 1;
-                }
-                std::fs::metadata(&part.path)
-                    .map(|m| m.len())
-                    .map_err(|e| io("cannot stat", &part.path, e))
-            })();
-            let len = match finished {
-                Ok(len) => len,
-                Err(e) => {
-                    remove(&out);
-                    self.clear();
-                    return Err(e);
-                }
-            };
+        for (key, (_, len)) in keys.into_iter().zip(lens) {
             let part = self.open.remove(&key).expect("listed");
             out.push(Staged {
                 tag: key.0,
@@ -344,17 +486,20 @@ impl Stage {
                 key: None,
             });
         }
-        self.active = 0;
         Ok(out)
     }
 
     /// Drops every open partition and its file.
     pub fn clear(&mut self) {
+        // The compressor lets go of the files first (and forgets its error).
+        if self.to_compressor.send(Cmd::Clear).is_ok() {
+            if let Ok(replies) = self.replies.lock() {
+                let _ = replies.recv();
+            }
+        }
         for (_, part) in std::mem::take(&mut self.open) {
-            drop(part.gz);
             let _ = std::fs::remove_file(&part.path);
         }
-        self.active = 0;
     }
 }
 
@@ -414,8 +559,11 @@ mod tests {
             cut,
             "10 partitions exceed max_open = 4: the gathering is cut"
         );
-        assert!(stage.active <= 4, "{} encoders", stage.active);
         let staged = stage.finish().unwrap();
+        let peak = stage
+            .peak_encoders
+            .load(std::sync::atomic::Ordering::Relaxed);
+        assert!((1..=4).contains(&peak), "{peak} encoders");
         assert_eq!(staged.len(), 10);
         let mut lines = 0;
         for s in &staged {
