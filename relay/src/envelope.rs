@@ -25,20 +25,15 @@ pub fn write(
     seq: Option<u64>,
     record: &[u8],
 ) -> Result<(), sluice_forward::DecodeError> {
-    out.extend_from_slice(b"{\"time\":\"");
-    write_rfc3339(out, time);
-    out.extend_from_slice(b"\",\"tag\":");
-    write_json_str(out, tag);
-    out.extend_from_slice(b",\"source\":");
-    match source {
-        Some(s) => write_json_str(out, s),
-        None => out.extend_from_slice(b"null"),
-    }
-    out.extend_from_slice(b",\"seq\":");
-    match seq {
-        Some(s) => out.extend_from_slice(itoa(s, &mut [0u8; 20])),
-        None => out.extend_from_slice(b"null"),
-    }
+    out.push(b'{');
+    write_provenance(
+        out,
+        ["time", "tag", "source", "seq"],
+        time,
+        tag,
+        source,
+        seq,
+    );
     out.extend_from_slice(b",\"record\":");
     record_to_json(record, out)?;
     out.push(b'}');
@@ -68,22 +63,50 @@ pub fn write_flat(
     if out.len() - start > 1 {
         out.push(b',');
     }
-    out.extend_from_slice(b"\"_time\":\"");
+    write_provenance(
+        out,
+        ["_time", "_tag", "_source", "_seq"],
+        time,
+        tag,
+        source,
+        seq,
+    );
+    out.push(b'}');
+    Ok(())
+}
+
+/// `"<time>":"…","<tag>":…,"<source>":…|null,"<seq>":…|null` under the given names.
+fn write_provenance(
+    out: &mut Vec<u8>,
+    [time_key, tag_key, source_key, seq_key]: [&str; 4],
+    time: EventTime,
+    tag: &str,
+    source: Option<&str>,
+    seq: Option<u64>,
+) {
+    let key = |out: &mut Vec<u8>, k: &str| {
+        out.push(b'"');
+        out.extend_from_slice(k.as_bytes());
+        out.extend_from_slice(b"\":");
+    };
+    key(out, time_key);
+    out.push(b'"');
     write_rfc3339(out, time);
-    out.extend_from_slice(b"\",\"_tag\":");
+    out.extend_from_slice(b"\",");
+    key(out, tag_key);
     write_json_str(out, tag);
-    out.extend_from_slice(b",\"_source\":");
+    out.push(b',');
+    key(out, source_key);
     match source {
         Some(s) => write_json_str(out, s),
         None => out.extend_from_slice(b"null"),
     }
-    out.extend_from_slice(b",\"_seq\":");
+    out.push(b',');
+    key(out, seq_key);
     match seq {
         Some(s) => out.extend_from_slice(itoa(s, &mut [0u8; 20])),
         None => out.extend_from_slice(b"null"),
     }
-    out.push(b'}');
-    Ok(())
 }
 
 fn write_json_str(out: &mut Vec<u8>, s: &str) {
@@ -239,6 +262,12 @@ mod tests {
         assert_eq!(
             line(record, Some("s1")),
             r#"{"msg":"hi","_time":"2026-11-18T11:06:40.000000005Z","_tag":"a\"b","_source":"s1","_seq":7}"#
+        );
+        let mut envelope = Vec::new();
+        write(&mut envelope, t, "a\"b", Some("s1"), None, record).unwrap();
+        assert_eq!(
+            String::from_utf8(envelope).unwrap(),
+            r#"{"time":"2026-11-18T11:06:40.000000005Z","tag":"a\"b","source":"s1","seq":null,"record":{"msg":"hi"}}"#
         );
         assert_eq!(
             line(&[0x80], None),

@@ -485,6 +485,7 @@ pub fn lag_bytes(cursor: Position, committed: Position, segment_size: u64) -> u6
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sinks::common::SinkCommon;
     use sluice_forward::{write_entry, EventBatch, EventTime, Options, Provenance};
     use sluice_spool::{FsyncPolicy, Spool, SpoolConfig, BATCH_HEADER_LEN};
 
@@ -516,17 +517,57 @@ mod tests {
         buf
     }
 
-    /// A running sink that meets a batch damaged on disk passes over it, counts and
-    /// records it, and delivers everything after it without a restart.
-    #[tokio::test]
-    async fn a_running_sink_passes_over_a_damaged_batch_and_goes_on() {
-        let dir = tempfile::tempdir().unwrap();
+    fn test_spool(dir: &std::path::Path) -> Spool {
         let cfg = SpoolConfig {
             segment_bytes: 1 << 20,
             max_bytes: 1 << 30,
             fsync: FsyncPolicy::Never,
         };
-        let (mut spool, _) = Spool::open(&dir.path().join("spool"), cfg).unwrap();
+        Spool::open(&dir.join("spool"), cfg).unwrap().0
+    }
+
+    /// A sink run from the spool's head, its common keys from `common` (TOML), and the
+    /// sender of its committed position (dropped, the driver's wait would not wait).
+    fn test_run(
+        spool: &Spool,
+        dir: &std::path::Path,
+        common: &str,
+        deliver: Box<dyn Deliver>,
+        ledger: Arc<Mutex<Ledger>>,
+        metrics: Arc<RelayMetrics>,
+        stop: CancellationToken,
+    ) -> (SinkRun, watch::Sender<Position>) {
+        let config: SinkCommon = toml::from_str(common).unwrap();
+        let (delivered, _) = watch::channel(spool.head());
+        let (persisted, _) = watch::channel(spool.head());
+        let (committed_tx, committed) = watch::channel(spool.tail());
+        let run = SinkRun {
+            state: SinkStateFile::open(dir, &config.name).unwrap(),
+            config,
+            deliver,
+            reader: spool.reader(spool.head()).unwrap(),
+            ack_demand: None,
+            committed,
+            segment_size: 1 << 20,
+            hold_limit: 0,
+            progress: SinkProgress {
+                delivered,
+                persisted,
+            },
+            ledger,
+            metrics,
+            stop,
+            abort: CancellationToken::new(),
+        };
+        (run, committed_tx)
+    }
+
+    /// A running sink that meets a batch damaged on disk passes over it, counts and
+    /// records it, and delivers everything after it without a restart.
+    #[tokio::test]
+    async fn a_running_sink_passes_over_a_damaged_batch_and_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spool = test_spool(dir.path());
         let mut at = Vec::new();
         for i in 0..5u64 {
             at.push(spool.append(&chunk(i * 10..i * 10 + 10)).unwrap());
@@ -543,28 +584,16 @@ mod tests {
 
         let metrics = Arc::new(RelayMetrics::new());
         let ledger = Arc::new(Mutex::new(Ledger::default()));
-        let (delivered, _) = watch::channel(spool.head());
-        let (persisted, _) = watch::channel(spool.head());
-        let (_committed_tx, committed) = watch::channel(spool.tail());
         let stop = CancellationToken::new();
-        let run = SinkRun {
-            config: toml::from_str("name = \"d\"").unwrap(),
-            deliver: Box::new(crate::sinks::discard::Discarder),
-            reader: spool.reader(spool.head()).unwrap(),
-            state: SinkStateFile::open(dir.path(), "d").unwrap(),
-            ack_demand: None,
-            committed,
-            segment_size: 1 << 20,
-            hold_limit: 0,
-            progress: SinkProgress {
-                delivered,
-                persisted,
-            },
-            ledger: ledger.clone(),
-            metrics: metrics.clone(),
-            stop: stop.clone(),
-            abort: CancellationToken::new(),
-        };
+        let (run, _committed) = test_run(
+            &spool,
+            dir.path(),
+            "name = \"d\"",
+            Box::new(crate::sinks::discard::Discarder),
+            ledger.clone(),
+            metrics.clone(),
+            stop.clone(),
+        );
         let task = tokio::spawn(run_sink(run));
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -654,43 +683,27 @@ mod tests {
             }
         }
         let dir = tempfile::tempdir().unwrap();
-        let cfg = SpoolConfig {
-            segment_bytes: 1 << 20,
-            max_bytes: 1 << 30,
-            fsync: FsyncPolicy::Never,
-        };
-        let (mut spool, _) = Spool::open(&dir.path().join("spool"), cfg).unwrap();
+        let mut spool = test_spool(dir.path());
         for i in 0..10u64 {
             spool.append(&chunk(i * 10..i * 10 + 10)).unwrap();
             spool.commit().unwrap();
         }
         let delivered_seqs = Arc::new(Mutex::new(Vec::new()));
         let ledger = Arc::new(Mutex::new(Ledger::default()));
-        let (delivered, _) = watch::channel(spool.head());
-        let (persisted, _) = watch::channel(spool.head());
-        let (_committed_tx, committed) = watch::channel(spool.tail());
         let stop = CancellationToken::new();
-        let run = SinkRun {
-            config: toml::from_str("name = \"f\"\nretry_min = \"10ms\"").unwrap(),
-            deliver: Box::new(Flaky {
-                delivered: delivered_seqs.clone(),
-                ..Flaky::default()
-            }),
-            reader: spool.reader(spool.head()).unwrap(),
-            state: SinkStateFile::open(dir.path(), "f").unwrap(),
-            ack_demand: None,
-            committed,
-            segment_size: 1 << 20,
-            hold_limit: 0,
-            progress: SinkProgress {
-                delivered,
-                persisted,
-            },
-            ledger: ledger.clone(),
-            metrics: Arc::new(RelayMetrics::new()),
-            stop: stop.clone(),
-            abort: CancellationToken::new(),
+        let flaky = Flaky {
+            delivered: delivered_seqs.clone(),
+            ..Flaky::default()
         };
+        let (run, _committed) = test_run(
+            &spool,
+            dir.path(),
+            "name = \"f\"\nretry_min = \"10ms\"",
+            Box::new(flaky),
+            ledger.clone(),
+            Arc::new(RelayMetrics::new()),
+            stop.clone(),
+        );
         let task = tokio::spawn(run_sink(run));
         let deadline = Instant::now() + Duration::from_secs(30);
         while delivered_seqs.lock().unwrap().len() < 100 {

@@ -114,6 +114,46 @@ impl Services {
         serde_json::from_value(v).expect("s3_etags.py prints a map of strings")
     }
 
+    /// Sends `count` numbered events (`"<tag> <number>"`, from `first`) to a relay's
+    /// Forward `port` with tests/py/fluent_send.py, acknowledged in batches of 250,
+    /// stamped `time` (RFC 3339) or spread over the `spread` seconds after it.
+    #[allow(clippy::too_many_arguments)]
+    pub fn fluent_send(
+        &self,
+        port: u16,
+        tag: &str,
+        first: u64,
+        count: u64,
+        time: &str,
+        spread: f64,
+    ) {
+        let sent = self.py(
+            "fluent_send.py",
+            &[
+                "--host",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+                "--tag",
+                tag,
+                "--count",
+                &count.to_string(),
+                "--first",
+                &first.to_string(),
+                "--time",
+                time,
+                "--spread",
+                &spread.to_string(),
+                "--prefix",
+                &format!("{tag} "),
+                "--ack",
+                "--batch",
+                "250",
+            ],
+        );
+        assert_eq!(sent["sent"], count, "{sent}");
+    }
+
     /// Hour partitions as boto3 finds them: objects and their lines, manifests, markers
     /// (tests/py/s3_hours.py).
     pub fn s3_hours(&self, bucket: &str) -> serde_json::Value {

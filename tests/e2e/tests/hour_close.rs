@@ -14,31 +14,7 @@ const HOUR_10: &str = "2026-11-23T10";
 const HOUR_11: &str = "2026-11-23T11";
 
 fn send(svc: &Services, relay: &Relay, tag: &str, first: u64, count: u64, time: &str, spread: f64) {
-    let sent = svc.py(
-        "fluent_send.py",
-        &[
-            "--host",
-            "127.0.0.1",
-            "--port",
-            &relay.forward.port().to_string(),
-            "--tag",
-            tag,
-            "--count",
-            &count.to_string(),
-            "--first",
-            &first.to_string(),
-            "--time",
-            time,
-            "--spread",
-            &spread.to_string(),
-            "--prefix",
-            &format!("{tag} "),
-            "--ack",
-            "--batch",
-            "200",
-        ],
-    );
-    assert_eq!(sent["sent"], count, "{sent}");
+    svc.fluent_send(relay.forward.port(), tag, first, count, time, spread);
 }
 
 fn relay_with_clock(

@@ -14,29 +14,7 @@ const TIME: &str = "2026-11-23T05:00:00Z";
 const TAGS: [&str; 2] = ["keys/a/b", "keys/a_b"];
 
 fn send(svc: &Services, relay: &Relay, tag: &str, first: u64) {
-    let sent = svc.py(
-        "fluent_send.py",
-        &[
-            "--host",
-            "127.0.0.1",
-            "--port",
-            &relay.forward.port().to_string(),
-            "--tag",
-            tag,
-            "--count",
-            &N.to_string(),
-            "--first",
-            &first.to_string(),
-            "--time",
-            TIME,
-            "--prefix",
-            &format!("{tag} "),
-            "--ack",
-            "--batch",
-            "250",
-        ],
-    );
-    assert_eq!(sent["sent"], N, "{sent}");
+    svc.fluent_send(relay.forward.port(), tag, first, N, TIME, 0.0);
 }
 
 #[test]
