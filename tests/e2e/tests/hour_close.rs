@@ -17,20 +17,161 @@ fn send(svc: &Services, relay: &Relay, tag: &str, first: u64, count: u64, time: 
     svc.fluent_send(relay.forward.port(), tag, first, count, time, spread);
 }
 
+/// Where the relay's object sink writes, and how the test reads it back.
+enum Store {
+    /// The S3 server, read with boto3 (tests/py/s3_hours.py).
+    S3 { bucket: String },
+    /// A local directory, read here (the same answer, see [`local_hours`]).
+    Local { dir: std::path::PathBuf },
+}
+
+impl Store {
+    fn sink(&self, svc: &Services) -> sluice_relay::config::SinkConfig {
+        match self {
+            Store::S3 { bucket } => {
+                svc.create_bucket(bucket);
+                svc.s3_sink(bucket)
+            }
+            Store::Local { dir } => {
+                let mut sink = svc.s3_sink("unused");
+                let o = sink.object_store();
+                o.url = format!("file://{}", dir.display());
+                o.options.clear();
+                sink
+            }
+        }
+    }
+
+    fn hours(&self, svc: &Services) -> serde_json::Value {
+        match self {
+            Store::S3 { bucket } => svc.s3_hours(bucket),
+            Store::Local { dir } => local_hours(dir),
+        }
+    }
+}
+
+/// What s3_hours.py answers, for a local directory: per `<tag>|<hour>` partition the
+/// objects and their lines, the manifests by writer and revision, the `_SUCCESS`
+/// markers; and the hour markers. Keys are paths below the directory.
+fn local_hours(root: &std::path::Path) -> serde_json::Value {
+    use std::io::Read;
+    fn walk(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                walk(&p, out);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    let mut files = Vec::new();
+    walk(root, &mut files);
+    files.sort();
+    let mut partitions = serde_json::Map::new();
+    let mut markers = serde_json::Map::new();
+    for path in files {
+        let key = path
+            .strip_prefix(root)
+            .unwrap()
+            .to_string_lossy()
+            .to_string();
+        let parts: Vec<&str> = key.split('/').collect();
+        let json = || -> serde_json::Value {
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap()
+        };
+        if let Some(at) = parts.iter().position(|p| *p == "_sluice") {
+            if parts.get(at + 1) == Some(&"hours") && parts.len() == at + 5 {
+                let hour = format!(
+                    "{}T{}",
+                    parts[at + 2].trim_start_matches("dt="),
+                    parts[at + 3].trim_start_matches("hour=")
+                );
+                let writer = parts[at + 4].trim_end_matches(".json");
+                let doc = json();
+                let tags: serde_json::Map<String, serde_json::Value> = doc["tags"]
+                    .as_object()
+                    .unwrap()
+                    .iter()
+                    .map(|(t, v)| (t.clone(), v["records"].clone()))
+                    .collect();
+                markers
+                    .entry(hour)
+                    .or_insert_with(|| serde_json::json!({}))
+                    .as_object_mut()
+                    .unwrap()
+                    .insert(writer.to_string(), tags.into());
+            }
+            continue;
+        }
+        let Some(dt) = parts.iter().position(|p| p.starts_with("dt=")) else {
+            continue;
+        };
+        if dt == 0 || parts.len() < dt + 3 {
+            continue;
+        }
+        let id = format!(
+            "{}|{}T{}",
+            parts[dt - 1],
+            parts[dt].trim_start_matches("dt="),
+            parts[dt + 1].trim_start_matches("hour=")
+        );
+        let part = partitions.entry(id).or_insert_with(
+            || serde_json::json!({"objects": {}, "lines": 0, "manifests": {}, "success": {}}),
+        );
+        let rest = parts[dt + 2..].join("/");
+        if rest.ends_with(".ndjson.gz") {
+            let mut text = String::new();
+            flate2::read::MultiGzDecoder::new(&std::fs::read(&path).unwrap()[..])
+                .read_to_string(&mut text)
+                .unwrap();
+            let lines = text.lines().filter(|l| !l.trim().is_empty()).count() as u64;
+            part["objects"][&key] = lines.into();
+            part["lines"] = (part["lines"].as_u64().unwrap() + lines).into();
+        } else if let Some(name) = rest.strip_prefix("_manifests/") {
+            let (writer, rev) = name.trim_end_matches(".json").rsplit_once(".r").unwrap();
+            let doc = json();
+            let objects: serde_json::Map<String, serde_json::Value> = doc["objects"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|o| (o["key"].as_str().unwrap().to_string(), o["records"].clone()))
+                .collect();
+            let entry = serde_json::json!({
+                "revision": rev.parse::<u64>().unwrap(),
+                "records": doc["records"],
+                "late_records": doc["late_records"],
+                "closed_at": doc["closed_at"],
+                "objects": objects,
+            });
+            let revs = part["manifests"]
+                .as_object_mut()
+                .unwrap()
+                .entry(writer.to_string())
+                .or_insert_with(|| serde_json::json!([]));
+            revs.as_array_mut().unwrap().push(entry);
+        } else if let Some(writer) = rest.strip_prefix("_SUCCESS-") {
+            let doc = json();
+            part["success"][writer] =
+                serde_json::json!({"revision": doc["revision"], "records": doc["records"]});
+        }
+    }
+    serde_json::json!({"partitions": partitions, "markers": markers})
+}
+
 fn relay_with_clock(
     svc: &Services,
     dir: &std::path::Path,
-    bucket: &str,
+    store: &Store,
     clock: &str,
     lateness: Span,
     age: Span,
 ) -> Relay {
-    svc.create_bucket(bucket);
     let mut spec = RelaySpec::insecure(dir, "relay-hours");
-    let mut s3 = svc.s3_sink(bucket);
-    s3.object_store().allowed_lateness = lateness;
-    s3.object_store().max_object_age = age;
-    spec.config.sinks.push(s3);
+    let mut sink = store.sink(svc);
+    sink.object_store().allowed_lateness = lateness;
+    sink.object_store().max_object_age = age;
+    spec.config.sinks.push(sink);
     spec.env.push(("SLUICE_TEST_CLOCK".into(), clock.into()));
     spec.start()
 }
@@ -65,16 +206,30 @@ fn assert_manifest_matches_objects(part: &serde_json::Value) {
 /// manifest's counts equal the lines boto3 reads; `_SUCCESS` shows only complete hours.
 #[test]
 fn late_events_land_in_their_hour_and_revise_its_manifest() {
+    late_events(Store::S3 {
+        bucket: unique_name("hours"),
+    });
+}
+
+/// The same with the local directory store, read from the disk.
+#[test]
+fn late_events_land_in_their_hour_in_a_local_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    late_events(Store::Local {
+        dir: dir.path().join("objects"),
+    });
+}
+
+fn late_events(store: Store) {
     const N: u64 = 1_000; // per tag and wave: half in hour 10, half in hour 11
     let svc = Services::from_env();
     let tmp = tempfile::tempdir().unwrap();
-    let bucket = unique_name("hours");
     // 120× real time: hour 10 closes (11:30) about 15 s after the start, hour 11 (12:30)
     // about 45 s after.
     let relay = relay_with_clock(
         &svc,
         tmp.path(),
-        &bucket,
+        &store,
         &format!("{T_10_59}:120"),
         Span::secs(1800),
         Span::secs(1),
@@ -84,7 +239,7 @@ fn late_events_land_in_their_hour_and_revise_its_manifest() {
         send(&svc, &relay, tag, 1, N, "2026-11-23T10:59:50Z", 20.0);
     }
     let closed = relay.counter("sluice_relay_hours_closed_total", "");
-    let early = svc.s3_hours(&bucket);
+    let early = store.hours(&svc);
     assert!(
         partition(&early, "hc.a", HOUR_10)["success"]
             .as_object()
@@ -93,14 +248,14 @@ fn late_events_land_in_their_hour_and_revise_its_manifest() {
     );
 
     wait_for("hour 10 closed", Duration::from_secs(120), || {
-        let h = svc.s3_hours(&bucket);
+        let h = store.hours(&svc);
         tags.iter().all(|t| {
             partition(&h, t, HOUR_10)["success"]
                 .as_object()
                 .is_some_and(|s| !s.is_empty())
         })
     });
-    let at_close = svc.s3_hours(&bucket);
+    let at_close = store.hours(&svc);
     for tag in tags {
         let part = partition(&at_close, tag, HOUR_10);
         // Everything acknowledged before the close is in it, and nothing else.
@@ -123,14 +278,14 @@ fn late_events_land_in_their_hour_and_revise_its_manifest() {
         relay.counter("sluice_relay_late_events_total", "") as u64 >= N
     });
     wait_for("hour 11 closed", Duration::from_secs(180), || {
-        let h = svc.s3_hours(&bucket);
+        let h = store.hours(&svc);
         tags.iter().all(|t| {
             partition(&h, t, HOUR_11)["success"]
                 .as_object()
                 .is_some_and(|s| !s.is_empty())
         })
     });
-    let hours = svc.s3_hours(&bucket);
+    let hours = store.hours(&svc);
     for tag in tags {
         let h10 = partition(&hours, tag, HOUR_10);
         assert_eq!(
@@ -169,14 +324,27 @@ fn late_events_land_in_their_hour_and_revise_its_manifest() {
             );
         }
     }
-    let s3 = svc.s3_summary(&bucket);
-    assert_eq!(
-        s3["misplaced"], 0,
-        "an event outside its hour's folder: {s3}"
-    );
-    assert_eq!(s3["bad"], 0, "{s3}");
-    assert_eq!(s3["distinct_messages"], 4 * N, "{s3}");
-    assert_eq!(s3["duplicates"], 0, "{s3}");
+    match &store {
+        Store::S3 { bucket } => {
+            let s3 = svc.s3_summary(bucket);
+            assert_eq!(
+                s3["misplaced"], 0,
+                "an event outside its hour's folder: {s3}"
+            );
+            assert_eq!(s3["bad"], 0, "{s3}");
+            assert_eq!(s3["distinct_messages"], 4 * N, "{s3}");
+            assert_eq!(s3["duplicates"], 0, "{s3}");
+        }
+        Store::Local { .. } => {
+            let lines: u64 = hours["partitions"]
+                .as_object()
+                .unwrap()
+                .values()
+                .map(|p| p["lines"].as_u64().unwrap())
+                .sum();
+            assert_eq!(lines, 4 * N, "every event once: {hours}");
+        }
+    }
 }
 
 /// The store stops answering (SIGSTOP) across the moment hour 10 is due to close: the
@@ -190,12 +358,14 @@ fn an_hour_closes_only_after_the_store_comes_back() {
     let tmp = tempfile::tempdir().unwrap();
     let private = PrivateService::moto(&shared, &tmp.path().join("moto.log"));
     let svc = shared.with(None, Some(&private.addr));
-    let bucket = unique_name("outage-hours");
+    let store = Store::S3 {
+        bucket: unique_name("outage-hours"),
+    };
     // 30× real time, lateness 5 min: hour 10 is due to close 12 s after the start.
     let relay = relay_with_clock(
         &svc,
         tmp.path(),
-        &bucket,
+        &store,
         &format!("{T_10_59}:30"),
         Span::secs(300),
         Span::secs(1),
@@ -226,13 +396,13 @@ fn an_hour_closes_only_after_the_store_comes_back() {
         "hour 10 closed after the outage",
         Duration::from_secs(120),
         || {
-            let h = svc.s3_hours(&bucket);
+            let h = store.hours(&svc);
             partition(&h, "out.a", HOUR_10)["success"]
                 .as_object()
                 .is_some_and(|s| !s.is_empty())
         },
     );
-    let hours = svc.s3_hours(&bucket);
+    let hours = store.hours(&svc);
     let part = partition(&hours, "out.a", HOUR_10);
     assert_eq!(latest(part)["revision"], 1, "{part}");
     assert_eq!(
@@ -261,7 +431,9 @@ fn six_hours_of_steady_input_roll_and_close_on_time() {
     const LATENESS: f64 = 300.0;
     let svc = Services::from_env();
     let tmp = tempfile::tempdir().unwrap();
-    let bucket = unique_name("six-hours");
+    let store = Store::S3 {
+        bucket: unique_name("six-hours"),
+    };
     let start = T_10_59 + 60.0; // 11:00
                                 // The test's own view of the relay's clock starts before the relay does, so the
                                 // events it stamps are never behind the relay's clock (never late).
@@ -269,7 +441,7 @@ fn six_hours_of_steady_input_roll_and_close_on_time() {
     let relay = relay_with_clock(
         &svc,
         tmp.path(),
-        &bucket,
+        &store,
         &format!("{start}:{RATE}"),
         Span::secs(LATENESS as u64),
         Span::secs(AGE_SECS),
@@ -294,7 +466,7 @@ fn six_hours_of_steady_input_roll_and_close_on_time() {
     // Hours 11..=16 of 2026-11-23 are inside the input.
     let hours: Vec<String> = (11..=16).map(|h| format!("2026-11-23T{h:02}")).collect();
     wait_for("six hours closed", Duration::from_secs(120), || {
-        let h = svc.s3_hours(&bucket);
+        let h = store.hours(&svc);
         tags.iter().all(|t| {
             hours.iter().all(|hour| {
                 partition(&h, t, hour)["success"]
@@ -303,7 +475,7 @@ fn six_hours_of_steady_input_roll_and_close_on_time() {
             })
         })
     });
-    let found = svc.s3_hours(&bucket);
+    let found = store.hours(&svc);
     let roll = AGE_SECS as f64 * RATE;
     // Cut by age every roll interval, plus the cut at the hour's close, plus one.
     let most = (3600.0 / roll).ceil() as usize + 2;
