@@ -49,6 +49,7 @@ def main():
     ap.add_argument("--prefix", default="line ", help='message prefix (default "line ")')
     ap.add_argument("--first", type=int, default=1, help="number of the first event (default 1)")
     ap.add_argument("--time", help="event time, RFC 3339 (default: now)")
+    ap.add_argument("--pad", type=int, default=0, help="append this many 'x' to every message (default 0)")
     ap.add_argument("--spread", type=float, default=0.0,
                     help="with --time: event i of N is stamped --time + i*spread/N seconds (default 0)")
     ap.add_argument("--timeout", type=float, default=10.0, help="socket timeout in seconds (default 10)")
@@ -94,7 +95,7 @@ def send_with_fluent_logger(args, numbers, event_time):
     failed = 0
     first_error = None
     for n in numbers:
-        if not sender.emit_with_time(None, event_time(), {"message": f"{args.prefix}{n:08d}"}):
+        if not sender.emit_with_time(None, event_time(), {"message": f"{args.prefix}{n:08d}" + "x" * args.pad}):
             failed += 1
             if first_error is None:
                 first_error = sender.last_error
@@ -121,7 +122,7 @@ def send_with_acks(args, numbers, event_time):
         for i in range(0, len(numbers), args.batch):
             batch = numbers[i : i + args.batch]
             chunk = base64.b64encode(os.urandom(16)).decode()
-            entries = [[event_time(), {"message": f"{args.prefix}{n:08d}"}] for n in batch]
+            entries = [[event_time(), {"message": f"{args.prefix}{n:08d}" + "x" * args.pad}] for n in batch]
             sock.settimeout(args.timeout)
             sock.sendall(msgpack.packb([args.tag, entries, {"chunk": chunk, "size": len(entries)}]))
             wait_ack(sock, unpacker, chunk, args.ack_timeout)

@@ -2,6 +2,7 @@
 """Creates a Kafka topic with the Confluent admin client and waits until metadata shows it.
 
     kafka_create_topic.py --brokers 127.0.0.1:9092 --topic T [--partitions N] [--timeout 30]
+                          [--config max.message.bytes=262144 ...]
 
 Idempotent: a topic that exists already with N partitions is fine (exit 0); one with a
 different partition count is an error. Prints {"topic": T, "partitions": N, "created": bool}.
@@ -25,14 +26,18 @@ def main():
     ap.add_argument("--partitions", type=int, default=1)
     ap.add_argument("--replication-factor", type=int, default=1)
     ap.add_argument("--timeout", type=float, default=30.0, help="seconds (default 30)")
+    ap.add_argument("--config", action="append", default=[], metavar="KEY=VALUE",
+                    help="a topic config, e.g. max.message.bytes=262144 (repeatable)")
     args = ap.parse_args()
+    configs = dict(c.split("=", 1) for c in args.config)
 
     deadline = time.monotonic() + args.timeout
     admin = AdminClient({"bootstrap.servers": args.brokers, "error_cb": lambda e: print(f"kafka: {e}", file=sys.stderr)})
     created = False
     while True:
         fut = admin.create_topics(
-            [NewTopic(args.topic, num_partitions=args.partitions, replication_factor=args.replication_factor)],
+            [NewTopic(args.topic, num_partitions=args.partitions, replication_factor=args.replication_factor,
+                      config=configs)],
             request_timeout=max(1.0, min(10.0, deadline - time.monotonic())),
         )[args.topic]
         try:

@@ -69,17 +69,25 @@ impl Services {
     }
 
     pub fn create_topic(&self, topic: &str, partitions: u32) {
-        self.py(
-            "kafka_create_topic.py",
-            &[
-                "--brokers",
-                &self.kafka,
-                "--topic",
-                topic,
-                "--partitions",
-                &partitions.to_string(),
-            ],
-        );
+        self.create_topic_with(topic, partitions, &[]);
+    }
+
+    /// A topic with topic configs (`("max.message.bytes", "262144")`).
+    pub fn create_topic_with(&self, topic: &str, partitions: u32, configs: &[(&str, &str)]) {
+        let partitions = partitions.to_string();
+        let configs: Vec<String> = configs.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let mut args = vec![
+            "--brokers",
+            &self.kafka,
+            "--topic",
+            topic,
+            "--partitions",
+            &partitions,
+        ];
+        for c in &configs {
+            args.extend(["--config", c.as_str()]);
+        }
+        self.py("kafka_create_topic.py", &args);
     }
 
     pub fn create_bucket(&self, bucket: &str) {

@@ -15,8 +15,10 @@ pub struct KafkaSink {
     /// librdkafka compression codec: none, gzip, snappy, lz4, zstd.
     #[serde(default = "default_compression")]
     pub compression: String,
-    /// Largest message the sink produces (keep at or below the topic's max.message.bytes).
-    /// A larger event is not produced: it is counted as dropped (reason too_large) and logged.
+    /// Largest message the sink produces. At start the sink reads the topic's
+    /// max.message.bytes and keeps messages and the producer's batches under it (this is
+    /// lowered to it). A larger event is not produced: it is counted as dropped (reason
+    /// too_large) and logged.
     #[serde(default = "default_kafka_max_message")]
     pub max_message: ByteSize,
     /// How long a batch may wait for broker acknowledgements before it is retried.

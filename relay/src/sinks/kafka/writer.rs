@@ -8,6 +8,11 @@
 //! larger than `max_message` is skipped, counted (`sink_dropped{reason="too_large"}`) and
 //! logged — it is still in every other sink — instead of stalling the sink forever.
 //!
+//! At start the sink reads the topic's `max.message.bytes` (DescribeConfigs). The broker
+//! applies it to a whole record batch, so with a topic limit below the producer's batch
+//! size every batch of small events would be refused: the producer's `batch.size` and
+//! `message.max.bytes` are kept under the topic's limit, and `max_message` lowered to it.
+//!
 //! No duplicates from the relay's own retries or crashes:
 //! - a failed attempt remembers which events the broker did acknowledge, and the retry of
 //!   the same batch sends only the others;
@@ -46,9 +51,73 @@ pub struct KafkaWriter {
     skip: HashMap<String, HashSet<u64>>,
     /// The batch of a failed attempt and which of its events the broker acknowledged.
     retry: Option<(Position, Vec<bool>)>,
+    /// The librdkafka properties the config set (never overridden).
+    properties: BTreeMap<String, String>,
+}
+
+/// Bytes a record batch of one message adds around the event (batch header, record
+/// framing, the three headers), kept free under the topic's limit.
+const BATCH_OVERHEAD: usize = 1024;
+
+/// The topic's `max.message.bytes`, as the broker reports it (`None` when it does not).
+async fn topic_max_message(client: &ClientConfig, topic: &str) -> Result<Option<usize>, String> {
+    use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
+    use rdkafka::client::DefaultClientContext;
+    let admin: AdminClient<DefaultClientContext> =
+        client.create().map_err(|e| format!("admin client: {e}"))?;
+    let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(10)));
+    let results = admin
+        .describe_configs(&[ResourceSpecifier::Topic(topic)], &opts)
+        .await
+        .map_err(|e| format!("describe configs: {e}"))?;
+    for result in results {
+        let resource = result.map_err(|code| format!("describe configs of {topic}: {code:?}"))?;
+        let value = resource
+            .entries
+            .iter()
+            .find(|e| e.name == "max.message.bytes")
+            .and_then(|e| e.value.as_deref())
+            .and_then(|v| v.trim().parse::<usize>().ok());
+        if value.is_some() {
+            return Ok(value);
+        }
+    }
+    Ok(None)
 }
 
 impl KafkaWriter {
+    /// Keeps batches and messages under the topic's `max.message.bytes` (`limit`):
+    /// lowers `max_message` and, unless `properties` set them, the producer's
+    /// `batch.size` and `message.max.bytes`, with a new producer (none was used yet).
+    fn fit_to_topic(
+        &mut self,
+        limit: usize,
+        properties: &BTreeMap<String, String>,
+    ) -> Result<(), String> {
+        let fits = limit.saturating_sub(BATCH_OVERHEAD).max(1);
+        if fits >= self.max_message && limit >= 1_000_000 {
+            return Ok(());
+        }
+        self.max_message = self.max_message.min(fits);
+        if !properties.contains_key("batch.size") {
+            self.client
+                .set("batch.size", fits.min(1_000_000).to_string());
+        }
+        if !properties.contains_key("message.max.bytes") {
+            self.client
+                .set("message.max.bytes", limit.max(1000).to_string());
+        }
+        self.producer = self.client.create().map_err(|e| {
+            format!(
+                "sink {:?}: cannot create the Kafka producer: {e}",
+                self.name
+            )
+        })?;
+        tracing::info!(sink = %self.name, topic = %self.topic, max_message_bytes = limit, max_message = self.max_message,
+            "the topic's max.message.bytes is below the producer's batch size or max_message: batches and messages are kept under it");
+        Ok(())
+    }
+
     pub fn new(name: &str, cfg: &KafkaSink) -> Result<KafkaWriter, String> {
         let mut client = ClientConfig::new();
         client
@@ -87,6 +156,7 @@ impl KafkaWriter {
             recover_from: None,
             skip: HashMap::new(),
             retry: None,
+            properties: cfg.properties.clone(),
         })
     }
 
@@ -328,7 +398,7 @@ impl Deliver for KafkaWriter {
                 envelope::write(&mut self.buf, entry.time, tag, source, seq, entry.record)
                     .map_err(|e| DeliverError::Permanent(e.to_string()))?;
                 if self.buf.len() > self.max_message {
-                    tracing::warn!(sink = %self.name, tag, source = source.unwrap_or("-"), seq = seq.unwrap_or(0), bytes = self.buf.len(), limit = self.max_message, "event larger than max_message: not produced to Kafka (dropped for this sink, counted)");
+                    tracing::warn!(sink = %self.name, tag, source = source.unwrap_or("-"), seq = seq.unwrap_or(0), bytes = self.buf.len(), limit = self.max_message, "event larger than max_message (or the topic's max.message.bytes): not produced to Kafka (dropped for this sink, counted)");
                     settler.acked[index] = true;
                     done.dropped(tag, entry.time);
                     continue;
@@ -451,6 +521,32 @@ impl Deliver for KafkaWriter {
 
     fn intent_state(&self) -> Option<serde_json::Value> {
         Some(serde_json::json!({ "partition_offsets": self.offsets, "in_flight": true }))
+    }
+
+    fn start(&mut self) -> futures::future::BoxFuture<'_, Result<(), String>> {
+        Box::pin(async move {
+            let limit = tokio::time::timeout(
+                Duration::from_secs(15),
+                topic_max_message(&self.client, &self.topic),
+            )
+            .await;
+            match limit {
+                Ok(Ok(Some(limit))) => {
+                    let properties = self.properties.clone();
+                    self.fit_to_topic(limit, &properties)?;
+                }
+                Ok(Ok(None)) => {
+                    tracing::info!(sink = %self.name, topic = %self.topic, "the broker did not report the topic's max.message.bytes; max_message applies")
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(sink = %self.name, topic = %self.topic, error = %e, "cannot read the topic's max.message.bytes; max_message applies (keep it and the producer's batch.size at or below the topic's limit)")
+                }
+                Err(_) => {
+                    tracing::warn!(sink = %self.name, topic = %self.topic, "the broker did not answer DescribeConfigs within 15 s; max_message applies (keep it and the producer's batch.size at or below the topic's limit)")
+                }
+            }
+            Ok(())
+        })
     }
 
     fn restore(&mut self, state: Option<serde_json::Value>) {
