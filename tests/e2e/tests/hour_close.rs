@@ -277,13 +277,28 @@ fn late_events(store: Store) {
     relay.wait("the late half counted", Duration::from_secs(60), || {
         relay.counter("sluice_relay_late_events_total", "") as u64 >= N
     });
+    // The hour marker is written after every tag's manifest and `_SUCCESS`: wait for it
+    // too, and for hour 10's marker to list its second revision.
     wait_for("hour 11 closed", Duration::from_secs(180), || {
         let h = store.hours(&svc);
+        let marked = |hour: &str| {
+            h["markers"][hour]
+                .as_object()
+                .and_then(|m| m.values().next())
+                .is_some_and(|w| tags.iter().all(|t| w[*t].as_u64().is_some()))
+        };
         tags.iter().all(|t| {
             partition(&h, t, HOUR_11)["success"]
                 .as_object()
                 .is_some_and(|s| !s.is_empty())
-        })
+        }) && marked(HOUR_10)
+            && marked(HOUR_11)
+            && tags.iter().all(|t| {
+                h["markers"][HOUR_10]
+                    .as_object()
+                    .and_then(|m| m.values().next())
+                    .is_some_and(|w| w[*t] == N)
+            })
     });
     let hours = store.hours(&svc);
     for tag in tags {
