@@ -368,7 +368,7 @@ fn late_events(store: Store) {
 #[test]
 fn an_hour_closes_only_after_the_store_comes_back() {
     const N: u64 = 1_000;
-    let outage = Duration::from_secs(env_u64("SLUICE_S3_OUTAGE_SECS", 20));
+    let outage = Duration::from_secs(env_u64("SLUICE_S3_OUTAGE_SECS", 30));
     let shared = Services::from_env();
     let tmp = tempfile::tempdir().unwrap();
     let private = PrivateService::moto(&shared, &tmp.path().join("moto.log"));
@@ -376,13 +376,14 @@ fn an_hour_closes_only_after_the_store_comes_back() {
     let store = Store::S3 {
         bucket: unique_name("outage-hours"),
     };
-    // 30× real time, lateness 5 min: hour 10 is due to close 12 s after the start.
+    // 30× real time, lateness 10 min: hour 10 is due to close 22 s after the start, well
+    // after the store is paused (a few seconds in) and before it is back (30 s later).
     let relay = relay_with_clock(
         &svc,
         tmp.path(),
         &store,
         &format!("{T_10_59}:30"),
-        Span::secs(300),
+        Span::secs(600),
         Span::secs(1),
     );
     send(&svc, &relay, "out.a", 1, N, "2026-11-23T10:59:00Z", 50.0);
@@ -431,7 +432,7 @@ fn an_hour_closes_only_after_the_store_comes_back() {
         .metric("sluice_relay_hour_close_delay_seconds", "")
         .unwrap_or(0.0);
     assert!(
-        delay >= 300.0,
+        delay >= 600.0,
         "closed after the outage, past its lateness: {delay}"
     );
 }
