@@ -137,13 +137,9 @@ async fn drive(s: &mut SinkRun) {
                                 } else {
                                     tracing::warn!(sink = %name, error = %e, retry_in = ?reread_wait, "the sink could not take the events it was given; reading them again from the spool");
                                 }
-                                tokio::select! {
-                                    _ = s.stop.cancelled() => return,
-                                    _ = tokio::time::sleep(reread_wait) => {}
+                                if !rewind(s, &mut gathered, &mut reread_wait).await {
+                                    return;
                                 }
-                                reread_wait = (reread_wait * 2).min(s.config.retry_max.get());
-                                s.reader.seek(gathered.start);
-                                gathered.clear(gathered.start);
                                 first_at = None;
                                 cut = false;
                                 continue 'gather;
@@ -230,14 +226,10 @@ async fn drive(s: &mut SinkRun) {
                 Outcome::Aborted => return,
                 Outcome::Reread => {
                     // The same events again, up to where this gathering ended.
-                    tokio::select! {
-                        _ = s.stop.cancelled() => return,
-                        _ = tokio::time::sleep(reread_wait) => {}
-                    }
-                    reread_wait = (reread_wait * 2).min(s.config.retry_max.get());
                     replay_to = Some(gathered.end);
-                    s.reader.seek(gathered.start);
-                    gathered.clear(gathered.start);
+                    if !rewind(s, &mut gathered, &mut reread_wait).await {
+                        return;
+                    }
                     first_at = None;
                     cut = false;
                     continue;
@@ -289,6 +281,20 @@ async fn demand_changed(
         Some(d) => d.changed().await,
         None => std::future::pending().await,
     }
+}
+
+/// After `wait` (doubled for next time, up to `retry_max`), moves the reader back to the
+/// start of the gathering and empties it, to read the same events again. False when the
+/// sink is stopped meanwhile.
+async fn rewind(s: &mut SinkRun, gathered: &mut Gathered, wait: &mut Duration) -> bool {
+    tokio::select! {
+        _ = s.stop.cancelled() => return false,
+        _ = tokio::time::sleep(*wait) => {}
+    }
+    *wait = (*wait * 2).min(s.config.retry_max.get());
+    s.reader.seek(gathered.start);
+    gathered.clear(gathered.start);
+    true
 }
 
 /// Whether the gathering spans more of the spool than a gathering may hold.

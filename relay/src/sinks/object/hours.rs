@@ -193,34 +193,37 @@ impl HourBook {
             .is_some_and(|h| h.tags.contains_key(tag)))
     }
 
-    /// Tags whose latest revision is decided but not yet written.
-    pub fn unannounced(&self) -> Vec<(String, u64)> {
-        let mut out = Vec::new();
-        for (&hour, file) in &self.hours {
-            for (tag, th) in &file.tags {
-                if th.announced < th.revision {
-                    out.push((tag.clone(), hour));
-                }
-            }
-        }
-        out
-    }
-
-    /// Whether a decided revision or a due hour marker is not written yet.
-    pub fn has_unannounced(&self) -> bool {
-        self.hours.values().any(|f| {
-            f.tags.values().any(|th| th.announced < th.revision)
-                || (self.is_closed(f.hour) && !f.marker_written)
+    fn unannounced_iter(&self) -> impl Iterator<Item = (&String, u64)> + '_ {
+        self.hours.iter().flat_map(|(&hour, file)| {
+            file.tags
+                .iter()
+                .filter(|(_, th)| th.announced < th.revision)
+                .map(move |(tag, _)| (tag, hour))
         })
     }
 
-    /// Closed hours whose marker does not list their latest revisions yet.
-    pub fn markers_due(&self) -> Vec<u64> {
+    fn markers_due_iter(&self) -> impl Iterator<Item = u64> + '_ {
         self.hours
             .values()
             .filter(|f| self.is_closed(f.hour) && !f.marker_written)
             .map(|f| f.hour)
+    }
+
+    /// Tags whose latest revision is decided but not yet written.
+    pub fn unannounced(&self) -> Vec<(String, u64)> {
+        self.unannounced_iter()
+            .map(|(tag, hour)| (tag.clone(), hour))
             .collect()
+    }
+
+    /// Whether a decided revision or a due hour marker is not written yet.
+    pub fn has_unannounced(&self) -> bool {
+        self.unannounced_iter().next().is_some() || self.markers_due_iter().next().is_some()
+    }
+
+    /// Closed hours whose marker does not list their latest revisions yet.
+    pub fn markers_due(&self) -> Vec<u64> {
+        self.markers_due_iter().collect()
     }
 
     pub fn marker_written(&mut self, hour: u64) {

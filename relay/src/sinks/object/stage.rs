@@ -193,11 +193,13 @@ enum Reply {
 /// compressing them use two cores), in the order the lines were handed over.
 pub struct Stage {
     dir: PathBuf,
-    open: BTreeMap<(String, u64), Open>,
+    /// By tag, then hour (looked up by `&str`: no allocation per event).
+    open: BTreeMap<String, BTreeMap<u64, Open>>,
+    /// Partitions in `open`.
+    partitions: usize,
     pub max_open: usize,
     pub max_bytes: u64,
     next: u64,
-    line: Vec<u8>,
     to_compressor: std::sync::mpsc::SyncSender<Cmd>,
     // (In mutexes only so that the stage is `Sync`, as the sink's future must be.)
     replies: std::sync::Mutex<std::sync::mpsc::Receiver<Reply>>,
@@ -218,7 +220,9 @@ fn compressor_gone() -> DeliverError {
 /// member in the same file.
 struct Compressor {
     max_open: usize,
-    encoders: std::collections::HashMap<u64, (GzEncoder<BufWriter<File>>, PathBuf, u64)>,
+    /// The encoders, with when each was last used.
+    encoders: std::collections::HashMap<u64, (GzEncoder<BufWriter<File>>, u64)>,
+    /// The file of every partition written to since the last finish.
     paths: std::collections::HashMap<u64, PathBuf>,
     tick: u64,
     failed: std::sync::Arc<std::sync::Mutex<Option<String>>>,
@@ -232,10 +236,10 @@ impl Compressor {
     }
 
     fn end(&mut self, id: u64) -> Result<(), String> {
-        if let Some((gz, path, _)) = self.encoders.remove(&id) {
+        if let Some((gz, _)) = self.encoders.remove(&id) {
             gz.finish()
                 .and_then(|w| w.into_inner().map_err(|e| e.into_error()))
-                .map_err(|e| format!("cannot finish {}: {e}", path.display()))?;
+                .map_err(|e| format!("cannot finish {}: {e}", self.paths[&id].display()))?;
         }
         Ok(())
     }
@@ -247,7 +251,7 @@ impl Compressor {
                 let lru = self
                     .encoders
                     .iter()
-                    .min_by_key(|(_, (_, _, used))| *used)
+                    .min_by_key(|(_, (_, used))| *used)
                     .map(|(&k, _)| k);
                 if let Some(lru) = lru {
                     self.end(lru)?;
@@ -259,15 +263,15 @@ impl Compressor {
                 .open(&path)
                 .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
             let gz = GzEncoder::new(BufWriter::with_capacity(1 << 16, file), Compression::fast());
-            self.paths.insert(id, path.clone());
-            self.encoders.insert(id, (gz, path, self.tick));
+            self.paths.insert(id, path);
+            self.encoders.insert(id, (gz, self.tick));
             self.peak
                 .fetch_max(self.encoders.len(), std::sync::atomic::Ordering::Relaxed);
         }
-        let (gz, path, used) = self.encoders.get_mut(&id).expect("made above");
+        let (gz, used) = self.encoders.get_mut(&id).expect("made above");
         *used = self.tick;
         gz.write_all(lines)
-            .map_err(|e| format!("cannot write {}: {e}", path.display()))
+            .map_err(|e| format!("cannot write {}: {e}", self.paths[&id].display()))
     }
 
     fn run(
@@ -356,10 +360,10 @@ impl Stage {
         Ok(Stage {
             dir,
             open: BTreeMap::new(),
+            partitions: 0,
             max_open: max_open.max(1),
             max_bytes,
             next: 0,
-            line: Vec::with_capacity(4096),
             to_compressor,
             replies: std::sync::Mutex::new(replies),
             spare: std::sync::Mutex::new(spare),
@@ -368,19 +372,19 @@ impl Stage {
         })
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.open.is_empty()
-    }
-
     /// Hands a partition's pending lines to the compressor.
-    fn compress(&mut self, key: &(String, u64)) -> Result<(), DeliverError> {
+    fn compress(&mut self, tag: &str, hour: u64) -> Result<(), DeliverError> {
         let fresh = self
             .spare
             .lock()
             .ok()
             .and_then(|s| s.try_recv().ok())
             .unwrap_or_else(|| Vec::with_capacity(PENDING + 4096));
-        let part = self.open.get_mut(key).expect("the caller made it");
+        let part = self
+            .open
+            .get_mut(tag)
+            .and_then(|hours| hours.get_mut(&hour))
+            .expect("the caller made it");
         let lines = std::mem::replace(&mut part.pending, fresh);
         let cmd = Cmd::Write {
             id: part.id,
@@ -402,59 +406,70 @@ impl Stage {
     pub fn add(&mut self, chunk: &SpooledChunk<'_>) -> Result<bool, DeliverError> {
         self.check()?;
         let mut full = false;
+        if !self.open.contains_key(chunk.tag) {
+            self.open.insert(chunk.tag.to_string(), BTreeMap::new());
+        }
         for event in chunk.events() {
             let (entry, seq) = event?;
-            self.line.clear();
-            crate::envelope::write_flat(
-                &mut self.line,
+            let hour = hour_of(entry.time);
+            let hours = self.open.get_mut(chunk.tag).expect("made above");
+            let part = match hours.entry(hour) {
+                std::collections::btree_map::Entry::Occupied(o) => o.into_mut(),
+                std::collections::btree_map::Entry::Vacant(v) => {
+                    let id = self.next;
+                    self.next += 1;
+                    self.partitions += 1;
+                    v.insert(Open {
+                        id,
+                        pending: Vec::with_capacity(PENDING + 4096),
+                        path: self.dir.join(format!("{id}.gz")),
+                        stats: ObjectStats::default(),
+                    })
+                }
+            };
+            // The line goes straight into the partition's pending lines.
+            let at = part.pending.len();
+            let written = crate::envelope::write_flat(
+                &mut part.pending,
                 entry.time,
                 chunk.tag,
                 chunk.source,
                 seq,
                 entry.record,
-            )?;
-            self.line.push(b'\n');
-            let key = (chunk.tag.to_string(), hour_of(entry.time));
-            let part = match self.open.get_mut(&key) {
-                Some(p) => p,
-                None => {
-                    let id = self.next;
-                    self.next += 1;
-                    let path = self.dir.join(format!("{id}.gz"));
-                    self.open.entry(key.clone()).or_insert(Open {
-                        id,
-                        pending: Vec::with_capacity(PENDING + 4096),
-                        path,
-                        stats: ObjectStats::default(),
-                    })
-                }
-            };
-            part.pending.extend_from_slice(&self.line);
-            part.stats.add(
-                entry.time.as_unix_nanos(),
-                self.line.len(),
-                chunk.source,
-                seq,
             );
+            if let Err(e) = written {
+                part.pending.truncate(at);
+                return Err(e.into());
+            }
+            part.pending.push(b'\n');
+            let len = part.pending.len() - at;
+            part.stats
+                .add(entry.time.as_unix_nanos(), len, chunk.source, seq);
             full |= part.stats.bytes >= self.max_bytes;
             if part.pending.len() >= PENDING {
-                self.compress(&key)?;
+                self.compress(chunk.tag, hour)?;
             }
         }
-        Ok(full || self.open.len() >= self.max_open)
+        Ok(full || self.partitions >= self.max_open)
     }
 
     /// Finishes every open partition (in (tag, hour) order). On an error every file of
     /// the stage is removed (the gathering is read again).
     pub fn finish(&mut self) -> Result<Vec<Staged>, DeliverError> {
-        let keys: Vec<(String, u64)> = self.open.keys().cloned().collect();
+        let keys: Vec<(String, u64)> = self
+            .open
+            .iter()
+            .flat_map(|(tag, hours)| hours.keys().map(move |&h| (tag.clone(), h)))
+            .collect();
+        let mut ids = Vec::with_capacity(keys.len());
         let mut sent = Ok(());
-        for key in &keys {
-            if sent.is_ok() && !self.open[key].pending.is_empty() {
-                sent = self.compress(key);
+        for (tag, hour) in &keys {
+            let part = &self.open[tag][hour];
+            ids.push(part.id);
+            if sent.is_ok() && !part.pending.is_empty() {
+                sent = self.compress(tag, *hour);
             }
         }
-        let ids: Vec<u64> = keys.iter().map(|k| self.open[k].id).collect();
         let lens = sent.and_then(|()| {
             self.to_compressor
                 .send(Cmd::Finish(ids))
@@ -473,12 +488,17 @@ impl Stage {
                 return Err(e);
             }
         };
+        let mut open = std::mem::take(&mut self.open);
+        self.partitions = 0;
         let mut out = Vec::with_capacity(keys.len());
-        for (key, (_, len)) in keys.into_iter().zip(lens) {
-            let part = self.open.remove(&key).expect("listed");
+        for ((tag, hour), (_, len)) in keys.into_iter().zip(lens) {
+            let part = open
+                .get_mut(&tag)
+                .and_then(|hours| hours.remove(&hour))
+                .expect("listed");
             out.push(Staged {
-                tag: key.0,
-                hour: key.1,
+                tag,
+                hour,
                 path: part.path,
                 len,
                 stats: part.stats,
@@ -497,9 +517,13 @@ impl Stage {
                 let _ = replies.recv();
             }
         }
-        for (_, part) in std::mem::take(&mut self.open) {
+        for part in std::mem::take(&mut self.open)
+            .into_values()
+            .flat_map(|h| h.into_values())
+        {
             let _ = std::fs::remove_file(&part.path);
         }
+        self.partitions = 0;
     }
 }
 

@@ -135,10 +135,10 @@ async fn put_once(
                 .map(|_| ()),
             // Multipart uploads have no create-only mode in object_store: the look
             // above guards the key, a create-only put cannot.
-            Body::File(staged) => match put_parts(store, &path, staged).await {
-                Ok(()) => Ok(()),
-                Err(e) => return Err(e),
-            },
+            Body::File(staged) => {
+                put_parts(store, &path, staged).await?;
+                Ok(())
+            }
         };
         match put {
             Ok(()) => {
@@ -342,8 +342,7 @@ impl ObjectWriter {
     /// `<prefix>/_sluice/hours/dt=<date>/hour=<HH>/<relay>-<incarnation>.json`
     fn marker_path(&self, hour: u64) -> ObjectPath {
         let (dt, hh) = date_and_hour(hour);
-        let prefix = ObjectPath::from(self.prefix.as_str());
-        let path: ObjectPath = prefix
+        ObjectPath::from(self.prefix.as_str())
             .parts()
             .map(|p| PathPart::from(p.as_ref().to_string()))
             .chain(
@@ -357,8 +356,7 @@ impl ObjectWriter {
                 .into_iter()
                 .map(PathPart::from),
             )
-            .collect();
-        path
+            .collect()
     }
 
     async fn put_json(
@@ -489,26 +487,15 @@ impl ObjectWriter {
     ) -> Result<(ObjectPath, bool), DeliverError> {
         let values = self.values(&staged.tag, staged.hour, batch);
         let key = |copy| self.template.key(&values, copy);
-        if staged.len <= MULTIPART_AT {
-            let body = staged.read().map_err(|e| {
+        let body = if staged.len <= MULTIPART_AT {
+            let bytes = staged.read().map_err(|e| {
                 DeliverError::Transient(format!("read {}: {e}", staged.path.display()))
             })?;
-            put_once(
-                self.store.as_ref(),
-                key,
-                Body::Memory(body.into()),
-                &self.create_only,
-            )
-            .await
+            Body::Memory(bytes.into())
         } else {
-            put_once(
-                self.store.as_ref(),
-                key,
-                Body::File(staged),
-                &self.create_only,
-            )
-            .await
-        }
+            Body::File(staged)
+        };
+        put_once(self.store.as_ref(), key, body, &self.create_only).await
     }
 }
 
