@@ -26,6 +26,9 @@ use tokio_util::sync::CancellationToken;
 pub struct Readiness {
     started: AtomicBool,
     refusing: AtomicBool,
+    /// Destinations failing with an error someone must fix (refused credentials or
+    /// permissions, a missing topic), with the error: data only piles up in the spool.
+    failing: std::sync::Mutex<std::collections::BTreeMap<String, String>>,
 }
 
 impl Readiness {
@@ -36,15 +39,39 @@ impl Readiness {
     pub fn set_refusing(&self, refusing: bool) {
         self.refusing.store(refusing, Ordering::Relaxed)
     }
-    pub fn get(&self) -> bool {
-        self.started.load(Ordering::Relaxed) && !self.refusing.load(Ordering::Relaxed)
+    /// A destination fails with an error that needs someone to act (`Some(error)`), or
+    /// delivers again (`None`).
+    pub fn set_failing(&self, what: &str, error: Option<&str>) {
+        let mut failing = self.failing.lock().unwrap_or_else(|e| e.into_inner());
+        match error {
+            Some(e) => failing.insert(what.to_string(), e.to_string()),
+            None => failing.remove(what),
+        };
     }
-    fn reason(&self) -> &'static str {
+    pub fn get(&self) -> bool {
+        self.started.load(Ordering::Relaxed)
+            && !self.refusing.load(Ordering::Relaxed)
+            && self
+                .failing
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_empty()
+    }
+    fn reason(&self) -> String {
         if !self.started.load(Ordering::Relaxed) {
-            "not ready: starting or stopping\n"
-        } else {
-            "not ready: the spool refuses writes (full, or failing); see sluice_relay_spool_full and sluice_relay_spool_errors_total\n"
+            return "not ready: starting or stopping\n".into();
         }
+        if self.refusing.load(Ordering::Relaxed) {
+            return "not ready: the spool refuses writes (full, or failing); see sluice_relay_spool_full and sluice_relay_spool_errors_total\n".into();
+        }
+        let failing = self.failing.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out = String::from(
+            "not ready: a destination fails until someone acts (data waits in the spool):\n",
+        );
+        for (what, error) in failing.iter() {
+            out.push_str(&format!("  {what}: {error}\n"));
+        }
+        out
     }
 }
 

@@ -255,8 +255,18 @@ pub fn record_value<'a>(
     record: &'a [u8],
     key: &str,
 ) -> Result<Option<(FieldValue<'a>, &'static str)>, DecodeError> {
+    record_path_value(record, &[key])
+}
+
+/// Reads the field at `path` of a raw record: `["kubernetes", "namespace"]` is field
+/// `namespace` of the map in field `kubernetes`. `Ok(None)` if a field on the way is
+/// missing or not a map.
+pub fn record_path_value<'a>(
+    record: &'a [u8],
+    path: &[&str],
+) -> Result<Option<(FieldValue<'a>, &'static str)>, DecodeError> {
     let mut r = Reader::new(record);
-    let n = match r.head()? {
+    let mut n = match r.head()? {
         Head::Map(n) => n,
         other => {
             return Err(malformed(format!(
@@ -265,8 +275,28 @@ pub fn record_value<'a>(
             )))
         }
     };
+    let Some((last, on_the_way)) = path.split_last() else {
+        return Ok(None);
+    };
+    for key in on_the_way {
+        let mut inner = None;
+        for _ in 0..n {
+            if read_key(&mut r)? == Some(key.as_bytes()) {
+                match r.head()? {
+                    Head::Map(m) => inner = Some(m),
+                    _ => return Ok(None),
+                }
+                break;
+            }
+            r.value(MAX_DEPTH)?;
+        }
+        match inner {
+            Some(m) => n = m,
+            None => return Ok(None),
+        }
+    }
     for _ in 0..n {
-        if read_key(&mut r)? == Some(key.as_bytes()) {
+        if read_key(&mut r)? == Some(last.as_bytes()) {
             let head = r.head()?;
             let value = match head {
                 Head::Str(n) | Head::Bin(n) => FieldValue::Bytes(r.take(n)?),
@@ -438,5 +468,30 @@ mod tests {
         assert_eq!(record_field(&rec, "missing").unwrap(), None);
         assert!(record_field(&rec, "n").is_err());
         assert!(record_field(&[0x90], "n").is_err());
+    }
+
+    #[test]
+    fn nested_fields_are_found_by_path() {
+        // {"k8s": {"ns": "prod", "n": 3}, "ns": "top", "flat": 1}
+        let mut rec = Vec::new();
+        write_map_len(&mut rec, 3);
+        write_str(&mut rec, "k8s");
+        write_map_len(&mut rec, 2);
+        write_str(&mut rec, "ns");
+        write_str(&mut rec, "prod");
+        write_str(&mut rec, "n");
+        rec.push(0x03);
+        write_str(&mut rec, "ns");
+        write_str(&mut rec, "top");
+        write_str(&mut rec, "flat");
+        rec.push(0x01);
+        let at = |path: &[&str]| record_path_value(&rec, path).unwrap().map(|(v, _)| v);
+        assert_eq!(at(&["k8s", "ns"]), Some(FieldValue::Bytes(b"prod")));
+        assert_eq!(at(&["k8s", "n"]), Some(FieldValue::Int(3)));
+        assert_eq!(at(&["ns"]), Some(FieldValue::Bytes(b"top")));
+        assert_eq!(at(&["k8s", "missing"]), None);
+        assert_eq!(at(&["flat", "x"]), None, "not a map on the way");
+        assert_eq!(at(&["missing", "ns"]), None);
+        assert_eq!(at(&[]), None);
     }
 }

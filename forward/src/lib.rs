@@ -111,7 +111,7 @@ pub use frame::{
 };
 pub use gzip::{gunzip, gzip_entries, Gzip, GzipWriter};
 pub use handshake::{ct_eq, password_digest, shared_key_digest, Helo, Ping, Pong};
-pub use json::{record_field, record_to_json, record_value, FieldValue};
+pub use json::{record_field, record_path_value, record_to_json, record_value, FieldValue};
 pub use limits::{Limits, MAX_DEPTH};
 pub use options::{Options, Provenance};
 pub use reject::RejectReason;

@@ -11,7 +11,7 @@ use sluice_core::units::{ByteSize, Span};
 
 pub use crate::sinks::discard::DiscardSink;
 pub use crate::sinks::file::FileSink;
-pub use crate::sinks::kafka::KafkaSink;
+pub use crate::sinks::kafka::{KafkaSink, KafkaValue};
 pub use crate::sinks::object::ObjectSink;
 pub use crate::sinks::{SinkCommon, SinkConfig, SinkKind, StartFrom};
 

@@ -115,6 +115,7 @@ pub async fn run(config: RelayConfig) -> anyhow::Result<()> {
 
     let sink_stop = CancellationToken::new();
     let sink_abort = CancellationToken::new();
+    let ready = Arc::new(sluice_core::metrics::Readiness::default());
     let mut sink_tasks = Vec::new();
     let mut required = Vec::new();
     let ack_demand = (config.server.ack == AckMode::EndToEnd)
@@ -200,12 +201,12 @@ pub async fn run(config: RelayConfig) -> anyhow::Result<()> {
                 .map(|d| d.subscribe()),
             stop: sink_stop.clone(),
             abort: sink_abort.clone(),
+            ready: ready.clone(),
         };
         tracing::info!(sink = %sink.name, cursor = ?start, "sink started");
         sink_tasks.push(tokio::spawn(sinks::run_sink(run)));
     }
 
-    let ready = Arc::new(sluice_core::metrics::Readiness::default());
     writer.report_readiness(ready.clone());
     let writer_stopping = writer.stopping();
     let (writer_tx, writer_rx) = mpsc::channel::<WriterMsg>(256);

@@ -73,6 +73,17 @@ pub struct RelayMetrics {
     pub hours_closed: Family<SinkLabel, Counter>,
     /// Object sinks: seconds from the end of the last closed hour to its manifest.
     pub hour_close_delay: Family<SinkLabel, Gauge>,
+    /// Kafka sinks: events sent to `default_topic` instead of their own, by reason.
+    pub kafka_rerouted: Family<SinkReason, Counter>,
+    /// Events kept in a sink's dead-letter location, by reason.
+    pub dead_letters: Family<SinkReason, Counter>,
+    /// Kafka sinks: messages read back to find what a cut-short delivery wrote.
+    pub kafka_readback_messages: Family<SinkLabel, Counter>,
+    /// Kafka sinks: seconds the last read-back took.
+    pub kafka_readback_seconds: Family<SinkLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    /// 1 while a sink's last delivery failed with an error that will not go away by
+    /// itself (it also makes /ready false).
+    pub sink_failing: Family<SinkLabel, Gauge>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -121,6 +132,11 @@ impl RelayMetrics {
             late_events: Default::default(),
             hours_closed: Default::default(),
             hour_close_delay: Default::default(),
+            kafka_rerouted: Default::default(),
+            dead_letters: Default::default(),
+            kafka_readback_messages: Default::default(),
+            kafka_readback_seconds: Default::default(),
+            sink_failing: Default::default(),
         }
     }
 
@@ -290,6 +306,31 @@ impl RelayMetrics {
             "hour_close_delay_seconds",
             "Object sinks: seconds from the end of the last closed hour to its manifest (time to completeness)",
             self.hour_close_delay.clone(),
+        );
+        r.register(
+            "kafka_rerouted",
+            "Kafka sinks: events sent to default_topic because their topic could not be rendered (missing_field), is not a legal name (invalid_topic) or does not exist (unknown_topic); events whose key fell back to the source id (key_missing_field) or raw value to the envelope (value_missing_field)",
+            self.kafka_rerouted.clone(),
+        );
+        r.register(
+            "dead_letters",
+            "Events a sink could not deliver and kept in its dead-letter location, by sink and reason",
+            self.dead_letters.clone(),
+        );
+        r.register(
+            "kafka_readback_messages",
+            "Kafka sinks: messages read back after a failed attempt or a crash, to find what was already written",
+            self.kafka_readback_messages.clone(),
+        );
+        r.register(
+            "kafka_readback_seconds",
+            "Kafka sinks: how long the last read-back took",
+            self.kafka_readback_seconds.clone(),
+        );
+        r.register(
+            "sink_failing",
+            "1 while a sink fails with an error that needs someone to act (authentication, authorization, a missing topic); /ready is false then",
+            self.sink_failing.clone(),
         );
     }
 

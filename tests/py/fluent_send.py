@@ -6,7 +6,9 @@
 
 Each event is {"message": "<prefix><number zero-padded to 8>"}, numbers --first ..
 --first+N-1, with an EventTime (nanoseconds) of --time (default: now), or spread evenly
-over the --spread seconds after --time. Prints {"sent": N}
+over the --spread seconds after --time. --field KEY=V1,V2,... adds field KEY to event i
+with value V[i % count] (an empty value leaves the field out). --source S (with --ack)
+sends sluice provenance: source id S, seq = each event's number. Prints {"sent": N}
 on success; exits 1 if any event could not be sent (or, with --ack, was not acknowledged).
 
 Default mode: the official `fluent-logger` client (fluent.sender.FluentSender), which
@@ -58,7 +60,26 @@ def main():
     ap.add_argument("--ack-timeout", type=float, default=30.0, help="seconds to wait for one ack (--ack)")
     ap.add_argument("--tls-ca", help="CA file: connect with TLS (--ack only)")
     ap.add_argument("--server-name", help="TLS server name (default --host)")
+    ap.add_argument("--source", help="--ack: send sluice provenance, source id S and seq = the event's number")
+    ap.add_argument("--field", action="append", default=[], metavar="KEY=V1,V2,...",
+                    help="add KEY to event i with value V[i %% count]; empty values leave it out (repeatable)")
     args = ap.parse_args()
+    fields = []
+    for f in args.field:
+        key, sep, values = f.partition("=")
+        if not sep or not key:
+            fail(f"--field {f!r}: expected KEY=V1,V2,...")
+        fields.append((key, values.split(",")))
+
+    def record(n):
+        r = {"message": f"{args.prefix}{n:08d}" + "x" * args.pad}
+        for key, values in fields:
+            v = values[(n - args.first) % len(values)]
+            if v:
+                r[key] = v
+        return r
+
+    args.record = record
     if args.count < 0 or args.batch < 1:
         fail("--count must be >= 0 and --batch >= 1")
     if args.tls_ca and not args.ack:
@@ -95,7 +116,7 @@ def send_with_fluent_logger(args, numbers, event_time):
     failed = 0
     first_error = None
     for n in numbers:
-        if not sender.emit_with_time(None, event_time(), {"message": f"{args.prefix}{n:08d}" + "x" * args.pad}):
+        if not sender.emit_with_time(None, event_time(), args.record(n)):
             failed += 1
             if first_error is None:
                 first_error = sender.last_error
@@ -122,9 +143,12 @@ def send_with_acks(args, numbers, event_time):
         for i in range(0, len(numbers), args.batch):
             batch = numbers[i : i + args.batch]
             chunk = base64.b64encode(os.urandom(16)).decode()
-            entries = [[event_time(), {"message": f"{args.prefix}{n:08d}" + "x" * args.pad}] for n in batch]
+            entries = [[event_time(), args.record(n)] for n in batch]
             sock.settimeout(args.timeout)
-            sock.sendall(msgpack.packb([args.tag, entries, {"chunk": chunk, "size": len(entries)}]))
+            options = {"chunk": chunk, "size": len(entries)}
+            if args.source:
+                options["sluice"] = {"src": args.source, "seq": list(batch)}
+            sock.sendall(msgpack.packb([args.tag, entries, options]))
             wait_ack(sock, unpacker, chunk, args.ack_timeout)
     except (OSError, ValueError) as e:
         fail(f"sending to {args.host}:{args.port} failed after {i} of {len(numbers)} events: {e}")

@@ -9,9 +9,9 @@
 //! The cursor and the sink's ledger counts are saved together after every delivery
 //! (one appended record, [`super::state`]), so after a crash they agree; a chunk
 //! delivered but not yet recorded is delivered again, and must not duplicate: object keys
-//! are deterministic, so object storage overwrites; the Kafka sink saves its partition
-//! offsets with the cursor and, after a crash, reads back what the lost delivery had
-//! already written and skips it (see `kafka/writer.rs`).
+//! are deterministic and create-only, so the repeat finds its objects written; the Kafka
+//! sink saves its partitions' marks before it produces and, after a crash, reads back
+//! what the lost delivery had already written and skips it (see `kafka/writer.rs`).
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -59,6 +59,8 @@ pub struct SinkRun {
     pub stop: CancellationToken,
     /// Give up on the current delivery (shutdown timeout passed).
     pub abort: CancellationToken,
+    /// False while the sink fails with an error someone must fix.
+    pub ready: Arc<sluice_core::metrics::Readiness>,
 }
 
 /// Reads the spool and delivers until `stop`, then flushes what was gathered.
@@ -320,6 +322,19 @@ async fn deliver_with_retry(
     offered: bool,
 ) -> Outcome {
     let label = s.metrics.sink(name);
+    // What the sink must know before anything of this gathering is written (the Kafka
+    // sink's routes and partition marks), then saved in the intent below.
+    let mut backoff = s.config.retry_min.get();
+    loop {
+        let prepared = tokio::select! {
+            _ = s.abort.cancelled() => return Outcome::Aborted,
+            r = s.deliver.prepare(gathered) => r,
+        };
+        let Err(e) = prepared else { break };
+        if !wait_to_retry(s, name, &label, &e, &mut backoff, gathered.events).await {
+            return Outcome::Aborted;
+        }
+    }
     let intent = s.deliver.intent_state();
     let exact = s.deliver.replays_exactly();
     if intent.is_some() || exact {
@@ -402,6 +417,8 @@ async fn deliver_with_retry(
                 if started.elapsed() > Duration::from_secs(5) {
                     tracing::info!(sink = %name, after = ?started.elapsed(), "sink recovered; delivery succeeded");
                 }
+                s.metrics.sink_failing.get_or_create(&label).set(0);
+                s.ready.set_failing(&format!("sink {name:?}"), None);
                 return Outcome::Delivered;
             }
             Err(DeliverError::Reread(e)) => {
@@ -410,28 +427,48 @@ async fn deliver_with_retry(
                 return Outcome::Reread;
             }
             Err(e) => {
-                s.metrics.sink_retries.get_or_create(&label).inc();
-                if e.is_permanent() {
-                    // Retrying soon will not help; retry slowly, in case someone fixes it.
-                    s.metrics.sink_permanent_errors.get_or_create(&label).inc();
-                    backoff = s.config.retry_max.get();
+                if !wait_to_retry(s, name, &label, &e, &mut backoff, gathered.events).await {
+                    return Outcome::Aborted;
                 }
-                // Jitter keeps many relays from hammering a recovering broker in step.
-                let jitter = rand::random::<f64>() * 0.5 + 0.75;
-                let wait = backoff.mul_f64(jitter);
-                if e.is_permanent() {
-                    tracing::error!(sink = %name, error = %e, retry_in = ?wait, events = gathered.events, "delivery failed and will fail again until the cause is fixed (data stays in the spool)");
-                } else {
-                    tracing::warn!(sink = %name, error = %e, retry_in = ?wait, events = gathered.events, "delivery failed; will retry (data stays in the spool)");
-                }
-                tokio::select! {
-                    _ = s.abort.cancelled() => return Outcome::Aborted,
-                    _ = tokio::time::sleep(wait) => {}
-                }
-                backoff = (backoff * 2).min(s.config.retry_max.get());
             }
         }
     }
+}
+
+/// After a failed attempt: counts it, says it, and waits with exponential backoff and
+/// jitter (a permanent error waits `retry_max` and makes the relay not ready until the
+/// sink delivers again). False when the wait was aborted.
+async fn wait_to_retry(
+    s: &mut SinkRun,
+    name: &str,
+    label: &crate::metrics::SinkLabel,
+    e: &DeliverError,
+    backoff: &mut Duration,
+    events: u64,
+) -> bool {
+    s.metrics.sink_retries.get_or_create(label).inc();
+    if e.is_permanent() {
+        // Retrying soon will not help; retry slowly, in case someone fixes it.
+        s.metrics.sink_permanent_errors.get_or_create(label).inc();
+        s.metrics.sink_failing.get_or_create(label).set(1);
+        s.ready
+            .set_failing(&format!("sink {name:?}"), Some(&e.to_string()));
+        *backoff = s.config.retry_max.get();
+    }
+    // Jitter keeps many relays from hammering a recovering broker in step.
+    let jitter = rand::random::<f64>() * 0.5 + 0.75;
+    let wait = backoff.mul_f64(jitter);
+    if e.is_permanent() {
+        tracing::error!(sink = %name, error = %e, retry_in = ?wait, events, "delivery failed and will fail again until the cause is fixed (data stays in the spool; /ready is false)");
+    } else {
+        tracing::warn!(sink = %name, error = %e, retry_in = ?wait, events, "delivery failed; will retry (data stays in the spool)");
+    }
+    tokio::select! {
+        _ = s.abort.cancelled() => return false,
+        _ = tokio::time::sleep(wait) => {}
+    }
+    *backoff = (*backoff * 2).min(s.config.retry_max.get());
+    true
 }
 
 /// A damaged spool stretch this sink passes over: counted in the metrics by whoever
@@ -564,6 +601,7 @@ mod tests {
             metrics,
             stop,
             abort: CancellationToken::new(),
+            ready: Default::default(),
         };
         (run, committed_tx)
     }

@@ -274,6 +274,17 @@ pub trait Deliver: Send {
         None
     }
 
+    /// Called for each gathering before its [`Deliver::intent_state`] is saved and its
+    /// first attempt, and again after an error, until it succeeds: what the sink must
+    /// settle before anything of the gathering is written (the Kafka sink's topics and
+    /// the partition marks a read-back would start from).
+    fn prepare<'a>(
+        &'a mut self,
+        _batch: &'a Gathered,
+    ) -> futures::future::BoxFuture<'a, Result<(), DeliverError>> {
+        Box::pin(async { Ok(()) })
+    }
+
     /// State the sink needs after a crash to avoid delivering twice, saved atomically
     /// with the cursor after every successful delivery.
     fn recovery_state(&self) -> Option<serde_json::Value> {

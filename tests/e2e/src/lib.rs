@@ -108,7 +108,8 @@ impl Services {
                 "--expect",
                 &expect.to_string(),
                 "--timeout",
-                "120",
+                // ~30,000 messages/s read and checked here, with room for a loaded machine.
+                &(120 + expect / 10_000).to_string(),
             ],
         )
     }
@@ -515,6 +516,8 @@ impl Services {
 pub struct PrivateService {
     pub addr: String,
     child: Child,
+    /// Starts the service again on the same address (a service whose data survives it).
+    respawn: Option<Box<dyn Fn() -> Child>>,
 }
 
 impl PrivateService {
@@ -538,9 +541,73 @@ impl PrivateService {
             .stderr(std::fs::File::create(log).expect("tansu log"))
             .spawn()
             .expect("cannot start tansu (scripts/test installs it into ~/.cargo/bin)");
-        let service = PrivateService { addr, child };
+        let service = PrivateService {
+            addr,
+            child,
+            respawn: None,
+        };
         svc.py("wait_ready.py", &["--kafka", &service.addr]);
         service
+    }
+
+    /// A tansu that keeps its data in `bucket` on the test S3 server (tansu's dynostore
+    /// engine, `s3://`), so it can be killed and started again with its topics intact:
+    /// a real broker restart. The bucket must exist.
+    pub fn tansu_on_s3(svc: &Services, bucket: &str, log: &Path) -> PrivateService {
+        let port = free_port();
+        let addr = format!("127.0.0.1:{port}");
+        let url = format!("tcp://{addr}");
+        let (endpoint, storage, log) = (
+            svc.s3_endpoint.clone(),
+            format!("s3://{bucket}/"),
+            log.to_path_buf(),
+        );
+        let spawn = move || {
+            let log = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&log)
+                .expect("tansu log");
+            die_with_test(&mut Command::new("tansu"))
+                .args([
+                    "broker",
+                    "--storage-engine",
+                    &storage,
+                    "--listener-url",
+                    &url,
+                    "--advertised-listener-url",
+                    &url,
+                ])
+                .env("RUST_LOG", "warn")
+                .env("AWS_ENDPOINT", &endpoint)
+                .env("AWS_ALLOW_HTTP", "true")
+                .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .expect("cannot start tansu (scripts/test installs it into ~/.cargo/bin)")
+        };
+        let service = PrivateService {
+            addr,
+            child: spawn(),
+            respawn: Some(Box::new(spawn)),
+        };
+        svc.py("wait_ready.py", &["--kafka", &service.addr]);
+        service
+    }
+
+    /// kill -9, then start it again on the same address once `down` has passed, and wait
+    /// until it answers. Only for a service whose data survives ([`Self::tansu_on_s3`]).
+    pub fn kill_and_restart(&mut self, svc: &Services, down: Duration) {
+        let respawn = self
+            .respawn
+            .as_ref()
+            .expect("only a service whose data survives it can be restarted");
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        std::thread::sleep(down); // the outage itself, not a synchronisation
+        self.child = respawn();
+        svc.py("wait_ready.py", &["--kafka", &self.addr]);
     }
 
     pub fn moto(svc: &Services, log: &Path) -> PrivateService {
@@ -555,6 +622,7 @@ impl PrivateService {
         let service = PrivateService {
             addr: format!("http://127.0.0.1:{port}"),
             child,
+            respawn: None,
         };
         svc.py("wait_ready.py", &["--s3", &service.addr]);
         service

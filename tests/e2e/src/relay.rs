@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde_json::json;
 pub use sluice_relay::config::{
-    AckMode, FsyncMode, KafkaSink, MetricsSection, ObjectSink, RateLimit, RelayConfig,
+    AckMode, FsyncMode, KafkaSink, KafkaValue, MetricsSection, ObjectSink, RateLimit, RelayConfig,
     RelaySection, ServerSection, SinkCommon, SinkConfig, SinkKind, SpoolSection, StartFrom,
 };
 

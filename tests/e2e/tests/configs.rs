@@ -112,6 +112,24 @@ fn check_config_explains_mistakes() {
     );
     assert!(out.contains("kafak"), "{out}");
 
+    let out = broken(
+        "sluice-relay",
+        &relay_base.replace("default_topic = \"logs\"\n", ""),
+    );
+    assert!(
+        out.contains("has placeholders: set default_topic"),
+        "a topic template needs a default topic: {out}"
+    );
+
+    let out = broken(
+        "sluice-relay",
+        &relay_base.replace("{record.service}", "{record.sevrice.}"),
+    );
+    assert!(
+        out.contains("unknown placeholder {record.sevrice.}"),
+        "a bad placeholder is named: {out}"
+    );
+
     let agent_base = std::fs::read_to_string(repo().join("configs/agent.toml")).unwrap();
     let out = broken(
         "sluice-agent",

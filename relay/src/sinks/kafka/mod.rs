@@ -1,14 +1,19 @@
-//! `type = "kafka"`: one message per event (the JSON envelope), keyed by source id, with
-//! headers `tag`, `source` and `seq`; idempotent producer, `acks=all` (see `writer.rs`
-//! for what guards against duplicates across retries and crashes).
+//! `type = "kafka"`: one message per event (the JSON envelope or the raw line), to the
+//! topic of a template, keyed by source id, with provenance headers; idempotent
+//! producer, `acks=all`. `writer.rs`: deliveries, order and why retries and crashes do
+//! not duplicate; `recovery.rs`: marks and read-backs; `template.rs`: topic and key
+//! templates; `deadletter.rs`: events Kafka cannot take.
 
 mod config;
+mod deadletter;
 mod readback;
+mod recovery;
+mod template;
 mod writer;
 
 use futures::future::BoxFuture;
 
-pub use config::KafkaSink;
+pub use config::{KafkaSink, KafkaValue};
 pub use writer::KafkaWriter;
 
 use crate::readback::Found;
@@ -16,10 +21,9 @@ use crate::sinks::spec::{Deliver, ReadBackContext, SinkContext, SinkSpec};
 
 impl SinkSpec for KafkaSink {
     fn validate(&self, name: &str) -> Result<(), String> {
-        if self.topic.is_empty() || self.brokers.is_empty() {
-            return Err(format!("sink {name:?}: brokers and topic must be set"));
-        }
-        Ok(())
+        self.check(name)?;
+        deadletter::DeadLetters::check(&self.dead_letter_url, &self.dead_letter_options)
+            .map_err(|e| format!("sink {name:?}: {e}"))
     }
 
     fn describe(&self) -> String {
@@ -27,7 +31,13 @@ impl SinkSpec for KafkaSink {
     }
 
     fn build(&self, ctx: &SinkContext<'_>) -> Result<Box<dyn Deliver>, String> {
-        Ok(Box::new(KafkaWriter::new(ctx.name, self)?))
+        Ok(Box::new(KafkaWriter::new(
+            ctx.name,
+            ctx.relay,
+            ctx.data_dir,
+            ctx.metrics.clone(),
+            self,
+        )?))
     }
 
     fn read_back<'a>(
@@ -37,6 +47,11 @@ impl SinkSpec for KafkaSink {
         let (brokers, topic, timeout) =
             (self.brokers.clone(), self.topic.clone(), ctx.kafka_timeout);
         Box::pin(async move {
+            if !template::Template::parse(&topic).is_ok_and(|t| t.constant().is_some()) {
+                return Err(format!(
+                    "topic {topic:?} is a template: reconcile reads one topic per sink for now"
+                ));
+            }
             tokio::task::spawn_blocking(move || readback::read_kafka(&brokers, &topic, timeout))
                 .await
                 .map_err(|e| e.to_string())?

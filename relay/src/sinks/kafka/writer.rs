@@ -1,63 +1,104 @@
-//! Kafka sink: one message per event (the JSON envelope), keyed by the event's source id
-//! so one source's events keep their order within a partition, with headers `tag`,
-//! `source` and `seq`.
+//! Kafka sink: one message per event, to the topic its template gives, keyed by its
+//! source id (by default) so that one source's events share a partition, with headers
+//! `tag`, `source`, `seq`, `relay` and `agent`, and the event's own time as the
+//! message's CreateTime.
 //!
 //! The producer is idempotent with `acks=all`; a gathered batch counts as delivered only
-//! when the broker acknowledged every message of it. Events are produced one per
-//! message, so a large chunk can never exceed the broker's message limit; a single event
-//! larger than `max_message` is skipped, counted (`sink_dropped{reason="too_large"}`) and
-//! logged — it is still in every other sink — instead of stalling the sink forever.
+//! when the broker acknowledged every message of it. An event larger than the topic
+//! allows (`max_message`, lowered at start to the topic's `max.message.bytes`, or the
+//! broker's refusal) is kept in the dead-letter location with its reason and provenance
+//! (`deadletter.rs`) and the stream goes on.
 //!
-//! At start the sink reads the topic's `max.message.bytes` (DescribeConfigs). The broker
-//! applies it to a whole record batch, so with a topic limit below the producer's batch
-//! size every batch of small events would be refused: the producer's `batch.size` and
-//! `message.max.bytes` are kept under the topic's limit, and `max_message` lowered to it.
+//! No duplicates from the relay's own retries or crashes, and recovery bounded by what
+//! could have been written, however large and shared the topic (`recovery.rs`):
+//! - before a gathering is produced (`prepare`) the sink takes the *marks* of its topics
+//!   (every partition's end) and saves them in the intent, with the cursor;
+//! - a retry after a failed attempt (a timed-out message may have landed anyway), and the
+//!   first delivery after a crash in the middle of one, first read this relay's messages
+//!   back from those marks and skip the events whose `(source, seq)` they find;
+//! - a crash's marks are carried (and saved again) until a delivery has gone past the
+//!   end of the gathering the crash cut short, so a second crash before then still
+//!   reads back from the first one's marks.
 //!
-//! No duplicates from the relay's own retries or crashes:
-//! - a failed attempt remembers which events the broker did acknowledge, and the retry of
-//!   the same batch sends only the others;
-//! - after every delivery the sink saves, with its cursor, the offset after its last
-//!   acknowledged message in each partition. After a crash, before delivering again, it
-//!   reads every partition from there to its end and skips the events whose
-//!   `(source, seq)` it finds: those the lost delivery had already written.
+//! Order: within one attempt librdkafka's idempotent producer keeps each partition's
+//! messages in order, retries included. An attempt stops producing at the first failure
+//! it sees; its retry sends only what the read-back did not find, so an event whose
+//! message failed can land after later events of the same source that were already in
+//! flight (never twice). Its `seq` header tells its place.
+//! Events without provenance (a client that sends no source id) cannot be found by a
+//! read-back: a crash in the middle of their delivery can repeat them.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
+use rdkafka::consumer::BaseConsumer;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, Headers, OwnedHeaders};
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use sluice_spool::Position;
 
-use super::config::KafkaSink;
+use super::config::{KafkaSink, KafkaValue};
+use super::deadletter::{DeadLetters, Letter};
+use super::recovery::{self, Found, TopicMarks};
+use super::template::{legal_topic, Template};
 use crate::envelope;
+use crate::metrics::{RelayMetrics, SinkReason};
 use crate::sinks::spec::{Deliver, DeliverError, DeliverFuture, Delivered, Gathered};
+
+/// How long metadata about a topic (whether it exists, its partitions) is trusted.
+const TOPIC_INFO_TTL: Duration = Duration::from_secs(30);
+/// Bytes a record batch of one message adds around the event (batch header, record
+/// framing, headers), kept free under the topic's limit.
+const BATCH_OVERHEAD: usize = 1024;
+const ADMIN_TIMEOUT: Duration = Duration::from_secs(10);
+const READ_BACK_TIMEOUT: Duration = Duration::from_secs(120);
 
 pub struct KafkaWriter {
     name: String,
-    topic: String,
-    brokers: String,
+    relay: String,
+    topic: Template,
+    default_topic: Option<String>,
+    key: Template,
+    key_is_source: bool,
+    value: KafkaValue,
+    raw_field: String,
     max_message: usize,
     client: ClientConfig,
     producer: FutureProducer,
-    buf: Vec<u8>,
-    pending: Vec<(DeliveryFuture, usize)>,
-    /// Per partition, the offset after the last message this sink had acknowledged.
-    offsets: BTreeMap<i32, i64>,
-    /// Set at start after a previous run: read back from these offsets first.
-    recover_from: Option<BTreeMap<i32, i64>>,
-    /// Seqs by source found in Kafka past the saved offsets: already delivered.
-    skip: HashMap<String, HashSet<u64>>,
+    consumer: Arc<BaseConsumer>,
+    properties: BTreeMap<String, String>,
+    dead: DeadLetters,
+    metrics: Arc<RelayMetrics>,
+
+    /// Topics by route number, and the route of each event of the prepared gathering
+    /// (empty when every event goes to route 0).
+    topics: Vec<String>,
+    route_of: HashMap<String, u32>,
+    routes: Vec<u32>,
+    topic_info: HashMap<String, (Vec<i32>, Instant)>,
+    /// The gathering `routes` and `marks` belong to.
+    prepared: Option<Position>,
+    /// Where this gathering's topics ended before it was produced (with a crash's
+    /// carried marks, the earlier of the two).
+    marks: TopicMarks,
+    /// The end of the furthest gathering the marks cover.
+    until: Position,
+    /// From a crash in the middle of a delivery: its marks and where its gathering
+    /// ended. Kept until a delivery ends at or past that.
+    carry: Option<(TopicMarks, Position)>,
+    /// Whether this run read back from the carried marks already.
+    carried_read: bool,
+    /// This relay's events found in Kafka by the last read-back: not sent again.
+    found: Found,
     /// The batch of a failed attempt and which of its events the broker acknowledged.
     retry: Option<(Position, Vec<bool>)>,
-    /// The librdkafka properties the config set (never overridden).
-    properties: BTreeMap<String, String>,
-}
 
-/// Bytes a record batch of one message adds around the event (batch header, record
-/// framing, the three headers), kept free under the topic's limit.
-const BATCH_OVERHEAD: usize = 1024;
+    buf: Vec<u8>,
+    text: String,
+    pending: Vec<(DeliveryFuture, usize)>,
+}
 
 /// The topic's `max.message.bytes`, as the broker reports it (`None` when it does not).
 async fn topic_max_message(client: &ClientConfig, topic: &str) -> Result<Option<usize>, String> {
@@ -65,7 +106,7 @@ async fn topic_max_message(client: &ClientConfig, topic: &str) -> Result<Option<
     use rdkafka::client::DefaultClientContext;
     let admin: AdminClient<DefaultClientContext> =
         client.create().map_err(|e| format!("admin client: {e}"))?;
-    let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(10)));
+    let opts = AdminOptions::new().request_timeout(Some(ADMIN_TIMEOUT));
     let results = admin
         .describe_configs(&[ResourceSpecifier::Topic(topic)], &opts)
         .await
@@ -86,47 +127,24 @@ async fn topic_max_message(client: &ClientConfig, topic: &str) -> Result<Option<
 }
 
 impl KafkaWriter {
-    /// Keeps batches and messages under the topic's `max.message.bytes` (`limit`):
-    /// lowers `max_message` and, unless `properties` set them, the producer's
-    /// `batch.size` and `message.max.bytes`, with a new producer (none was used yet).
-    fn fit_to_topic(
-        &mut self,
-        limit: usize,
-        properties: &BTreeMap<String, String>,
-    ) -> Result<(), String> {
-        let fits = limit.saturating_sub(BATCH_OVERHEAD).max(1);
-        if fits >= self.max_message && limit >= 1_000_000 {
-            return Ok(());
-        }
-        self.max_message = self.max_message.min(fits);
-        if !properties.contains_key("batch.size") {
-            self.client
-                .set("batch.size", fits.min(1_000_000).to_string());
-        }
-        if !properties.contains_key("message.max.bytes") {
-            self.client
-                .set("message.max.bytes", limit.max(1000).to_string());
-        }
-        self.producer = self.client.create().map_err(|e| {
-            format!(
-                "sink {:?}: cannot create the Kafka producer: {e}",
-                self.name
-            )
-        })?;
-        tracing::info!(sink = %self.name, topic = %self.topic, max_message_bytes = limit, max_message = self.max_message,
-            "the topic's max.message.bytes is below the producer's batch size or max_message: batches and messages are kept under it");
-        Ok(())
-    }
-
-    pub fn new(name: &str, cfg: &KafkaSink) -> Result<KafkaWriter, String> {
+    pub fn new(
+        name: &str,
+        relay: &str,
+        data_dir: &std::path::Path,
+        metrics: Arc<RelayMetrics>,
+        cfg: &KafkaSink,
+    ) -> Result<KafkaWriter, String> {
         let mut client = ClientConfig::new();
         client
             .set("bootstrap.servers", &cfg.brokers)
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("compression.type", &cfg.compression)
-            .set("linger.ms", "5")
-            .set("batch.size", "1000000")
+            .set("linger.ms", cfg.linger.get().as_millis().to_string())
+            .set(
+                "batch.size",
+                cfg.batch_size.as_u64().min(i32::MAX as u64).to_string(),
+            )
             .set("queue.buffering.max.messages", "1000000")
             .set("queue.buffering.max.kbytes", "1048576")
             .set(
@@ -143,139 +161,386 @@ impl KafkaWriter {
         let producer: FutureProducer = client
             .create()
             .map_err(|e| format!("sink {name:?}: cannot create the Kafka producer: {e}"))?;
-        Ok(KafkaWriter {
+        let consumer = recovery::consumer(&cfg.brokers, &cfg.properties, "sluice-marks")
+            .map_err(|e| format!("sink {name:?}: {e}"))?;
+        let dead = DeadLetters::new(
+            &cfg.dead_letter_url,
+            &cfg.dead_letter_options,
+            data_dir,
+            name,
+            relay,
+        )
+        .map_err(|e| format!("sink {name:?}: {e}"))?;
+        let topic = Template::parse(&cfg.topic).map_err(|e| format!("sink {name:?}: topic {e}"))?;
+        let key = Template::parse(&cfg.key).map_err(|e| format!("sink {name:?}: key {e}"))?;
+        let mut w = KafkaWriter {
             name: name.to_string(),
-            topic: cfg.topic.clone(),
-            brokers: cfg.brokers.clone(),
+            relay: relay.to_string(),
+            key_is_source: cfg.key == "{source}",
+            topic,
+            default_topic: cfg.default_topic.clone(),
+            key,
+            value: cfg.value,
+            raw_field: cfg.raw_field.clone(),
             max_message: cfg.max_message.as_usize(),
             client,
             producer,
-            buf: Vec::with_capacity(4096),
-            pending: Vec::new(),
-            offsets: BTreeMap::new(),
-            recover_from: None,
-            skip: HashMap::new(),
-            retry: None,
+            consumer: Arc::new(consumer),
             properties: cfg.properties.clone(),
-        })
+            dead,
+            metrics,
+            topics: Vec::new(),
+            route_of: HashMap::new(),
+            routes: Vec::new(),
+            topic_info: HashMap::new(),
+            prepared: None,
+            marks: TopicMarks::new(),
+            until: Position::default(),
+            carry: None,
+            carried_read: false,
+            found: Found::default(),
+            retry: None,
+            buf: Vec::with_capacity(4096),
+            text: String::new(),
+            pending: Vec::new(),
+        };
+        if let Some(t) = w.topic.constant() {
+            let t = t.to_string();
+            w.route(&t);
+        }
+        Ok(w)
     }
 
-    /// Reads back what a previous run may have written after its saved offsets.
-    async fn read_back(&mut self, from: BTreeMap<i32, i64>) -> Result<(), String> {
-        let (brokers, topic) = (self.brokers.clone(), self.topic.clone());
-        let started = Instant::now();
-        let (skip, read) = tokio::task::spawn_blocking(move || {
-            provenance_after(&brokers, &topic, &from, Duration::from_secs(60))
+    /// The route number of `topic`, new or known.
+    fn route(&mut self, topic: &str) -> u32 {
+        if let Some(r) = self.route_of.get(topic) {
+            return *r;
+        }
+        let r = self.topics.len() as u32;
+        self.topics.push(topic.to_string());
+        self.route_of.insert(topic.to_string(), r);
+        r
+    }
+
+    fn count(&self, reason: &str, n: u64) {
+        if n > 0 {
+            self.metrics
+                .kafka_rerouted
+                .get_or_create(&SinkReason {
+                    sink: self.name.clone(),
+                    reason: reason.into(),
+                })
+                .inc_by(n);
+        }
+    }
+
+    /// Keeps batches and messages under the topic's `max.message.bytes` (`limit`):
+    /// lowers `max_message` and, unless `properties` set them, the producer's
+    /// `batch.size` and `message.max.bytes`, with a new producer (none was used yet).
+    fn fit_to_topic(&mut self, limit: usize) -> Result<(), String> {
+        let fits = limit.saturating_sub(BATCH_OVERHEAD).max(1);
+        let batch: usize = self
+            .client
+            .get("batch.size")
+            .and_then(|b| b.parse().ok())
+            .unwrap_or(1_000_000);
+        if fits >= self.max_message && fits >= batch {
+            return Ok(());
+        }
+        self.max_message = self.max_message.min(fits);
+        if !self.properties.contains_key("batch.size") {
+            self.client.set("batch.size", fits.min(batch).to_string());
+        }
+        if !self.properties.contains_key("message.max.bytes") {
+            self.client
+                .set("message.max.bytes", limit.max(1000).to_string());
+        }
+        self.producer = self.client.create().map_err(|e| {
+            format!(
+                "sink {:?}: cannot create the Kafka producer: {e}",
+                self.name
+            )
+        })?;
+        tracing::info!(sink = %self.name, topic = %self.topics.first().map_or("", |t| t.as_str()), max_message_bytes = limit, max_message = self.max_message,
+            "the topic's max.message.bytes is below the producer's batch size or max_message: batches and messages are kept under it");
+        Ok(())
+    }
+
+    /// Partitions of the topics, from metadata at most [`TOPIC_INFO_TTL`] old (none: the
+    /// topic does not exist).
+    async fn partitions_of(&mut self, topics: &[String]) -> Result<Vec<Vec<i32>>, DeliverError> {
+        let stale: Vec<String> = topics
+            .iter()
+            .filter(|t| {
+                self.topic_info
+                    .get(*t)
+                    .is_none_or(|(_, at)| at.elapsed() > TOPIC_INFO_TTL)
+            })
+            .cloned()
+            .collect();
+        if !stale.is_empty() {
+            let consumer = self.consumer.clone();
+            let fresh = tokio::task::spawn_blocking(move || {
+                stale
+                    .into_iter()
+                    .map(|t| recovery::partitions(&consumer, &t, ADMIN_TIMEOUT).map(|p| (t, p)))
+                    .collect::<Result<Vec<_>, String>>()
+            })
+            .await
+            .map_err(|e| DeliverError::Transient(e.to_string()))?
+            .map_err(DeliverError::Transient)?;
+            for (t, p) in fresh {
+                self.topic_info.insert(t, (p, Instant::now()));
+            }
+        }
+        Ok(topics
+            .iter()
+            .map(|t| {
+                self.topic_info
+                    .get(t)
+                    .map(|(p, _)| p.clone())
+                    .unwrap_or_default()
+            })
+            .collect())
+    }
+
+    /// Routes every event of `batch` to its topic.
+    async fn plan(&mut self, batch: &Gathered) -> Result<(), DeliverError> {
+        self.routes.clear();
+        let mut used = vec![false; self.topics.len()];
+        if self.topic.constant().is_some() {
+            used = vec![true];
+        } else {
+            let default = self.default_topic.clone().unwrap_or_default();
+            let default_route = self.route(&default);
+            // Whatever this gathering's topics, events may be sent to the default one.
+            if used.len() <= default_route as usize {
+                used.resize(default_route as usize + 1, false);
+            }
+            used[default_route as usize] = true;
+            let (mut missing, mut invalid) = (0, 0);
+            let template = self.topic.clone();
+            for chunk in batch.chunks() {
+                let chunk = chunk?;
+                for event in chunk.events() {
+                    let (entry, _) = event?;
+                    let r = match template.render(
+                        &mut self.text,
+                        chunk.tag,
+                        chunk.source,
+                        entry.record,
+                    ) {
+                        Ok(()) if legal_topic(&self.text) => {
+                            let t = std::mem::take(&mut self.text);
+                            let r = self.route(&t);
+                            self.text = t;
+                            r
+                        }
+                        Ok(()) => {
+                            invalid += 1;
+                            default_route
+                        }
+                        Err(_) => {
+                            missing += 1;
+                            default_route
+                        }
+                    };
+                    self.routes.push(r);
+                    if used.len() <= r as usize {
+                        used.resize(r as usize + 1, false);
+                    }
+                    used[r as usize] = true;
+                }
+            }
+            self.count("missing_field", missing);
+            self.count("invalid_topic", invalid);
+        }
+        let names: Vec<String> = used
+            .iter()
+            .enumerate()
+            .filter(|(_, u)| **u)
+            .map(|(r, _)| self.topics[r].clone())
+            .collect();
+        let parts = self.partitions_of(&names).await?;
+        let fallback = self.default_topic.as_deref().or(self.topic.constant());
+        let mut gone = Vec::new();
+        for (name, parts) in names.iter().zip(&parts) {
+            if !parts.is_empty() {
+                continue;
+            }
+            if Some(name.as_str()) == fallback {
+                return Err(DeliverError::Permanent(format!(
+                    "topic {name:?} does not exist in Kafka at {} (create it; the sink does not)",
+                    self.client.get("bootstrap.servers").unwrap_or("")
+                )));
+            }
+            gone.push(self.route_of[name]);
+        }
+        if !gone.is_empty() {
+            let default_route = self.route_of[fallback.unwrap_or("")];
+            let mut unknown = 0;
+            for r in self.routes.iter_mut() {
+                if gone.contains(r) {
+                    *r = default_route;
+                    unknown += 1;
+                }
+            }
+            self.count("unknown_topic", unknown);
+            tracing::warn!(sink = %self.name, topics = ?gone.iter().map(|r| &self.topics[*r as usize]).collect::<Vec<_>>(), events = unknown,
+                "topics rendered for these events do not exist: they go to default_topic (sluice_relay_kafka_rerouted_total{{reason=\"unknown_topic\"}})");
+        }
+        let targets: Vec<(String, Vec<i32>)> = names
+            .into_iter()
+            .zip(parts)
+            .filter(|(_, p)| !p.is_empty())
+            .collect();
+        let consumer = self.consumer.clone();
+        let marks = tokio::task::spawn_blocking(move || {
+            let refs: Vec<(&str, &[i32])> = targets
+                .iter()
+                .map(|(t, p)| (t.as_str(), p.as_slice()))
+                .collect();
+            recovery::marks(&consumer, &refs, ADMIN_TIMEOUT)
         })
         .await
-        .map_err(|e| e.to_string())??;
-        tracing::info!(sink = %self.name, messages = read, events = skip.values().map(HashSet::len).sum::<usize>(), took = ?started.elapsed(),
-            "read back what the previous run wrote after its last saved offsets; those events will not be sent again");
-        self.skip = skip;
+        .map_err(|e| DeliverError::Transient(e.to_string()))?
+        .map_err(DeliverError::Transient)?;
+        self.marks = marks;
+        self.until = batch.end;
+        if let Some((carried, end)) = &self.carry {
+            self.marks = recovery::earliest_of_topics(carried, &self.marks);
+            self.until = self.until.max(*end);
+        }
+        Ok(())
+    }
+
+    /// Reads back what this relay wrote after the marks.
+    async fn read_back(&mut self, why: &str) -> Result<(), DeliverError> {
+        let (consumer, from, relay) = (
+            self.consumer.clone(),
+            self.marks.clone(),
+            self.relay.clone(),
+        );
+        let started = Instant::now();
+        let found = tokio::task::spawn_blocking(move || {
+            recovery::read_back(&consumer, &from, &relay, READ_BACK_TIMEOUT)
+        })
+        .await
+        .map_err(|e| DeliverError::Transient(e.to_string()))?
+        .map_err(DeliverError::Transient)?;
+        let label = self.metrics.sink(&self.name);
+        self.metrics
+            .kafka_readback_messages
+            .get_or_create(&label)
+            .inc_by(found.messages);
+        self.metrics
+            .kafka_readback_seconds
+            .get_or_create(&label)
+            .set(started.elapsed().as_secs_f64());
+        tracing::info!(sink = %self.name, why, messages = found.messages, events = found.events(), took = ?started.elapsed(),
+            "read back this relay's messages after the marks; the events found will not be sent again");
+        self.found = found;
+        Ok(())
+    }
+
+    /// The message value of one event into `self.buf`.
+    fn value_of(
+        &mut self,
+        time: sluice_forward::EventTime,
+        tag: &str,
+        source: Option<&str>,
+        seq: Option<u64>,
+        record: &[u8],
+    ) -> Result<bool, DeliverError> {
+        self.buf.clear();
+        if self.value == KafkaValue::Raw {
+            if let Ok(Some(raw)) = sluice_forward::record_field(record, &self.raw_field) {
+                self.buf.extend_from_slice(raw);
+                return Ok(true);
+            }
+        }
+        envelope::write(&mut self.buf, time, tag, source, seq, record)
+            .map_err(|e| DeliverError::Permanent(e.to_string()))?;
+        Ok(self.value == KafkaValue::Envelope)
+    }
+
+    /// Keeps the refused events of `batch` (by index) in the dead-letter location.
+    async fn keep_dead(
+        &self,
+        batch: &Gathered,
+        refused: &[(usize, String)],
+        done: &mut Delivered,
+        acked: &mut [bool],
+    ) -> Result<(), DeliverError> {
+        let mut next = refused.iter().peekable();
+        let mut index = 0usize;
+        let mut kept = 0u64;
+        'chunks: for chunk in batch.chunks() {
+            let chunk = chunk?;
+            for event in chunk.events() {
+                let (entry, seq) = event?;
+                let i = index;
+                index += 1;
+                let Some((want, detail)) = next.peek() else {
+                    break 'chunks;
+                };
+                if *want != i {
+                    continue;
+                }
+                next.next();
+                let topic = &self.topics[self.routes.get(i).copied().unwrap_or(0) as usize];
+                let letter = Letter {
+                    reason: "too_large",
+                    detail,
+                    topic,
+                    time: entry.time,
+                    tag: chunk.tag,
+                    source: chunk.source,
+                    seq,
+                    record: entry.record,
+                    at: (batch.start, i),
+                };
+                let key = self.dead.keep(&letter).await.map_err(|e| {
+                    DeliverError::Transient(format!("{e} (the event stays in the spool)"))
+                })?;
+                tracing::warn!(sink = %self.name, tag = chunk.tag, source = chunk.source.unwrap_or("-"), seq = seq.unwrap_or(0), detail = %detail, dead_letter = %key,
+                    "Kafka cannot take this event: kept in the dead-letter location (counted as dropped for this sink, reason too_large)");
+                acked[i] = true;
+                done.dropped(chunk.tag, entry.time);
+                kept += 1;
+            }
+        }
+        if kept > 0 {
+            self.metrics
+                .dead_letters
+                .get_or_create(&SinkReason {
+                    sink: self.name.clone(),
+                    reason: "too_large".into(),
+                })
+                .inc_by(kept);
+        }
         Ok(())
     }
 }
 
-/// `(source, seq)` of every message after `from` up to the end of each partition, and how
-/// many messages were read. Partitions not in `from` never had a message of this sink
-/// acknowledged, so they are read from their beginning: correct, and costly only in a
-/// topic this sink rarely writes to, and only after a crash in the middle of a delivery.
-fn provenance_after(
-    brokers: &str,
-    topic: &str,
-    from: &BTreeMap<i32, i64>,
-    timeout: Duration,
-) -> Result<(HashMap<String, HashSet<u64>>, u64), String> {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
-    use rdkafka::{Message, Offset, TopicPartitionList};
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set(
-            "group.id",
-            format!("sluice-recovery-{}", std::process::id()),
-        )
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "true")
-        .set("auto.offset.reset", "earliest")
-        .create()
-        .map_err(|e| format!("Kafka consumer for recovery: {e}"))?;
-    let metadata = consumer
-        .fetch_metadata(Some(topic), timeout)
-        .map_err(|e| format!("Kafka metadata for {topic}: {e}"))?;
-    let mut assignment = TopicPartitionList::new();
-    let mut remaining = HashSet::new();
-    for t in metadata.topics().iter().filter(|t| t.name() == topic) {
-        for p in t.partitions() {
-            let offset = from
-                .get(&p.id())
-                .map_or(Offset::Beginning, |o| Offset::Offset(*o));
-            assignment
-                .add_partition_offset(topic, p.id(), offset)
-                .map_err(|e| e.to_string())?;
-            remaining.insert(p.id());
-        }
-    }
-    if remaining.is_empty() {
-        return Err(format!(
-            "Kafka topic {topic} has no partitions (does it exist?)"
-        ));
-    }
-    consumer.assign(&assignment).map_err(|e| e.to_string())?;
-    let mut found: HashMap<String, HashSet<u64>> = HashMap::new();
-    let mut read = 0u64;
-    let deadline = Instant::now() + timeout;
-    while !remaining.is_empty() {
-        if Instant::now() > deadline {
-            return Err(format!("reading back {topic}: partitions {remaining:?} not read to their end within {timeout:?}"));
-        }
-        match consumer.poll(Duration::from_millis(200)) {
-            None => {}
-            Some(Err(KafkaError::PartitionEOF(p))) => {
-                remaining.remove(&p);
-            }
-            Some(Err(e)) => return Err(format!("reading back {topic}: {e}")),
-            Some(Ok(msg)) => {
-                read += 1;
-                let Some(headers) = msg.headers() else {
-                    continue;
-                };
-                let (mut source, mut seq) = (None, None);
-                for h in headers.iter() {
-                    match (h.key, h.value) {
-                        ("source", Some(v)) => source = std::str::from_utf8(v).ok(),
-                        ("seq", Some(v)) => {
-                            seq = std::str::from_utf8(v)
-                                .ok()
-                                .and_then(|v| v.parse::<u64>().ok())
-                        }
-                        _ => {}
-                    }
-                }
-                if let (Some(source), Some(seq)) = (source, seq) {
-                    found.entry(source.to_string()).or_default().insert(seq);
-                }
-            }
-        }
-    }
-    Ok((found, read))
-}
-
-fn restored_offsets(state: Option<serde_json::Value>) -> Option<BTreeMap<i32, i64>> {
-    let map = state?.get("partition_offsets")?.as_object()?.clone();
-    map.into_iter()
-        .map(|(k, v)| Some((k.parse().ok()?, v.as_i64()?)))
-        .collect()
+fn restored(state: &serde_json::Value) -> Option<(TopicMarks, Position)> {
+    let marks: TopicMarks = serde_json::from_value(state.get("marks")?.clone()).ok()?;
+    let until: Position = serde_json::from_value(state.get("until")?.clone()).ok()?;
+    Some((marks, until))
 }
 
 /// Errors that will come back on every retry until someone changes the broker's ACLs,
-/// credentials or topics. Everything else (timeouts, a broker that is down, leader
-/// elections) is worth retrying soon.
+/// credentials or config. Everything else (timeouts, a broker that is down, leader
+/// elections) is worth retrying soon. A topic that does not exist is found before
+/// producing (`plan`); an unknown topic or partition while producing is a broker that
+/// is restarting or electing leaders, and retried soon.
 fn classify(message: String, code: Option<RDKafkaErrorCode>) -> DeliverError {
     use RDKafkaErrorCode::*;
     match code {
         Some(
             TopicAuthorizationFailed
             | ClusterAuthorizationFailed
+            | TransactionalIdAuthorizationFailed
             | SaslAuthenticationFailed
             | Authentication
             | InvalidConfig
@@ -297,31 +562,23 @@ fn too_large(e: &KafkaError) -> bool {
 struct Settler<'m> {
     meta: &'m [(&'m str, sluice_forward::EventTime)],
     acked: Vec<bool>,
+    /// Events Kafka refused as too large, by index, with why: for the dead letters.
+    refused: Vec<(usize, String)>,
     /// The first failure of this attempt, with librdkafka's code when it has one.
     first_error: Option<(String, Option<RDKafkaErrorCode>)>,
 }
 
 impl Settler<'_> {
-    async fn settle(
-        &mut self,
-        future: DeliveryFuture,
-        index: usize,
-        done: &mut Delivered,
-        offsets: &mut BTreeMap<i32, i64>,
-        sink: &str,
-    ) {
+    async fn settle(&mut self, future: DeliveryFuture, index: usize, done: &mut Delivered) {
         let (tag, time) = self.meta[index];
         match future.await {
-            Ok(Ok(d)) => {
+            Ok(Ok(_)) => {
                 self.acked[index] = true;
                 done.delivered(tag, time);
-                let next = offsets.entry(d.partition).or_insert(0);
-                *next = (*next).max(d.offset + 1);
             }
             Ok(Err((e, _))) if too_large(&e) => {
-                tracing::warn!(sink, tag, error = %e, "the broker refused an event as too large (dropped for this sink, counted)");
-                self.acked[index] = true;
-                done.dropped(tag, time);
+                self.refused
+                    .push((index, format!("the broker refused it: {e}")));
             }
             Ok(Err((e, _))) => {
                 self.first_error.get_or_insert_with(|| {
@@ -339,14 +596,41 @@ impl Settler<'_> {
     }
 }
 
+/// The agent an event came from: the client that authenticated, else the host part of
+/// its source id (`<agent.id>:...`).
+fn agent_of<'a>(namespace: Option<&'a str>, source: Option<&'a str>) -> Option<&'a str> {
+    namespace.or_else(|| source.and_then(|s| s.split_once(':').map(|(host, _)| host)))
+}
+
 impl Deliver for KafkaWriter {
+    fn prepare<'a>(
+        &'a mut self,
+        batch: &'a Gathered,
+    ) -> futures::future::BoxFuture<'a, Result<(), DeliverError>> {
+        Box::pin(async move {
+            if self.prepared == Some(batch.start) && self.retry.is_some() {
+                return Ok(());
+            }
+            self.plan(batch).await?;
+            self.prepared = Some(batch.start);
+            Ok(())
+        })
+    }
+
     fn deliver<'a>(&'a mut self, batch: &'a Gathered) -> DeliverFuture<'a> {
         Box::pin(async move {
-            if let Some(from) = self.recover_from.take() {
-                if let Err(e) = self.read_back(from.clone()).await {
-                    self.recover_from = Some(from);
-                    return Err(DeliverError::Transient(e));
-                }
+            if self.prepared != Some(batch.start) {
+                self.plan(batch).await?;
+                self.prepared = Some(batch.start);
+            }
+            let retrying = matches!(&self.retry, Some((start, _)) if *start == batch.start);
+            if retrying {
+                self.read_back("a retry after a failed attempt").await?;
+                self.carried_read = true;
+            } else if self.carry.is_some() && !self.carried_read {
+                self.read_back("the first delivery after a crash in the middle of one")
+                    .await?;
+                self.carried_read = true;
             }
             let mut done = Delivered::default();
             // (tag, time) per event index, to count deliveries once acknowledged.
@@ -359,8 +643,6 @@ impl Deliver for KafkaWriter {
             acked.resize(batch.events as usize, false);
             let mut skipped = 0u64;
             self.pending.clear();
-            // Produce everything first (the futures settle later); meta must be complete
-            // before settling, so settling is deferred to the end or to a full queue.
             let mut to_send = Vec::new();
             for chunk in batch.chunks() {
                 let chunk = chunk?;
@@ -372,43 +654,62 @@ impl Deliver for KafkaWriter {
                         done.delivered(chunk.tag, entry.time);
                         continue;
                     }
-                    let in_kafka = match (chunk.source, seq) {
-                        (Some(source), Some(seq)) => self
-                            .skip
-                            .get(source)
-                            .is_some_and(|seqs| seqs.contains(&seq)),
-                        _ => false,
-                    };
-                    if in_kafka {
-                        done.delivered(chunk.tag, entry.time);
-                        skipped += 1;
-                        continue;
+                    if let (Some(source), Some(seq)) = (chunk.source, seq) {
+                        if self.found.contains(source, seq) {
+                            done.delivered(chunk.tag, entry.time);
+                            skipped += 1;
+                            continue;
+                        }
                     }
-                    to_send.push((index, chunk.tag, chunk.source, seq, entry));
+                    to_send.push((index, chunk, seq, entry));
                 }
             }
             acked.resize(meta.len(), false);
             let mut settler = Settler {
                 meta: &meta,
                 acked,
+                refused: Vec::new(),
                 first_error: None,
             };
-            for (index, tag, source, seq, entry) in to_send {
-                self.buf.clear();
-                envelope::write(&mut self.buf, entry.time, tag, source, seq, entry.record)
-                    .map_err(|e| DeliverError::Permanent(e.to_string()))?;
+            let (mut key_missing, mut value_missing) = (0u64, 0u64);
+            let mut key_text = String::new();
+            for (index, chunk, seq, entry) in to_send {
+                // Stop at the first failure seen: the retry resends the rest, in order.
+                if settler.first_error.is_some() {
+                    break;
+                }
+                let (tag, source) = (chunk.tag, chunk.source);
+                if !self.value_of(entry.time, tag, source, seq, entry.record)? {
+                    value_missing += 1;
+                }
                 if self.buf.len() > self.max_message {
-                    tracing::warn!(sink = %self.name, tag, source = source.unwrap_or("-"), seq = seq.unwrap_or(0), bytes = self.buf.len(), limit = self.max_message, "event larger than max_message (or the topic's max.message.bytes): not produced to Kafka (dropped for this sink, counted)");
-                    settler.acked[index] = true;
-                    done.dropped(tag, entry.time);
+                    settler.refused.push((
+                        index,
+                        format!(
+                            "{} bytes, more than max_message (or the topic's max.message.bytes) {}",
+                            self.buf.len(),
+                            self.max_message
+                        ),
+                    ));
                     continue;
                 }
+                let key: Option<&str> = if self.key_is_source {
+                    source
+                } else {
+                    match self.key.render(&mut key_text, tag, source, entry.record) {
+                        Ok(()) => Some(key_text.as_str()),
+                        Err(_) => {
+                            key_missing += 1;
+                            source
+                        }
+                    }
+                };
                 let mut seq_text = itoa::Buffer::new();
                 let seq_bytes: &[u8] = match seq {
                     Some(s) => seq_text.format(s).as_bytes(),
                     None => b"",
                 };
-                let headers = OwnedHeaders::new_with_capacity(3)
+                let headers = OwnedHeaders::new_with_capacity(5)
                     .insert(Header {
                         key: "tag",
                         value: Some(tag),
@@ -420,16 +721,25 @@ impl Deliver for KafkaWriter {
                     .insert(Header {
                         key: "seq",
                         value: Some(seq_bytes),
+                    })
+                    .insert(Header {
+                        key: "relay",
+                        value: Some(self.relay.as_str()),
+                    })
+                    .insert(Header {
+                        key: "agent",
+                        value: agent_of(chunk.namespace, source),
                     });
                 // CreateTime = the event's own time, so retention and consumers see the
                 // log's time, not when the relay produced it.
                 let millis = (entry.time.as_unix_nanos() / 1_000_000) as i64;
-                let mut record = FutureRecord::to(&self.topic)
+                let topic = &self.topics[self.routes.get(index).copied().unwrap_or(0) as usize];
+                let mut record = FutureRecord::to(topic)
                     .payload(&self.buf[..])
                     .timestamp(millis)
                     .headers(headers);
-                if let Some(source) = source {
-                    record = record.key(source);
+                if let Some(key) = key {
+                    record = record.key(key);
                 }
                 loop {
                     match self.producer.send_result(record) {
@@ -449,23 +759,18 @@ impl Deliver for KafkaWriter {
                                 tokio::time::sleep(Duration::from_millis(10)).await;
                             }
                             for (future, i) in older {
-                                settler
-                                    .settle(future, i, &mut done, &mut self.offsets, &self.name)
-                                    .await;
+                                settler.settle(future, i, &mut done).await;
                             }
                         }
                         Err((e, _)) if too_large(&e) => {
-                            tracing::warn!(sink = %self.name, tag, error = %e, "Kafka refused an event as too large (dropped for this sink, counted)");
-                            settler.acked[index] = true;
-                            done.dropped(tag, entry.time);
+                            settler
+                                .refused
+                                .push((index, format!("the producer refused it: {e}")));
                             break;
                         }
                         Err((e, _)) => {
                             settler.first_error.get_or_insert_with(|| {
-                                (
-                                    format!("producing to {}: {e}", self.topic),
-                                    e.rdkafka_error_code(),
-                                )
+                                (format!("producing to {topic}: {e}"), e.rdkafka_error_code())
                             });
                             break;
                         }
@@ -476,14 +781,23 @@ impl Deliver for KafkaWriter {
             // Settle everything, also after a failure: a retry must know what landed.
             let pending: Vec<_> = self.pending.drain(..).collect();
             for (future, i) in pending {
-                settler
-                    .settle(future, i, &mut done, &mut self.offsets, &self.name)
-                    .await;
+                settler.settle(future, i, &mut done).await;
             }
-            if let Some((e, code)) = settler.first_error {
-                self.retry = Some((batch.start, settler.acked));
+            self.count("key_missing_field", key_missing);
+            self.count("value_missing_field", value_missing);
+            let Settler {
+                mut acked,
+                mut refused,
+                first_error,
+                ..
+            } = settler;
+            refused.sort_by_key(|(i, _)| *i);
+            let kept = self.keep_dead(batch, &refused, &mut done, &mut acked).await;
+            if let Some((e, code)) = first_error {
+                self.retry = Some((batch.start, acked));
                 // A fatal error (for example ProducerFenced after a long broker outage)
-                // breaks the idempotent producer for good: start a new one.
+                // breaks the idempotent producer for good: start a new one (the retry's
+                // read-back, not the producer id, keeps it from duplicating).
                 let fatal = self
                     .producer
                     .client()
@@ -501,12 +815,21 @@ impl Deliver for KafkaWriter {
                 }
                 return Err(classify(e, code));
             }
-            if skipped > 0 {
-                tracing::info!(sink = %self.name, skipped, "events found already in Kafka after a crash were not sent again");
+            if let Err(e) = kept {
+                self.retry = Some((batch.start, acked));
+                return Err(e);
             }
-            // The read-back set covered the delivery lost in the crash, which this one
-            // (starting at the same cursor, gathering at least as much) has now replaced.
-            self.skip = HashMap::new();
+            if skipped > 0 {
+                tracing::info!(sink = %self.name, skipped, "events found already in Kafka were not sent again");
+            }
+            // The read-back covered this gathering (and a crash's, until past its end).
+            match &self.carry {
+                Some((_, end)) if batch.end < *end => {}
+                _ => {
+                    self.carry = None;
+                    self.found = Found::default();
+                }
+            }
             Ok(done)
         })
     }
@@ -516,33 +839,39 @@ impl Deliver for KafkaWriter {
     }
 
     fn recovery_state(&self) -> Option<serde_json::Value> {
-        Some(serde_json::json!({ "partition_offsets": self.offsets, "in_flight": false }))
+        Some(match &self.carry {
+            Some((marks, until)) => {
+                serde_json::json!({ "in_flight": true, "marks": marks, "until": until })
+            }
+            None => serde_json::json!({ "in_flight": false }),
+        })
     }
 
     fn intent_state(&self) -> Option<serde_json::Value> {
-        Some(serde_json::json!({ "partition_offsets": self.offsets, "in_flight": true }))
+        Some(serde_json::json!({ "in_flight": true, "marks": self.marks, "until": self.until }))
     }
 
     fn start(&mut self) -> futures::future::BoxFuture<'_, Result<(), String>> {
         Box::pin(async move {
+            tracing::info!(sink = %self.name, dead_letters = %self.dead.location, "events Kafka cannot take are kept in the dead-letter location");
+            let Some(topic) = self.topic.constant().map(str::to_string) else {
+                return Ok(());
+            };
             let limit = tokio::time::timeout(
                 Duration::from_secs(15),
-                topic_max_message(&self.client, &self.topic),
+                topic_max_message(&self.client, &topic),
             )
             .await;
             match limit {
-                Ok(Ok(Some(limit))) => {
-                    let properties = self.properties.clone();
-                    self.fit_to_topic(limit, &properties)?;
-                }
+                Ok(Ok(Some(limit))) => self.fit_to_topic(limit)?,
                 Ok(Ok(None)) => {
-                    tracing::info!(sink = %self.name, topic = %self.topic, "the broker did not report the topic's max.message.bytes; max_message applies")
+                    tracing::info!(sink = %self.name, topic = %topic, "the broker did not report the topic's max.message.bytes; max_message applies")
                 }
                 Ok(Err(e)) => {
-                    tracing::warn!(sink = %self.name, topic = %self.topic, error = %e, "cannot read the topic's max.message.bytes; max_message applies (keep it and the producer's batch.size at or below the topic's limit)")
+                    tracing::warn!(sink = %self.name, topic = %topic, error = %e, "cannot read the topic's max.message.bytes; max_message applies (keep it and the producer's batch.size at or below the topic's limit)")
                 }
                 Err(_) => {
-                    tracing::warn!(sink = %self.name, topic = %self.topic, "the broker did not answer DescribeConfigs within 15 s; max_message applies (keep it and the producer's batch.size at or below the topic's limit)")
+                    tracing::warn!(sink = %self.name, topic = %topic, "the broker did not answer DescribeConfigs within 15 s; max_message applies (keep it and the producer's batch.size at or below the topic's limit)")
                 }
             }
             Ok(())
@@ -552,16 +881,21 @@ impl Deliver for KafkaWriter {
     fn restore(&mut self, state: Option<serde_json::Value>) {
         // No saved state: this sink never started a delivery, nothing to read back.
         let Some(state) = state else { return };
-        let offsets = restored_offsets(Some(state.clone())).unwrap_or_default();
-        self.offsets = offsets.clone();
-        // Read back only when the last run died in the middle of a delivery.
-        if state
+        if !state
             .get("in_flight")
             .and_then(|v| v.as_bool())
             .unwrap_or(true)
         {
-            self.recover_from = Some(offsets);
+            return;
         }
+        self.carry = restored(&state).or_else(|| {
+            // A state of the version before marks: the offsets after its last
+            // acknowledged message per partition, for the one topic it had.
+            let offsets: recovery::Marks =
+                serde_json::from_value(state.get("partition_offsets")?.clone()).ok()?;
+            let topic = self.topic.constant()?.to_string();
+            Some((TopicMarks::from([(topic, offsets)]), Position::default()))
+        });
     }
 }
 
@@ -570,13 +904,51 @@ mod tests {
     use super::*;
 
     #[test]
-    fn partition_offsets_survive_the_state_file() {
-        let offsets = BTreeMap::from([(0, 7i64), (2, 53_151)]);
-        let saved = serde_json::json!({ "partition_offsets": offsets });
+    fn marks_survive_the_state_file() {
+        let marks = TopicMarks::from([(
+            "logs".to_string(),
+            recovery::Marks::from([(0, 7i64), (2, 53_151)]),
+        )]);
+        let until = Position {
+            segment: 3,
+            offset: 4096,
+        };
+        let saved = serde_json::json!({ "in_flight": true, "marks": marks, "until": until });
         let text = serde_json::to_string(&saved).unwrap();
         let back: serde_json::Value = serde_json::from_str(&text).unwrap();
-        assert_eq!(restored_offsets(Some(back)), Some(offsets.clone()));
-        assert!(restored_offsets(Some(serde_json::json!({"in_flight": true}))).is_none());
-        assert_eq!(restored_offsets(None), None);
+        assert_eq!(restored(&back), Some((marks, until)));
+        assert!(restored(&serde_json::json!({"in_flight": true})).is_none());
+    }
+
+    /// librdkafka is built with TLS (OpenSSL, vendored), SASL (PLAIN, SCRAM, OAUTHBEARER)
+    /// and every codec the config offers: a producer with each is created (no broker is
+    /// needed for that; an unsupported value fails at once).
+    #[test]
+    fn the_producer_is_built_with_tls_sasl_and_every_codec() {
+        for codec in ["none", "gzip", "snappy", "lz4", "zstd"] {
+            for mechanism in ["PLAIN", "SCRAM-SHA-512", "OAUTHBEARER"] {
+                let made: Result<FutureProducer, _> = ClientConfig::new()
+                    .set("bootstrap.servers", "127.0.0.1:1")
+                    .set("compression.type", codec)
+                    .set("security.protocol", "sasl_ssl")
+                    .set("sasl.mechanism", mechanism)
+                    .set("sasl.username", "u")
+                    .set("sasl.password", "p")
+                    .create();
+                if let Err(e) = made {
+                    panic!("{codec} over sasl_ssl with {mechanism}: {e}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_agent_is_the_authenticated_client_or_the_source_host() {
+        assert_eq!(agent_of(Some("web-1"), Some("web-9:app")), Some("web-1"));
+        assert_eq!(
+            agent_of(None, Some("web-9:/var/log/app.log")),
+            Some("web-9")
+        );
+        assert_eq!(agent_of(None, None), None);
     }
 }

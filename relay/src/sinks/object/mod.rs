@@ -212,7 +212,7 @@ pub fn open_store(
 
 /// Builds the store for `url` (no request is made); `create` makes a local directory
 /// that does not exist yet (the check leaves the disk alone).
-fn configure_store(
+pub(crate) fn configure_store(
     url: &str,
     options: &BTreeMap<String, String>,
     create: bool,
