@@ -89,7 +89,7 @@ for run in $(seq 1 "$RUNS"); do
 import json,sys
 o=json.loads(sys.argv[1])
 print(json.dumps({'path':'ceiling','run':int(sys.argv[2]),'events':o['messages'],'seconds':o['seconds'],
-  'events_per_second':o['messages_per_second'],'value_mb_per_second':o['value_mb_per_second'],'cpu_seconds':None}))
+  'events_per_second':o['messages_per_second'],'value_mb_per_second':o['value_mb_per_second'],'cpu_seconds':o['cpu_seconds']}))
 " "$out" "$run")
   echo "$line"; results+=("$line")
   stop_tansu
@@ -119,12 +119,18 @@ TOML
   SLUICE_LOG=warn "$BIN/sluice-relay" --config "$WORK/relay.toml" 2>"$WORK/relay.log" &
   RELAY=$!
   wait_port "$port"
+  PERF_PID=""
+  if [[ -n ${PERF:-} ]]; then # PERF=1: profile the relay of each run into WORK/perf-<run>.data
+    perf record -F 499 -e cpu-clock --call-graph dwarf,16384 -o "$WORK/perf-$run.data" -p "$RELAY" >/dev/null 2>&1 &
+    PERF_PID=$!
+  fi
   cpu0=$(cpu_seconds "$RELAY")
   out=$("$BIN/sluice-loadgen" --relay "127.0.0.1:$port" --ca "$WORK/tls/ca.pem" --events "$EVENTS" 2>/dev/null)
   t0=$(python3 -c "import json,sys,time; print(time.time() - json.loads(sys.argv[1])['seconds'])" "$out")
   sink_done "$mport" "$EVENTS"
   t1=$(date +%s.%N)
   cpu1=$(cpu_seconds "$RELAY")
+  if [[ -n $PERF_PID ]]; then kill -INT "$PERF_PID"; wait "$PERF_PID" || true; fi
   bytes=$(metric "$mport" sluice_relay_sink_bytes_total)
   kill "$RELAY"; wait "$RELAY" || true; RELAY=""
   line=$(python3 -c "
@@ -144,12 +150,12 @@ for arg in sys.argv[1:]:
     r = json.loads(arg)
     by.setdefault(r["path"], []).append(r)
 ceiling = statistics.median(r["events_per_second"] for r in by["ceiling"])
-print("\n| path | runs | messages/s (median; runs) | value MB/s | relay CPU-s per 1M | vs ceiling |")
+print("\n| path | runs | messages/s (median; runs) | value MB/s | producer CPU-s per 1M (the relay's, all of it) | vs ceiling |")
 print("|---|---|---|---|---|---|")
 for path, rs in by.items():
     eps = statistics.median(r["events_per_second"] for r in rs)
     each = ", ".join(f"{r['events_per_second']/1e3:,.0f} k" for r in rs)
     mb = statistics.median(r["value_mb_per_second"] for r in rs)
-    cpu = "-" if rs[0]["cpu_seconds"] is None else f"{statistics.median(r['cpu_seconds'] * 1e6 / r['events'] for r in rs):.2f}"
+    cpu = f"{statistics.median(r['cpu_seconds'] * 1e6 / r['events'] for r in rs):.2f}"
     print(f"| {path} | {len(rs)} | {eps:,.0f} ({each}) | {mb:.1f} | {cpu} | {eps / ceiling:.2f} |")
 PY

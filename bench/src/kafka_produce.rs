@@ -54,6 +54,21 @@ impl ProducerContext for Counting {
     }
 }
 
+/// User + system CPU seconds of this process (`/proc/self/stat`, clock ticks of 1/100 s).
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after = stat.rsplit(')').next().unwrap_or("");
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // Fields 14 and 15 of stat (utime, stime) are 12 and 13 after the command name.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let mut rnd = rand::rng();
@@ -94,6 +109,7 @@ fn main() -> anyhow::Result<()> {
             acked: acked.clone(),
             failed: failed.clone(),
         })?;
+    let cpu_before = cpu_seconds();
     let started = Instant::now();
     for (source, seq, value) in &messages {
         let seq = seq.to_string();
@@ -148,9 +164,12 @@ fn main() -> anyhow::Result<()> {
             args.events
         );
     }
+    // This process's CPU time while it produced (librdkafka's threads included).
+    let cpu_seconds = cpu_seconds() - cpu_before;
     println!(
         "{}",
         serde_json::json!({
+            "cpu_seconds": cpu_seconds,
             "messages": ok,
             "seconds": seconds,
             "messages_per_second": ok as f64 / seconds,

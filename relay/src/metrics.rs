@@ -309,7 +309,7 @@ impl RelayMetrics {
         );
         r.register(
             "kafka_rerouted",
-            "Kafka sinks: events sent to default_topic because their topic could not be rendered (missing_field), is not a legal name (invalid_topic) or does not exist (unknown_topic); events whose key fell back to the source id (key_missing_field) or raw value to the envelope (value_missing_field)",
+            "Kafka sinks: events sent to default_topic because their topic could not be rendered (missing_field), is not a legal name (invalid_topic), does not exist (unknown_topic) or would be one topic too many (too_many_topics, over 1,000); events whose key fell back to the source id (key_missing_field) or raw value to the envelope (value_missing_field)",
             self.kafka_rerouted.clone(),
         );
         r.register(

@@ -259,6 +259,32 @@ impl Relay {
         }
     }
 
+    /// Whether sink `sink` is in the middle of a delivery: the last record of its state
+    /// log (`<data_dir>/sink-state/<sink>/<n>.log`, newest generation) is the intent it
+    /// saved before delivering, not the result after.
+    pub fn sink_delivering(&self, sink: &str) -> bool {
+        let state = self.data_dir().join("sink-state").join(sink);
+        let newest = std::fs::read_dir(state)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().into_string().ok()?;
+                let n: u64 = name.strip_suffix(".log")?.parse().ok()?;
+                Some((n, e.path()))
+            })
+            .max();
+        let Some((_, log)) = newest else {
+            return false;
+        };
+        let Ok(bytes) = std::fs::read(log) else {
+            return false;
+        };
+        let text = String::from_utf8_lossy(&bytes);
+        text.rfind("\"resume\":")
+            .is_some_and(|i| text[i..].starts_with("\"resume\":{\"in_flight\":true"))
+    }
+
     /// Events sink `sink` delivered (`sluice_relay_sink_events_total`), this life.
     pub fn delivered(&self, sink: &str) -> u64 {
         self.counter("sluice_relay_sink_events_total", &sink_label(sink)) as u64

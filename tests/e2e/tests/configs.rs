@@ -123,6 +123,15 @@ fn check_config_explains_mistakes() {
 
     let out = broken(
         "sluice-relay",
+        &relay_base.replace("topic = \"logs.{record.service}\"", "topic = \"logs\""),
+    );
+    assert!(
+        out.contains("default_topic applies to a topic template"),
+        "a default topic beside a fixed one is refused: {out}"
+    );
+
+    let out = broken(
+        "sluice-relay",
         &relay_base.replace("{record.service}", "{record.sevrice.}"),
     );
     assert!(

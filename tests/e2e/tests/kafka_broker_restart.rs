@@ -54,6 +54,10 @@ fn a_broker_restarted_mid_stream_loses_and_duplicates_nothing() {
     relay.wait_delivered("kafka", lines / 4, Duration::from_secs(120));
     // Down longer than the delivery timeout: messages in flight time out, the attempt
     // fails, and its retry reads back what landed before the kill.
+    // Killed while a delivery is in flight (the sink's state log ends with its intent).
+    relay.wait("a delivery in flight", Duration::from_secs(60), || {
+        relay.sink_delivering("kafka")
+    });
     let before = relay.delivered("kafka");
     broker.kill_and_restart(&svc, Duration::from_secs(8));
     writer.join().unwrap();
@@ -80,6 +84,12 @@ fn a_broker_restarted_mid_stream_loses_and_duplicates_nothing() {
     assert!(
         retries >= 1.0,
         "the restart did not fail a delivery: the test proved nothing"
+    );
+    assert!(
+        relay
+            .log_text()
+            .contains("why=\"a retry after a failed attempt\""),
+        "the failed attempt's retry did not read back what landed"
     );
     assert_eq!(summary["distinct_messages"], lines, "{summary}");
     assert_eq!(summary["bad"], 0, "{summary}");

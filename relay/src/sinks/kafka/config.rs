@@ -19,7 +19,7 @@ pub struct KafkaSink {
     /// Where an event goes when `topic` cannot be rendered for it (a field missing), the
     /// rendered name is not a legal topic, or that topic does not exist; counted in
     /// `sluice_relay_kafka_rerouted_total{reason}`. Required when `topic` has a
-    /// placeholder.
+    /// placeholder, refused when it has none.
     #[serde(default)]
     pub default_topic: Option<String>,
     /// The message key, a template like `topic`. The default, the source id, keeps each
@@ -61,7 +61,11 @@ pub struct KafkaSink {
     /// object_store options for `dead_letter_url` (endpoint, region, ...).
     #[serde(default)]
     pub dead_letter_options: BTreeMap<String, String>,
-    /// How long a batch may wait for broker acknowledgements before it is retried.
+    /// How long a batch may wait for broker acknowledgements before it is retried
+    /// (librdkafka `message.timeout.ms`). A message that timed out while a broker still
+    /// held it unreplicated can become visible after the retry's read-back; `0s` waits
+    /// without end instead (librdkafka's own idempotent retries, never a duplicate, but a
+    /// delivery then waits for as long as the brokers are away).
     #[serde(default = "default_kafka_timeout")]
     pub delivery_timeout: Span,
     /// Extra librdkafka properties, passed as they are (`security.protocol`, `ssl.*`,
@@ -112,6 +116,12 @@ impl KafkaSink {
             (Some(t), _) if !legal_topic(t) => {
                 return Err(format!(
                     "sink {name:?}: topic {t:?} is not a legal Kafka topic name (1 to 249 of a-z A-Z 0-9 . _ -)"
+                ))
+            }
+            (Some(_), Some(_)) => {
+                return Err(format!(
+                    "sink {name:?}: default_topic applies to a topic template; topic {:?} is one fixed topic, so there is nothing to fall back from (remove default_topic)",
+                    self.topic
                 ))
             }
             (None, None) => {

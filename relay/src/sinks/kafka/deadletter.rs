@@ -5,7 +5,8 @@
 //! Keys are deterministic, so a delivery repeated after a crash writes the same object
 //! again rather than a second one:
 //! `<prefix>/dead-letters/<sink>/<tag>/dt=YYYY-MM-DD/hour=HH/<relay>-<source>-<seq>.json`
-//! (an event without provenance: `<relay>-at-<spool position>-<index>.json`). Each part
+//! (`<relay>-<client>-<source>-<seq>.json` when the sender authenticated as `<client>`;
+//! an event without provenance: `<relay>-at-<spool position>-<index>.json`). Each part
 //! is percent-encoded.
 //!
 //! A dead letter that cannot be written fails the delivery, which is retried: the event
@@ -38,6 +39,9 @@ pub struct Letter<'a> {
     pub topic: &'a str,
     pub time: EventTime,
     pub tag: &'a str,
+    /// The authenticated client that sent it, if any (part of the key: two clients may
+    /// send the same source id).
+    pub namespace: Option<&'a str>,
     pub source: Option<&'a str>,
     pub seq: Option<u64>,
     pub record: &'a [u8],
@@ -92,8 +96,11 @@ impl DeadLetters {
 
     pub fn key(&self, letter: &Letter<'_>) -> Path {
         let (dt, hour) = crate::sinks::object::key::date_and_hour(envelope::hour_of(letter.time));
-        let name = match (letter.source, letter.seq) {
-            (Some(source), Some(seq)) => format!("{}-{source}-{seq}.json", self.relay),
+        let name = match (letter.namespace, letter.source, letter.seq) {
+            (None, Some(source), Some(seq)) => format!("{}-{source}-{seq}.json", self.relay),
+            (Some(client), Some(source), Some(seq)) => {
+                format!("{}-{client}-{source}-{seq}.json", self.relay)
+            }
             _ => format!(
                 "{}-at-{}.{}-{}.json",
                 self.relay, letter.at.0.segment, letter.at.0.offset, letter.at.1
@@ -165,6 +172,7 @@ mod tests {
             topic: "logs",
             time: EventTime::from_unix_nanos(1_764_000_000_000_000_000),
             tag: "a/b",
+            namespace: None,
             source: Some("web-1:app"),
             seq: Some(42),
             record,

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Headers;
 use rdkafka::{Message, Offset, TopicPartitionList};
 
@@ -32,81 +32,154 @@ pub fn earliest(a: &Marks, b: &Marks) -> Marks {
     out
 }
 
-/// `(source, seq)` of this relay's messages found in Kafka.
+/// `(agent, source, seq)` of this relay's messages found in Kafka. The agent (header
+/// `agent`: the authenticated client, else the host of the source id) keeps apart two
+/// clients that send the same source id, as the relay's dedup does.
 #[derive(Debug, Default)]
 pub struct Found {
-    by_source: HashMap<String, HashSet<u64>>,
+    by_agent: HashMap<String, HashMap<String, HashSet<u64>>>,
     /// Messages read (all producers').
     pub messages: u64,
 }
 
 impl Found {
-    pub fn contains(&self, source: &str, seq: u64) -> bool {
-        self.by_source.get(source).is_some_and(|s| s.contains(&seq))
+    pub fn contains(&self, agent: Option<&str>, source: &str, seq: u64) -> bool {
+        self.by_agent
+            .get(agent.unwrap_or(""))
+            .and_then(|sources| sources.get(source))
+            .is_some_and(|s| s.contains(&seq))
     }
 
-    pub fn insert(&mut self, source: &str, seq: u64) {
-        match self.by_source.get_mut(source) {
+    pub fn insert(&mut self, agent: Option<&str>, source: &str, seq: u64) {
+        let agent = agent.unwrap_or("");
+        let sources = match self.by_agent.get_mut(agent) {
+            Some(s) => s,
+            None => self.by_agent.entry(agent.to_string()).or_default(),
+        };
+        match sources.get_mut(source) {
             Some(seqs) => {
                 seqs.insert(seq);
             }
             None => {
-                self.by_source
-                    .insert(source.to_string(), HashSet::from([seq]));
+                sources.insert(source.to_string(), HashSet::from([seq]));
             }
         }
     }
 
     pub fn events(&self) -> usize {
-        self.by_source.values().map(HashSet::len).sum()
+        self.by_agent
+            .values()
+            .flat_map(|s| s.values())
+            .map(HashSet::len)
+            .sum()
     }
 }
 
-/// A consumer for marks and read-backs, with the sink's connection properties
-/// (`security.*`, `ssl.*`, `sasl.*`, `client.*`, `socket.*`, `broker.*`).
+/// A Kafka call that failed, with librdkafka's code when it has one (the sink decides
+/// from it whether retrying can help).
+#[derive(Debug)]
+pub struct Failure {
+    pub message: String,
+    pub code: Option<RDKafkaErrorCode>,
+}
+
+impl Failure {
+    fn of(what: impl std::fmt::Display, e: &KafkaError) -> Failure {
+        Failure {
+            message: format!("{what}: {e}"),
+            code: e.rdkafka_error_code(),
+        }
+    }
+
+    fn plain(message: String) -> Failure {
+        Failure {
+            message,
+            code: None,
+        }
+    }
+}
+
+/// librdkafka properties only a producer reads: not given to the sink's consumers (which
+/// would log a warning for each).
+const PRODUCER_ONLY: &[&str] = &[
+    "acks",
+    "request.required.acks",
+    "batch.size",
+    "batch.num.messages",
+    "linger.ms",
+    "queue.buffering.max.ms",
+    "queue.buffering.max.messages",
+    "queue.buffering.max.kbytes",
+    "compression.type",
+    "compression.codec",
+    "compression.level",
+    "enable.idempotence",
+    "enable.gapless.guarantee",
+    "message.timeout.ms",
+    "delivery.timeout.ms",
+    "request.timeout.ms",
+    "retries",
+    "message.send.max.retries",
+    "retry.backoff.ms",
+    "max.in.flight.requests.per.connection",
+    "max.in.flight",
+    "transactional.id",
+    "transaction.timeout.ms",
+    "partitioner",
+    "sticky.partitioning.linger.ms",
+];
+
+/// A consumer for marks and read-backs: the sink's properties (its TLS, SASL and client
+/// settings) except those only a producer reads; `read_uncommitted`, so a transaction
+/// another producer holds open on a shared topic does not hide this relay's messages
+/// after it.
 pub fn consumer(
     brokers: &str,
     properties: &BTreeMap<String, String>,
     group: &str,
 ) -> Result<BaseConsumer, String> {
     let mut config = ClientConfig::new();
-    config
-        .set("bootstrap.servers", brokers)
-        .set("group.id", format!("{group}-{}", std::process::id()))
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "true")
-        .set("auto.offset.reset", "earliest");
+    config.set("bootstrap.servers", brokers);
     for (k, v) in properties {
-        let connection = [
-            "security.",
-            "ssl.",
-            "sasl.",
-            "client.",
-            "socket.",
-            "broker.",
-        ];
-        if connection.iter().any(|p| k.starts_with(p)) {
+        if !PRODUCER_ONLY.contains(&k.as_str()) {
             config.set(k, v);
         }
     }
+    config
+        .set("group.id", format!("{group}-{}", std::process::id()))
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .set("auto.offset.reset", "earliest")
+        .set("isolation.level", "read_uncommitted");
     config.create().map_err(|e| format!("Kafka consumer: {e}"))
 }
 
-/// The partitions of `topic`; none when the topic does not exist.
+/// The partitions of `topic`; none when the topic does not exist. Any other error of
+/// the topic (authorization, no leader yet) is an error, with its code.
 pub fn partitions(
     consumer: &BaseConsumer,
     topic: &str,
     timeout: Duration,
-) -> Result<Vec<i32>, String> {
+) -> Result<Vec<i32>, Failure> {
     let metadata = consumer
         .fetch_metadata(Some(topic), timeout)
-        .map_err(|e| format!("Kafka metadata for {topic}: {e}"))?;
-    Ok(metadata
-        .topics()
-        .iter()
-        .filter(|t| t.name() == topic && t.error().is_none())
-        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-        .collect())
+        .map_err(|e| Failure::of(format_args!("Kafka metadata for {topic}"), &e))?;
+    let mut found = Vec::new();
+    for t in metadata.topics().iter().filter(|t| t.name() == topic) {
+        match t.error() {
+            None => found.extend(t.partitions().iter().map(|p| p.id())),
+            Some(e) => {
+                let code = RDKafkaErrorCode::from(e);
+                if code != RDKafkaErrorCode::UnknownTopicOrPartition {
+                    return Err(Failure {
+                        message: format!("Kafka metadata for {topic}: {code}"),
+                        code: Some(code),
+                    });
+                }
+            }
+        }
+    }
+    Ok(found)
 }
 
 /// Per topic, its partitions' marks.
@@ -134,13 +207,13 @@ pub fn marks(
     consumer: &BaseConsumer,
     topics: &[(&str, &[i32])],
     timeout: Duration,
-) -> Result<TopicMarks, String> {
+) -> Result<TopicMarks, Failure> {
     let mut query = TopicPartitionList::new();
     for (topic, parts) in topics {
         for p in *parts {
             query
                 .add_partition_offset(topic, *p, Offset::End)
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| Failure::of("Kafka end offsets", &e))?;
         }
     }
     let mut marks = TopicMarks::new();
@@ -149,7 +222,7 @@ pub fn marks(
     }
     let answer = consumer
         .offsets_for_times(query, timeout)
-        .map_err(|e| format!("Kafka end offsets: {e}"))?;
+        .map_err(|e| Failure::of("Kafka end offsets", &e))?;
     for e in answer.elements() {
         match e.offset() {
             Offset::Offset(o) => {
@@ -159,12 +232,15 @@ pub fn marks(
                     .insert(e.partition(), o.saturating_sub(1).max(0));
             }
             other => {
-                return Err(format!(
-                    "Kafka end offset of {}/{}: {other:?} ({:?})",
-                    e.topic(),
-                    e.partition(),
-                    e.error()
-                ))
+                return Err(Failure {
+                    message: format!(
+                        "Kafka end offset of {}/{}: {other:?} ({:?})",
+                        e.topic(),
+                        e.partition(),
+                        e.error()
+                    ),
+                    code: e.error().err().and_then(|e| e.rdkafka_error_code()),
+                })
             }
         }
     }
@@ -172,21 +248,21 @@ pub fn marks(
 }
 
 /// Reads every partition of the topics of `from` from its mark (a partition without
-/// one from its beginning) to its end and collects the `(source, seq)` of the messages
-/// whose header `relay` is `relay`, or that have no `relay` header (written by a version
-/// before it). One topic after the other: the end of a partition is librdkafka's
-/// partition-EOF event (the high watermark of a Fetch response), which names the
-/// partition only.
+/// one from its beginning) to its end and collects the `(agent, source, seq)` of the
+/// messages whose header `relay` is `relay`, or that have no `relay` header (written by
+/// a version before it). One topic after the other: the end of a partition is
+/// librdkafka's partition-EOF event (the high watermark of a Fetch response), which
+/// names the partition only. Fails when nothing was read for `stall` (a long read that
+/// makes progress goes on).
 pub fn read_back(
     consumer: &BaseConsumer,
     from: &TopicMarks,
     relay: &str,
-    timeout: Duration,
-) -> Result<Found, String> {
-    let deadline = Instant::now() + timeout;
+    stall: Duration,
+) -> Result<Found, Failure> {
     let mut found = Found::default();
     for (topic, marks) in from {
-        read_topic(consumer, topic, marks, relay, deadline, &mut found)?;
+        read_topic(consumer, topic, marks, relay, stall, &mut found)?;
     }
     Ok(found)
 }
@@ -196,58 +272,63 @@ fn read_topic(
     topic: &str,
     from: &Marks,
     relay: &str,
-    deadline: Instant,
+    stall: Duration,
     found: &mut Found,
-) -> Result<(), String> {
-    let timeout = deadline.saturating_duration_since(Instant::now());
+) -> Result<(), Failure> {
     let mut assignment = TopicPartitionList::new();
     let mut remaining = HashSet::new();
-    for p in partitions(consumer, topic, timeout.max(Duration::from_secs(1)))? {
+    for p in partitions(consumer, topic, stall)? {
         let offset = from
             .get(&p)
             .map_or(Offset::Beginning, |o| Offset::Offset(*o));
         assignment
             .add_partition_offset(topic, p, offset)
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| Failure::of("Kafka read-back", &e))?;
         remaining.insert(p);
     }
     if remaining.is_empty() {
         return Ok(());
     }
-    consumer.assign(&assignment).map_err(|e| e.to_string())?;
+    consumer
+        .assign(&assignment)
+        .map_err(|e| Failure::of("Kafka read-back", &e))?;
+    let mut progress = Instant::now();
     let result = loop {
         if remaining.is_empty() {
             break Ok(());
         }
-        if Instant::now() > deadline {
-            break Err(format!(
-                "Kafka: partitions {remaining:?} of {topic} not read back to their end in time"
-            ));
+        if progress.elapsed() > stall {
+            break Err(Failure::plain(format!(
+                "Kafka: nothing read for {stall:?} while reading back partitions {remaining:?} of {topic}"
+            )));
         }
         match consumer.poll(Duration::from_millis(200)) {
             None => {}
             Some(Err(KafkaError::PartitionEOF(p))) => {
+                progress = Instant::now();
                 remaining.remove(&p);
             }
-            Some(Err(e)) => break Err(format!("Kafka read-back of {topic}: {e}")),
+            Some(Err(e)) => break Err(Failure::of(format_args!("Kafka read-back of {topic}"), &e)),
             Some(Ok(msg)) => {
+                progress = Instant::now();
                 found.messages += 1;
                 let Some(headers) = msg.headers() else {
                     continue;
                 };
-                let (mut source, mut seq, mut theirs) = (None, None, false);
+                let (mut source, mut seq, mut agent, mut theirs) = (None, None, None, false);
                 for h in headers.iter() {
                     match (h.key, h.value) {
                         ("source", Some(v)) => source = std::str::from_utf8(v).ok(),
                         ("seq", Some(v)) => {
                             seq = std::str::from_utf8(v).ok().and_then(|v| v.parse().ok())
                         }
+                        ("agent", Some(v)) => agent = std::str::from_utf8(v).ok(),
                         ("relay", v) => theirs = v != Some(relay.as_bytes()),
                         _ => {}
                     }
                 }
                 if let (false, Some(source), Some(seq)) = (theirs, source, seq) {
-                    found.insert(source, seq);
+                    found.insert(agent, source, seq);
                 }
             }
         }
@@ -269,13 +350,19 @@ mod tests {
     }
 
     #[test]
-    fn found_is_by_source() {
+    fn found_is_by_agent_and_source() {
         let mut a = Found::default();
-        a.insert("h:1", 3);
-        a.insert("h:1", 4);
-        a.insert("h:2", 4);
-        assert!(a.contains("h:1", 3) && a.contains("h:1", 4) && a.contains("h:2", 4));
-        assert!(!a.contains("h:2", 3) && !a.contains("h:3", 4));
-        assert_eq!(a.events(), 3);
+        a.insert(Some("web-1"), "h:1", 3);
+        a.insert(Some("web-1"), "h:1", 4);
+        a.insert(Some("web-1"), "h:2", 4);
+        a.insert(None, "h:9", 1);
+        assert!(a.contains(Some("web-1"), "h:1", 3) && a.contains(Some("web-1"), "h:2", 4));
+        assert!(
+            !a.contains(Some("web-2"), "h:1", 3),
+            "another client's source of the same name"
+        );
+        assert!(!a.contains(Some("web-1"), "h:2", 3) && !a.contains(Some("web-1"), "h:3", 4));
+        assert!(a.contains(None, "h:9", 1) && !a.contains(Some("web-1"), "h:9", 1));
+        assert_eq!(a.events(), 4);
     }
 }

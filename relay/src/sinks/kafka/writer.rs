@@ -35,8 +35,10 @@ use std::time::{Duration, Instant};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::BaseConsumer;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::DeliveryResult;
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::ClientContext;
 use sluice_spool::Position;
 
 use super::config::{KafkaSink, KafkaValue};
@@ -53,7 +55,18 @@ const TOPIC_INFO_TTL: Duration = Duration::from_secs(30);
 /// framing, headers), kept free under the topic's limit.
 const BATCH_OVERHEAD: usize = 1024;
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(10);
-const READ_BACK_TIMEOUT: Duration = Duration::from_secs(120);
+/// A read-back fails when it read nothing for this long (a long one that progresses goes on).
+const READ_BACK_STALL: Duration = Duration::from_secs(60);
+/// Distinct topics a template may route to; events for more go to `default_topic`
+/// (`reason="too_many_topics"`), so a high-cardinality field cannot grow the sink.
+const MAX_TOPICS: usize = 1000;
+
+/// Where each event of a gathering stands across attempts.
+const PENDING: u8 = 0;
+/// The broker acknowledged it (or a read-back found it).
+const ACKED: u8 = 1;
+/// Kept in the dead-letter location.
+const DEAD: u8 = 2;
 
 pub struct KafkaWriter {
     name: String,
@@ -66,7 +79,7 @@ pub struct KafkaWriter {
     raw_field: String,
     max_message: usize,
     client: ClientConfig,
-    producer: FutureProducer,
+    producer: ThreadedProducer<Acks>,
     consumer: Arc<BaseConsumer>,
     properties: BTreeMap<String, String>,
     dead: DeadLetters,
@@ -92,12 +105,16 @@ pub struct KafkaWriter {
     carried_read: bool,
     /// This relay's events found in Kafka by the last read-back: not sent again.
     found: Found,
-    /// The batch of a failed attempt and which of its events the broker acknowledged.
-    retry: Option<(Position, Vec<bool>)>,
+    /// The batch of a failed attempt and where each of its events stands
+    /// ([`PENDING`], [`ACKED`], [`DEAD`]).
+    retry: Option<(Position, Vec<u8>)>,
+    /// A failed attempt met a topic that no longer exists: route the retry again.
+    replan: bool,
 
     buf: Vec<u8>,
     text: String,
-    pending: Vec<(DeliveryFuture, usize)>,
+    /// What the producer's delivery reports said, taken as they come.
+    settled: Vec<(usize, Option<KafkaError>)>,
 }
 
 /// The topic's `max.message.bytes`, as the broker reports it (`None` when it does not).
@@ -158,8 +175,7 @@ impl KafkaWriter {
         for (k, v) in &cfg.properties {
             client.set(k, v);
         }
-        let producer: FutureProducer = client
-            .create()
+        let producer = Acks::producer(&client)
             .map_err(|e| format!("sink {name:?}: cannot create the Kafka producer: {e}"))?;
         let consumer = recovery::consumer(&cfg.brokers, &cfg.properties, "sluice-marks")
             .map_err(|e| format!("sink {name:?}: {e}"))?;
@@ -200,9 +216,10 @@ impl KafkaWriter {
             carried_read: false,
             found: Found::default(),
             retry: None,
+            replan: false,
             buf: Vec::with_capacity(4096),
             text: String::new(),
-            pending: Vec::new(),
+            settled: Vec::new(),
         };
         if let Some(t) = w.topic.constant() {
             let t = t.to_string();
@@ -255,12 +272,15 @@ impl KafkaWriter {
             self.client
                 .set("message.max.bytes", limit.max(1000).to_string());
         }
-        self.producer = self.client.create().map_err(|e| {
+        let new = Acks::producer(&self.client).map_err(|e| {
             format!(
                 "sink {:?}: cannot create the Kafka producer: {e}",
                 self.name
             )
         })?;
+        // Dropping a producer joins librdkafka's threads: not on the runtime.
+        let old = std::mem::replace(&mut self.producer, new);
+        tokio::task::spawn_blocking(move || drop(old));
         tracing::info!(sink = %self.name, topic = %self.topics.first().map_or("", |t| t.as_str()), max_message_bytes = limit, max_message = self.max_message,
             "the topic's max.message.bytes is below the producer's batch size or max_message: batches and messages are kept under it");
         Ok(())
@@ -284,11 +304,11 @@ impl KafkaWriter {
                 stale
                     .into_iter()
                     .map(|t| recovery::partitions(&consumer, &t, ADMIN_TIMEOUT).map(|p| (t, p)))
-                    .collect::<Result<Vec<_>, String>>()
+                    .collect::<Result<Vec<_>, recovery::Failure>>()
             })
             .await
             .map_err(|e| DeliverError::Transient(e.to_string()))?
-            .map_err(DeliverError::Transient)?;
+            .map_err(failed)?;
             for (t, p) in fresh {
                 self.topic_info.insert(t, (p, Instant::now()));
             }
@@ -304,10 +324,15 @@ impl KafkaWriter {
             .collect())
     }
 
-    /// Routes every event of `batch` to its topic.
+    /// Routes every event of `batch` to its topic and takes the marks of those topics.
+    /// Routing the same gathering again (`replan`, after a topic vanished) keeps the
+    /// earlier of the old and the new marks: the saved intent's stay valid.
     async fn plan(&mut self, batch: &Gathered) -> Result<(), DeliverError> {
+        let again = self.prepared == Some(batch.start);
         self.routes.clear();
         let mut used = vec![false; self.topics.len()];
+        // (reason, events) sent to the default topic; counted once routing succeeded.
+        let mut rerouted: Vec<(&'static str, u64)> = Vec::new();
         if self.topic.constant().is_some() {
             used = vec![true];
         } else {
@@ -318,7 +343,7 @@ impl KafkaWriter {
                 used.resize(default_route as usize + 1, false);
             }
             used[default_route as usize] = true;
-            let (mut missing, mut invalid) = (0, 0);
+            let (mut missing, mut invalid, mut too_many) = (0, 0, 0);
             let template = self.topic.clone();
             for chunk in batch.chunks() {
                 let chunk = chunk?;
@@ -331,10 +356,19 @@ impl KafkaWriter {
                         entry.record,
                     ) {
                         Ok(()) if legal_topic(&self.text) => {
-                            let t = std::mem::take(&mut self.text);
-                            let r = self.route(&t);
-                            self.text = t;
-                            r
+                            match self.route_of.get(self.text.as_str()) {
+                                Some(r) => *r,
+                                None if self.topics.len() < MAX_TOPICS => {
+                                    let t = std::mem::take(&mut self.text);
+                                    let r = self.route(&t);
+                                    self.text = t;
+                                    r
+                                }
+                                None => {
+                                    too_many += 1;
+                                    default_route
+                                }
+                            }
                         }
                         Ok(()) => {
                             invalid += 1;
@@ -352,8 +386,11 @@ impl KafkaWriter {
                     used[r as usize] = true;
                 }
             }
-            self.count("missing_field", missing);
-            self.count("invalid_topic", invalid);
+            rerouted.extend([
+                ("missing_field", missing),
+                ("invalid_topic", invalid),
+                ("too_many_topics", too_many),
+            ]);
         }
         let names: Vec<String> = used
             .iter()
@@ -385,7 +422,7 @@ impl KafkaWriter {
                     unknown += 1;
                 }
             }
-            self.count("unknown_topic", unknown);
+            rerouted.push(("unknown_topic", unknown));
             tracing::warn!(sink = %self.name, topics = ?gone.iter().map(|r| &self.topics[*r as usize]).collect::<Vec<_>>(), events = unknown,
                 "topics rendered for these events do not exist: they go to default_topic (sluice_relay_kafka_rerouted_total{{reason=\"unknown_topic\"}})");
         }
@@ -404,12 +441,19 @@ impl KafkaWriter {
         })
         .await
         .map_err(|e| DeliverError::Transient(e.to_string()))?
-        .map_err(DeliverError::Transient)?;
-        self.marks = marks;
-        self.until = batch.end;
+        .map_err(failed)?;
+        if again {
+            self.marks = recovery::earliest_of_topics(&self.marks, &marks);
+        } else {
+            self.marks = marks;
+            self.until = batch.end;
+        }
         if let Some((carried, end)) = &self.carry {
             self.marks = recovery::earliest_of_topics(carried, &self.marks);
             self.until = self.until.max(*end);
+        }
+        for (reason, n) in rerouted {
+            self.count(reason, n);
         }
         Ok(())
     }
@@ -423,11 +467,11 @@ impl KafkaWriter {
         );
         let started = Instant::now();
         let found = tokio::task::spawn_blocking(move || {
-            recovery::read_back(&consumer, &from, &relay, READ_BACK_TIMEOUT)
+            recovery::read_back(&consumer, &from, &relay, READ_BACK_STALL)
         })
         .await
         .map_err(|e| DeliverError::Transient(e.to_string()))?
-        .map_err(DeliverError::Transient)?;
+        .map_err(failed)?;
         let label = self.metrics.sink(&self.name);
         self.metrics
             .kafka_readback_messages
@@ -470,7 +514,7 @@ impl KafkaWriter {
         batch: &Gathered,
         refused: &[(usize, String)],
         done: &mut Delivered,
-        acked: &mut [bool],
+        state: &mut [u8],
     ) -> Result<(), DeliverError> {
         let mut next = refused.iter().peekable();
         let mut index = 0usize;
@@ -495,6 +539,7 @@ impl KafkaWriter {
                     topic,
                     time: entry.time,
                     tag: chunk.tag,
+                    namespace: chunk.namespace,
                     source: chunk.source,
                     seq,
                     record: entry.record,
@@ -505,7 +550,7 @@ impl KafkaWriter {
                 })?;
                 tracing::warn!(sink = %self.name, tag = chunk.tag, source = chunk.source.unwrap_or("-"), seq = seq.unwrap_or(0), detail = %detail, dead_letter = %key,
                     "Kafka cannot take this event: kept in the dead-letter location (counted as dropped for this sink, reason too_large)");
-                acked[i] = true;
+                state[i] = DEAD;
                 done.dropped(chunk.tag, entry.time);
                 kept += 1;
             }
@@ -527,6 +572,10 @@ fn restored(state: &serde_json::Value) -> Option<(TopicMarks, Position)> {
     let marks: TopicMarks = serde_json::from_value(state.get("marks")?.clone()).ok()?;
     let until: Position = serde_json::from_value(state.get("until")?.clone()).ok()?;
     Some((marks, until))
+}
+
+fn failed(f: recovery::Failure) -> DeliverError {
+    classify(f.message, f.code)
 }
 
 /// Errors that will come back on every retry until someone changes the broker's ACLs,
@@ -558,10 +607,74 @@ fn too_large(e: &KafkaError) -> bool {
     )
 }
 
+/// The producer's context: librdkafka's delivery reports (from the producer's polling
+/// thread) are collected here by event index (the message's opaque, no allocation per
+/// message) and the delivery waiting for them is woken.
+pub struct Acks {
+    settled: std::sync::Mutex<Vec<(usize, Option<KafkaError>)>>,
+    wake: tokio::sync::Notify,
+}
+
+impl Acks {
+    /// A producer with a context of its own: reports of a producer replaced after a
+    /// fatal error cannot mix with the new one's.
+    fn producer(client: &ClientConfig) -> rdkafka::error::KafkaResult<ThreadedProducer<Acks>> {
+        client.create_with_context(Acks {
+            settled: std::sync::Mutex::new(Vec::new()),
+            wake: tokio::sync::Notify::new(),
+        })
+    }
+}
+
+impl ClientContext for Acks {}
+
+impl ProducerContext for Acks {
+    type DeliveryOpaque = usize;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, index: usize) {
+        let error = result.as_ref().err().map(|(e, _)| e.clone());
+        self.settled
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((index, error));
+        self.wake.notify_one();
+    }
+}
+
+/// Takes the delivery reports that came in (waiting for one when `wait` and none has)
+/// into `settled`, and settles them.
+async fn settle_reports(
+    producer: &ThreadedProducer<Acks>,
+    settled: &mut Vec<(usize, Option<KafkaError>)>,
+    settler: &mut Settler<'_>,
+    done: &mut Delivered,
+    in_flight: &mut usize,
+    wait: bool,
+) {
+    let acks = producer.context();
+    loop {
+        // The permit a report left behind (Notify keeps one) makes this return at once.
+        let woken = acks.wake.notified();
+        std::mem::swap(
+            settled,
+            &mut *acks.settled.lock().unwrap_or_else(|e| e.into_inner()),
+        );
+        if !settled.is_empty() || !wait {
+            break;
+        }
+        // A report that was pushed before the swap above left a permit; one after wakes.
+        let _ = tokio::time::timeout(Duration::from_millis(100), woken).await;
+    }
+    for (index, error) in settled.drain(..) {
+        *in_flight -= 1;
+        settler.settle(index, error, done);
+    }
+}
+
 /// The outcome of the messages of one attempt, settled one by one.
 struct Settler<'m> {
     meta: &'m [(&'m str, sluice_forward::EventTime)],
-    acked: Vec<bool>,
+    state: Vec<u8>,
     /// Events Kafka refused as too large, by index, with why: for the dead letters.
     refused: Vec<(usize, String)>,
     /// The first failure of this attempt, with librdkafka's code when it has one.
@@ -569,28 +682,24 @@ struct Settler<'m> {
 }
 
 impl Settler<'_> {
-    async fn settle(&mut self, future: DeliveryFuture, index: usize, done: &mut Delivered) {
+    fn settle(&mut self, index: usize, error: Option<KafkaError>, done: &mut Delivered) {
         let (tag, time) = self.meta[index];
-        match future.await {
-            Ok(Ok(_)) => {
-                self.acked[index] = true;
+        match error {
+            None => {
+                self.state[index] = ACKED;
                 done.delivered(tag, time);
             }
-            Ok(Err((e, _))) if too_large(&e) => {
+            Some(e) if too_large(&e) => {
                 self.refused
                     .push((index, format!("the broker refused it: {e}")));
             }
-            Ok(Err((e, _))) => {
+            Some(e) => {
                 self.first_error.get_or_insert_with(|| {
                     (
                         format!("Kafka did not acknowledge: {e}"),
                         e.rdkafka_error_code(),
                     )
                 });
-            }
-            Err(_) => {
-                self.first_error
-                    .get_or_insert_with(|| ("the Kafka producer was shut down".into(), None));
             }
         }
     }
@@ -619,9 +728,10 @@ impl Deliver for KafkaWriter {
 
     fn deliver<'a>(&'a mut self, batch: &'a Gathered) -> DeliverFuture<'a> {
         Box::pin(async move {
-            if self.prepared != Some(batch.start) {
+            if self.prepared != Some(batch.start) || self.replan {
                 self.plan(batch).await?;
                 self.prepared = Some(batch.start);
+                self.replan = false;
             }
             let retrying = matches!(&self.retry, Some((start, _)) if *start == batch.start);
             if retrying {
@@ -635,14 +745,23 @@ impl Deliver for KafkaWriter {
             let mut done = Delivered::default();
             // (tag, time) per event index, to count deliveries once acknowledged.
             let mut meta = Vec::with_capacity(batch.events as usize);
-            // Events a failed attempt of this same batch got acknowledged: not sent again.
-            let mut acked = match self.retry.take() {
-                Some((start, acked)) if start == batch.start => acked,
+            // What a failed attempt of this same batch got acknowledged or kept as a dead
+            // letter: not sent again.
+            let mut state = match self.retry.take() {
+                Some((start, state)) if start == batch.start => state,
                 _ => Vec::new(),
             };
-            acked.resize(batch.events as usize, false);
+            state.resize(batch.events as usize, PENDING);
             let mut skipped = 0u64;
-            self.pending.clear();
+            self.settled.clear();
+            // Reports of an attempt cut short (the driver gave up at shutdown) are stale.
+            self.producer
+                .context()
+                .settled
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clear();
+            let (mut in_flight, mut sent) = (0usize, 0usize);
             let mut to_send = Vec::new();
             for chunk in batch.chunks() {
                 let chunk = chunk?;
@@ -650,12 +769,20 @@ impl Deliver for KafkaWriter {
                     let (entry, seq) = event?;
                     let index = meta.len();
                     meta.push((chunk.tag, entry.time));
-                    if acked.get(index).copied().unwrap_or(false) {
-                        done.delivered(chunk.tag, entry.time);
-                        continue;
+                    match state.get(index).copied() {
+                        Some(ACKED) => {
+                            done.delivered(chunk.tag, entry.time);
+                            continue;
+                        }
+                        Some(DEAD) => {
+                            done.dropped(chunk.tag, entry.time);
+                            continue;
+                        }
+                        _ => {}
                     }
                     if let (Some(source), Some(seq)) = (chunk.source, seq) {
-                        if self.found.contains(source, seq) {
+                        let agent = agent_of(chunk.namespace, Some(source));
+                        if self.found.contains(agent, source, seq) {
                             done.delivered(chunk.tag, entry.time);
                             skipped += 1;
                             continue;
@@ -664,14 +791,15 @@ impl Deliver for KafkaWriter {
                     to_send.push((index, chunk, seq, entry));
                 }
             }
-            acked.resize(meta.len(), false);
+            state.resize(meta.len(), PENDING);
             let mut settler = Settler {
                 meta: &meta,
-                acked,
+                state,
                 refused: Vec::new(),
                 first_error: None,
             };
             let (mut key_missing, mut value_missing) = (0u64, 0u64);
+            let mut unencodable: Option<DeliverError> = None;
             let mut key_text = String::new();
             for (index, chunk, seq, entry) in to_send {
                 // Stop at the first failure seen: the retry resends the rest, in order.
@@ -679,8 +807,14 @@ impl Deliver for KafkaWriter {
                     break;
                 }
                 let (tag, source) = (chunk.tag, chunk.source);
-                if !self.value_of(entry.time, tag, source, seq, entry.record)? {
-                    value_missing += 1;
+                match self.value_of(entry.time, tag, source, seq, entry.record) {
+                    Ok(true) => {}
+                    Ok(false) => value_missing += 1,
+                    Err(e) => {
+                        // Settled below like any failure, so the retry knows what landed.
+                        unencodable.get_or_insert(e);
+                        break;
+                    }
                 }
                 if self.buf.len() > self.max_message {
                     settler.refused.push((
@@ -734,32 +868,49 @@ impl Deliver for KafkaWriter {
                 // log's time, not when the relay produced it.
                 let millis = (entry.time.as_unix_nanos() / 1_000_000) as i64;
                 let topic = &self.topics[self.routes.get(index).copied().unwrap_or(0) as usize];
-                let mut record = FutureRecord::to(topic)
+                let mut record = BaseRecord::with_opaque_to(topic, index)
                     .payload(&self.buf[..])
                     .timestamp(millis)
                     .headers(headers);
                 if let Some(key) = key {
                     record = record.key(key);
                 }
+                // Reports that came in meanwhile (cheap: no wait), so failures show early.
+                sent += 1;
+                if sent % 1024 == 0 {
+                    settle_reports(
+                        &self.producer,
+                        &mut self.settled,
+                        &mut settler,
+                        &mut done,
+                        &mut in_flight,
+                        false,
+                    )
+                    .await;
+                }
                 loop {
-                    match self.producer.send_result(record) {
-                        Ok(future) => {
-                            self.pending.push((future, index));
+                    match self.producer.send(record) {
+                        Ok(()) => {
+                            in_flight += 1;
                             break;
                         }
                         Err((e, back))
                             if e.rdkafka_error_code() == Some(RDKafkaErrorCode::QueueFull) =>
                         {
-                            // The local queue is full: wait for the oldest half to be acknowledged.
+                            // The local queue is full: wait for acknowledgements.
                             record = back;
-                            let half = self.pending.len() / 2 + 1;
-                            let older: Vec<_> =
-                                self.pending.drain(..half.min(self.pending.len())).collect();
-                            if older.is_empty() {
+                            let wait = in_flight > 0;
+                            settle_reports(
+                                &self.producer,
+                                &mut self.settled,
+                                &mut settler,
+                                &mut done,
+                                &mut in_flight,
+                                wait,
+                            )
+                            .await;
+                            if in_flight == 0 {
                                 tokio::time::sleep(Duration::from_millis(10)).await;
-                            }
-                            for (future, i) in older {
-                                settler.settle(future, i, &mut done).await;
                             }
                         }
                         Err((e, _)) if too_large(&e) => {
@@ -779,22 +930,44 @@ impl Deliver for KafkaWriter {
                 done.bytes += self.buf.len() as u64;
             }
             // Settle everything, also after a failure: a retry must know what landed.
-            let pending: Vec<_> = self.pending.drain(..).collect();
-            for (future, i) in pending {
-                settler.settle(future, i, &mut done).await;
+            while in_flight > 0 {
+                settle_reports(
+                    &self.producer,
+                    &mut self.settled,
+                    &mut settler,
+                    &mut done,
+                    &mut in_flight,
+                    true,
+                )
+                .await;
             }
             self.count("key_missing_field", key_missing);
             self.count("value_missing_field", value_missing);
             let Settler {
-                mut acked,
+                mut state,
                 mut refused,
                 first_error,
                 ..
             } = settler;
             refused.sort_by_key(|(i, _)| *i);
-            let kept = self.keep_dead(batch, &refused, &mut done, &mut acked).await;
+            let kept = self.keep_dead(batch, &refused, &mut done, &mut state).await;
+            if let Some(e) = unencodable {
+                self.retry = Some((batch.start, state));
+                return Err(e);
+            }
             if let Some((e, code)) = first_error {
-                self.retry = Some((batch.start, acked));
+                if matches!(
+                    code,
+                    Some(
+                        RDKafkaErrorCode::UnknownTopic | RDKafkaErrorCode::UnknownTopicOrPartition
+                    )
+                ) {
+                    // A topic went away (or the broker does not know it yet): look again,
+                    // and route the retry anew (to default_topic if it is really gone).
+                    self.topic_info.clear();
+                    self.replan = true;
+                }
+                self.retry = Some((batch.start, state));
                 // A fatal error (for example ProducerFenced after a long broker outage)
                 // breaks the idempotent producer for good: start a new one (the retry's
                 // read-back, not the producer id, keeps it from duplicating).
@@ -809,14 +982,17 @@ impl Deliver for KafkaWriter {
                 );
                 if let Some(reason) = fatal.or_else(|| fenced.then(|| e.clone())) {
                     tracing::warn!(sink = %self.name, reason, "the Kafka producer hit a fatal error; creating a new producer");
-                    self.producer = self.client.create().map_err(|e| {
+                    let new = Acks::producer(&self.client).map_err(|e| {
                         DeliverError::Transient(format!("recreating the Kafka producer: {e}"))
                     })?;
+                    // Dropping a producer joins librdkafka's threads: not on the runtime.
+                    let old = std::mem::replace(&mut self.producer, new);
+                    tokio::task::spawn_blocking(move || drop(old));
                 }
                 return Err(classify(e, code));
             }
             if let Err(e) = kept {
-                self.retry = Some((batch.start, acked));
+                self.retry = Some((batch.start, state));
                 return Err(e);
             }
             if skipped > 0 {
@@ -927,7 +1103,7 @@ mod tests {
     fn the_producer_is_built_with_tls_sasl_and_every_codec() {
         for codec in ["none", "gzip", "snappy", "lz4", "zstd"] {
             for mechanism in ["PLAIN", "SCRAM-SHA-512", "OAUTHBEARER"] {
-                let made: Result<FutureProducer, _> = ClientConfig::new()
+                let made: Result<ThreadedProducer<_>, _> = ClientConfig::new()
                     .set("bootstrap.servers", "127.0.0.1:1")
                     .set("compression.type", codec)
                     .set("security.protocol", "sasl_ssl")
