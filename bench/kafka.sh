@@ -38,8 +38,6 @@ cleanup() {
 }
 trap cleanup EXIT
 
-cpu_seconds() { awk '{ print ($14 + $15) / 100 }' "/proc/$1/stat"; }
-
 metric() { # PORT NAME: the sum of the metric's samples for sink "out"
   "$PY" - "$1" "$2" <<'PY'
 import sys, urllib.request
@@ -49,24 +47,6 @@ print(sum(float(l.split()[-1]) for l in text.splitlines() if l.startswith(name +
 PY
 }
 
-sink_done() { # PORT N: until the sink "out" delivered N events (600 s at most)
-  "$PY" - "$1" "$2" <<'PY'
-import sys, time, urllib.request
-port, n = sys.argv[1], int(sys.argv[2])
-deadline = time.time() + 600
-while time.time() < deadline:
-    try:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    except OSError:
-        text = ""
-    done = sum(float(l.split()[-1]) for l in text.splitlines()
-               if l.startswith('sluice_relay_sink_events_total{sink="out"}'))
-    if done >= n:
-        sys.exit(0)
-    time.sleep(0.05)
-sys.exit("the sink did not deliver every event within 600 s")
-PY
-}
 
 start_tansu() { # sets TANSU, KAFKA
   local port

@@ -79,6 +79,8 @@ pub struct RelayMetrics {
     pub dead_letters: Family<SinkReason, Counter>,
     /// Kafka sinks: messages read back to find what a cut-short delivery wrote.
     pub kafka_readback_messages: Family<SinkLabel, Counter>,
+    /// Kafka sinks: read-backs given up after stalling (the delivery went on without).
+    pub kafka_readback_abandoned: Family<SinkLabel, Counter>,
     /// Kafka sinks: seconds the last read-back took.
     pub kafka_readback_seconds: Family<SinkLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
     /// 1 while a sink's last delivery failed with an error that will not go away by
@@ -136,6 +138,7 @@ impl RelayMetrics {
             dead_letters: Default::default(),
             kafka_readback_messages: Default::default(),
             kafka_readback_seconds: Default::default(),
+            kafka_readback_abandoned: Default::default(),
             sink_failing: Default::default(),
         }
     }
@@ -321,6 +324,11 @@ impl RelayMetrics {
             "kafka_readback_messages",
             "Kafka sinks: messages read back after a failed attempt or a crash, to find what was already written",
             self.kafka_readback_messages.clone(),
+        );
+        r.register(
+            "kafka_readback_abandoned",
+            "Kafka sinks: read-backs given up after stalling three times (a broker that does not serve a partition to its end); what the cut-short delivery had written may be written again",
+            self.kafka_readback_abandoned.clone(),
         );
         r.register(
             "kafka_readback_seconds",

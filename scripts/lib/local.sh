@@ -52,3 +52,27 @@ TOML
   RELAY=$!
   wait_port "$port"
 }
+
+# cpu_seconds PID: user + system CPU seconds of a process so far (clock ticks of 1/100 s).
+cpu_seconds() { awk '{ print ($14 + $15) / 100 }' "/proc/$1/stat"; }
+
+# sink_done METRICS_PORT N: until the relay's sink "out" delivered N events
+# (sluice_relay_sink_events_total), 600 s at most. Needs $PY (the venv's python).
+sink_done() {
+  "$PY" - "$1" "$2" <<'PY'
+import sys, time, urllib.request
+port, n = sys.argv[1], int(sys.argv[2])
+deadline = time.time() + 600
+while time.time() < deadline:
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    except OSError:
+        text = ""
+    done = sum(float(l.split()[-1]) for l in text.splitlines()
+               if l.startswith('sluice_relay_sink_events_total{sink="out"}'))
+    if done >= n:
+        sys.exit(0)
+    time.sleep(0.05)
+sys.exit("the sink did not deliver every event within 600 s")
+PY
+}

@@ -57,6 +57,12 @@ const BATCH_OVERHEAD: usize = 1024;
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// A read-back fails when it read nothing for this long (a long one that progresses goes on).
 const READ_BACK_STALL: Duration = Duration::from_secs(60);
+/// After this many read-backs in a row that stalled (a broker that does not serve a
+/// partition to its end), the delivery goes on without one: what the cut-short delivery
+/// wrote may then be written again (logged at error level, counted in
+/// `sluice_relay_kafka_readback_abandoned_total`) rather than the sink waiting forever.
+const READ_BACK_GIVE_UP: u32 = 3;
+
 /// Distinct topics a template may route to; events for more go to `default_topic`
 /// (`reason="too_many_topics"`), so a high-cardinality field cannot grow the sink.
 const MAX_TOPICS: usize = 1000;
@@ -110,6 +116,8 @@ pub struct KafkaWriter {
     retry: Option<(Position, Vec<u8>)>,
     /// A failed attempt met a topic that no longer exists: route the retry again.
     replan: bool,
+    /// Read-backs of this gathering that stalled in a row (see [`READ_BACK_GIVE_UP`]).
+    stalls: u32,
 
     buf: Vec<u8>,
     text: String,
@@ -217,6 +225,7 @@ impl KafkaWriter {
             found: Found::default(),
             retry: None,
             replan: false,
+            stalls: 0,
             buf: Vec::with_capacity(4096),
             text: String::new(),
             settled: Vec::new(),
@@ -460,18 +469,45 @@ impl KafkaWriter {
 
     /// Reads back what this relay wrote after the marks.
     async fn read_back(&mut self, why: &str) -> Result<(), DeliverError> {
-        let (consumer, from, relay) = (
-            self.consumer.clone(),
-            self.marks.clone(),
-            self.relay.clone(),
+        let (from, relay) = (self.marks.clone(), self.relay.clone());
+        let (brokers, properties) = (
+            self.client
+                .get("bootstrap.servers")
+                .unwrap_or("")
+                .to_string(),
+            self.properties.clone(),
         );
         let started = Instant::now();
+        // A consumer of its own for each read-back: nothing an earlier outage left
+        // queued in a long-lived one meets it.
         let found = tokio::task::spawn_blocking(move || {
+            let consumer = recovery::consumer(&brokers, &properties, "sluice-read-back")
+                .map_err(recovery::Failure::plain)?;
             recovery::read_back(&consumer, &from, &relay, READ_BACK_STALL)
         })
         .await
-        .map_err(|e| DeliverError::Transient(e.to_string()))?
-        .map_err(failed)?;
+        .map_err(|e| DeliverError::Transient(e.to_string()))?;
+        let found = match found {
+            Ok(found) => found,
+            Err(f) if f.stalled && self.stalls + 1 >= READ_BACK_GIVE_UP => {
+                self.stalls = 0;
+                self.metrics
+                    .kafka_readback_abandoned
+                    .get_or_create(&self.metrics.sink(&self.name))
+                    .inc();
+                tracing::error!(sink = %self.name, why, error = %f.message, stalls = READ_BACK_GIVE_UP,
+                    "the read-back cannot reach the end of the topic (the broker does not serve it); delivering without it: events of the delivery cut short that are already in Kafka are written again (duplicates, findable by source and seq)");
+                self.found = Found::default();
+                return Ok(());
+            }
+            Err(f) => {
+                if f.stalled {
+                    self.stalls += 1;
+                }
+                return Err(failed(f));
+            }
+        };
+        self.stalls = 0;
         let label = self.metrics.sink(&self.name);
         self.metrics
             .kafka_readback_messages
