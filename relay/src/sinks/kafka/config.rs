@@ -68,8 +68,9 @@ pub struct KafkaSink {
     /// delivery then waits for as long as the brokers are away).
     #[serde(default = "default_kafka_timeout")]
     pub delivery_timeout: Span,
-    /// Extra librdkafka properties, passed as they are (`security.protocol`, `ssl.*`,
-    /// `sasl.*` also to the sink's consumers).
+    /// Extra librdkafka properties, passed as they are; all but the producer-only ones
+    /// (acks, batching, compression, timeouts) also to the sink's consumers, so TLS and
+    /// SASL settings reach its marks and read-backs.
     #[serde(default)]
     pub properties: BTreeMap<String, String>,
 }
