@@ -60,7 +60,9 @@ fn local_hours(root: &std::path::Path) -> serde_json::Value {
             let p = e.path();
             if p.is_dir() {
                 walk(&p, out);
-            } else {
+            } else if !p.to_string_lossy().contains('#') {
+                // `<key>#<n>` is object_store's file for a put in progress (renamed to
+                // the key when complete): not an object yet.
                 out.push(p);
             }
         }
