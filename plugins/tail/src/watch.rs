@@ -171,7 +171,9 @@ pub(crate) fn dirs_of(pattern: &str) -> Vec<PathBuf> {
 fn raise_priority(input: &str) {
     // SAFETY: plain syscalls on the calling thread; results are checked.
     let rc = unsafe {
-        let tid = libc::gettid();
+        // The raw syscall, not glibc's gettid(): that wrapper exists from glibc 2.30 on,
+        // and the portable build (scripts/package --portable) links against 2.28.
+        let tid = libc::syscall(libc::SYS_gettid) as libc::pid_t;
         libc::setpriority(libc::PRIO_PROCESS as _, tid as libc::id_t, WATCH_NICE)
     };
     if rc != 0 {

@@ -321,8 +321,18 @@ impl Proc {
         log: &Path,
         env: &[(String, String)],
     ) -> Proc {
+        Proc::start_exe(&bin(binary), config, log, env)
+    }
+
+    /// As [`start_with_env`](Proc::start_with_env), for the executable at `exe` instead
+    /// of one cargo built (the binary a package installed).
+    pub fn start_exe(exe: &Path, config: &Path, log: &Path, env: &[(String, String)]) -> Proc {
+        let binary = exe
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| exe.display().to_string());
         let log_file = std::fs::File::create(log).expect("log file");
-        let child = die_with_test(&mut Command::new(bin(binary)))
+        let child = die_with_test(&mut Command::new(exe))
             .arg("--config")
             .arg(config)
             .envs(env.iter().map(|(k, v)| (k, v)))
@@ -332,7 +342,7 @@ impl Proc {
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {binary}: {e}"));
         Proc {
-            name: binary.to_string(),
+            name: binary,
             child: std::sync::Mutex::new(Some(child)),
             log: log.to_owned(),
         }
