@@ -43,16 +43,16 @@ pub struct TailInput {
     #[serde(default = "default_max_deleted")]
     pub max_deleted: ByteSize,
     /// How each line becomes a record: none (raw `message`), json, regex, nginx, apache,
-    /// syslog_rfc3164, syslog_rfc5424. Lines that do not parse are sent raw with a
-    /// `parse_error` field and counted, never dropped.
+    /// syslog_rfc3164, syslog_rfc5424, cri (Kubernetes container logs). Lines that do not
+    /// parse are sent raw with a `parse_error` field and counted, never dropped.
     #[serde(default)]
     pub parser: ParserKind,
     /// The pattern of `parser = "regex"`; its named groups become the fields.
     #[serde(default)]
     pub regex: Option<String>,
-    /// The record field that holds the event time. Unset: nginx, apache and syslog use
-    /// their `time` field, the other parsers the time the line was read. "" always uses
-    /// the read time.
+    /// The record field that holds the event time. Unset: nginx, apache, syslog and cri
+    /// use their `time` field, the other parsers the time the line was read. "" always
+    /// uses the read time.
     #[serde(default)]
     pub time_key: Option<String>,
     /// How `time_key` is written: "auto" (default: a number is epoch seconds, a string

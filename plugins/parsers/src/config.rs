@@ -29,6 +29,10 @@ pub enum ParserKind {
     SyslogRfc3164,
     /// IETF syslog, RFC 5424.
     SyslogRfc5424,
+    /// Kubernetes container logs as containerd and CRI-O write them
+    /// (`<time> <stream> <logtag> <message>`); a partial line (`logtag` P) is a record of
+    /// its own.
+    Cri,
 }
 
 /// A parser that cannot be built from its configuration.

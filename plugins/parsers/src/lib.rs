@@ -9,6 +9,7 @@
 //! | `nginx`, `apache` | combined (or common) log format: `remote`, `user`, `time`, `method`, `path`, `protocol`, `code`, `size`, `referer`, `agent` |
 //! | `syslog_rfc3164` | `pri`, `facility`, `severity`, `time`, `host`, `ident`, `pid`, `message` |
 //! | `syslog_rfc5424` | as 3164, plus `version`, `msgid`, `structured_data` |
+//! | `cri` | Kubernetes container logs: `time`, `stream`, `logtag` (`F` or `P`), `message` |
 //!
 //! [`Multiline`] joins the lines of one event (a stack trace) before parsing.
 //!
@@ -34,6 +35,7 @@
 //! ```
 
 mod config;
+mod cri;
 mod json;
 mod multiline;
 mod patterns;
@@ -75,6 +77,7 @@ enum Imp {
     Combined(Combined),
     Syslog3164(Syslog3164),
     Syslog5424(Syslog5424),
+    Cri,
 }
 
 impl Parser {
@@ -90,6 +93,7 @@ impl Parser {
             (ParserKind::Nginx | ParserKind::Apache, None) => Imp::Combined(Combined::new()),
             (ParserKind::SyslogRfc3164, None) => Imp::Syslog3164(Syslog3164::new()),
             (ParserKind::SyslogRfc5424, None) => Imp::Syslog5424(Syslog5424::new()),
+            (ParserKind::Cri, None) => Imp::Cri,
         };
         Ok(Parser {
             kind,
@@ -105,7 +109,7 @@ impl Parser {
 
     /// Takes the event time from the record field `key` read as `format` (see
     /// [`TimeFormat::parse`]). Unset, the parsers with a time field use it (nginx, apache:
-    /// `%d/%b/%Y:%H:%M:%S %z`; syslog 5424: RFC 3339; syslog 3164: `%b %e %H:%M:%S`, UTC,
+    /// `%d/%b/%Y:%H:%M:%S %z`; syslog 5424 and cri: RFC 3339; syslog 3164: `%b %e %H:%M:%S`, UTC,
     /// the year from the read time) and the others keep the read time; `key = ""` keeps
     /// the read time everywhere. `format` defaults to `auto` (a number is epoch seconds,
     /// a string RFC 3339), or to the parser's own format when `key` is its time field.
@@ -119,7 +123,7 @@ impl Parser {
         let zone = zone.map(TimeZone::parse).transpose()?.unwrap_or_default();
         let default = match self.kind {
             ParserKind::Nginx | ParserKind::Apache => Some(("time", "%d/%b/%Y:%H:%M:%S %z")),
-            ParserKind::SyslogRfc5424 => Some(("time", "rfc3339")),
+            ParserKind::SyslogRfc5424 | ParserKind::Cri => Some(("time", "rfc3339")),
             ParserKind::SyslogRfc3164 => Some(("time", "%b %e %H:%M:%S")),
             ParserKind::None | ParserKind::Json | ParserKind::Regex => None,
         };
@@ -179,6 +183,7 @@ impl Parser {
             Imp::Combined(p) => p.write(line, out),
             Imp::Syslog3164(p) => p.write(line, out),
             Imp::Syslog5424(p) => p.write(line, out),
+            Imp::Cri => cri::write(line, out).map_err(String::from),
         };
         match result {
             Ok(()) => Outcome::Parsed,
@@ -272,6 +277,7 @@ mod tests {
             ("apache", ParserKind::Apache),
             ("syslog_rfc3164", ParserKind::SyslogRfc3164),
             ("syslog_rfc5424", ParserKind::SyslogRfc5424),
+            ("cri", ParserKind::Cri),
         ] {
             let c: C = serde_json::from_str(&format!("{{\"parser\":\"{text}\"}}")).unwrap();
             assert_eq!(c.parser, kind);

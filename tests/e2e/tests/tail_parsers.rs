@@ -110,6 +110,62 @@ fn json_time_key_sets_the_event_time_and_a_missing_one_is_counted() {
     );
 }
 
+/// Kubernetes container logs (`parser = "cri"`): each line's own time, to the nanosecond,
+/// is the event time; a partial line (`P`) and its end (`F`) arrive as two records; a line
+/// in another format arrives raw, is counted, and keeps its read time.
+#[test]
+fn cri_lines_carry_their_nanosecond_times_and_partial_lines_stay_apart() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = Certs::generate(dir.path(), "relay");
+    let relay = RelaySpec::with_file_sink(dir.path(), certs.server_tls()).start();
+    let log = dir.path().join("web_default_nginx-0123.log");
+    std::fs::write(
+        &log,
+        "2026-11-23T05:00:00.123456789Z stdout F GET /healthz 200\n\
+         2026-11-23T05:00:01.000000001Z stderr P first half of a long line, \n\
+         2026-11-23T05:00:01.000000002Z stderr F second half\n\
+         {\"log\":\"a docker json-file line\\n\",\"stream\":\"stdout\"}\n",
+    )
+    .unwrap();
+    let mut spec = agent_spec(dir.path(), &relay, &certs, &log);
+    spec.tail().name = "containers".into();
+    spec.tail().parser = ParserKind::Cri;
+    let mut agent = ship(spec, &relay, 4);
+    let errors = agent.metric("sluice_agent_parse_errors_total", "input=\"containers\"");
+    agent.stop(Duration::from_secs(20));
+
+    let records = records(&relay);
+    assert_eq!(
+        records[..3],
+        [
+            serde_json::json!({"time": "2026-11-23T05:00:00.123456789Z", "stream": "stdout",
+                "logtag": "F", "message": "GET /healthz 200"}),
+            serde_json::json!({"time": "2026-11-23T05:00:01.000000001Z", "stream": "stderr",
+                "logtag": "P", "message": "first half of a long line, "}),
+            serde_json::json!({"time": "2026-11-23T05:00:01.000000002Z", "stream": "stderr",
+                "logtag": "F", "message": "second half"}),
+        ]
+    );
+    assert!(
+        records[3]["parse_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("CRI log format")),
+        "{}",
+        records[3]
+    );
+    assert_eq!(errors, Some(1.0), "parse errors counted per input");
+    let times = event_times(&relay);
+    assert_eq!(
+        times[..3],
+        [
+            "2026-11-23T05:00:00.123456789Z",
+            "2026-11-23T05:00:01.000000001Z",
+            "2026-11-23T05:00:01.000000002Z"
+        ]
+    );
+    assert!(!times[3].starts_with("2026-11-23T05:00:0"), "{times:?}");
+}
+
 /// Starts the agent of `spec` and waits until the relay's file sink has `events` events.
 fn ship(spec: AgentSpec, relay: &Relay, events: u64) -> Agent {
     let agent = spec.spawn();
