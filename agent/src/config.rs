@@ -56,8 +56,11 @@ fn default_shutdown_timeout() -> Span {
 #[derive(Clone, Debug, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct OutputConfig {
-    /// Relays as "host:port"; the agent uses one at a time and fails over in order.
-    pub relays: Vec<String>,
+    /// Relays: "host:port", or `{ address = "host:port", weight = 1, standby = false }`.
+    /// Each source (file) is sent to one relay, chosen by weighted rendezvous hashing
+    /// over the healthy relays that are not standbys, and stays there while that relay
+    /// is healthy; standbys are used only while no other relay is. See docs/agent.md.
+    pub relays: Vec<RelayEntry>,
     /// TLS files for talking to relays; without `ca` the public (Mozilla) roots are used.
     #[serde(default)]
     pub tls: ClientTlsFiles,
@@ -81,16 +84,37 @@ pub struct OutputConfig {
     /// ... or when its oldest line waited this long.
     #[serde(default = "default_chunk_age")]
     pub chunk_age: Span,
-    /// Chunks sent but not yet acknowledged, at most.
+    /// Chunks sent but not yet acknowledged on one relay connection, at most.
     #[serde(default = "default_in_flight")]
     pub in_flight: usize,
-    /// When the oldest chunk is not acknowledged within this, the agent opens a second,
-    /// short-lived connection to the relay (TCP, TLS, shared-key handshake). A relay
-    /// that answers is waited for on the same connection, checked again every
-    /// `ack_timeout` (logged once, `sluice_agent_ack_waits_total`); one that does not
-    /// is left, and the unacknowledged chunks are resent to the next relay.
+    /// Compressed bytes of chunks not yet acknowledged, at most, over all relays: the
+    /// agent's memory for frames waiting for acks does not depend on how slow a relay is.
+    /// One chunk is always allowed, however large.
+    #[serde(default = "default_in_flight_bytes")]
+    pub in_flight_bytes: ByteSize,
+    /// When a relay has said nothing for this long while it owes an ack (or, on an idle
+    /// connection, every `heartbeat_interval`), the agent sends a probe: an empty chunk
+    /// the relay answers at once. New chunks wait until the relay is heard from again,
+    /// so a relay that stopped answering is sent little that could be duplicated.
+    #[serde(default = "default_probe_interval")]
+    pub probe_interval: Span,
+    /// A probe not answered within this means the relay (or the path to it) is gone:
+    /// the connection is reset, and its unacknowledged chunks go to the other relays.
+    /// `0s` turns probes off (for a server that does not answer empty chunks): then
+    /// only `ack_timeout` leaves a relay.
+    #[serde(default = "default_probe_timeout")]
+    pub probe_timeout: Span,
+    /// The oldest chunk not acknowledged within this, while the relay answers probes, is
+    /// logged once (`sluice_agent_ack_waits_total`) and waited for on the same connection
+    /// (in `end_to_end` mode its sinks may be slow; another relay would only spool a
+    /// second copy). With probes off, such a relay is left.
     #[serde(default = "default_ack_timeout")]
     pub ack_timeout: Span,
+    /// A relay whose process is gone (connection refused) after taking chunks is retried
+    /// this long before its unacknowledged chunks go to other relays: a relay that
+    /// restarts in time deduplicates the resent chunks, another relay could not.
+    #[serde(default = "default_failover_after")]
+    pub failover_after: Span,
     /// TCP connect, TLS handshake and HELO/PING/PONG must finish within this.
     #[serde(default = "default_connect_timeout")]
     pub connect_timeout: Span,
@@ -105,6 +129,71 @@ pub struct OutputConfig {
     /// connection before data needs it. `0s` turns heartbeats off.
     #[serde(default = "default_heartbeat")]
     pub heartbeat_interval: Span,
+}
+
+/// One entry of `output.relays`.
+#[derive(Clone, Debug, Deserialize, Serialize, schemars::JsonSchema)]
+#[serde(untagged)]
+pub enum RelayEntry {
+    /// "host:port", weight 1, not a standby.
+    Address(String),
+    Relay(RelaySpec),
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RelaySpec {
+    /// "host:port".
+    pub address: String,
+    /// Relative share of the sources (1-100), as Fluentd's `<server> weight`.
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    /// Used only while no relay that is not a standby is healthy (Fluentd's `standby`).
+    #[serde(default)]
+    pub standby: bool,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+impl RelayEntry {
+    pub fn spec(&self) -> RelaySpec {
+        match self {
+            RelayEntry::Address(a) => RelaySpec {
+                address: a.clone(),
+                weight: 1,
+                standby: false,
+            },
+            RelayEntry::Relay(r) => r.clone(),
+        }
+    }
+
+    pub fn address(&self) -> &str {
+        match self {
+            RelayEntry::Address(a) => a,
+            RelayEntry::Relay(r) => &r.address,
+        }
+    }
+}
+
+impl std::fmt::Display for RelayEntry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.address())
+    }
+}
+
+fn default_in_flight_bytes() -> ByteSize {
+    ByteSize::mib(8)
+}
+fn default_probe_interval() -> Span {
+    Span::secs(1)
+}
+fn default_probe_timeout() -> Span {
+    Span::secs(3)
+}
+fn default_failover_after() -> Span {
+    Span::secs(5)
 }
 
 fn default_heartbeat() -> Span {
@@ -269,8 +358,26 @@ impl AgentConfig {
         if self.output.relays.is_empty() {
             return Err("output.relays is empty: list at least one relay as \"host:port\"".into());
         }
+        let mut addresses = std::collections::BTreeSet::new();
         for relay in &self.output.relays {
-            split_host_port(relay)?;
+            let spec = relay.spec();
+            split_host_port(&spec.address)?;
+            if !(1..=100).contains(&spec.weight) {
+                return Err(format!("output.relays: {:?} has weight {}: use 1 to 100 (a relay that should only take over when the others are down is `standby = true`)", spec.address, spec.weight));
+            }
+            if !addresses.insert(spec.address.clone()) {
+                return Err(format!("output.relays lists {:?} twice", spec.address));
+            }
+        }
+        if self.output.relays.iter().all(|r| r.spec().standby) {
+            return Err("output.relays: every relay is a standby: at least one must not be (standbys take over only while no other relay is healthy)".into());
+        }
+        if self.output.in_flight_bytes.as_usize() == 0 {
+            return Err("output.in_flight_bytes must be more than 0".into());
+        }
+        if !self.output.probe_timeout.get().is_zero() && self.output.probe_interval.get().is_zero()
+        {
+            return Err("output.probe_interval must be more than 0s while probes are on (probe_timeout = \"0s\" turns them off)".into());
         }
         if self.output.in_flight == 0 {
             return Err("output.in_flight must be at least 1".into());

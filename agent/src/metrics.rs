@@ -37,6 +37,10 @@ pub struct AgentMetrics {
     pub in_flight: Gauge,
     pub buffered_chunks: Gauge,
     pub relay_errors: Family<Reason, Counter>,
+    pub relays_healthy: Gauge,
+    pub probes: Counter,
+    pub chunks_moved: Counter,
+    pub events_moved: Counter,
     pub checkpoint_saves: Counter,
     pub checkpoint_errors: Counter,
 }
@@ -75,6 +79,26 @@ impl AgentMetrics {
             self.time_errors.clone(),
         );
         r.register("files_open", "Files held open", self.files_open.clone());
+        r.register(
+            "relays_healthy",
+            "Relays the agent is connected to and sends to",
+            self.relays_healthy.clone(),
+        );
+        r.register(
+            "probes",
+            "Probes sent: empty chunks a relay answers at once, sent when it was silent while owing an ack, or as the heartbeat of an idle connection",
+            self.probes.clone(),
+        );
+        r.register(
+            "chunks_moved",
+            "Unacknowledged or queued chunks handed to other relays because theirs became unusable",
+            self.chunks_moved.clone(),
+        );
+        r.register(
+            "events_moved",
+            "Events in chunks_moved; an upper bound on what a relay that failed can have received twice",
+            self.events_moved.clone(),
+        );
         r.register(
             "deleted_bytes_held",
             "Unread bytes of deleted or rotated-away files still held open",

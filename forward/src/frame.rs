@@ -265,6 +265,25 @@ pub fn encode_compressed_packed_forward(
     write_options(out, count, Some("gzip"), Some(chunk_id), provenance);
 }
 
+/// The tag of a probe ([`encode_probe`]).
+pub const PROBE_TAG: &str = "sluice.probe";
+
+/// The chunk id of the last acknowledgement a draining relay sends before it closes a
+/// connection: every chunk it read was acknowledged before it, and it reads no more.
+pub const DRAINING_ACK: &str = "sluice:draining";
+
+/// Writes a probe: a PackedForward frame with no entries that asks for an ack,
+/// `["sluice.probe", bin(""), {"size": 0, "chunk": chunk_id}]`. It carries no event, so a
+/// server answers it as soon as it reads it; sluice-relay answers it ahead of the
+/// acknowledgements still waiting for the spool. A client that hears nothing for a
+/// while sends one to learn whether the server (and the path to it) is still there.
+pub fn encode_probe(chunk_id: &str, out: &mut BytesMut) {
+    write_array_len(out, 3);
+    write_str(out, PROBE_TAG);
+    write_bin(out, &[]);
+    write_options(out, 0, None, Some(chunk_id), None);
+}
+
 /// Writes the acknowledgement `{"ack": chunk_id}` a server sends for a chunk.
 pub fn encode_ack(chunk_id: &str, out: &mut BytesMut) {
     write_map_len(out, 1);

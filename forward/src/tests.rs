@@ -833,3 +833,17 @@ fn decode_hint_reads_what_a_prefix_shows() {
     };
     assert_eq!(batch.count, 200);
 }
+
+#[test]
+fn a_probe_decodes_as_an_empty_batch_that_asks_for_an_ack() {
+    let mut buf = BytesMut::new();
+    encode_probe("p-7", &mut buf);
+    let decoded = decode_all(&mut server(), &mut buf).unwrap();
+    let [ClientFrame::Events(batch)] = decoded.as_slice() else {
+        panic!("not one batch: {decoded:?}")
+    };
+    assert_eq!(batch.tag, PROBE_TAG);
+    assert_eq!(batch.count, 0);
+    assert!(batch.entries.is_empty());
+    assert_eq!(batch.options.chunk.as_deref(), Some("p-7"));
+}

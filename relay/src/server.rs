@@ -12,6 +12,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,7 +21,7 @@ use sluice_core::tls::ReloadingServerConfig;
 use sluice_forward::{
     decode_client_frame, decode_hint, encode_ack, ClientFrame, DecodeError, DecodeHint, EventBatch,
     Framer, KeyLookup, Limits, Refusal, RejectReason, ServerCodec, ServerFrame, ServerHandshake,
-    SharedKey, Verdict,
+    SharedKey, Verdict, DRAINING_ACK,
 };
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpListener;
@@ -652,81 +653,56 @@ where
         Held,
     )>(IN_FLIGHT_PER_CONNECTION);
     let end_to_end = state.config.ack == AckMode::EndToEnd;
-    let mut required = state.required_sinks.clone();
+    let required = state.required_sinks.clone();
     let demand = state.ack_demand.clone();
     let metrics = state.metrics.clone();
     let ack_write_timeout = state.config.frame_timeout.get();
-    let mut acker = tokio::spawn(async move {
-        let mut out = BytesMut::with_capacity(128);
-        while let Some((chunk, reply, held)) = ack_rx.recv().await {
-            let accepted = match reply.await {
-                Ok(Ok(a)) => a,
-                Ok(Err(e)) => {
-                    return Err(reject(
-                        RejectReason::Spool,
-                        format!("chunk not accepted: {e}; closing so the client resends"),
-                    ))
-                }
-                Err(_) => {
-                    return Err(reject(
-                        RejectReason::Shutdown,
-                        "relay shutting down before the chunk was durable",
-                    ))
-                }
-            };
-            // The spool has the chunk: its memory is free.
-            drop(held);
-            if accepted.duplicates > 0 {
-                tracing::debug!(
-                    chunk = chunk.as_deref().unwrap_or("-"),
-                    new = accepted.accepted,
-                    duplicates = accepted.duplicates,
-                    "resent chunk: events already spooled were trimmed"
-                );
-            }
-            // A frame without a chunk id asks for no ack, so nothing waits for its sinks:
-            // holding the connection's window for it would only slow the sender down
-            // (fluent-logger sends one frame per event) without protecting anything.
-            if end_to_end && chunk.is_some() {
-                if let Some(demand) = &demand {
-                    demand.send_if_modified(|furthest| {
-                        let further = accepted.end > *furthest;
-                        if further {
-                            *furthest = accepted.end;
+    // Probes (chunks without events) are answered at once, ahead of the acks that wait
+    // for the spool: they ask whether this relay still reads and answers, not whether a
+    // chunk is durable, and a client decides from the answer whether to stay.
+    let (probe_tx, mut probe_rx) = mpsc::unbounded_channel::<String>();
+    // Set when the relay drains: the acker then ends with DRAINING_ACK.
+    let draining = Arc::new(AtomicBool::new(false));
+    let mut acker = tokio::spawn({
+        let draining = draining.clone();
+        async move {
+            let mut out = BytesMut::with_capacity(128);
+            // The oldest chunk's way to its ack: the spool's reply, then (end_to_end)
+            // the required sinks.
+            let mut head: Option<futures::future::BoxFuture<'_, Result<Option<String>, Reject>>> =
+                None;
+            let mut chunks_open = true;
+            loop {
+                let id = tokio::select! {
+                    biased;
+                    Some(id) = probe_rx.recv() => Some(id),
+                    settled = async { head.as_mut().expect("guarded").await }, if head.is_some() => {
+                        head = None;
+                        settled?
+                    }
+                    next = ack_rx.recv(), if head.is_none() && chunks_open => {
+                        match next {
+                            Some((chunk, reply, held)) => {
+                                head = Some(Box::pin(settle(chunk, reply, held, end_to_end, &demand, required.clone())));
+                            }
+                            None => chunks_open = false,
                         }
-                        further
-                    });
-                }
-                for sink in &mut required {
-                    if sink.wait_for(|p| *p >= accepted.end).await.is_err() {
-                        return Err(reject(
-                            RejectReason::Shutdown,
-                            "relay shutting down before a sink had the chunk",
-                        ));
+                        None
                     }
+                    else => break,
+                };
+                if let Some(id) = id {
+                    write_ack(&mut write, &mut out, &id, ack_write_timeout).await?;
+                    metrics.acks_sent.inc();
                 }
             }
-            if let Some(id) = chunk {
-                out.clear();
-                encode_ack(&id, &mut out);
-                // A client that stops reading its acks must not hold its slot forever.
-                match tokio::time::timeout(ack_write_timeout, write.write_all(&out)).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => {
-                        return Err(reject(RejectReason::Io, format!("writing ack failed: {e}")))
-                    }
-                    Err(_) => {
-                        return Err(reject(
-                            RejectReason::Io,
-                            format!("the client took no ack for {ack_write_timeout:?} (frame_timeout): it stopped reading; closing"),
-                        ))
-                    }
-                }
-                metrics.acks_sent.inc();
+            if draining.load(Ordering::Relaxed) {
+                // Every chunk read was answered above; nothing more is read.
+                let _ = write_ack(&mut write, &mut out, DRAINING_ACK, ack_write_timeout).await;
             }
+            let _ = write.shutdown().await;
+            Ok(())
         }
-        let _ = write.shutdown().await;
-        Ok(())
     });
 
     let idle = state.config.idle_timeout.get();
@@ -745,7 +721,7 @@ where
     let mut frame_begun: Option<tokio::time::Instant> = None;
     let result = loop {
         let next = tokio::select! {
-            _ = conns.cancelled() => break Ok(()),
+            _ = conns.cancelled() => break drain(&draining),
             ended = &mut acker => {
                 acker_ended = Some(ended);
                 break Ok(());
@@ -803,12 +779,12 @@ where
         if let Some(rate) = &rate {
             let read = std::mem::take(&mut frames.read);
             tokio::select! {
-                _ = conns.cancelled() => break Ok(()),
+                _ = conns.cancelled() => break drain(&draining),
                 _ = rate.admit(&client, read) => {}
             }
         }
         let decoded = tokio::select! {
-            _ = conns.cancelled() => break Ok(()),
+            _ = conns.cancelled() => break drain(&draining),
             d = decode(frame, frame_held, state, limits) => d,
         };
         let Decoded { frame, held } = match decoded {
@@ -830,6 +806,13 @@ where
                     }
                 }
                 let chunk = batch.options.chunk.clone();
+                if batch.count == 0 {
+                    // A probe: nothing to spool, answered at once.
+                    if let Some(id) = chunk {
+                        let _ = probe_tx.send(id);
+                    }
+                    continue;
+                }
                 let (tx, rx) = oneshot::channel();
                 if state
                     .writer
@@ -851,6 +834,7 @@ where
         }
     };
     drop(ack_tx);
+    drop(probe_tx);
     let acked = match acker_ended {
         Some(ended) => ended,
         None => acker.await,
@@ -861,6 +845,92 @@ where
         Err(_) => Ok(()), // cancelled at shutdown
     };
     result.and(acked)
+}
+
+/// The relay drains: the reader stops, and the acker answers what was read, then says so.
+fn drain(draining: &AtomicBool) -> Result<(), Reject> {
+    draining.store(true, Ordering::Relaxed);
+    Ok(())
+}
+
+/// Waits until the chunk is durable (and, in `end_to_end` mode, at its required sinks);
+/// gives the chunk id to acknowledge, if it asked for one.
+async fn settle(
+    chunk: Option<String>,
+    reply: oneshot::Receiver<Result<Accepted, String>>,
+    held: Held,
+    end_to_end: bool,
+    demand: &Option<Arc<watch::Sender<Position>>>,
+    mut required: Vec<watch::Receiver<Position>>,
+) -> Result<Option<String>, Reject> {
+    let accepted = match reply.await {
+        Ok(Ok(a)) => a,
+        Ok(Err(e)) => {
+            return Err(reject(
+                RejectReason::Spool,
+                format!("chunk not accepted: {e}; closing so the client resends"),
+            ))
+        }
+        Err(_) => {
+            return Err(reject(
+                RejectReason::Shutdown,
+                "relay shutting down before the chunk was durable",
+            ))
+        }
+    };
+    // The spool has the chunk: its memory is free.
+    drop(held);
+    if accepted.duplicates > 0 {
+        tracing::debug!(
+            chunk = chunk.as_deref().unwrap_or("-"),
+            new = accepted.accepted,
+            duplicates = accepted.duplicates,
+            "resent chunk: events already spooled were trimmed"
+        );
+    }
+    // A frame without a chunk id asks for no ack, so nothing waits for its sinks:
+    // holding the connection's window for it would only slow the sender down
+    // (fluent-logger sends one frame per event) without protecting anything.
+    if end_to_end && chunk.is_some() {
+        if let Some(demand) = demand {
+            demand.send_if_modified(|furthest| {
+                let further = accepted.end > *furthest;
+                if further {
+                    *furthest = accepted.end;
+                }
+                further
+            });
+        }
+        for sink in required.iter_mut() {
+            if sink.wait_for(|p| *p >= accepted.end).await.is_err() {
+                return Err(reject(
+                    RejectReason::Shutdown,
+                    "relay shutting down before a sink had the chunk",
+                ));
+            }
+        }
+    }
+    Ok(chunk)
+}
+
+/// Writes `{"ack": id}`; a client that stops reading its acks must not hold its slot
+/// forever.
+async fn write_ack<W: AsyncWrite + Unpin>(
+    write: &mut W,
+    out: &mut BytesMut,
+    id: &str,
+    timeout: Duration,
+) -> Result<(), Reject> {
+    out.clear();
+    encode_ack(id, out);
+    match tokio::time::timeout(timeout, write.write_all(out)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(reject(RejectReason::Io, format!("writing ack failed: {e}"))),
+        Err(_) => Err(reject(
+            RejectReason::Io,
+            format!("the client took no ack for {timeout:?} (frame_timeout): it stopped reading; closing"),
+        )),
+    }
 }
 
 /// With `bind_sources`: the refusal of a chunk whose source id is not the client's own

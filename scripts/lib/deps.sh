@@ -7,6 +7,8 @@
 #   deps_tansu   the tansu Kafka-API broker, pinned, built with the dynostore feature
 #   deps_rust    the clippy and rustfmt components
 #   deps_all     all of the above
+#   deps_zigbuild  zig (PyPI ziglang, in its own venv) and cargo-zigbuild, pinned: only for
+#                  scripts/package --portable, not part of deps_all
 #
 # Settings: SLUICE_CACHE (default ~/.cache/sluice), SLUICE_PYTHON (default python3).
 # After deps_venv: SLUICE_VENV and SLUICE_VENV_PYTHON are set.
@@ -16,13 +18,17 @@ SLUICE_CACHE=${SLUICE_CACHE:-$HOME/.cache/sluice}
 SLUICE_VENV=${SLUICE_VENV:-$SLUICE_CACHE/venv}
 SLUICE_VENV_PYTHON=$SLUICE_VENV/bin/python
 SLUICE_TANSU_VERSION=0.6.0
+SLUICE_ZIG_VERSION=0.17.1
+SLUICE_ZIGBUILD_VERSION=0.24.1
 CARGO_BIN=${CARGO_HOME:-$HOME/.cargo}/bin
 case ":$PATH:" in *":$CARGO_BIN:"*) ;; *) PATH=$CARGO_BIN:$PATH ;; esac
 export PATH
 
 # logrotate: the e2e test tail_copytruncate.rs rotates with the real one (Debian's, 3.21).
+# rpm: scripts/package builds the .rpm packages with its rpmbuild, and the e2e test
+# packaging.rs reads them with rpm (dpkg-deb, dpkg and objdump are there already).
 SLUICE_APT_PACKAGES=(build-essential cmake perl zlib1g-dev libssl-dev libsasl2-dev libzstd-dev
-  pkg-config python3-venv logrotate)
+  pkg-config python3-venv logrotate rpm)
 
 _deps_log() { printf '  %s\n' "$*"; }
 
@@ -57,7 +63,7 @@ deps_venv() {
     flock 9
     local stamp=$SLUICE_VENV/.sluice-stamp
     if [[ -f $stamp && "$(cat "$stamp")" == "$want" ]] &&
-      "$SLUICE_VENV_PYTHON" -c 'import confluent_kafka, boto3, moto, fluent' 2>/dev/null; then
+      "$SLUICE_VENV_PYTHON" -c 'import confluent_kafka, boto3, moto, fluent, kubernetes_validate, yaml' 2>/dev/null; then
       _deps_log "venv: up to date ($SLUICE_VENV)"
       exit 0
     fi
@@ -65,7 +71,7 @@ deps_venv() {
     rm -rf "$SLUICE_VENV"
     "$base" -m venv "$SLUICE_VENV"
     "$SLUICE_VENV_PYTHON" -m pip install --disable-pip-version-check --no-input -q -r "$req"
-    "$SLUICE_VENV_PYTHON" -c 'import confluent_kafka, boto3, moto, fluent'
+    "$SLUICE_VENV_PYTHON" -c 'import confluent_kafka, boto3, moto, fluent, kubernetes_validate, yaml'
     echo "$want" >"$stamp"
     _deps_log "venv: $("$SLUICE_VENV_PYTHON" -c 'import confluent_kafka as k; print("confluent-kafka", k.__version__, "librdkafka", k.libversion()[0])')"
   ) 9>"$SLUICE_CACHE/.venv.lock"
@@ -103,4 +109,23 @@ deps_all() {
   deps_rust
   deps_venv
   deps_tansu
+}
+
+# cargo-zigbuild links against an old glibc's symbol list with zig as the C compiler and
+# linker; zig comes from PyPI (ziglang) in a venv of its own, put first on PATH here.
+deps_zigbuild() {
+  local venv=$SLUICE_CACHE/zig-venv
+  if ! "$venv/bin/python" -m ziglang version 2>/dev/null | grep -qx "$SLUICE_ZIG_VERSION"; then
+    _deps_log "zig: installing ziglang $SLUICE_ZIG_VERSION into $venv"
+    rm -rf "$venv"
+    "${SLUICE_PYTHON:-python3}" -m venv "$venv"
+    "$venv/bin/python" -m pip install --disable-pip-version-check --no-input -q "ziglang==$SLUICE_ZIG_VERSION"
+  fi
+  case ":$PATH:" in *":$venv/bin:"*) ;; *) PATH=$venv/bin:$PATH ;; esac
+  export PATH
+  if [[ "$(cargo zigbuild --version 2>/dev/null)" != "cargo-zigbuild $SLUICE_ZIGBUILD_VERSION" ]]; then
+    _deps_log "cargo-zigbuild: installing $SLUICE_ZIGBUILD_VERSION (cargo install, about a minute)"
+    cargo install cargo-zigbuild --version "$SLUICE_ZIGBUILD_VERSION" --locked --force
+  fi
+  _deps_log "zig $("$venv/bin/python" -m ziglang version), $(cargo zigbuild --version)"
 }

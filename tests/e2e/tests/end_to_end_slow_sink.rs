@@ -186,7 +186,7 @@ fn agent_log_mentions_wait(agent: &Agent) -> bool {
     agent
         .plain_log()
         .lines()
-        .any(|l| l.contains("WARN") && l.contains("still answers"))
+        .any(|l| l.contains("WARN") && l.contains("the relay answers probes"))
 }
 
 /// With `max_object_age` at ten minutes, a lone chunk is still acknowledged in seconds:

@@ -156,7 +156,7 @@ fn killing_the_active_relay_moves_the_agent_and_loses_nothing() {
     );
     let agent_log = agent.plain_log();
     assert!(
-        agent_log.contains("failing over to the next relay"),
+        agent_log.contains("relay unusable: its sources go to the other relays"),
         "{agent_log}"
     );
     agent.stop(Duration::from_secs(30));
