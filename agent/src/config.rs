@@ -57,9 +57,9 @@ fn default_shutdown_timeout() -> Span {
 #[serde(deny_unknown_fields)]
 pub struct OutputConfig {
     /// Relays: "host:port", or `{ address = "host:port", weight = 1, standby = false }`.
-    /// Each source (file) is sent to one relay, chosen by weighted rendezvous hashing
-    /// over the healthy relays that are not standbys, and stays there while that relay
-    /// is healthy; standbys are used only while no other relay is. See docs/agent.md.
+    /// Each source (file) goes to one relay, the healthy one with the fewest sources per
+    /// unit of weight, and stays there while that relay is healthy; standbys are used
+    /// only while no other relay is. See docs/agent.md.
     pub relays: Vec<RelayEntry>,
     /// TLS files for talking to relays; without `ca` the public (Mozilla) roots are used.
     #[serde(default)]
@@ -124,9 +124,9 @@ pub struct OutputConfig {
     /// The longest wait between reconnects.
     #[serde(default = "default_retry_max")]
     pub retry_max: Span,
-    /// While there is nothing to send, a Forward heartbeat (`nil`) goes to the relay this
-    /// often: it keeps the connection from the relay's idle timeout and finds a dead
-    /// connection before data needs it. `0s` turns heartbeats off.
+    /// While there is nothing to send, a probe goes to the relay this often (a Forward
+    /// heartbeat, `nil`, when probes are off): it keeps the connection from the relay's
+    /// idle timeout and finds a dead relay before data needs it. `0s` turns it off.
     #[serde(default = "default_heartbeat")]
     pub heartbeat_interval: Span,
 }

@@ -5,11 +5,11 @@
 //! unacknowledged on it, and reconnects with exponential backoff and jitter. A
 //! *dispatcher* hands each chunk to a lane:
 //!
-//! - A source (one file) goes to the relay chosen by weighted rendezvous hashing of its
-//!   id over the healthy relays that are not standbys (standbys only while none of those
-//!   is healthy). The choice is the same after a restart, so chunks resent after an agent
-//!   crash reach the relay that holds the source's dedup state; a relay that fails or
-//!   comes back moves only the sources it gains or loses.
+//! - A new source (one file) goes to the healthy relay with the fewest sources per unit
+//!   of weight, among those that are not standbys (standbys only while none of those is
+//!   healthy); ties are broken by rendezvous hashing of the source id, so agents with
+//!   one file each do not all pick the same relay. The assignment lives in memory: after
+//!   an agent restart a source may land elsewhere.
 //! - While a source has chunks on a relay, its next chunks go there too (in order, where
 //!   its dedup state is). A source whose choice changed (a relay came back) waits until
 //!   its chunks there are acknowledged, then moves: moving costs a pause, no duplicate.
@@ -44,7 +44,7 @@ use futures::StreamExt;
 use rustls::pki_types::ServerName;
 use sluice_forward::{
     encode_probe, ClientCodec, ClientFrame, ClientHandshake, ClientHandshakeError, DecodeError,
-    Limits, ServerFrame, DRAINING_ACK,
+    Limits, ServerFrame, ALIVE_ACK, DRAINING_ACK,
 };
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -136,8 +136,13 @@ fn failed(reason: Failure, message: impl Into<String>) -> End {
 /// hands a chunk to a lane that has already given its chunks back.
 struct LaneState {
     queue: VecDeque<Chunk>,
+    /// Set by the dispatcher only, when it reads `Reachable` (after any evacuation
+    /// before it): so it never hands a source's chunk to a lane ahead of the chunks
+    /// that lane gave back.
     healthy: bool,
     closing: bool,
+    /// Counts evacuations: a `Reachable` from before the last one is stale.
+    generation: u64,
 }
 
 struct Lane {
@@ -186,12 +191,10 @@ enum Event {
         count: usize,
         bytes: usize,
     },
-    Healthy(usize),
+    /// The lane connected and finished the handshake, in this generation.
+    Reachable { lane: usize, generation: u64 },
     /// The lane's relay is unusable: its unacknowledged chunks, then its queue, in order.
-    Evacuated {
-        lane: usize,
-        chunks: Vec<Chunk>,
-    },
+    Evacuated { lane: usize, chunks: Vec<Chunk> },
 }
 
 /// The dispatcher's view of one source.
@@ -265,6 +268,7 @@ impl Output {
                         queue: VecDeque::new(),
                         healthy: false,
                         closing: false,
+                        generation: 0,
                     }),
                     wake: Notify::new(),
                 })
@@ -299,8 +303,12 @@ impl Output {
                     lane.wake.notify_one();
                 }
                 for task in tasks {
+                    let handle = task.abort_handle();
                     tokio::select! {
-                        _ = abort.cancelled() => return,
+                        _ = abort.cancelled() => {
+                            handle.abort();
+                            continue;
+                        }
                         _ = task => {}
                     }
                 }
@@ -573,7 +581,15 @@ impl Dispatcher<'_> {
                     self.pump(&key);
                 }
             }
-            Event::Healthy(lane) => {
+            Event::Reachable { lane, generation } => {
+                let mut state = self.lanes[lane].lock();
+                if state.healthy || state.generation != generation {
+                    return;
+                }
+                state.healthy = true;
+                drop(state);
+                self.out.metrics.relays_healthy.inc();
+                tracing::info!(relay = %self.lanes[lane].relay.address, "relay is healthy: sources go to it");
                 self.rebalance(lane);
                 self.pump_all();
             }
@@ -673,7 +689,11 @@ impl Output {
                             >= self.config.failover_after.get()
                 }
                 // A connection that merely broke is retried on the same relay, once.
-                Failure::Io | Failure::Protocol | Failure::Closed => fruitless && acks == 0,
+                // With nothing in flight there is nothing to keep there: reconnect, and
+                // let a refused connection decide.
+                Failure::Io | Failure::Protocol | Failure::Closed => {
+                    fruitless && acks == 0 && !window.is_empty()
+                }
             };
             fruitless = acks == 0;
             if leave {
@@ -686,7 +706,11 @@ impl Output {
             // A draining relay is not back before it restarts: wait as long as for any
             // other failure.
             let jitter = rand::random::<f64>() * 0.5 + 0.75;
-            tokio::time::sleep(backoff.mul_f64(jitter)).await;
+            tokio::select! {
+                _ = tokio::time::sleep(backoff.mul_f64(jitter)) => {}
+                // Shutting down with nothing of ours here: no reason to wait.
+                _ = lane.wake.notified(), if window.is_empty() => {}
+            }
             backoff = (backoff * 2).min(self.config.retry_max.get());
         }
     }
@@ -700,6 +724,7 @@ impl Output {
         events: &mpsc::UnboundedSender<Event>,
     ) {
         let mut state = lane.lock();
+        state.generation += 1;
         let was_healthy = std::mem::replace(&mut state.healthy, false);
         if !was_healthy && window.is_empty() && state.queue.is_empty() {
             return;
@@ -785,13 +810,12 @@ impl Output {
             }
         }
         {
-            let mut state = lane.lock();
+            let state = lane.lock();
             if !state.healthy {
-                state.healthy = true;
-                drop(state);
-                self.metrics.relays_healthy.inc();
-                tracing::info!(relay = %relay, "relay is healthy: sources that map to it go there");
-                let _ = events.send(Event::Healthy(index));
+                let _ = events.send(Event::Reachable {
+                    lane: index,
+                    generation: state.generation,
+                });
             }
         }
         // Resend everything unacknowledged, in order.
@@ -850,7 +874,10 @@ impl Output {
                 }
                 (true, None, None) => None,
             };
-            let dead_at = probe.as_ref().map(|(_, at)| *at + probe_timeout);
+            // Anything heard from the relay (an ack, ALIVE_ACK) counts as an answer.
+            let dead_at = probe
+                .as_ref()
+                .map(|(_, at)| (*at).max(last_heard) + probe_timeout);
             let overdue_at = match (waiting_since, oldest) {
                 (None, Some(t)) => Some(t + ack_timeout),
                 _ => None,
@@ -864,6 +891,9 @@ impl Output {
                         if probe.as_ref().is_some_and(|(p, _)| *p == id) {
                             probe = None;
                             continue;
+                        }
+                        if id == ALIVE_ACK {
+                            continue; // the relay holds us up, and says it is alive
                         }
                         if id == DRAINING_ACK {
                             return failed(Failure::Draining, format!("the relay is draining: it answered every chunk it read; {} unacknowledged chunks go to the other relays", window.len()));
@@ -1523,5 +1553,71 @@ mod tests {
         until("twenty acks", || metrics.chunks_acked.get() == 20).await;
         assert_eq!(a.received().len(), 5, "a got {:?}", a.received());
         assert_eq!(b.received().len(), 15);
+    }
+
+    /// A lane that gave its chunks back and reconnected before the dispatcher read the
+    /// evacuation must not get the source's next chunk ahead of them (the relay's dedup
+    /// would then trim the older ones as duplicates: lost).
+    #[tokio::test]
+    async fn a_reconnect_before_the_evacuation_is_read_keeps_the_source_in_order() {
+        let out = output(vec![
+            RelayEntry::Address("127.0.0.1:1".into()),
+            RelayEntry::Address("127.0.0.1:2".into()),
+        ]);
+        let lanes: Vec<Arc<Lane>> = out
+            .config
+            .relays
+            .iter()
+            .map(|r| {
+                Arc::new(Lane {
+                    relay: r.spec(),
+                    state: Mutex::new(LaneState {
+                        queue: VecDeque::new(),
+                        healthy: true,
+                        closing: false,
+                        generation: 0,
+                    }),
+                    wake: Notify::new(),
+                })
+            })
+            .collect();
+        let (commits, _rx) = std::sync::mpsc::channel();
+        let mut d = Dispatcher {
+            out: &out,
+            lanes: &lanes,
+            sources: HashMap::new(),
+            assigned: HashMap::new(),
+            counts: vec![0; 2],
+            recent: HashMap::new(),
+            pruned: Instant::now(),
+            chunks: 0,
+            bytes: 0,
+            commits,
+        };
+        d.add(chunk_of("s", "c1", 1));
+        d.add(chunk_of("s", "c2", 2));
+        let key = (0, SourceId("s".into()));
+        let lane = d.sources[&key].lane.unwrap();
+        let mut window: VecDeque<InFlight> = std::iter::from_fn(|| lanes[lane].pop())
+            .map(|chunk| InFlight {
+                chunk,
+                sent_at: None,
+            })
+            .collect();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        out.evacuate(lane, &lanes[lane], &mut window, &tx);
+        // The lane reconnects at once and says so, behind its evacuation.
+        let generation = lanes[lane].lock().generation;
+        tx.send(Event::Reachable { lane, generation }).unwrap();
+        d.add(chunk_of("s", "c3", 3));
+        while let Ok(event) = rx.try_recv() {
+            d.event(event);
+        }
+        let queued = |l: usize| -> Vec<String> {
+            lanes[l].lock().queue.iter().map(|c| c.id.clone()).collect()
+        };
+        assert_eq!(queued(1 - lane), ["c1", "c2", "c3"]);
+        assert!(queued(lane).is_empty());
+        assert!(lanes[lane].healthy(), "the reconnect was not taken");
     }
 }

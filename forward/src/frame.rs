@@ -272,6 +272,11 @@ pub const PROBE_TAG: &str = "sluice.probe";
 /// connection: every chunk it read was acknowledged before it, and it reads no more.
 pub const DRAINING_ACK: &str = "sluice:draining";
 
+/// The chunk id of an acknowledgement sluice-relay sends, every second, to a client that
+/// probes while the relay holds it up (a chunk waiting for a full spool or slow sinks, a
+/// read waiting for memory budget): the relay is alive, the client should wait.
+pub const ALIVE_ACK: &str = "sluice:alive";
+
 /// Writes a probe: a PackedForward frame with no entries that asks for an ack,
 /// `["sluice.probe", bin(""), {"size": 0, "chunk": chunk_id}]`. It carries no event, so a
 /// server answers it as soon as it reads it; sluice-relay answers it ahead of the

@@ -107,8 +107,8 @@ pub use batch::{
 pub use error::DecodeError;
 pub use frame::{
     decode_client_frame, decode_hint, encode_ack, encode_compressed_packed_forward, encode_probe,
-    ClientCodec, ClientFrame, DecodeHint, Framer, ServerCodec, ServerFrame, DRAINING_ACK,
-    PROBE_TAG,
+    ClientCodec, ClientFrame, DecodeHint, Framer, ServerCodec, ServerFrame, ALIVE_ACK,
+    DRAINING_ACK, PROBE_TAG,
 };
 pub use gzip::{gunzip, gzip_entries, Gzip, GzipWriter};
 pub use handshake::{ct_eq, password_digest, shared_key_digest, Helo, Ping, Pong};

@@ -21,7 +21,7 @@ use sluice_core::tls::ReloadingServerConfig;
 use sluice_forward::{
     decode_client_frame, decode_hint, encode_ack, ClientFrame, DecodeError, DecodeHint, EventBatch,
     Framer, KeyLookup, Limits, Refusal, RejectReason, ServerCodec, ServerFrame, ServerHandshake,
-    SharedKey, Verdict, DRAINING_ACK,
+    SharedKey, Verdict, ALIVE_ACK, DRAINING_ACK,
 };
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpListener;
@@ -295,6 +295,10 @@ struct FrameReader<R> {
     total: u64,
     /// The last read is waiting for budget (named when the frame times out).
     waiting_for_budget: bool,
+    /// The connection is waiting on the relay (memory budget, the spool writer, its rate
+    /// limit, decoding) rather than on the client: the acker then tells a client that
+    /// probes it that the relay is alive ([`ALIVE_ACK`]).
+    busy: Arc<AtomicBool>,
     max_decompressed: usize,
     /// The budget planned for the frame begun, once its header is read.
     plan: Option<usize>,
@@ -310,6 +314,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             read: 0,
             total: 0,
             waiting_for_budget: false,
+            busy: Arc::default(),
             max_decompressed: limits.max_decompressed_bytes,
             plan: None,
         }
@@ -358,6 +363,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             let want = self.budget_for_frame().saturating_sub(FREE_BUFFER);
             if self.held.bytes() < want && !budget.try_grow(&mut self.held, want) {
                 self.waiting_for_budget = true;
+                let _busy = Busy::new(&self.busy);
                 budget.grow(&mut self.held, want).await;
             }
             self.waiting_for_budget = false;
@@ -660,12 +666,21 @@ where
     // Probes (chunks without events) are answered at once, ahead of the acks that wait
     // for the spool: they ask whether this relay still reads and answers, not whether a
     // chunk is durable, and a client decides from the answer whether to stay.
-    let (probe_tx, mut probe_rx) = mpsc::unbounded_channel::<String>();
+    let (probe_tx, mut probe_rx) = mpsc::channel::<String>(IN_FLIGHT_PER_CONNECTION);
+    // Set once the client sent a probe (a sluice agent): only such a client is sent
+    // ALIVE_ACK, which would confuse a Fluentd or Fluent Bit client waiting for its ack.
+    let probing = Arc::new(AtomicBool::new(false));
+    let busy = frames.busy.clone();
     // Set when the relay drains: the acker then ends with DRAINING_ACK.
     let draining = Arc::new(AtomicBool::new(false));
     let mut acker = tokio::spawn({
-        let draining = draining.clone();
+        let (draining, probing) = (draining.clone(), probing.clone());
         async move {
+            // While the relay holds the client up (a chunk waiting for the spool or the
+            // sinks, or the reader waiting on the relay), a probe may sit unread behind
+            // it: say the relay is alive instead, so backpressure stays backpressure.
+            let mut alive = tokio::time::interval(ALIVE_EVERY);
+            alive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let mut out = BytesMut::with_capacity(128);
             // The oldest chunk's way to its ack: the spool's reply, then (end_to_end)
             // the required sinks.
@@ -673,12 +688,19 @@ where
                 None;
             let mut chunks_open = true;
             loop {
+                if !chunks_open && head.is_none() {
+                    break;
+                }
                 let id = tokio::select! {
                     biased;
-                    Some(id) = probe_rx.recv() => Some(id),
+                    Some(id) = probe_rx.recv() => Some((id, false)),
+                    _ = alive.tick(), if probing.load(Ordering::Relaxed) => {
+                        let held_up = head.is_some() || busy.load(Ordering::Relaxed);
+                        held_up.then(|| (ALIVE_ACK.to_string(), false))
+                    }
                     settled = async { head.as_mut().expect("guarded").await }, if head.is_some() => {
                         head = None;
-                        settled?
+                        settled?.map(|id| (id, true))
                     }
                     next = ack_rx.recv(), if head.is_none() && chunks_open => {
                         match next {
@@ -689,11 +711,13 @@ where
                         }
                         None
                     }
-                    else => break,
                 };
-                if let Some(id) = id {
+                if let Some((id, chunk)) = id {
                     write_ack(&mut write, &mut out, &id, ack_write_timeout).await?;
-                    metrics.acks_sent.inc();
+                    // Chunks only: probes and ALIVE_ACK acknowledge no data.
+                    if chunk {
+                        metrics.acks_sent.inc();
+                    }
                 }
             }
             if draining.load(Ordering::Relaxed) {
@@ -778,14 +802,18 @@ where
         seen = frames.total;
         if let Some(rate) = &rate {
             let read = std::mem::take(&mut frames.read);
+            let _busy = Busy::new(&frames.busy);
             tokio::select! {
                 _ = conns.cancelled() => break drain(&draining),
                 _ = rate.admit(&client, read) => {}
             }
         }
-        let decoded = tokio::select! {
-            _ = conns.cancelled() => break drain(&draining),
-            d = decode(frame, frame_held, state, limits) => d,
+        let decoded = {
+            let _busy = Busy::new(&frames.busy);
+            tokio::select! {
+                _ = conns.cancelled() => break drain(&draining),
+                d = decode(frame, frame_held, state, limits) => d,
+            }
         };
         let Decoded { frame, held } = match decoded {
             Ok(d) => d,
@@ -809,11 +837,15 @@ where
                 if batch.count == 0 {
                     // A probe: nothing to spool, answered at once.
                     if let Some(id) = chunk {
-                        let _ = probe_tx.send(id);
+                        probing.store(true, Ordering::Relaxed);
+                        if probe_tx.send(id).await.is_err() {
+                            break Ok(()); // the acker ended with its own error, reported below
+                        }
                     }
                     continue;
                 }
                 let (tx, rx) = oneshot::channel();
+                let _busy = Busy::new(&frames.busy);
                 if state
                     .writer
                     .send(WriterMsg::Write(WriteRequest {
@@ -845,6 +877,25 @@ where
         Err(_) => Ok(()), // cancelled at shutdown
     };
     result.and(acked)
+}
+
+/// How often a client that probes hears [`ALIVE_ACK`] while the relay holds it up.
+const ALIVE_EVERY: Duration = Duration::from_secs(1);
+
+/// Marks a connection busy on the relay's side while alive.
+struct Busy<'a>(&'a AtomicBool);
+
+impl<'a> Busy<'a> {
+    fn new(flag: &'a AtomicBool) -> Self {
+        flag.store(true, Ordering::Relaxed);
+        Busy(flag)
+    }
+}
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Relaxed);
+    }
 }
 
 /// The relay drains: the reader stops, and the acker answers what was read, then says so.

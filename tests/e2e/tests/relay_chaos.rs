@@ -394,6 +394,14 @@ fn full_spool_pauses_the_agent_and_bounds_memory() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+    // A full spool is backpressure, not a dead relay: the relay says it is alive while
+    // the agent's probes wait behind chunks it cannot take, so the agent stays.
+    assert_eq!(
+        k.agent
+            .counter("sluice_agent_relay_errors_total", "reason=\"unanswered\""),
+        0.0,
+        "the agent took a relay with a full spool for dead"
+    );
     let acks = k.relay.counter("sluice_relay_acks_sent_total", "");
     assert!(
         acks <= received,
