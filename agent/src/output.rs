@@ -818,14 +818,6 @@ impl Output {
                 });
             }
         }
-        // Resend everything unacknowledged, in order.
-        for f in window.iter_mut() {
-            if let Err(e) = write.write_all(&f.chunk.frame).await {
-                return failed(Failure::Io, format!("resending failed: {e}"));
-            }
-            f.sent_at = Some(Instant::now());
-            self.metrics.chunks_resent.inc();
-        }
         let ack_timeout = self.config.ack_timeout.get();
         let heartbeat = self.config.heartbeat_interval.get();
         let probe_interval = self.config.probe_interval.get();
@@ -839,6 +831,27 @@ impl Output {
         // The oldest chunk is overdue while the relay answers probes: waited for.
         let mut waiting_since: Option<Instant> = None;
         let mut out = BytesMut::new();
+        // A first probe at once: the relay learns this client probes (so it will say
+        // when it is alive but holding us up, and when it drains), and we learn it
+        // answers.
+        if probes {
+            probe_seq += 1;
+            let id = format!("probe-{index}-{probe_seq}");
+            encode_probe(&id, &mut out);
+            if let Err(e) = write.write_all(&out).await {
+                return failed(Failure::Io, format!("probing the relay failed: {e}"));
+            }
+            self.metrics.probes.inc();
+            probe = Some((id, Instant::now()));
+        }
+        // Then everything unacknowledged, in order.
+        for f in window.iter_mut() {
+            if let Err(e) = write.write_all(&f.chunk.frame).await {
+                return failed(Failure::Io, format!("resending failed: {e}"));
+            }
+            f.sent_at = Some(Instant::now());
+            self.metrics.chunks_resent.inc();
+        }
         loop {
             if window.is_empty() && lane.closing() {
                 let _ = write.shutdown().await;
@@ -1475,16 +1488,25 @@ mod tests {
         assert_eq!(next_commit(&run).await, 3);
     }
 
-    #[tokio::test]
-    async fn a_draining_relay_hands_its_sources_over_at_once() {
-        let (a, b) = (FakeRelay::start().await, FakeRelay::start().await);
-        let mut out = output(addresses(&[&a, &b]));
-        // Only a drain (or a dead relay) may move the chunk before this.
+    /// Two relays, `failover_after` too long to matter (only a drain or a dead relay
+    /// may move a chunk), and chunk c1 sent.
+    async fn one_chunk_out_without_failover(
+        a: &FakeRelay,
+        b: &FakeRelay,
+    ) -> (Running, Arc<AgentMetrics>) {
+        let mut out = output(addresses(&[a, b]));
         out.config.failover_after = sluice_core::units::Span::secs(600);
         let run = start(out);
         let metrics = run.metrics.clone();
         healthy(&metrics, 2).await;
         run.chunks.send(chunk("c1")).await.unwrap();
+        (run, metrics)
+    }
+
+    #[tokio::test]
+    async fn a_draining_relay_hands_its_sources_over_at_once() {
+        let (a, b) = (FakeRelay::start().await, FakeRelay::start().await);
+        let (run, metrics) = one_chunk_out_without_failover(&a, &b).await;
         let (active, other) = chosen(&a, &b).await;
         // Drains without acking c1 (it read it: a real relay would have acked it first;
         // here it stands for a chunk the relay never read).
@@ -1501,12 +1523,7 @@ mod tests {
     #[tokio::test]
     async fn a_relay_that_restarts_within_failover_after_gets_its_chunks_back() {
         let (a, b) = (FakeRelay::start().await, FakeRelay::start().await);
-        let mut out = output(addresses(&[&a, &b]));
-        out.config.failover_after = sluice_core::units::Span::secs(600);
-        let run = start(out);
-        let metrics = run.metrics.clone();
-        healthy(&metrics, 2).await;
-        run.chunks.send(chunk("c1")).await.unwrap();
+        let (run, metrics) = one_chunk_out_without_failover(&a, &b).await;
         let (active, other) = chosen(&a, &b).await;
         active.kill();
         until("refused connections", || errors(&metrics, "connect") >= 2).await;

@@ -720,8 +720,10 @@ where
                     }
                 }
             }
-            if draining.load(Ordering::Relaxed) {
-                // Every chunk read was answered above; nothing more is read.
+            if draining.load(Ordering::Relaxed) && probing.load(Ordering::Relaxed) {
+                // Every chunk read was answered above; nothing more is read. Only a
+                // client that probes (a sluice agent) is told: it is an ack no other
+                // client asked for.
                 let _ = write_ack(&mut write, &mut out, DRAINING_ACK, ack_write_timeout).await;
             }
             let _ = write.shutdown().await;

@@ -4,21 +4,10 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use sluice_e2e::bin;
+use sluice_e2e::{bin, files_under};
 
 fn repo() -> PathBuf {
     sluice_core::configdoc::manifest_dir(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn configs(dir: &Path, out: &mut Vec<PathBuf>) {
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
-        if path.is_dir() {
-            configs(&path, out);
-        } else if path.extension().is_some_and(|e| e == "toml") {
-            out.push(path);
-        }
-    }
 }
 
 fn check(binary: &str, config: &Path) -> (bool, String) {
@@ -38,8 +27,9 @@ fn check(binary: &str, config: &Path) -> (bool, String) {
 
 #[test]
 fn every_example_config_loads() {
-    let mut all = Vec::new();
-    configs(&repo().join("configs"), &mut all);
+    let all = files_under(&repo().join("configs"), &|p| {
+        p.extension().is_some_and(|e| e == "toml")
+    });
     assert!(all.len() >= 4, "expected example configs, found {all:?}");
     for path in all {
         let name = path.file_name().unwrap().to_string_lossy().to_string();

@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use sluice_agent::config::AgentConfig;
-use sluice_e2e::bin;
+use sluice_e2e::{bin, files_under};
 use sluice_relay::config::RelayConfig;
 
 /// The oldest Kubernetes the manifests are for, and the newest kubernetes-validate knows.
@@ -136,25 +136,15 @@ fn run(cmd: &mut Command, stdin: Option<&str>) -> String {
     String::from_utf8(out.stdout).expect("UTF-8 output")
 }
 
-fn kustomizations(dir: &Path, out: &mut Vec<PathBuf>) {
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
-        if path.is_dir() {
-            kustomizations(&path, out);
-        } else if path.file_name().is_some_and(|n| n == "kustomization.yaml") {
-            out.push(dir.to_path_buf());
-        }
-    }
-}
-
 /// Every kustomization under packaging/kubernetes, rendered once for all the tests.
 fn renders() -> &'static [Render] {
     static RENDERS: OnceLock<Vec<Render>> = OnceLock::new();
     RENDERS.get_or_init(|| {
         let base = root().join("packaging/kubernetes");
-        let mut dirs = Vec::new();
-        kustomizations(&base, &mut dirs);
-        dirs.sort();
+        let dirs: Vec<PathBuf> = files_under(&base, &|p| p.ends_with("kustomization.yaml"))
+            .iter()
+            .map(|p| p.parent().unwrap().to_path_buf())
+            .collect();
         // YAML to JSON with the venv's PyYAML: no YAML crate in the workspace for this.
         let to_json = "import json, sys, yaml; json.dump([d for d in yaml.safe_load_all(sys.stdin) if d], sys.stdout)";
         let renders: Vec<Render> = dirs
