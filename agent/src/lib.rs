@@ -79,6 +79,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         agent_id: config.agent.id.clone(),
         tls,
         metrics: metrics.clone(),
+        assignments: Some(config.agent.data_dir.join(output::ASSIGNMENTS_FILE)),
     };
     let mut output_task = tokio::spawn(output.run(chunk_rx, commit_tx, abort_output.clone()));
     ready.set(true);

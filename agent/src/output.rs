@@ -8,8 +8,9 @@
 //! - A new source (one file) goes to the healthy relay with the fewest sources per unit
 //!   of weight, among those that are not standbys (standbys only while none of those is
 //!   healthy); ties are broken by rendezvous hashing of the source id, so agents with
-//!   one file each do not all pick the same relay. The assignment lives in memory: after
-//!   an agent restart a source may land elsewhere.
+//!   one file each do not all pick the same relay. The assignments are saved in
+//!   `<data_dir>/relays.json`, so chunks re-read after a restart reach the relay that
+//!   holds their source's dedup state.
 //! - While a source has chunks on a relay, its next chunks go there too (in order, where
 //!   its dedup state is). A source whose choice changed (a relay came back) waits until
 //!   its chunks there are acknowledged, then moves: moving costs a pause, no duplicate.
@@ -63,6 +64,19 @@ pub struct Output {
     pub agent_id: String,
     pub tls: Option<Arc<rustls::ClientConfig>>,
     pub metrics: Arc<AgentMetrics>,
+    /// Where the source -> relay assignments are kept across restarts (None: not kept).
+    pub assignments: Option<std::path::PathBuf>,
+}
+
+/// The file in `agent.data_dir` that keeps which relay each source goes to, so that
+/// chunks re-read after a restart reach the relay holding their dedup state.
+pub const ASSIGNMENTS_FILE: &str = "relays.json";
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SavedAssignments {
+    version: u32,
+    /// (input, source id, relay address).
+    sources: Vec<(usize, String, String)>,
 }
 
 struct InFlight {
@@ -143,6 +157,9 @@ struct LaneState {
     closing: bool,
     /// Counts evacuations: a `Reachable` from before the last one is stale.
     generation: u64,
+    /// The lane's first connection attempt has ended (either way): until then, sources
+    /// saved as going to it wait for it rather than go elsewhere.
+    tried: bool,
 }
 
 struct Lane {
@@ -193,6 +210,8 @@ enum Event {
     },
     /// The lane connected and finished the handshake, in this generation.
     Reachable { lane: usize, generation: u64 },
+    /// The lane's first connection attempt failed.
+    FirstTryFailed,
     /// The lane's relay is unusable: its unacknowledged chunks, then its queue, in order.
     Evacuated { lane: usize, chunks: Vec<Chunk> },
 }
@@ -269,6 +288,7 @@ impl Output {
                         healthy: false,
                         closing: false,
                         generation: 0,
+                        tried: false,
                     }),
                     wake: Notify::new(),
                 })
@@ -289,15 +309,20 @@ impl Output {
             counts: vec![0; lanes.len()],
             recent: HashMap::new(),
             pruned: Instant::now(),
+            dirty: false,
             chunks: 0,
             bytes: 0,
             commits,
         };
+        d.load_assignments();
+        let mut save = tokio::time::interval(Duration::from_secs(1));
+        save.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let max_chunks = this.config.in_flight * lanes.len();
         let max_bytes = this.config.in_flight_bytes.as_usize();
         let mut input_open = true;
         loop {
             if !input_open && d.sources.is_empty() {
+                d.save_assignments();
                 for lane in &lanes {
                     lane.lock().closing = true;
                     lane.wake.notify_one();
@@ -328,6 +353,7 @@ impl Output {
                     return;
                 }
                 Some(event) = events.recv() => d.event(event),
+                _ = save.tick(), if d.dirty => d.save_assignments(),
                 chunk = chunks.recv(), if room => match chunk {
                     Some(chunk) => d.add(chunk),
                     None => input_open = false,
@@ -347,6 +373,8 @@ struct Dispatcher<'a> {
     /// Sources seen since the last `forget_idle`, and when that ran.
     recent: HashMap<SourceKey, ()>,
     pruned: Instant,
+    /// The assignments changed since they were last saved.
+    dirty: bool,
     /// Chunks not yet acknowledged, and their compressed bytes.
     chunks: usize,
     bytes: usize,
@@ -394,6 +422,66 @@ impl Dispatcher<'_> {
             self.counts[old] -= 1;
         }
         self.counts[lane] += 1;
+        self.dirty = true;
+    }
+
+    /// The assignments of the last run, for relays still configured. A missing or
+    /// unreadable file only costs placement (logged), never data.
+    fn load_assignments(&mut self) {
+        let Some(path) = &self.out.assignments else {
+            return;
+        };
+        let text = match std::fs::read(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot read the saved relay assignments; sources are placed afresh");
+                return;
+            }
+        };
+        let saved: SavedAssignments = match serde_json::from_slice(&text) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "the saved relay assignments are damaged; sources are placed afresh");
+                return;
+            }
+        };
+        for (input, source, relay) in saved.sources {
+            if let Some(lane) = self.lanes.iter().position(|l| l.relay.address == relay) {
+                self.assign(&(input, SourceId(source)), lane);
+            }
+        }
+        self.dirty = false;
+    }
+
+    /// Written atomically (temp file, rename); not fsynced: losing it costs placement.
+    fn save_assignments(&mut self) {
+        let Some(path) = &self.out.assignments else {
+            return;
+        };
+        self.dirty = false;
+        let saved = SavedAssignments {
+            version: 1,
+            sources: self
+                .assigned
+                .iter()
+                .map(|((input, source), lane)| {
+                    (
+                        *input,
+                        source.0.clone(),
+                        self.lanes[*lane].relay.address.clone(),
+                    )
+                })
+                .collect(),
+        };
+        let tmp = path.with_extension("json.tmp");
+        let written = serde_json::to_vec(&saved)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| std::fs::write(&tmp, bytes))
+            .and_then(|()| std::fs::rename(&tmp, path));
+        if let Err(e) = written {
+            tracing::warn!(path = %path.display(), error = %e, "cannot save the relay assignments");
+        }
     }
 
     /// The relay `source` belongs on: the one it is assigned to while that one is a
@@ -405,6 +493,10 @@ impl Dispatcher<'_> {
         if let Some(lane) = self.assigned.get(key) {
             if candidates.contains(lane) {
                 return Some(*lane);
+            }
+            // Saved from the last run, and its relay not tried yet: wait for it.
+            if !self.lanes[*lane].lock().tried {
+                return None;
             }
         }
         let least = candidates
@@ -429,12 +521,18 @@ impl Dispatcher<'_> {
         if !candidates.contains(&lane) {
             return;
         }
-        let stray: Vec<SourceKey> = self
-            .assigned
-            .iter()
-            .filter(|(_, l)| !candidates.contains(l))
-            .map(|(k, _)| k.clone())
-            .collect();
+        // Sources on standbys come back once a relay that is not one is healthy. Sources
+        // of relays that are down stay assigned: `desired` moves each when it next has
+        // a chunk (and waits for a relay not tried yet since the start).
+        let stray: Vec<SourceKey> = match self.lanes[lane].relay.standby {
+            true => Vec::new(),
+            false => self
+                .assigned
+                .iter()
+                .filter(|(_, l)| self.lanes[**l].relay.standby)
+                .map(|(k, _)| k.clone())
+                .collect(),
+        };
         for key in stray {
             if let Some(l) = self.assigned.remove(&key) {
                 self.counts[l] -= 1;
@@ -484,6 +582,7 @@ impl Dispatcher<'_> {
         for key in idle {
             if let Some(l) = self.assigned.remove(&key) {
                 self.counts[l] -= 1;
+                self.dirty = true;
             }
         }
         self.recent.clear();
@@ -581,8 +680,10 @@ impl Dispatcher<'_> {
                     self.pump(&key);
                 }
             }
+            Event::FirstTryFailed => self.pump_all(),
             Event::Reachable { lane, generation } => {
                 let mut state = self.lanes[lane].lock();
+                state.tried = true;
                 if state.healthy || state.generation != generation {
                     return;
                 }
@@ -664,6 +765,13 @@ impl Output {
             let End::Failed { reason, message } = end else {
                 return;
             };
+            {
+                let mut state = lane.lock();
+                if !state.tried {
+                    state.tried = true;
+                    let _ = events.send(Event::FirstTryFailed);
+                }
+            }
             self.metrics.relay_error(reason.as_label());
             // A relay that stays down is reported once, then at debug level.
             if !reported || !window.is_empty() {
@@ -1148,6 +1256,7 @@ mod tests {
             agent_id: "agent".into(),
             tls: None,
             metrics: Arc::new(AgentMetrics::default()),
+            assignments: None,
         }
     }
 
@@ -1593,6 +1702,7 @@ mod tests {
                         healthy: true,
                         closing: false,
                         generation: 0,
+                        tried: true,
                     }),
                     wake: Notify::new(),
                 })
@@ -1607,6 +1717,7 @@ mod tests {
             counts: vec![0; 2],
             recent: HashMap::new(),
             pruned: Instant::now(),
+            dirty: false,
             chunks: 0,
             bytes: 0,
             commits,
@@ -1636,5 +1747,50 @@ mod tests {
         assert_eq!(queued(1 - lane), ["c1", "c2", "c3"]);
         assert!(queued(lane).is_empty());
         assert!(lanes[lane].healthy(), "the reconnect was not taken");
+    }
+
+    /// Chunks re-read after a restart go to the relay that had their source before:
+    /// the one holding its dedup state, however the sources arrive this time.
+    #[tokio::test]
+    async fn sources_keep_their_relay_across_a_restart() {
+        let (a, b) = (FakeRelay::start().await, FakeRelay::start().await);
+        for r in [&a, &b] {
+            r.set(&r.auto_ack, true);
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(ASSIGNMENTS_FILE);
+        let life = |n: u64, sources: Vec<usize>| {
+            let mut out = output(addresses(&[&a, &b]));
+            out.assignments = Some(path.clone());
+            async move {
+                let run = start(out);
+                healthy(&run.metrics, 2).await;
+                for s in &sources {
+                    let c = chunk_of(&format!("src-{s}"), &format!("s{s}-{n}"), n);
+                    run.chunks.send(c).await.unwrap();
+                }
+                let metrics = run.metrics.clone();
+                until("the acks", || {
+                    metrics.chunks_acked.get() == sources.len() as u64
+                })
+                .await;
+                drop(run.chunks);
+                run.task.await.unwrap();
+            }
+        };
+        life(1, (0..8).collect()).await;
+        let on_b: Vec<usize> = (0..8)
+            .filter(|s| b.received().contains(&format!("s{s}-1")))
+            .collect();
+        assert_eq!(on_b.len(), 4, "b got {:?}", b.received());
+        // Only b's sources this time: placed afresh, half of them would go to a.
+        life(2, on_b.clone()).await;
+        for s in &on_b {
+            assert!(
+                b.received().contains(&format!("s{s}-2")),
+                "src-{s} moved: a {:?}",
+                a.received()
+            );
+        }
     }
 }
