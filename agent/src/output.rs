@@ -169,6 +169,20 @@ struct Lane {
 }
 
 impl Lane {
+    fn new(relay: RelaySpec) -> Lane {
+        Lane {
+            relay,
+            state: Mutex::new(LaneState {
+                queue: VecDeque::new(),
+                healthy: false,
+                closing: false,
+                generation: 0,
+                tried: false,
+            }),
+            wake: Notify::new(),
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, LaneState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -280,19 +294,7 @@ impl Output {
             .config
             .relays
             .iter()
-            .map(|r| {
-                Arc::new(Lane {
-                    relay: r.spec(),
-                    state: Mutex::new(LaneState {
-                        queue: VecDeque::new(),
-                        healthy: false,
-                        closing: false,
-                        generation: 0,
-                        tried: false,
-                    }),
-                    wake: Notify::new(),
-                })
-            })
+            .map(|r| Arc::new(Lane::new(r.spec())))
             .collect();
         let (events_tx, mut events) = mpsc::unbounded_channel();
         let tasks: Vec<_> = lanes
@@ -1695,17 +1697,11 @@ mod tests {
             .relays
             .iter()
             .map(|r| {
-                Arc::new(Lane {
-                    relay: r.spec(),
-                    state: Mutex::new(LaneState {
-                        queue: VecDeque::new(),
-                        healthy: true,
-                        closing: false,
-                        generation: 0,
-                        tried: true,
-                    }),
-                    wake: Notify::new(),
-                })
+                let lane = Lane::new(r.spec());
+                let mut state = lane.lock();
+                (state.healthy, state.tried) = (true, true);
+                drop(state);
+                Arc::new(lane)
             })
             .collect();
         let (commits, _rx) = std::sync::mpsc::channel();

@@ -275,6 +275,24 @@ impl Certs {
     }
 }
 
+/// Runs `binary --config <config> --check-config` (with `env` added): whether it
+/// succeeded, and what it printed (stdout, then stderr).
+pub fn run_check_config(binary: &str, config: &Path, env: &[(&str, &str)]) -> (bool, String) {
+    let out = Command::new(bin(binary))
+        .arg("--config")
+        .arg(config)
+        .arg("--check-config")
+        .envs(env.iter().copied())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {binary}: {e}"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
 /// Every file under `dir` (recursively) for which `keep` is true, sorted.
 pub fn files_under(dir: &Path, keep: &dyn Fn(&Path) -> bool) -> Vec<PathBuf> {
     let mut out = Vec::new();

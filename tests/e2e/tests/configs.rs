@@ -4,25 +4,14 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use sluice_e2e::{bin, files_under};
+use sluice_e2e::{bin, files_under, run_check_config};
 
 fn repo() -> PathBuf {
     sluice_core::configdoc::manifest_dir(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
 fn check(binary: &str, config: &Path) -> (bool, String) {
-    let out = Command::new(bin(binary))
-        .arg("--config")
-        .arg(config)
-        .arg("--check-config")
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
+    run_check_config(binary, config, &[])
 }
 
 #[test]

@@ -133,6 +133,13 @@ fn connections_beyond_max_connections_per_ip_are_refused() {
     spec.config.server.max_connections_per_ip = 2;
     let relay = spec.start();
     let files = tls_files(&s.ca.ca, None, "localhost");
+    // The harness's check that the relay listens is a connection too: its slot must be
+    // free first (a CI run under load found it still held when `b` connected).
+    relay.wait(
+        "the listening check's connection to end",
+        Duration::from_secs(10),
+        || relay.metric("sluice_relay_connections_active", "") == Some(0.0),
+    );
 
     let mut a = Conn::connect(relay.forward, &files).unwrap();
     let mut b = Conn::connect(relay.forward, &files).unwrap();

@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use sluice_agent::config::AgentConfig;
-use sluice_e2e::{bin, files_under};
+use sluice_e2e::{files_under, run_check_config};
 use sluice_relay::config::RelayConfig;
 
 /// The oldest Kubernetes the manifests are for, and the newest kubernetes-validate knows.
@@ -357,21 +357,10 @@ fn config_text(r: &Render, w: &Value, c: &Value, path: &str, pod_name: &str) -> 
 }
 
 /// Runs `binary --config <file> --check-config` and requires its "ok".
-fn check_config(binary: &str, file: &Path, env: &[(&str, &str)]) -> String {
-    let out = Command::new(bin(binary))
-        .arg("--config")
-        .arg(file)
-        .arg("--check-config")
-        .envs(env.iter().copied())
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+fn check_config_ok(binary: &str, file: &Path, env: &[(&str, &str)]) -> String {
+    let (ok, text) = run_check_config(binary, file, env);
     assert!(
-        out.status.success() && text.contains(": ok"),
+        ok && text.contains(": ok"),
         "{binary} refuses the config of {}:\n{text}",
         file.display()
     );
@@ -650,7 +639,7 @@ fn the_relay_config_fits_its_pod() {
                 &format!("{}-relay.toml", r.name.replace('/', "_")),
                 &text,
             );
-            check_config("sluice-relay", &file, &[]);
+            check_config_ok("sluice-relay", &file, &[]);
             let config = RelayConfig::parse(&file, &text).unwrap();
             assert_eq!(config.relay.id, pod_name, "{r}: relay.id is the pod's name");
 
@@ -793,7 +782,7 @@ fn the_agent_config_fits_its_pod() {
                 &text,
             );
             // The DaemonSet sets HOSTNAME to the node's name (below).
-            check_config("sluice-agent", &file, &[("HOSTNAME", "node-1")]);
+            check_config_ok("sluice-agent", &file, &[("HOSTNAME", "node-1")]);
             let config = agent_config(&text);
             let raw: toml::Value = toml::from_str(&text).unwrap();
 
