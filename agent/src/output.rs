@@ -34,7 +34,7 @@
 //! resets the socket (RST, `SO_LINGER` 0), so the kernel drops what it had not sent yet.
 //! `TCP_USER_TIMEOUT` and keepalive end connections the kernel finds dead, probes or not.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
@@ -309,7 +309,7 @@ impl Output {
             sources: HashMap::new(),
             assigned: HashMap::new(),
             counts: vec![0; lanes.len()],
-            recent: HashMap::new(),
+            recent: HashSet::new(),
             pruned: Instant::now(),
             dirty: false,
             chunks: 0,
@@ -373,7 +373,7 @@ struct Dispatcher<'a> {
     assigned: HashMap<SourceKey, usize>,
     counts: Vec<usize>,
     /// Sources seen since the last `forget_idle`, and when that ran.
-    recent: HashMap<SourceKey, ()>,
+    recent: HashSet<SourceKey>,
     pruned: Instant,
     /// The assignments changed since they were last saved.
     dirty: bool,
@@ -390,7 +390,7 @@ impl Dispatcher<'_> {
         self.out.metrics.in_flight.set(self.chunks as i64);
         let key = (chunk.input, chunk.source.clone());
         self.forget_idle();
-        self.recent.insert(key.clone(), ());
+        self.recent.insert(key.clone());
         let state = self.sources.entry(key.clone()).or_default();
         state.outstanding.push_back((chunk.end, false));
         state.waiting.push_back(chunk);
@@ -578,7 +578,7 @@ impl Dispatcher<'_> {
         let idle: Vec<SourceKey> = self
             .assigned
             .keys()
-            .filter(|k| !self.sources.contains_key(*k) && !self.recent.contains_key(*k))
+            .filter(|k| !self.sources.contains_key(*k) && !self.recent.contains(*k))
             .cloned()
             .collect();
         for key in idle {
@@ -1711,7 +1711,7 @@ mod tests {
             sources: HashMap::new(),
             assigned: HashMap::new(),
             counts: vec![0; 2],
-            recent: HashMap::new(),
+            recent: HashSet::new(),
             pruned: Instant::now(),
             dirty: false,
             chunks: 0,
