@@ -34,6 +34,7 @@
 //! # Ok::<(), sluice_parsers::ParserError>(())
 //! ```
 
+mod combined;
 mod config;
 mod cri;
 mod json;
@@ -42,9 +43,10 @@ mod patterns;
 mod record;
 mod time;
 
+use combined::Combined;
 pub use config::{ParserError, ParserKind};
 pub use multiline::{Event, Multiline, Pending};
-use patterns::{Combined, Syslog3164, Syslog5424, UserRegex};
+use patterns::{Syslog3164, Syslog5424, UserRegex};
 pub use record::MAX_NESTING;
 use record::{write_field, write_map_len, Value};
 pub use time::{TimeError, TimeField, TimeFormat, TimeZone, Timestamp};
@@ -122,7 +124,7 @@ impl Parser {
     ) -> Result<Parser, ParserError> {
         let zone = zone.map(TimeZone::parse).transpose()?.unwrap_or_default();
         let default = match self.kind {
-            ParserKind::Nginx | ParserKind::Apache => Some(("time", "%d/%b/%Y:%H:%M:%S %z")),
+            ParserKind::Nginx | ParserKind::Apache => Some(("time", time::CLF_PATTERN)),
             ParserKind::SyslogRfc5424 | ParserKind::Cri => Some(("time", "rfc3339")),
             ParserKind::SyslogRfc3164 => Some(("time", "%b %e %H:%M:%S")),
             ParserKind::None | ParserKind::Json | ParserKind::Regex => None,
@@ -180,7 +182,7 @@ impl Parser {
             }
             Imp::Json => json::write(line, out),
             Imp::Regex(p) => p.write(line, out),
-            Imp::Combined(p) => p.write(line, out),
+            Imp::Combined(p) => p.write(line, out).map_err(String::from),
             Imp::Syslog3164(p) => p.write(line, out),
             Imp::Syslog5424(p) => p.write(line, out),
             Imp::Cri => cri::write(line, out).map_err(String::from),

@@ -1,6 +1,6 @@
-//! The parsers built on regular expressions: the user's own (`regex`), the combined
-//! access log format (`nginx`, `apache`) and syslog (RFC 3164, RFC 5424). All of them
-//! work on bytes, so a line with invalid UTF-8 still parses and keeps its bytes.
+//! The parsers built on regular expressions: the user's own (`regex`) and syslog
+//! (RFC 3164, RFC 5424). All of them work on bytes, so a line with invalid UTF-8 still
+//! parses and keeps its bytes.
 
 use regex::bytes::{Captures, Regex};
 
@@ -34,57 +34,6 @@ impl UserRegex {
             .iter()
             .filter_map(|n| Some((n.as_str(), Value::Text(caps.name(n)?.as_bytes()))))
             .collect();
-        write_fields(out, &fields);
-        Ok(())
-    }
-}
-
-/// nginx/Apache `combined`: `remote - user [time] "request" code size "referer" "agent"`;
-/// `common` is the same without referer and agent. Quoted fields may hold `\"`.
-#[derive(Debug)]
-pub(crate) struct Combined {
-    re: Regex,
-}
-
-impl Combined {
-    pub fn new() -> Combined {
-        let re = Regex::new(
-            r#"(?-u)^(?P<remote>\S+) \S+ (?P<user>\S+) \[(?P<time>[^\]]*)\] "(?P<request>(?:[^"\\]|\\.)*)" (?P<code>\d{3}) (?P<size>\d+|-)(?: "(?P<referer>(?:[^"\\]|\\.)*)" "(?P<agent>(?:[^"\\]|\\.)*)")?"#,
-        )
-        .expect("the combined log pattern compiles");
-        Combined { re }
-    }
-
-    pub fn write(&self, line: &[u8], out: &mut Vec<u8>) -> Result<(), String> {
-        let caps = self
-            .re
-            .captures(line)
-            .ok_or("not in combined/common log format")?;
-        let mut fields = Vec::with_capacity(10);
-        push_text(&mut fields, &caps, "remote");
-        if let Some(user) = caps.name("user").filter(|u| u.as_bytes() != b"-") {
-            fields.push(("user", Value::Text(user.as_bytes())));
-        }
-        push_text(&mut fields, &caps, "time");
-        // "GET /path HTTP/1.1"; a malformed request (a TLS probe, "-") is kept whole.
-        let request = caps.name("request").map_or(&b""[..], |m| m.as_bytes());
-        let parts: Vec<&[u8]> = request.split(|&b| b == b' ').collect();
-        match parts.as_slice() {
-            [method, path, protocol] if !method.is_empty() => {
-                fields.push(("method", Value::Text(method)));
-                fields.push(("path", Value::Text(path)));
-                fields.push(("protocol", Value::Text(protocol)));
-            }
-            [method, path] if !method.is_empty() => {
-                fields.push(("method", Value::Text(method)));
-                fields.push(("path", Value::Text(path)));
-            }
-            _ => fields.push(("request", Value::Text(request))),
-        }
-        push_int(&mut fields, &caps, "code");
-        push_int(&mut fields, &caps, "size");
-        push_text(&mut fields, &caps, "referer");
-        push_text(&mut fields, &caps, "agent");
         write_fields(out, &fields);
         Ok(())
     }

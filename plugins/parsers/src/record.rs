@@ -10,6 +10,8 @@ pub const MAX_NESTING: usize = 32;
 pub(crate) enum Value<'a> {
     /// str if valid UTF-8, else bin.
     Text(&'a [u8]),
+    /// Text already known to be UTF-8.
+    Str(&'a str),
     Int(i64),
     Static(&'static str),
 }
@@ -32,6 +34,9 @@ pub(crate) fn write_field(out: &mut Vec<u8>, key: &str, value: &Value<'_>) {
         Value::Text(b) => write_text(out, b),
         Value::Int(i) => {
             let _ = rmp::encode::write_sint(out, i);
+        }
+        Value::Str(s) => {
+            let _ = rmp::encode::write_str(out, s);
         }
         Value::Static(s) => {
             let _ = rmp::encode::write_str(out, s);
