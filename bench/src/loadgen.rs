@@ -6,7 +6,6 @@
 //! ingest, not the generator's encoding. Each frame carries sluice provenance with a
 //! fresh source per connection, so dedup sees new data and keeps it all.
 
-use std::io::Write;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -15,8 +14,8 @@ use bytes::{Bytes, BytesMut};
 use clap::Parser;
 use futures::StreamExt;
 use sluice_forward::{
-    encode_compressed_packed_forward, write_entry, ClientCodec, EventTime, Limits, Provenance,
-    ServerFrame,
+    encode_compressed_packed_forward, write_entry, ClientCodec, EventTime, Gzip, Limits,
+    Provenance, ServerFrame,
 };
 use tokio::io::AsyncWriteExt;
 use tokio_util::codec::FramedRead;
@@ -65,6 +64,7 @@ fn build_frames(args: &Args, conn: usize, count: usize) -> Vec<(String, Bytes)> 
     let mut rnd = rand::rng();
     let mut frames = Vec::with_capacity(count);
     let mut offset = 0u64;
+    let mut gzip = Gzip::default();
     for c in 0..count {
         let mut entries = Vec::with_capacity(args.chunk_events * (args.line_bytes + 24));
         let mut seqs = Vec::with_capacity(args.chunk_events);
@@ -79,9 +79,8 @@ fn build_frames(args: &Args, conn: usize, count: usize) -> Vec<(String, Bytes)> 
             seqs.push(offset);
             offset += l.len() as u64 + 1;
         }
-        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-        gz.write_all(&entries).expect("gzip into memory");
-        let gz = gz.finish().expect("gzip into memory");
+        // As an agent compresses its chunks.
+        let gz = gzip.compress(&entries).to_vec();
         let id = format!("c{conn}-{c}");
         let per_conn = args.sources.div_ceil(args.connections);
         let source = if per_conn == 0 {

@@ -26,11 +26,16 @@ wait_port() {
   return 1
 }
 
-# start_discard_relay BIN WORK FSYNC PORT: a release relay over TLS (WORK/tls from
-# local_certs) whose only sink discards; sets RELAY to its pid and waits until it listens.
+# start_discard_relay BIN WORK FSYNC PORT [RATE]: a release relay over TLS (WORK/tls from
+# local_certs) whose only sink discards; sets RELAY to its pid and RELAY_METRICS to its
+# metrics port, and waits until it listens. RATE (bytes/s): server.rate_limit, a receiver
+# slower than its client.
 start_discard_relay() {
-  local bin=$1 work=$2 fsync=$3 port=$4
+  local bin=$1 work=$2 fsync=$3 port=$4 rate=${5:-}
   rm -rf "$work/relay-data"
+  RELAY_METRICS=$(free_port)
+  local limit=""
+  [[ -n $rate ]] && limit="rate_limit = { bytes_per_sec = $rate }"
   cat >"$work/relay.toml" <<TOML
 [relay]
 id = "bench"
@@ -38,12 +43,13 @@ data_dir = "$work/relay-data"
 [server]
 listen = "127.0.0.1:$port"
 tls = { cert = "$work/tls/relay.pem", key = "$work/tls/relay.key" }
+$limit
 [spool]
 fsync = "$fsync"
 segment_size = "64 MiB"
 max_size = "8 GiB"
 [metrics]
-listen = "127.0.0.1:$(free_port)"
+listen = "127.0.0.1:$RELAY_METRICS"
 [[sink]]
 name = "discard"
 type = "discard"
