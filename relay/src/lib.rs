@@ -36,6 +36,12 @@ use sinks::{SinkProgress, SinkRun};
 use writer::{SpoolWriter, WriterMsg};
 
 /// Runs the relay until SIGTERM or SIGINT, then drains and stops cleanly.
+/// The periodic `ledger.json` export waits this many times as long as its last write
+/// took (at least the 1 s tick): it takes at most 1/50 of one core, however large the
+/// ledger. The ledger's truth is the writer's and sinks' append-only state; the file is
+/// the report's copy.
+const LEDGER_EXPORT_SHARE: u32 = 50;
+
 pub async fn run(config: RelayConfig) -> anyhow::Result<()> {
     let mut signals = StopSignals::install().context("cannot install the SIGTERM handler")?;
     let data_dir = config.relay.data_dir.clone();
@@ -223,14 +229,22 @@ pub async fn run(config: RelayConfig) -> anyhow::Result<()> {
         let stop = background.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
-            // The export is written only when a count changed since the last write.
+            // The export is written only when a count changed since the last write, and
+            // at most [`LEDGER_EXPORT_SHARE`] of the time: a ledger of many tags and hours
+            // (bounded by retention and the tag limit) is written less often, not for
+            // ever longer each second.
             let mut saved = None;
+            let mut next_export = tokio::time::Instant::now();
             loop {
                 tokio::select! {
                     _ = stop.cancelled() => return,
                     _ = tick.tick() => {}
                 }
                 let _ = tx.try_send(WriterMsg::Tick);
+                if tokio::time::Instant::now() < next_export {
+                    continue;
+                }
+                let began = tokio::time::Instant::now();
                 let snapshot = {
                     let ledger = ledger.lock().unwrap_or_else(|e| e.into_inner());
                     if saved == Some(ledger.revision) {
@@ -249,6 +263,7 @@ pub async fn run(config: RelayConfig) -> anyhow::Result<()> {
                     Ok(()) => saved = Some(revision),
                     Err(e) => tracing::warn!(error = %e, "cannot write the ledger"),
                 }
+                next_export = began + began.elapsed() * LEDGER_EXPORT_SHARE;
             }
         });
     }
