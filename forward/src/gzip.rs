@@ -39,10 +39,16 @@ pub struct Gzip {
     out: Vec<u8>,
 }
 
+const LEVEL_1: libdeflater::CompressionLvl = match libdeflater::CompressionLvl::new(1) {
+    Ok(level) => level,
+    Err(_) => panic!("libdeflate has level 1"),
+};
+
 impl Default for Gzip {
     fn default() -> Gzip {
         Gzip {
-            deflate: libdeflater::Compressor::new(libdeflater::CompressionLvl::fastest()),
+            // Level 1 (`fastest()` is libdeflate's level 0: stored, not compressed).
+            deflate: libdeflater::Compressor::new(LEVEL_1),
             out: Vec::new(),
         }
     }
@@ -339,6 +345,27 @@ mod tests {
             assert_eq!(back, input);
             assert_eq!(gunzip(&member, input.len()).unwrap(), input);
         }
+    }
+
+    #[test]
+    fn chunks_are_compressed_not_just_wrapped() {
+        // Log-like text, varied enough that stored blocks would show: level 0 (stored)
+        // once passed for level 1 here, and every other test still held.
+        let text: Vec<u8> = (0..20_000u32)
+            .flat_map(|i| {
+                format!(
+                    "10.0.{}.{} - - \"GET /api/v1/items/{} HTTP/1.1\" 200 {}\n",
+                    i % 256,
+                    i % 97,
+                    i * 7,
+                    i * 13
+                )
+                .into_bytes()
+            })
+            .collect();
+        let mut gzip = Gzip::default();
+        let n = gzip.compress(&text).len();
+        assert!(n * 3 < text.len(), "{} bytes gzipped to {n}", text.len());
     }
 
     #[test]
