@@ -99,7 +99,7 @@ chunk_age = "100ms"
 [metrics]
 listen = "127.0.0.1:$agent_metrics"
 TOML
-  wire_before=$(metric "$RELAY_METRICS" sluice_relay_bytes_received_total)
+  entries_before=$(metric "$RELAY_METRICS" sluice_relay_bytes_received_total)
   start=$(date +%s.%N)
   SLUICE_LOG=warn "$BIN/sluice-agent" --config "$WORK/agent.toml" 2>"$WORK/agent-$line_bytes.log" &
   AGENT=$!
@@ -119,7 +119,7 @@ TOML
     sleep 0.05
   done
   end=$(date +%s.%N)
-  wire=$(($(metric "$RELAY_METRICS" sluice_relay_bytes_received_total) - wire_before))
+  entries=$(($(metric "$RELAY_METRICS" sluice_relay_bytes_received_total) - entries_before))
   ticks=$(cpu_ticks "$AGENT")
   hwm=$(hwm_kib "$AGENT")
   parse_errors=$(metric "$agent_metrics" sluice_agent_parse_errors_total)
@@ -131,7 +131,7 @@ TOML
     echo "$parser: $parse_errors parse errors, $time_errors time errors: the figures would not be comparable" >&2
     exit 1
   fi
-  out=$(python3 - "$line_bytes" "$lines" "$bytes" "$start" "$end" "$ticks" "$CLK_TCK" "$hwm" "$parser" "$wire" "$RECEIVER_RATE" <<'PY'
+  out=$(python3 - "$line_bytes" "$lines" "$bytes" "$start" "$end" "$ticks" "$CLK_TCK" "$hwm" "$parser" "$entries" "$RECEIVER_RATE" <<'PY'
 import json, sys
 line_bytes, lines, size = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 start, end, ticks, tck, hwm = float(sys.argv[4]), float(sys.argv[5]), int(sys.argv[6]), int(sys.argv[7]), int(sys.argv[8])
@@ -142,7 +142,8 @@ print(json.dumps({
     "lines_per_second": round(lines / secs), "mb_per_second": round(size / secs / 1e6, 1),
     "agent_cpu_seconds": round(cpu, 2), "agent_cpu_seconds_per_gb": round(cpu / (size / 1e9), 2),
     "agent_peak_rss_mib": round(hwm / 1024, 1),
-    "wire_bytes": int(sys.argv[10]), "wire_mb_per_second": round(int(sys.argv[10]) / secs / 1e6, 1),
+    # What the parser made of the lines: the bytes that went into gzip.
+    "entry_bytes_per_line": round(int(sys.argv[10]) / lines, 1),
     "receiver_rate": int(sys.argv[11]) if sys.argv[11] else None,
 }))
 PY

@@ -177,7 +177,7 @@ impl RelayMetrics {
         );
         r.register(
             "bytes_received",
-            "Wire bytes of received frames",
+            "Bytes of the entries of received chunks, decompressed (what the spool stores)",
             self.bytes_received.clone(),
         );
         r.register(
