@@ -64,11 +64,12 @@ impl EventWriter<'_> {
         let c = match sources.get_mut(source) {
             Some(c) => c,
             None => {
-                // Small at first: with many files most chunks stay small (sealed by age),
-                // and memory must not be files x chunk_size.
-                let room = self.chunk_size.min(64 * 1024);
+                // Small at first and grown by doubling: with many files most chunks stay
+                // small (sealed by age or by the pipeline's cap on open bytes), and
+                // memory must follow what a file wrote, not files x a fixed reserve.
+                let room = self.chunk_size.min(4096);
                 sources.entry(source.clone()).or_insert(OpenChunk {
-                    entries: Vec::with_capacity(room + 4096),
+                    entries: Vec::with_capacity(room),
                     seqs: Vec::with_capacity(room / 64),
                     end: 0,
                     opened: Instant::now(),
