@@ -40,12 +40,25 @@ pub struct AgentSection {
 /// `validate` refuses: a constant fallback would give every such host the same source
 /// ids, and the relays would trim one host's events as another's duplicates.
 fn default_id() -> String {
-    std::env::var("HOSTNAME")
-        .ok()
-        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
-        .or_else(|| std::fs::read_to_string("/etc/machine-id").ok())
+    id_from(
+        std::env::var("HOSTNAME").ok(),
+        Path::new("/etc/hostname"),
+        Path::new("/etc/machine-id"),
+    )
+}
+
+/// [`default_id`] with its sources given: `hostname_env` ($HOSTNAME), else the file
+/// `hostname_file`, else the file `machine_id_file`, each trimmed; a source that is
+/// missing, unreadable or blank passes to the next; "" when all are.
+fn id_from(hostname_env: Option<String>, hostname_file: &Path, machine_id_file: &Path) -> String {
+    let read = |path: &Path| std::fs::read_to_string(path).ok();
+    [hostname_env]
+        .into_iter()
+        .chain(std::iter::once_with(|| read(hostname_file)))
+        .chain(std::iter::once_with(|| read(machine_id_file)))
+        .flatten()
         .map(|h| h.trim().to_string())
-        .filter(|h| !h.is_empty())
+        .find(|h| !h.is_empty())
         .unwrap_or_default()
 }
 
@@ -466,5 +479,130 @@ mod tests {
             e.contains("agent.id is not set") && e.contains("/etc/machine-id"),
             "{e}"
         );
+    }
+
+    /// A temp dir with `hostname` and `machine-id` files holding what is given (no file
+    /// for `None`), and their paths.
+    fn id_sources(
+        hostname: Option<&str>,
+        machine_id: Option<&str>,
+    ) -> (tempfile::TempDir, PathBuf, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let (h, m) = (dir.path().join("hostname"), dir.path().join("machine-id"));
+        for (path, text) in [(&h, hostname), (&m, machine_id)] {
+            if let Some(text) = text {
+                std::fs::write(path, text).unwrap();
+            }
+        }
+        (dir, h, m)
+    }
+
+    fn id_with(env: Option<&str>, hostname: Option<&str>, machine_id: Option<&str>) -> String {
+        let (_dir, h, m) = id_sources(hostname, machine_id);
+        id_from(env.map(str::to_string), &h, &m)
+    }
+
+    /// $HOSTNAME, else /etc/hostname, else /etc/machine-id: each source is taken when the
+    /// ones before it are missing or blank, and only then.
+    #[test]
+    fn the_default_id_falls_back_in_order() {
+        let all = (Some("env-host"), Some("file-host\n"), Some("0123abcd\n"));
+        assert_eq!(id_with(all.0, all.1, all.2), "env-host");
+        assert_eq!(id_with(None, all.1, all.2), "file-host", "no $HOSTNAME");
+        assert_eq!(
+            id_with(Some(""), all.1, all.2),
+            "file-host",
+            "$HOSTNAME empty"
+        );
+        assert_eq!(
+            id_with(Some(" \t"), all.1, all.2),
+            "file-host",
+            "$HOSTNAME blank"
+        );
+        assert_eq!(id_with(None, None, all.2), "0123abcd", "no /etc/hostname");
+        assert_eq!(
+            id_with(None, Some("\n"), all.2),
+            "0123abcd",
+            "/etc/hostname blank"
+        );
+        assert_eq!(id_with(Some(""), Some(""), all.2), "0123abcd", "both blank");
+        assert_eq!(
+            id_with(Some("env-host"), None, None),
+            "env-host",
+            "files not needed"
+        );
+    }
+
+    #[test]
+    fn the_default_id_is_trimmed() {
+        assert_eq!(id_with(Some("  env-host \n"), None, None), "env-host");
+        assert_eq!(id_with(None, Some(" file-host\r\n"), None), "file-host");
+        assert_eq!(id_with(None, None, Some("\t0123abcd\n\n")), "0123abcd");
+    }
+
+    /// No source at all: the default is empty, and validation refuses it, naming every
+    /// source it looked at and what to do.
+    #[test]
+    fn a_host_without_a_name_is_refused_at_validation() {
+        for (env, hostname, machine_id) in [
+            (None, None, None),
+            (Some(" "), Some("\n"), Some("  \n")),
+            (None, Some(""), None),
+        ] {
+            let id = id_with(env, hostname, machine_id);
+            assert_eq!(id, "", "{env:?} {hostname:?} {machine_id:?}");
+            let text = r#"
+                [agent]
+                id = "placeholder"
+                data_dir = "/tmp/x"
+                [[input]]
+                type = "tail"
+                name = "app"
+                tag = "app"
+                include = ["/var/log/app.log"]
+                [output]
+                relays = ["127.0.0.1:24224"]
+            "#;
+            let mut config = AgentConfig::parse(Path::new("t.toml"), text).unwrap();
+            config.agent.id = id;
+            let e = config.validate().unwrap_err();
+            assert!(
+                e.contains("agent.id is not set")
+                    && e.contains("$HOSTNAME")
+                    && e.contains("/etc/hostname")
+                    && e.contains("/etc/machine-id")
+                    && e.contains("set agent.id"),
+                "{e}"
+            );
+        }
+    }
+
+    /// What the config uses when `agent.id` is left out: the real sources, in that order.
+    #[test]
+    fn the_default_id_reads_the_hosts_own_sources() {
+        let expected = id_from(
+            std::env::var("HOSTNAME").ok(),
+            Path::new("/etc/hostname"),
+            Path::new("/etc/machine-id"),
+        );
+        assert_eq!(default_id(), expected);
+        let text = r#"
+            [agent]
+            data_dir = "/tmp/x"
+            [[input]]
+            type = "tail"
+            name = "app"
+            tag = "app"
+            include = ["/var/log/app.log"]
+            [output]
+            relays = ["127.0.0.1:24224"]
+        "#;
+        match AgentConfig::parse(Path::new("t.toml"), text) {
+            Ok(config) => assert_eq!(config.agent.id, expected),
+            Err(e) => {
+                assert_eq!(expected, "", "refused although the host has a name: {e}");
+                assert!(e.to_string().contains("agent.id is not set"), "{e}");
+            }
+        }
     }
 }

@@ -100,7 +100,22 @@ fn wrong_shared_key_is_refused() {
 
     let mut bad = Conn::connect(relay.forward, &files).unwrap();
     let peer = bad.local;
-    assert!(!bad.authenticate("a wrong key").unwrap(), "PONG says no");
+    // The PONG as the relay sent it: a refusal, and no digest of the relay's key for a
+    // salt the client chose (something to guess the key from offline), as Fluentd does.
+    let (pong, awaiting) = bad.ping("test-client", "a wrong key").unwrap();
+    assert!(!pong.auth_ok, "PONG says no: {pong:?}");
+    assert_eq!(
+        pong.shared_key_hexdigest, "",
+        "a refused client got a digest of the relay's key: {pong:?}"
+    );
+    assert_eq!(pong.server_hostname, "relay-under-test", "{pong:?}");
+    assert!(
+        matches!(
+            awaiting.receive_pong(pong),
+            Err(sluice_forward::ClientHandshakeError::Refused { .. })
+        ),
+        "the client library reads it as a refusal"
+    );
     bad.expect_closed();
     drop(bad);
 

@@ -44,9 +44,9 @@ fn small_buffer_conn(addr: std::net::SocketAddr, files: &ClientTlsFiles) -> std:
 
 const MIB: u64 = 1 << 20;
 
-/// 500 connections each push a 15 MiB frame while the spool is full and its sink
+/// 500 connections each push a 16 MiB frame while the spool is full and its sink
 /// cannot deliver: without a budget every connection would buffer and decode its frame
-/// (7.5 GiB); with `max_inflight_bytes` the relay stays within the bound docs/relay.md
+/// (8 GiB); with `max_inflight_bytes` the relay stays within the bound docs/relay.md
 /// states above its idle size: `max_inflight_bytes + max_connections × 128 KiB +
 /// (decode_threads + 1) × max_decompressed` for ingest, plus what its sinks hold.
 #[test]
@@ -55,7 +55,8 @@ fn memory_stays_within_the_budget_with_500_connections_pushing_large_frames() {
     let s = setup();
     let mut spec = RelaySpec::new(s.dir.path(), "budget", s.server.server_tls());
     let server = &mut spec.config.server;
-    server.max_frame = ByteSize::mib(16);
+    // Room for a frame of 16 MiB of events and its framing (tag, options).
+    server.max_frame = ByteSize::mib(17);
     server.max_decompressed = ByteSize::mib(32);
     server.max_inflight_bytes = ByteSize::mib(64);
     server.decode_threads = Some(2);
@@ -77,8 +78,14 @@ fn memory_stays_within_the_budget_with_500_connections_pushing_large_frames() {
     // × max_decompressed + per sink twice its largest delivery (one sink, one batch).
     let bound_mib = 64 + (conns as u64 * 128 * 1024).div_ceil(MIB) + 3 * 32 + 2 * 32;
 
-    // 15,360 events of about 1 KiB: a 15 MiB uncompressed PackedForward frame.
-    let frame = Arc::new(padded_chunk("big-", 0, 15 * 1024, 1000, "big"));
+    // 16,384 events of about 1 KiB: an uncompressed PackedForward frame of at least
+    // 16 MiB (issue 10, item 4), within max_frame.
+    let frame = Arc::new(padded_chunk("big-", 0, 16 * 1024, 1000, "big"));
+    assert!(
+        frame.len() as u64 >= 16 * MIB && frame.len() as u64 <= 17 * MIB,
+        "{} byte frames",
+        frame.len()
+    );
     let files = tls_files(&s.ca.ca, None, "localhost");
     let stop = Arc::new(AtomicBool::new(false));
     let connected = Arc::new(AtomicU64::new(0));
@@ -138,7 +145,8 @@ fn memory_stays_within_the_budget_with_500_connections_pushing_large_frames() {
     let peak_kib = peak_rss_kib(relay.pid());
     let inflight = relay.counter("sluice_relay_inflight_bytes", "");
     eprintln!(
-        "{conns} connections: relay idle {} MiB, peak {} MiB, budget held {:.1} MiB; bound {} MiB above idle",
+        "{conns} connections, {} byte frames: relay idle {} MiB, peak {} MiB, budget held {:.1} MiB; bound {} MiB above idle",
+        frame.len(),
         idle_kib / 1024,
         peak_kib / 1024,
         inflight / MIB as f64,

@@ -16,8 +16,9 @@ use rustls::pki_types::ServerName;
 use sluice_core::tls::{client_config, ClientTlsFiles};
 use sluice_e2e::*;
 use sluice_forward::{
-    encode_compressed_packed_forward, gzip_entries, write_entry, ClientCodec, ClientFrame,
-    ClientHandshake, ClientHandshakeError, EventBatch, EventTime, Limits, Options, ServerFrame,
+    encode_compressed_packed_forward, gzip_entries, write_entry, AwaitingPong, ClientCodec,
+    ClientFrame, ClientHandshake, ClientHandshakeError, EventBatch, EventTime, Limits, Options,
+    Pong, ServerFrame,
 };
 use tokio_util::codec::{Decoder, Encoder};
 
@@ -158,6 +159,17 @@ impl Conn {
 
     /// HELO / PING / PONG as `hostname`; returns whether the relay accepted the key.
     pub fn authenticate_as(&mut self, hostname: &str, key: &str) -> io::Result<bool> {
+        let (pong, awaiting) = self.ping(hostname, key)?;
+        match awaiting.receive_pong(pong) {
+            Ok(_) => Ok(true),
+            Err(ClientHandshakeError::Refused { .. }) => Ok(false),
+            Err(e) => Err(io::Error::other(e)),
+        }
+    }
+
+    /// HELO / PING as `hostname`; returns the relay's PONG as it came on the wire
+    /// (unchecked), with the client state that checks it.
+    pub fn ping(&mut self, hostname: &str, key: &str) -> io::Result<(Pong, AwaitingPong)> {
         let Some(ServerFrame::Helo(helo)) = self.next_frame()? else {
             return Err(io::Error::other("expected HELO"));
         };
@@ -166,11 +178,7 @@ impl Conn {
         self.codec.encode(ClientFrame::Ping(ping), &mut out)?;
         self.send(&out)?;
         match self.next_frame()? {
-            Some(ServerFrame::Pong(pong)) => match awaiting.receive_pong(pong) {
-                Ok(_) => Ok(true),
-                Err(ClientHandshakeError::Refused { .. }) => Ok(false),
-                Err(e) => Err(io::Error::other(e)),
-            },
+            Some(ServerFrame::Pong(pong)) => Ok((pong, awaiting)),
             other => Err(io::Error::other(format!("expected PONG, got {other:?}"))),
         }
     }
