@@ -36,6 +36,10 @@ enum Command {
     },
 }
 
+/// How long the exit waits for blocking calls still running after the relay stopped
+/// cleanly (docs/relay.md: SIGTERM ends within `shutdown_timeout` + 5 s + this).
+const RUNTIME_STRAGGLERS: Duration = Duration::from_secs(1);
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     sluice_core::logging::init();
@@ -110,6 +114,9 @@ fn main() -> std::process::ExitCode {
             Ok(())
         }),
     };
+    // Everything is saved by now; a blocking call still running (a Kafka metadata fetch
+    // a retry began during shutdown waits out its own timeout) must not hold the exit.
+    runtime.shutdown_timeout(RUNTIME_STRAGGLERS);
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

@@ -134,6 +134,9 @@ pub struct SpoolWriter {
     /// Tests: make the next spool append fail, as a full disk would.
     #[cfg(test)]
     fail_next_append: bool,
+    /// Tests: make the next spool commit fail, as a failed fdatasync does.
+    #[cfg(test)]
+    fail_next_commit: bool,
     buf: Vec<u8>,
 }
 
@@ -242,6 +245,8 @@ impl SpoolWriter {
             stopping: Arc::new(AtomicBool::new(false)),
             #[cfg(test)]
             fail_next_append: false,
+            #[cfg(test)]
+            fail_next_commit: false,
             buf: Vec::with_capacity(1 << 20),
         };
         // The state at the tail right away (what the replay changed, or a first base):
@@ -563,6 +568,17 @@ impl SpoolWriter {
     }
 
     fn commit(&mut self, group: &mut Vec<(WriteRequest, Result<Accepted, String>)>) {
+        #[cfg(test)]
+        let committed = if std::mem::take(&mut self.fail_next_commit) {
+            Err(SpoolError::Io {
+                op: "fdatasync segment",
+                path: self.spool.dir().to_owned(),
+                source: std::io::Error::other("injected fsync failure"),
+            })
+        } else {
+            self.spool.commit()
+        };
+        #[cfg(not(test))]
         let committed = self.spool.commit();
         self.metrics.spool_commits.inc();
         match committed {
@@ -1173,5 +1189,48 @@ mod tests {
         offer(&mut w, batch("s", 0..10));
         w.ready.set_refusing(w.failing);
         assert!(ready.get(), "not ready after a chunk was durable again");
+    }
+
+    /// `/ready` through the real run loop: a group whose commit (fdatasync) fails is not
+    /// acknowledged and turns readiness false; the next group that commits turns it true.
+    #[test]
+    fn readiness_follows_a_failing_commit_in_the_run_loop() {
+        let (mut w, metrics, _dir) = test_writer(1 << 20, 1 << 30);
+        let ready = Arc::new(Readiness::default());
+        ready.set(true);
+        w.report_readiness(ready.clone());
+        w.fail_next_commit = true;
+        let (tx, rx) = mpsc::channel(8);
+        let writer = std::thread::spawn(move || w.run(rx));
+        let send = |b: EventBatch| {
+            let (reply, answer) = oneshot::channel();
+            tx.blocking_send(WriterMsg::Write(WriteRequest {
+                batch: b,
+                connection: 1,
+                client: None,
+                reply,
+            }))
+            .unwrap();
+            answer.blocking_recv().expect("the writer answers")
+        };
+        let wait_for = |want: bool, what: &str| {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while ready.get() != want {
+                assert!(std::time::Instant::now() < deadline, "{what}");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        };
+
+        let refused = send(batch("a", 0..10)).unwrap_err();
+        assert!(refused.contains("spool commit failed"), "{refused}");
+        assert_eq!(metrics.spool_errors.get(), 1);
+        wait_for(false, "still ready after a commit failed");
+
+        let accepted = send(batch("b", 0..10)).expect("acknowledged once commits succeed");
+        assert_eq!(accepted.accepted, 10);
+        wait_for(true, "not ready again after a commit made a chunk durable");
+
+        drop(tx);
+        writer.join().unwrap();
     }
 }
