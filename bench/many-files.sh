@@ -32,17 +32,9 @@ fi
 # The agent and the writer each hold every file open.
 ulimit -n $((FILES * 2 + 1024))
 
-metric() { # PORT NAME: the sum of a metric's samples (0 if absent)
-  curl -s "http://127.0.0.1:$1/metrics" | awk -v n="$2" '$1 == n || index($1, n "{") == 1 { s += $2 } END { printf "%d\n", s }'
-}
 RELAY=""
 AGENT=""
-cleanup() {
-  [[ -n $AGENT ]] && kill "$AGENT" 2>/dev/null
-  [[ -n $RELAY ]] && kill "$RELAY" 2>/dev/null
-  wait 2>/dev/null || true
-}
-trap cleanup EXIT
+trap stop_agent_and_relay EXIT
 
 relay_port=$(free_port)
 start_discard_relay "$BIN" "$WORK" interval "$relay_port"

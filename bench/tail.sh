@@ -42,20 +42,12 @@ BIN=$ROOT/target/release
 # id, so neither gzip nor the reader sees repeated padding.
 generate() { python3 "$ROOT/bench/gen_lines.py" "$1" "$2" "$3"; }
 
-metric() { # PORT NAME: the sum of a metric's samples (0 if absent)
-  curl -s "http://127.0.0.1:$1/metrics" | awk -v n="$2" '$1 == n || index($1, n "{") == 1 { s += $2 } END { printf "%d\n", s }'
-}
 cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
 hwm_kib() { awk '/^VmHWM:/ { print $2 }' "/proc/$1/status"; }
 
 RELAY=""
 AGENT=""
-cleanup() {
-  [[ -n $AGENT ]] && kill "$AGENT" 2>/dev/null
-  [[ -n $RELAY ]] && kill "$RELAY" 2>/dev/null
-  wait 2>/dev/null || true
-}
-trap cleanup EXIT
+trap stop_agent_and_relay EXIT
 
 relay_port=$(free_port)
 start_discard_relay "$BIN" "$WORK" interval "$relay_port" "$RECEIVER_RATE"

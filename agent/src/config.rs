@@ -423,6 +423,14 @@ pub fn split_host_port(addr: &str) -> Result<(String, u16), String> {
 mod tests {
     use super::*;
 
+    /// An agent config with one tail input and one relay, and these `[agent]` lines.
+    fn minimal_config(agent: &[&str]) -> String {
+        format!(
+            "[agent]\n{}\n[[input]]\ntype = \"tail\"\nname = \"app\"\ntag = \"app\"\ninclude = [\"/var/log/app.log\"]\n[output]\nrelays = [\"127.0.0.1:24224\"]\n",
+            agent.join("\n")
+        )
+    }
+
     /// docs/agent.md's config reference is generated from the structs above.
     #[test]
     fn config_docs_match_docs_agent_md() {
@@ -460,18 +468,7 @@ mod tests {
     /// No constant fallback: an agent without a name refuses to start, saying how to fix it.
     #[test]
     fn an_empty_agent_id_is_refused() {
-        let text = r#"
-            [agent]
-            id = ""
-            data_dir = "/tmp/x"
-            [[input]]
-            type = "tail"
-            name = "app"
-            tag = "app"
-            include = ["/var/log/app.log"]
-            [output]
-            relays = ["127.0.0.1:24224"]
-        "#;
+        let text = &minimal_config(&["id = \"\"", "data_dir = \"/tmp/x\""]);
         let e = AgentConfig::parse(Path::new("t.toml"), text)
             .unwrap_err()
             .to_string();
@@ -551,18 +548,7 @@ mod tests {
         ] {
             let id = id_with(env, hostname, machine_id);
             assert_eq!(id, "", "{env:?} {hostname:?} {machine_id:?}");
-            let text = r#"
-                [agent]
-                id = "placeholder"
-                data_dir = "/tmp/x"
-                [[input]]
-                type = "tail"
-                name = "app"
-                tag = "app"
-                include = ["/var/log/app.log"]
-                [output]
-                relays = ["127.0.0.1:24224"]
-            "#;
+            let text = &minimal_config(&["id = \"placeholder\"", "data_dir = \"/tmp/x\""]);
             let mut config = AgentConfig::parse(Path::new("t.toml"), text).unwrap();
             config.agent.id = id;
             let e = config.validate().unwrap_err();
@@ -586,17 +572,7 @@ mod tests {
             Path::new("/etc/machine-id"),
         );
         assert_eq!(default_id(), expected);
-        let text = r#"
-            [agent]
-            data_dir = "/tmp/x"
-            [[input]]
-            type = "tail"
-            name = "app"
-            tag = "app"
-            include = ["/var/log/app.log"]
-            [output]
-            relays = ["127.0.0.1:24224"]
-        "#;
+        let text = &minimal_config(&["data_dir = \"/tmp/x\""]);
         match AgentConfig::parse(Path::new("t.toml"), text) {
             Ok(config) => assert_eq!(config.agent.id, expected),
             Err(e) => {

@@ -82,3 +82,15 @@ while time.time() < deadline:
 sys.exit("the sink did not deliver every event within 600 s")
 PY
 }
+
+# metric PORT NAME: the sum of a metric's samples on a local /metrics (0 if absent).
+metric() {
+  curl -s "http://127.0.0.1:$1/metrics" | awk -v n="$2" '$1 == n || index($1, n "{") == 1 { s += $2 } END { printf "%d\n", s }'
+}
+
+# stop_agent_and_relay: kills $AGENT and $RELAY if set (an EXIT trap of the bench scripts).
+stop_agent_and_relay() {
+  [[ -n ${AGENT:-} ]] && kill "$AGENT" 2>/dev/null
+  [[ -n ${RELAY:-} ]] && kill "$RELAY" 2>/dev/null
+  wait 2>/dev/null || true
+}
