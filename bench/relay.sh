@@ -6,6 +6,7 @@
 #   bench/relay.sh                  # 10M events, fsync interval and always, 3 runs each
 #   EVENTS=2000000 RUNS=1 bench/relay.sh
 #   MODES="interval" bench/relay.sh
+#   LOADGEN=/path/to/other/sluice-loadgen bench/relay.sh   # chunks made by another build
 #
 # Prints one JSON line per run and a markdown table of medians for bench/RESULTS.md.
 set -euo pipefail
@@ -20,6 +21,7 @@ WORK=${WORK:-$ROOT/target/bench-relay}
 source scripts/lib/local.sh
 cargo build --release -q -p sluice-relay -p sluice-bench
 BIN=$ROOT/target/release
+LOADGEN=${LOADGEN:-$BIN/sluice-loadgen}
 rm -rf "$WORK"
 local_certs "$WORK/tls" "bench CA" 2
 
@@ -32,7 +34,7 @@ for mode in $MODES; do
   for run in $(seq 1 "$RUNS"); do
     port=$(free_port)
     start_discard_relay "$BIN" "$WORK" "$mode" "$port"
-    out=$("$BIN/sluice-loadgen" --relay "127.0.0.1:$port" --ca "$WORK/tls/ca.pem" \
+    out=$("$LOADGEN" --relay "127.0.0.1:$port" --ca "$WORK/tls/ca.pem" \
       --events "$EVENTS" --relay-pid "$RELAY" 2>/dev/null)
     kill "$RELAY"; wait "$RELAY" || true; RELAY=""
     echo "{\"fsync\":\"$mode\",\"run\":$run,\"result\":$out}"

@@ -30,6 +30,7 @@ WORK=${WORK:-$ROOT/target/bench-tail}
 TIMEOUT_S=${TIMEOUT_S:-1800}
 # Bytes per second the relay reads at most (server.rate_limit); empty: as fast as it can.
 RECEIVER_RATE=${RECEIVER_RATE:-}
+OUTPUT_TOML=${OUTPUT_TOML:-} # more [output] settings, e.g. 'in_flight_bytes = "2MiB"'
 
 # shellcheck source=../scripts/lib/local.sh
 source scripts/lib/local.sh
@@ -88,6 +89,7 @@ tls = { ca = "$WORK/tls/ca.pem", server_name = "localhost" }
 # Defaults otherwise (1 MiB chunks, 8 in flight); a short age so that the last,
 # partial chunk does not add a second to the measured time.
 chunk_age = "100ms"
+$OUTPUT_TOML
 [metrics]
 listen = "127.0.0.1:$agent_metrics"
 TOML

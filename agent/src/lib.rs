@@ -22,6 +22,9 @@ use metrics::AgentMetrics;
 use pipeline::Pipeline;
 
 /// Runs the agent until SIGTERM or SIGINT, then waits for in-flight acknowledgements.
+/// Sealed chunks queued between the reading thread and the output.
+const SEALED_QUEUE: usize = 2;
+
 pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let mut signals = StopSignals::install().context("cannot install the SIGTERM handler")?;
     std::fs::create_dir_all(&config.agent.data_dir)
@@ -55,7 +58,11 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     )
     .await?;
 
-    let (chunk_tx, chunk_rx) = tokio::sync::mpsc::channel(config.output.in_flight.max(2));
+    // Sealed chunks waiting for the output, beyond the `in_flight` ones it holds: two are
+    // enough to keep the reading thread compressing while a lane sends, and against a
+    // slow relay every queued chunk is memory (bench/RESULTS.md, issue 16: a queue of
+    // `in_flight` = 8 was 2-3 MiB of the agent's peak).
+    let (chunk_tx, chunk_rx) = tokio::sync::mpsc::channel(SEALED_QUEUE);
     let (commit_tx, commit_rx) = std::sync::mpsc::channel();
     let stop_reading = CancellationToken::new();
     let pipeline = Pipeline {
@@ -65,6 +72,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         chunk_size: config.output.chunk_size.as_usize(),
         chunk_age: config.output.chunk_age.get(),
         metrics: metrics.clone(),
+        frames: Default::default(),
     };
     let reader = {
         let stop = stop_reading.clone();

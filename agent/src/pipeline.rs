@@ -11,13 +11,12 @@
 //! moves a checkpoint but an acknowledgement: a crash at any point re-reads from the
 //! last acknowledged line (at-least-once; the relay trims the resent duplicates).
 
-use std::collections::HashMap;
 use std::num::NonZeroU32;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use sluice_forward::{encode_compressed_packed_forward, EventTime, Gzip, Provenance};
 use sluice_parsers::{Event, Pending};
 use sluice_tail::CheckpointStore;
@@ -26,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::metrics::AgentMetrics;
 use crate::source::{Source, SourceId};
-use crate::transform::{EventWriter, OpenChunk, Transforms};
+use crate::transform::{EventWriter, OpenChunk, SourceMap, Spare, Transforms};
 
 /// A sealed chunk, encoded once as a whole Forward frame and resent as it is.
 pub struct Chunk {
@@ -37,6 +36,55 @@ pub struct Chunk {
     pub end: u64,
     pub count: usize,
     pub frame: Bytes,
+}
+
+/// Frame buffers, reused: a sealed chunk's frame lives until its acknowledgement, on
+/// another thread, and a fresh ~400 KiB allocation per chunk left glibc's heap
+/// fragmented while frames waited for a slow relay (bench/RESULTS.md, issue 16). A frame
+/// dropped by the output (acknowledged, or given up) hands its buffer back here; at most
+/// `FramePool::SPARE` wait for reuse, the rest are freed.
+#[derive(Clone, Default)]
+pub struct FramePool(Arc<std::sync::Mutex<Vec<Vec<u8>>>>);
+
+impl FramePool {
+    const SPARE: usize = 4;
+
+    fn take(&self) -> Vec<u8> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop()
+            .unwrap_or_default()
+    }
+
+    fn share(&self, frame: Vec<u8>) -> Bytes {
+        Bytes::from_owner(PooledFrame {
+            frame,
+            pool: self.clone(),
+        })
+    }
+}
+
+struct PooledFrame {
+    frame: Vec<u8>,
+    pool: FramePool,
+}
+
+impl AsRef<[u8]> for PooledFrame {
+    fn as_ref(&self) -> &[u8] {
+        &self.frame
+    }
+}
+
+impl Drop for PooledFrame {
+    fn drop(&mut self) {
+        let mut spare = self.pool.0.lock().unwrap_or_else(|e| e.into_inner());
+        if spare.len() < FramePool::SPARE {
+            let mut frame = std::mem::take(&mut self.frame);
+            frame.clear();
+            spare.push(frame);
+        }
+    }
 }
 
 /// An acknowledgement travelling back to the reading thread.
@@ -96,6 +144,7 @@ pub struct Pipeline {
     pub chunk_size: usize,
     pub chunk_age: Duration,
     pub metrics: Arc<AgentMetrics>,
+    pub frames: FramePool,
 }
 
 const POLL_BYTES: usize = 1 << 20;
@@ -121,17 +170,18 @@ impl Pipeline {
         stop: CancellationToken,
     ) {
         // Per input, per source; looked up by reference so a line costs no allocation.
-        let mut open: Vec<HashMap<SourceId, OpenChunk>> =
-            self.inputs.iter().map(|_| HashMap::new()).collect();
+        let mut open: Vec<SourceMap<OpenChunk>> =
+            self.inputs.iter().map(|_| SourceMap::default()).collect();
         // Per input, per source: the open multiline event (inputs with `multiline` only).
-        let mut pending: Vec<HashMap<SourceId, Pending>> =
-            self.inputs.iter().map(|_| HashMap::new()).collect();
+        let mut pending: Vec<SourceMap<Pending>> =
+            self.inputs.iter().map(|_| SourceMap::default()).collect();
         let mut last_discover: Option<Instant> = None;
         let mut last_read: Option<Instant> = None;
         let mut last_save = Instant::now();
         let mut dirty = false;
         let mut chunks = Some(chunks);
         let mut gzip = Gzip::default();
+        let spare = Spare::default();
         loop {
             // Acknowledgements first: they free checkpoints and rotated files.
             loop {
@@ -177,6 +227,7 @@ impl Pipeline {
                     };
                     let writer = EventWriter {
                         transforms: &input.transforms,
+                        spare: &spare,
                         chunk_size: self.chunk_size,
                         time: EventTime::now(),
                         index,
@@ -198,7 +249,7 @@ impl Pipeline {
                 }
                 for (index, sources) in open.iter_mut().enumerate() {
                     for (source, c) in sources.drain() {
-                        let chunk = self.seal(&mut gzip, (index, source), c);
+                        let chunk = self.seal(&mut gzip, &spare, (index, source), c);
                         let _ = sender.blocking_send(chunk);
                     }
                 }
@@ -222,6 +273,7 @@ impl Pipeline {
                 let metrics = &self.metrics;
                 let writer = EventWriter {
                     transforms: &input.transforms,
+                    spare: &spare,
                     chunk_size: self.chunk_size,
                     time: now,
                     index,
@@ -320,7 +372,7 @@ impl Pipeline {
                 .collect();
             for key in full.into_iter().chain(aged) {
                 if let Some(c) = open[key.0].remove(&key.1) {
-                    let chunk = self.seal(&mut gzip, key, c);
+                    let chunk = self.seal(&mut gzip, &spare, key, c);
                     // Blocks while the output is behind: the files are the buffer.
                     if sender.blocking_send(chunk).is_err() {
                         tracing::warn!("output stopped; reading stops");
@@ -372,7 +424,13 @@ impl Pipeline {
         }
     }
 
-    fn seal(&self, gzip: &mut Gzip, (input, source): (usize, SourceId), c: OpenChunk) -> Chunk {
+    fn seal(
+        &self,
+        gzip: &mut Gzip,
+        spare: &Spare,
+        (input, source): (usize, SourceId),
+        c: OpenChunk,
+    ) -> Chunk {
         let count = c.seqs.len();
         let compressed = gzip.compress(&c.entries);
         let id_bytes: [u8; 16] = rand::random();
@@ -381,7 +439,8 @@ impl Pipeline {
             source: format!("{}:{}", self.agent_id, source.0),
             seqs: c.seqs,
         };
-        let mut frame = BytesMut::with_capacity(compressed.len() + count * 9 + 256);
+        let mut frame = self.frames.take();
+        frame.reserve(compressed.len() + count * 9 + 256);
         encode_compressed_packed_forward(
             &self.inputs[input].tag,
             compressed,
@@ -390,6 +449,7 @@ impl Pipeline {
             Some(&provenance),
             &mut frame,
         );
+        spare.give_back(c.entries, provenance.seqs);
         self.metrics.chunks_sealed.inc();
         Chunk {
             id,
@@ -397,7 +457,7 @@ impl Pipeline {
             source,
             end: c.end,
             count,
-            frame: frame.freeze(),
+            frame: self.frames.share(frame),
         }
     }
 
@@ -433,5 +493,36 @@ impl Pipeline {
         self.metrics.deleted_bytes_alarm.set(alarm as i64);
         self.metrics.lines_truncated.set(truncated);
         self.metrics.bytes_lost_to_truncation.set(lost);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_dropped_frame_gives_its_buffer_back_and_the_pool_stays_bounded() {
+        let pool = FramePool::default();
+        let mut buf = pool.take();
+        buf.extend_from_slice(&[7u8; 100_000]);
+        let ptr = buf.as_ptr();
+        let frame = pool.share(buf);
+        let copy = frame.clone(); // a resend holds the frame too
+        assert_eq!(&frame[..3], &[7, 7, 7]);
+        drop(frame);
+        assert_eq!(pool.0.lock().unwrap().len(), 0, "still held by its clone");
+        drop(copy);
+        let again = pool.take();
+        assert_eq!(
+            (again.as_ptr(), again.len()),
+            (ptr, 0),
+            "the same buffer, emptied"
+        );
+        assert!(again.capacity() >= 100_000);
+        let frames: Vec<Bytes> = (0..FramePool::SPARE + 3)
+            .map(|_| pool.share(vec![1u8; 1000]))
+            .collect();
+        drop(frames);
+        assert_eq!(pool.0.lock().unwrap().len(), FramePool::SPARE);
     }
 }

@@ -31,6 +31,11 @@ pub struct Transforms {
     pub time_warned: Cell<Option<Instant>>,
 }
 
+/// Per-source state looked up once per line: foldhash, not SipHash, which cost 4% of the
+/// agent's CPU hashing the path for every line (keys are this host's own file paths,
+/// not input an attacker picks).
+pub(crate) type SourceMap<V> = HashMap<SourceId, V, foldhash::fast::RandomState>;
+
 /// The open (not yet sealed) chunk of one source: encoded entries and their seqs.
 pub(crate) struct OpenChunk {
     pub entries: Vec<u8>,
@@ -39,9 +44,57 @@ pub(crate) struct OpenChunk {
     pub opened: Instant,
 }
 
+/// The buffers of the last sealed chunk, for the next chunk that opens. A 1 MiB chunk
+/// grown from 4 KiB by doubling allocates and copies about 2 MiB, and the freed buffers
+/// kept glibc's heap fragmented while frames waited for a slow relay: 2-3 MiB of the
+/// agent's peak RSS (bench/RESULTS.md, issue 16). One set is kept, so with many files
+/// at most one open chunk holds a big buffer it did not grow itself.
+#[derive(Default)]
+pub(crate) struct Spare {
+    entries: Cell<Vec<u8>>,
+    seqs: Cell<Vec<u64>>,
+}
+
+impl Spare {
+    fn open(&self, room: usize) -> OpenChunk {
+        let (mut entries, mut seqs) = (self.entries.take(), self.seqs.take());
+        if entries.capacity() == 0 {
+            entries.reserve(room);
+        }
+        if seqs.capacity() == 0 {
+            seqs.reserve(room / 64);
+        }
+        OpenChunk {
+            entries,
+            seqs,
+            end: 0,
+            opened: Instant::now(),
+        }
+    }
+
+    /// Keeps the larger of what is kept and what comes back, emptied.
+    pub fn give_back(&self, mut entries: Vec<u8>, mut seqs: Vec<u64>) {
+        entries.clear();
+        seqs.clear();
+        let kept = self.entries.take();
+        self.entries.set(if kept.capacity() >= entries.capacity() {
+            kept
+        } else {
+            entries
+        });
+        let kept = self.seqs.take();
+        self.seqs.set(if kept.capacity() >= seqs.capacity() {
+            kept
+        } else {
+            seqs
+        });
+    }
+}
+
 /// Appends events of one input to the open chunks of their sources.
 pub(crate) struct EventWriter<'a> {
     pub transforms: &'a Transforms,
+    pub spare: &'a Spare,
     pub chunk_size: usize,
     /// The read time: the event time of records whose own time is not used.
     pub time: EventTime,
@@ -53,7 +106,7 @@ impl EventWriter<'_> {
     #[inline]
     pub fn add(
         &self,
-        sources: &mut HashMap<SourceId, OpenChunk>,
+        sources: &mut SourceMap<OpenChunk>,
         full: &mut Vec<(usize, SourceId)>,
         source: &SourceId,
         offset: u64,
@@ -68,12 +121,9 @@ impl EventWriter<'_> {
                 // small (sealed by age or by the pipeline's cap on open bytes), and
                 // memory must follow what a file wrote, not files x a fixed reserve.
                 let room = self.chunk_size.min(4096);
-                sources.entry(source.clone()).or_insert(OpenChunk {
-                    entries: Vec::with_capacity(room),
-                    seqs: Vec::with_capacity(room / 64),
-                    end: 0,
-                    opened: Instant::now(),
-                })
+                sources
+                    .entry(source.clone())
+                    .or_insert_with(|| self.spare.open(room))
             }
         };
         let entry = c.entries.len();
@@ -118,5 +168,25 @@ impl EventWriter<'_> {
                 error = e.as_str(), total = self.transforms.time_errors.get(),
                 "record time unusable; the event keeps the time it was read (sluice_agent_time_errors_total counts them; logged once a minute)");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_next_chunk_opens_with_the_largest_buffers_given_back() {
+        let spare = Spare::default();
+        let first = spare.open(4096);
+        assert!(first.entries.capacity() >= 4096 && first.entries.is_empty());
+        spare.give_back(vec![1u8; 1 << 20], vec![5u64; 9000]);
+        spare.give_back(vec![2u8; 10], vec![6u64; 3]); // smaller: not kept
+        let next = spare.open(4096);
+        assert!(next.entries.is_empty() && next.seqs.is_empty());
+        assert!(next.entries.capacity() >= 1 << 20);
+        assert!(next.seqs.capacity() >= 9000);
+        // Taken: the chunk after opens small again.
+        assert!(spare.open(4096).entries.capacity() < 1 << 20);
     }
 }

@@ -2,7 +2,8 @@
 //! entries: `[time, {"message": line}]`, or the nginx parser's records), compressed by
 //! each candidate, then inflated again. Prints one row per codec and level: input MB/s,
 //! CPU-seconds per GB of chunk bytes, ratio, and inflate MB/s of what it produced (with
-//! zlib-rs, as the relay inflated before, and with libdeflate).
+//! zlib-rs, as the relay inflated before, and with libdeflate). The last row is
+//! `sluice_forward::Gzip`, what the agent sends (ISA-L igzip level 1).
 //!
 //! ```text
 //! cargo run --release -p sluice-bench --bin sluice-gzip-compare -- FILE [MB] [none|nginx]
@@ -14,6 +15,7 @@
 use std::time::Instant;
 
 use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress};
+use isal_sys::igzip_lib as isal;
 use libdeflater::{CompressionLvl, Compressor, Decompressor};
 use sluice_forward::{write_entry_header, EventTime};
 use sluice_parsers::{Parser, ParserKind};
@@ -63,8 +65,8 @@ fn main() {
         input as f64 / lines as f64,
         data.len() as f64 / lines as f64,
     );
-    println!("| codec | level | compress MB/s | CPU-s per GB | ratio | inflate MB/s (zlib-rs) | inflate MB/s (libdeflate) |");
-    println!("|---|---|---|---|---|---|---|");
+    println!("| codec | level | compress MB/s | CPU-s per GB | ratio | inflate MB/s (zlib-rs) | inflate MB/s (libdeflate) | inflate MB/s (ISA-L) |");
+    println!("|---|---|---|---|---|---|---|---|");
     for level in [1u32, 2, 3, 6] {
         let mut z = Compress::new(Compression::new(level), false);
         let mut out = Vec::new();
@@ -94,6 +96,13 @@ fn main() {
         });
         print_row("libdeflate", level as u32, input, row);
     }
+    // What the agent sends: sluice_forward::Gzip (ISA-L igzip level 1).
+    let mut igzip = sluice_forward::Gzip::default();
+    let row = measure(&chunks, |chunk, gz| {
+        gz.clear();
+        gz.extend_from_slice(igzip.compress(chunk));
+    });
+    print_row("ISA-L igzip (the agent's Gzip)", 1, input, row);
 }
 
 struct Row {
@@ -101,6 +110,7 @@ struct Row {
     compressed: usize,
     inflate_zlib_s: f64,
     inflate_libdeflate_s: f64,
+    inflate_isal_s: f64,
 }
 
 /// Best of 3 for compressing every chunk with `compress` (which writes a gzip member into
@@ -139,22 +149,45 @@ fn measure(chunks: &[Vec<u8>], mut compress: impl FnMut(&[u8], &mut Vec<u8>)) ->
         }
         inflate_libdeflate_s = inflate_libdeflate_s.min(start.elapsed().as_secs_f64());
     }
+    let mut state: Box<isal::inflate_state> = Box::new(unsafe { std::mem::zeroed() });
+    let mut inflate_isal_s = f64::MAX;
+    for _ in 0..3 {
+        let start = Instant::now();
+        for (chunk, gz) in chunks.iter().zip(&members) {
+            // SAFETY: a zeroed, initialised state; the buffers outlive the call.
+            let n = unsafe {
+                isal::isal_inflate_init(&mut *state);
+                state.crc_flag = isal::ISAL_GZIP;
+                state.next_in = gz.as_ptr() as *mut u8;
+                state.avail_in = gz.len() as u32;
+                state.next_out = out.as_mut_ptr();
+                state.avail_out = out.len() as u32;
+                let rc = isal::isal_inflate_stateless(&mut *state);
+                assert_eq!(rc, isal::ISAL_DECOMP_OK as i32, "ISA-L inflate");
+                state.total_out as usize
+            };
+            assert_eq!(&out[..n], &chunk[..]);
+        }
+        inflate_isal_s = inflate_isal_s.min(start.elapsed().as_secs_f64());
+    }
     Row {
         compress_s,
         compressed,
         inflate_zlib_s,
         inflate_libdeflate_s,
+        inflate_isal_s,
     }
 }
 
 fn print_row(codec: &str, level: u32, input: usize, r: Row) {
     let mb = input as f64 / 1e6;
     println!(
-        "| {codec} | {level} | {:.0} | {:.2} | {:.2} | {:.0} | {:.0} |",
+        "| {codec} | {level} | {:.0} | {:.2} | {:.2} | {:.0} | {:.0} | {:.0} |",
         mb / r.compress_s,
         r.compress_s / (input as f64 / 1e9),
         input as f64 / r.compressed as f64,
         mb / r.inflate_zlib_s,
         mb / r.inflate_libdeflate_s,
+        mb / r.inflate_isal_s,
     );
 }

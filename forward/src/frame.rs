@@ -250,15 +250,17 @@ impl Encoder<Bytes> for ClientCodec {
 /// let mut out = bytes::BytesMut::new();
 /// encode_compressed_packed_forward("app", &gzip_entries(&entries), 1, "c1", Some(&provenance), &mut out);
 /// ```
+///
+/// `out` is any buffer (a `BytesMut`, a `Vec<u8>` the caller reuses); it grows as
+/// needed, so callers that know the size reserve it first.
 pub fn encode_compressed_packed_forward(
     tag: &str,
     gzipped_entries: &[u8],
     count: usize,
     chunk_id: &str,
     provenance: Option<&Provenance>,
-    out: &mut BytesMut,
+    out: &mut impl bytes::BufMut,
 ) {
-    out.reserve(gzipped_entries.len() + tag.len() + chunk_id.len() + 64);
     write_array_len(out, 3);
     write_str(out, tag);
     write_bin(out, gzipped_entries);

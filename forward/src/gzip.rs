@@ -2,11 +2,11 @@
 //! CompressedPackedForward frame (agent, tests, tools), the relay's inflater with its
 //! decompression cap, and the NDJSON objects the relay's object sink writes.
 //!
-//! Whole buffers (the agent's chunks, the relay's frames) go through libdeflate, which
-//! works on a buffer at once: at level 1 it costs what zlib-rs's level 1 costs and its
-//! output is about a quarter smaller, and it inflates about 1.5 times as fast
-//! (bench/RESULTS.md, "Compression"; `sluice-gzip-compare`). Streams (the object sink's
-//! lines) stay on flate2.
+//! Whole buffers go through libraries that work on a buffer at once: the agent's chunks
+//! through ISA-L's igzip at level 1 (about twice libdeflate level 1's speed, 4-5% larger
+//! output), the relay's frames through libdeflate (about 1.5 times zlib-rs's inflate
+//! speed); see bench/RESULTS.md, "Compression", and `sluice-gzip-compare`. Streams (the
+//! object sink's lines) stay on flate2.
 //!
 //! Levels are part of the behaviour (chunk sizes, CPU per event), so each helper keeps
 //! the one its callers always used: [`gzip_entries`] the default level, the agent's
@@ -32,23 +32,40 @@ pub fn gzip_entries(entries: &[u8]) -> Vec<u8> {
     gz.finish().expect("gzip into a Vec")
 }
 
-/// gzip at level 1 with one compressor and one output buffer for all chunks: a fresh
-/// compressor per chunk allocates and frees a few hundred KiB every time.
+/// gzip at level 1 for the agent's chunks: ISA-L's igzip, one-shot ("stateless"), with
+/// one stream, one level buffer and one output buffer reused for all chunks (a fresh
+/// compressor per chunk allocates and frees a few hundred KiB every time).
+///
+/// igzip level 1 compresses log chunks at about twice libdeflate level 1's speed for a
+/// 4-5% larger output, and the agent spends most of its CPU here (bench/RESULTS.md,
+/// "Compression"). Any inflater reads it: it is one plain RFC 1952 member.
 pub struct Gzip {
-    deflate: libdeflater::Compressor,
+    // 82 KiB of C state: on the heap, and never moved while ISA-L holds pointers into
+    // it (only during a call).
+    stream: Box<isal_zstream>,
+    level_buf: Vec<u8>,
     out: Vec<u8>,
 }
 
-const LEVEL_1: libdeflater::CompressionLvl = match libdeflater::CompressionLvl::new(1) {
-    Ok(level) => level,
-    Err(_) => panic!("libdeflate has level 1"),
+use isal_sys::igzip_lib::{
+    isal_deflate_stateless, isal_deflate_stateless_init, isal_zstream, COMP_OK, IGZIP_GZIP,
+    ISAL_DEF_LVL1_DEFAULT, NO_FLUSH,
 };
+
+/// Bytes of output that always hold a member of `len` input bytes: stored blocks cost 5
+/// bytes per 64 KiB at worst, plus the gzip header, trailer and a block header.
+fn gzip_bound(len: usize) -> usize {
+    len + len / 4096 + 1024
+}
 
 impl Default for Gzip {
     fn default() -> Gzip {
+        // SAFETY: isal_zstream is plain C data (integers and pointers); all zeroes is
+        // what `isal_deflate_stateless_init` expects to start from, and it sets the rest.
+        let stream: Box<isal_zstream> = unsafe { Box::new(std::mem::zeroed()) };
         Gzip {
-            // Level 1 (`fastest()` is libdeflate's level 0: stored, not compressed).
-            deflate: libdeflater::Compressor::new(LEVEL_1),
+            stream,
+            level_buf: vec![0; ISAL_DEF_LVL1_DEFAULT as usize],
             out: Vec::new(),
         }
     }
@@ -57,17 +74,20 @@ impl Default for Gzip {
 impl Gzip {
     /// `input` as one gzip member (RFC 1952), in a buffer reused by the next call.
     pub fn compress(&mut self, input: &[u8]) -> &[u8] {
-        let bound = self.deflate.gzip_compress_bound(input.len());
+        let bound = gzip_bound(input.len());
         if self.out.len() < bound {
             // Zeroed once up to the largest chunk seen, then reused.
             self.out.resize(bound, 0);
         }
-        match self.deflate.gzip_compress(input, &mut self.out) {
-            Ok(n) => &self.out[..n],
-            Err(e) => {
-                // Cannot happen with a buffer of the bound's size; never send a broken
-                // member.
-                tracing::error!(error = ?e, "libdeflate failed; compressing this chunk with flate2");
+        match self.igzip(input) {
+            Some(n) => &self.out[..n],
+            None => {
+                // Cannot happen with a buffer of the bound's size and a chunk under 4
+                // GiB; never send a broken member.
+                tracing::error!(
+                    len = input.len(),
+                    "igzip failed; compressing this chunk with flate2"
+                );
                 let mut gz = GzEncoder::new(Vec::new(), Compression::fast());
                 let _ = gz.write_all(input);
                 self.out = gz.finish().unwrap_or_default();
@@ -75,7 +95,46 @@ impl Gzip {
             }
         }
     }
+
+    /// One call of `isal_deflate_stateless` over all of `input` into `self.out`; the
+    /// member's length, or None if ISA-L refused.
+    fn igzip(&mut self, input: &[u8]) -> Option<usize> {
+        let (avail_in, avail_out) = (
+            u32::try_from(input.len()).ok()?,
+            u32::try_from(self.out.len()).ok()?,
+        );
+        let s = &mut *self.stream;
+        // SAFETY: `s` is a valid, exclusively borrowed isal_zstream. The pointers set
+        // below stay valid for the call: `input` is borrowed, `self.out` and
+        // `self.level_buf` are not touched until it returns, and ISA-L only reads
+        // `next_in` although its type is `*mut`.
+        unsafe {
+            isal_deflate_stateless_init(s);
+            s.level = 1;
+            s.level_buf = self.level_buf.as_mut_ptr();
+            s.level_buf_size = self.level_buf.len() as u32;
+            s.gzip_flag = IGZIP_GZIP as u16;
+            s.flush = NO_FLUSH as u16;
+            s.end_of_stream = 1;
+            s.next_in = input.as_ptr() as *mut u8;
+            s.avail_in = avail_in;
+            s.next_out = self.out.as_mut_ptr();
+            s.avail_out = avail_out;
+            let rc = isal_deflate_stateless(s);
+            let done = rc == COMP_OK as i32 && s.avail_in == 0;
+            let n = s.total_out as usize;
+            // No pointer into our buffers outlives the call.
+            s.next_in = std::ptr::null_mut();
+            s.next_out = std::ptr::null_mut();
+            s.level_buf = std::ptr::null_mut();
+            done.then_some(n)
+        }
+    }
 }
+
+// SAFETY: the stream's pointers are null between calls (set only for the duration of
+// `igzip`, which takes `&mut self`), so a Gzip owns nothing thread-bound.
+unsafe impl Send for Gzip {}
 
 /// A gzip member written piece by piece (the object sink's NDJSON lines), at the fast
 /// level, into memory.

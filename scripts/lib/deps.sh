@@ -24,11 +24,12 @@ CARGO_BIN=${CARGO_HOME:-$HOME/.cargo}/bin
 case ":$PATH:" in *":$CARGO_BIN:"*) ;; *) PATH=$CARGO_BIN:$PATH ;; esac
 export PATH
 
+# nasm, autoconf, automake, libtool: isal-sys builds ISA-L (the agent's gzip) from source.
 # logrotate: the e2e test tail_copytruncate.rs rotates with the real one (Debian's, 3.21).
 # rpm: scripts/package builds the .rpm packages with its rpmbuild, and the e2e test
 # packaging.rs reads them with rpm (dpkg-deb, dpkg and objdump are there already).
 SLUICE_APT_PACKAGES=(build-essential cmake perl zlib1g-dev libssl-dev libsasl2-dev libzstd-dev
-  pkg-config python3-venv logrotate rpm)
+  pkg-config python3-venv logrotate rpm nasm autoconf automake libtool)
 
 _deps_log() { printf '  %s\n' "$*"; }
 
