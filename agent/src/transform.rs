@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use prometheus_client::metrics::counter::Counter;
-use sluice_forward::{set_entry_time, write_entry_header, EventTime, ENTRY_HEADER_LEN};
+use sluice_forward::{set_entry_time, write_entry_header, EventTime};
 use sluice_parsers::{Multiline, Outcome, Parser};
 
 use crate::source::SourceId;
@@ -128,21 +128,20 @@ impl EventWriter<'_> {
         };
         let entry = c.entries.len();
         write_entry_header(&mut c.entries, self.time);
-        if self.transforms.parser.write_record(bytes, &mut c.entries) == Outcome::Failed {
-            self.transforms.parse_errors.inc();
-        } else {
-            let record = &c.entries[entry + ENTRY_HEADER_LEN..];
-            match self.transforms.parser.record_time(record, self.time.secs) {
-                None => {}
-                Some(Ok(t)) => set_entry_time(
-                    &mut c.entries[entry..],
-                    EventTime {
-                        secs: t.secs,
-                        nanos: t.nanos,
-                    },
-                ),
-                Some(Err(e)) => self.time_error(e, source, offset),
+        let parser = &self.transforms.parser;
+        match parser.write_record_timed(bytes, &mut c.entries, self.time.secs) {
+            (Outcome::Failed, _) => {
+                self.transforms.parse_errors.inc();
             }
+            (Outcome::Parsed, None) => {}
+            (Outcome::Parsed, Some(Ok(t))) => set_entry_time(
+                &mut c.entries[entry..],
+                EventTime {
+                    secs: t.secs,
+                    nanos: t.nanos,
+                },
+            ),
+            (Outcome::Parsed, Some(Err(e))) => self.time_error(e, source, offset),
         }
         c.seqs.push(offset);
         c.end = end;

@@ -189,10 +189,10 @@ pub(crate) fn trailer_size(data: &[u8]) -> usize {
 /// bomb costs at most about twice the work of a limit-sized frame.
 pub fn gunzip(data: &[u8], limit: usize) -> Result<Vec<u8>, DecodeError> {
     let cap = limit.saturating_add(1);
-    let mut out = Vec::with_capacity(trailer_size(data).max(4096).min(cap));
+    let mut out = inflate_buffer(trailer_size(data).max(4096).min(cap));
     let mut rest = data;
     loop {
-        match INFLATER.with(|d| d.member(rest, &mut out)) {
+        match INFLATER.with(|d| d.member(rest, &mut out, cap)) {
             Inflated::Member(consumed) => {
                 rest = &rest[consumed..];
                 if rest.is_empty() {
@@ -201,6 +201,7 @@ pub fn gunzip(data: &[u8], limit: usize) -> Result<Vec<u8>, DecodeError> {
             }
             Inflated::NoRoom => {
                 if out.capacity() >= cap {
+                    recycle(out);
                     return Err(DecodeError::DecompressedTooLarge { limit });
                 }
                 let target = (out.capacity() * 2).min(cap);
@@ -208,13 +209,50 @@ pub fn gunzip(data: &[u8], limit: usize) -> Result<Vec<u8>, DecodeError> {
             }
             // libdeflate says only "bad data": the streaming inflater names the cause
             // (and is the arbiter, should the two ever disagree).
-            Inflated::Bad => return gunzip_streaming(data, limit),
+            Inflated::Bad => {
+                recycle(out);
+                return gunzip_streaming(data, limit);
+            }
         }
     }
     if out.len() > limit {
+        recycle(out);
         return Err(DecodeError::DecompressedTooLarge { limit });
     }
     Ok(out)
+}
+
+/// Inflated buffers handed back by [`recycle`] for the next frames. A fresh buffer per
+/// frame cost the relay a page fault and a zeroed page for every 4 KiB it inflated (9%
+/// of its CPU at 2 M events/s, bench/RESULTS.md, issue 16). At most
+/// `SPARE_BUFFERS` of at most `SPARE_MAX` bytes each are kept.
+static SPARE: std::sync::Mutex<Vec<Vec<u8>>> = std::sync::Mutex::new(Vec::new());
+const SPARE_BUFFERS: usize = 8;
+const SPARE_MAX: usize = 4 << 20;
+
+/// An empty buffer with room for `want` bytes, reused if one was handed back.
+fn inflate_buffer(want: usize) -> Vec<u8> {
+    let reused = SPARE.lock().unwrap_or_else(|e| e.into_inner()).pop();
+    match reused {
+        Some(mut b) => {
+            b.reserve_exact(want);
+            b
+        }
+        None => Vec::with_capacity(want),
+    }
+}
+
+/// Hands back a buffer [`gunzip`] returned (an [`EventBatch`](crate::EventBatch)'s
+/// entries once they are spooled), for the next frame to inflate into.
+pub fn recycle(mut buf: Vec<u8>) {
+    if buf.capacity() == 0 || buf.capacity() > SPARE_MAX {
+        return;
+    }
+    buf.clear();
+    let mut spare = SPARE.lock().unwrap_or_else(|e| e.into_inner());
+    if spare.len() < SPARE_BUFFERS {
+        spare.push(buf);
+    }
 }
 
 enum Inflated {
@@ -239,9 +277,10 @@ impl Inflater {
         Inflater(std::ptr::NonNull::new(p).expect("libdeflate: out of memory"))
     }
 
-    /// Inflates the gzip member at the start of `data` into `out`'s spare capacity.
-    fn member(&self, data: &[u8], out: &mut Vec<u8>) -> Inflated {
-        let spare = out.capacity() - out.len();
+    /// Inflates the gzip member at the start of `data` into `out`'s spare capacity, but
+    /// not past `cap` bytes of `out` in all (a reused buffer may be larger).
+    fn member(&self, data: &[u8], out: &mut Vec<u8>, cap: usize) -> Inflated {
+        let spare = out.capacity().min(cap).saturating_sub(out.len());
         let (mut consumed, mut produced) = (0usize, 0usize);
         // SAFETY: libdeflate reads at most `data.len()` bytes of `data` and writes at
         // most `spare` bytes from `out`'s end, which `out` has allocated; `produced` bytes
@@ -455,6 +494,23 @@ mod tests {
             gunzip(&frame, 100_004),
             Err(DecodeError::DecompressedTooLarge { limit: 100_004 })
         ));
+    }
+
+    #[test]
+    fn a_recycled_buffer_is_reused_and_never_lifts_the_cap() {
+        let member = gzip_entries(&vec![3u8; 2 << 20]);
+        // Room for the whole 2 MiB, but the limit is 1 MiB: refused all the same.
+        recycle(Vec::with_capacity(SPARE_MAX));
+        assert!(matches!(
+            gunzip(&member, 1 << 20),
+            Err(DecodeError::DecompressedTooLarge { limit }) if limit == 1 << 20
+        ));
+        let out = gunzip(&member, 4 << 20).unwrap();
+        assert_eq!(out, vec![3u8; 2 << 20]);
+        recycle(out);
+        // What follows inflates into the recycled buffer (or a fresh one, should a test
+        // running beside this one have taken it): the same answer either way.
+        assert_eq!(gunzip(&gzip_entries(b"tiny"), 1 << 20).unwrap(), b"tiny");
     }
 
     #[test]

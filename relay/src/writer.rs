@@ -597,6 +597,9 @@ impl SpoolWriter {
                 }
                 for (req, result) in group.drain(..) {
                     let _ = req.reply.send(result);
+                    // Spooled (or refused): the inflated entries' buffer serves the next
+                    // frame.
+                    sluice_forward::recycle(req.batch.entries);
                 }
             }
             Err(e) => {
@@ -606,6 +609,7 @@ impl SpoolWriter {
                 tracing::warn!(error = %e, "spool commit failed; chunks of this group are not acknowledged");
                 for (req, _) in group.drain(..) {
                     let _ = req.reply.send(Err(format!("spool commit failed: {e}")));
+                    sluice_forward::recycle(req.batch.entries);
                 }
             }
         }

@@ -152,7 +152,8 @@ pub struct TimeField {
     clf: bool,
     /// The last value and its result: consecutive lines mostly carry the same second,
     /// and parsing a date is the expensive part.
-    last: std::cell::RefCell<(Vec<u8>, Option<Timestamp>)>,
+    /// The answer is kept whole: a cached failure reports its own cause again.
+    last: std::cell::RefCell<(Vec<u8>, Result<Timestamp, TimeError>)>,
 }
 
 impl TimeField {
@@ -168,7 +169,7 @@ impl TimeField {
             format,
             zone,
             items,
-            last: Default::default(),
+            last: std::cell::RefCell::new((Vec::new(), Err(TimeError::Missing))),
         }
     }
 
@@ -192,21 +193,25 @@ impl TimeField {
             Ok(None) | Err(_) => return Err(TimeError::Missing),
         };
         match value {
-            FieldValue::Bytes(text) => {
-                let mut last = self.last.borrow_mut();
-                if !last.0.is_empty() && last.0 == text {
-                    return last.1.ok_or(TimeError::Unparsable);
-                }
-                let result = self.parse_text(text, read_secs);
-                last.0.clear();
-                last.0.extend_from_slice(text);
-                last.1 = result.ok();
-                result
-            }
+            FieldValue::Bytes(text) => self.from_text(text, read_secs),
             FieldValue::Int(n) => self.number_time(Num::Int(n)),
             FieldValue::Float(f) => self.number_time(Num::Float(f)),
             FieldValue::Other => Err(TimeError::Missing),
         }
+    }
+
+    /// The time a text field holds (what [`extract`](Self::extract) finds in a string
+    /// field), the last text's answer reused when the next is the same.
+    pub fn from_text(&self, text: &[u8], read_secs: u32) -> Result<Timestamp, TimeError> {
+        let mut last = self.last.borrow_mut();
+        if !last.0.is_empty() && last.0 == text {
+            return last.1;
+        }
+        let result = self.parse_text(text, read_secs);
+        last.0.clear();
+        last.0.extend_from_slice(text);
+        last.1 = result;
+        result
     }
 
     fn number_time(&self, n: Num) -> Result<Timestamp, TimeError> {
