@@ -21,10 +21,10 @@ use config::AgentConfig;
 use metrics::AgentMetrics;
 use pipeline::Pipeline;
 
-/// Runs the agent until SIGTERM or SIGINT, then waits for in-flight acknowledgements.
 /// Sealed chunks queued between the reading thread and the output.
 const SEALED_QUEUE: usize = 2;
 
+/// Runs the agent until SIGTERM or SIGINT, then waits for in-flight acknowledgements.
 pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let mut signals = StopSignals::install().context("cannot install the SIGTERM handler")?;
     std::fs::create_dir_all(&config.agent.data_dir)

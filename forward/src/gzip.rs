@@ -17,6 +17,10 @@ use std::io::{self, Write};
 use flate2::write::GzEncoder;
 use flate2::Compression;
 use flate2::{Decompress, FlushDecompress, Status};
+use isal_sys::igzip_lib::{
+    isal_deflate_stateless, isal_deflate_stateless_init, isal_zstream, COMP_OK, IGZIP_GZIP,
+    ISAL_DEF_LVL1_DEFAULT, NO_FLUSH,
+};
 
 use crate::error::DecodeError;
 
@@ -46,11 +50,6 @@ pub struct Gzip {
     level_buf: Vec<u8>,
     out: Vec<u8>,
 }
-
-use isal_sys::igzip_lib::{
-    isal_deflate_stateless, isal_deflate_stateless_init, isal_zstream, COMP_OK, IGZIP_GZIP,
-    ISAL_DEF_LVL1_DEFAULT, NO_FLUSH,
-};
 
 /// Bytes of output that always hold a member of `len` input bytes: stored blocks cost 5
 /// bytes per 64 KiB at worst, plus the gzip header, trailer and a block header.
@@ -225,10 +224,14 @@ pub fn gunzip(data: &[u8], limit: usize) -> Result<Vec<u8>, DecodeError> {
 /// Inflated buffers handed back by [`recycle`] for the next frames. A fresh buffer per
 /// frame cost the relay a page fault and a zeroed page for every 4 KiB it inflated (9%
 /// of its CPU at 2 M events/s, bench/RESULTS.md, issue 16). At most
-/// `SPARE_BUFFERS` of at most `SPARE_MAX` bytes each are kept.
+/// `SPARE_BUFFERS` of at most `SPARE_MAX` bytes each are kept: memory outside the
+/// relay's ingest budget, [`RECYCLED_MAX_BYTES`] in all.
 static SPARE: std::sync::Mutex<Vec<Vec<u8>>> = std::sync::Mutex::new(Vec::new());
 const SPARE_BUFFERS: usize = 8;
-const SPARE_MAX: usize = 4 << 20;
+/// An agent's 1 MiB chunk, inflated, fits; larger frames are not kept.
+const SPARE_MAX: usize = 2 << 20;
+/// The most memory buffers handed to [`recycle`] hold while they wait for reuse.
+pub const RECYCLED_MAX_BYTES: usize = SPARE_BUFFERS * SPARE_MAX;
 
 /// An empty buffer with room for `want` bytes, reused if one was handed back.
 fn inflate_buffer(want: usize) -> Vec<u8> {

@@ -110,7 +110,7 @@ pub use frame::{
     ClientCodec, ClientFrame, DecodeHint, Framer, ServerCodec, ServerFrame, ALIVE_ACK,
     DRAINING_ACK, PROBE_TAG,
 };
-pub use gzip::{gunzip, gzip_entries, recycle, Gzip, GzipWriter};
+pub use gzip::{gunzip, gzip_entries, recycle, Gzip, GzipWriter, RECYCLED_MAX_BYTES};
 pub use handshake::{ct_eq, password_digest, shared_key_digest, Helo, Ping, Pong};
 pub use json::{record_field, record_path_value, record_to_json, record_value, FieldValue};
 pub use limits::{Limits, MAX_DEPTH};

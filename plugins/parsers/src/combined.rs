@@ -15,10 +15,10 @@
 
 use crate::record::{write_fields, Value};
 
-/// The parser has no state; the struct keeps `Parser`'s shape.
 /// The key the time field is written under (the parsers' default `time_key`).
 pub(crate) const TIME_KEY: &str = "time";
 
+/// The parser has no state; the struct keeps `Parser`'s shape.
 #[derive(Debug, Default)]
 pub(crate) struct Combined;
 
