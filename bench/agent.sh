@@ -8,7 +8,10 @@
 #             bytes per second `none` reached in that round, about a third of its wire
 #             rate at gzip's ~3x: the agent's memory against a slower receiver (the table
 #             gives the slowdown reached)
-#   nginx     the same lines with parser = "nginx" (the event time from the line)
+#   nginx     the same lines with parser = "nginx" (the event time from the line), their
+#             times in order as a server writes them (2,000 lines a second)
+#   nginx_random  the same with every line at a random second of November: the worst
+#             case for the parser's time cache (no two neighbouring lines share a time)
 #   many      2,000 files x 500 lines written round robin      bench/many-files.sh
 #   relay     relay ingest, fsync = always, discard sink        bench/relay.sh
 #
@@ -39,11 +42,13 @@ for round in $(seq 1 "$ROUNDS"); do
   echo "round $round slow: $slow"
   nginx=$(LINE_SIZES=100 PARSERS=nginx bench/tail.sh 2>/dev/null | grep '^{' | head -1)
   echo "round $round nginx: $nginx"
+  nginx_random=$(TIMES=random LINE_SIZES=100 PARSERS=nginx bench/tail.sh 2>/dev/null | grep '^{' | head -1)
+  echo "round $round nginx_random: $nginx_random"
   many=$(FILES=$FILES LINES=$LINES bench/many-files.sh 2>/dev/null | grep '^{' | head -1)
   echo "round $round many: $many"
   relay=$(EVENTS=$RELAY_EVENTS RUNS=1 MODES=always bench/relay.sh 2>/dev/null | grep '^{' | head -1)
   echo "round $round relay: $relay"
-  runs+=("{\"none\":$none,\"slow\":$slow,\"nginx\":$nginx,\"many\":$many,\"relay\":$relay}")
+  runs+=("{\"none\":$none,\"slow\":$slow,\"nginx\":$nginx,\"nginx_random\":$nginx_random,\"many\":$many,\"relay\":$relay}")
 done
 
 table=$(python3 - "${runs[@]}" <<'PY'
@@ -64,6 +69,10 @@ nginx_cpu = med("nginx", "agent_cpu_seconds_per_gb")
 print(f"| agent -> relay, parser = \"nginx\" | {med('nginx', 'lines_per_second'):,.0f} | {nginx_cpu:.2f} "
       f"(**{nginx_cpu / none_cpu:.2f}x** no parser) | {med('nginx', 'agent_peak_rss_mib'):.1f} | "
       f"{med('nginx', 'entry_bytes_per_line'):.1f} | <= 1.3x no parser |")
+nr_cpu = med("nginx_random", "agent_cpu_seconds_per_gb")
+print(f"| the same, every line at a random second (time cache never hits) | {med('nginx_random', 'lines_per_second'):,.0f} | "
+      f"{nr_cpu:.2f} ({nr_cpu / none_cpu:.2f}x no parser) | {med('nginx_random', 'agent_peak_rss_mib'):.1f} | "
+      f"{med('nginx_random', 'entry_bytes_per_line'):.1f} | |")
 many = [r["many"] for r in rs]
 m = lambda k: statistics.median(x[k] for x in many)
 print(f"| {many[0]['files']:,} files x {many[0]['lines_per_file']} lines, round robin | {m('lines_per_second'):,.0f} | "

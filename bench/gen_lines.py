@@ -2,10 +2,20 @@
 varied in every field, each with a unique request id, so neither gzip nor the reader sees
 repeated padding (they gzip about 3x). Prints the number of lines written.
 
-    python3 bench/gen_lines.py LINE_BYTES SIZE_MB PATH
+    python3 bench/gen_lines.py LINE_BYTES SIZE_MB PATH [TIMES]
+
+TIMES is how the `[time]` fields go: `ordered` (the default) as a server writes them, the
+clock advancing one second every LINES_PER_SECOND (2,000) lines from 2026-11-23 05:00:00;
+`random`: any second of November, so no two neighbouring lines share one (the worst case
+for a parser's time cache).
 """
-import random, sys
+import datetime, random, sys
 line_bytes, size_mb, path = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+times = sys.argv[4] if len(sys.argv) > 4 else "ordered"
+if times not in ("ordered", "random"):
+    sys.exit(f"TIMES must be ordered or random, not {times!r}")
+LINES_PER_SECOND = 2_000
+start = datetime.datetime(2026, 11, 23, 5, 0, 0)
 rnd = random.Random(42)
 methods = ["GET"] * 8 + ["POST"] * 3 + ["PUT", "DELETE", "HEAD", "PATCH"]
 paths = ["/", "/index.html", "/api/v1/items", "/api/v1/items/{n}", "/api/v2/users/{n}/orders",
@@ -44,6 +54,11 @@ with open(path, "w", buffering=1 << 20) as f:
     batch = []
     while written < target:
         ip, user, ts, method, p, query, code, size, ref, agent = pool[rid % len(pool)]
+        if times == "ordered" and rid % LINES_PER_SECOND == 0:
+            now = start + datetime.timedelta(seconds=rid // LINES_PER_SECOND)
+            ordered_ts = now.strftime("%d/%b/%Y:%H:%M:%S +0000")
+        if times == "ordered":
+            ts = ordered_ts
         head = f'{ip} - {user} [{ts}] "{method} '
         rest = f' HTTP/1.1" {code} {size}'
         rid_s = f" rid={rid:010x}"

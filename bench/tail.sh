@@ -8,6 +8,7 @@
 #   LINE_SIZES="100" SIZE_MB=256 bench/tail.sh
 #   PARSERS="nginx_read_time nginx" bench/tail.sh   # the cost of taking the log's time
 #   RECEIVER_RATE=15000000 bench/tail.sh              # a relay that reads 15 MB/s at most
+#   TIMES=random PARSERS=nginx bench/tail.sh          # every line a random second of November
 #
 # PARSERS (default "none") lists how the agent parses, one run each per file:
 #   none             the line as `message`
@@ -30,7 +31,12 @@ WORK=${WORK:-$ROOT/target/bench-tail}
 TIMEOUT_S=${TIMEOUT_S:-1800}
 # Bytes per second the relay reads at most (server.rate_limit); empty: as fast as it can.
 RECEIVER_RATE=${RECEIVER_RATE:-}
+# Another agent binary for the same run (an A/B against a build kept aside); the relay is this checkout's.
+AGENT_BIN=${AGENT_BIN:-}
 OUTPUT_TOML=${OUTPUT_TOML:-} # more [output] settings, e.g. 'in_flight_bytes = "2MiB"'
+# The lines' [time] fields: "ordered" as a server writes them (2,000 lines a second) or
+# "random" (no two neighbouring lines share a second; bench/gen_lines.py).
+export TIMES=${TIMES:-ordered}
 
 # shellcheck source=../scripts/lib/local.sh
 source scripts/lib/local.sh
@@ -41,7 +47,7 @@ BIN=$ROOT/target/release
 # generate LINE_BYTES SIZE_MB PATH: synthetic nginx combined-format lines of exactly
 # LINE_BYTES bytes (newline included), varied in every field, each with a unique request
 # id, so neither gzip nor the reader sees repeated padding.
-generate() { python3 "$ROOT/bench/gen_lines.py" "$1" "$2" "$3"; }
+generate() { python3 "$ROOT/bench/gen_lines.py" "$1" "$2" "$3" "$TIMES"; }
 
 cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
 hwm_kib() { awk '/^VmHWM:/ { print $2 }' "/proc/$1/status"; }
@@ -63,7 +69,7 @@ for line_bytes in $LINE_SIZES; do
     nginx_read_time) parser_toml=$'parser = "nginx"\ntime_key = ""' ;;
     *) echo "unknown parser mode $parser (none, nginx, nginx_read_time)" >&2; exit 2 ;;
   esac
-  file=$WORK/lines-$line_bytes-$SIZE_MB.log
+  file=$WORK/lines-$line_bytes-$SIZE_MB-$TIMES.log
   count_file=$file.count
   if [[ ! -f $file || ! -f $count_file ]]; then
     echo "generating $SIZE_MB MiB of $line_bytes-byte lines in $file ..." >&2
@@ -95,7 +101,7 @@ listen = "127.0.0.1:$agent_metrics"
 TOML
   entries_before=$(metric "$RELAY_METRICS" sluice_relay_bytes_received_total)
   start=$(date +%s.%N)
-  SLUICE_LOG=warn "$BIN/sluice-agent" --config "$WORK/agent.toml" 2>"$WORK/agent-$line_bytes.log" &
+  SLUICE_LOG=warn "${AGENT_BIN:-$BIN/sluice-agent}" --config "$WORK/agent.toml" 2>"$WORK/agent-$line_bytes.log" &
   AGENT=$!
   deadline=$(($(date +%s) + TIMEOUT_S))
   while :; do
@@ -126,13 +132,13 @@ TOML
     exit 1
   fi
   out=$(python3 - "$line_bytes" "$lines" "$bytes" "$start" "$end" "$ticks" "$CLK_TCK" "$hwm" "$parser" "$entries" "$RECEIVER_RATE" <<'PY'
-import json, sys
+import json, os, sys
 line_bytes, lines, size = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 start, end, ticks, tck, hwm = float(sys.argv[4]), float(sys.argv[5]), int(sys.argv[6]), int(sys.argv[7]), int(sys.argv[8])
 secs = end - start
 cpu = ticks / tck
 print(json.dumps({
-    "parser": sys.argv[9], "line_bytes": line_bytes, "lines": lines, "bytes": size, "seconds": round(secs, 3),
+    "parser": sys.argv[9], "times": os.environ["TIMES"], "line_bytes": line_bytes, "lines": lines, "bytes": size, "seconds": round(secs, 3),
     "lines_per_second": round(lines / secs), "mb_per_second": round(size / secs / 1e6, 1),
     "agent_cpu_seconds": round(cpu, 2), "agent_cpu_seconds_per_gb": round(cpu / (size / 1e9), 2),
     "agent_peak_rss_mib": round(hwm / 1024, 1),
@@ -148,7 +154,7 @@ PY
 done
 
 python3 - "${results[@]}" <<'PY'
-import json, sys
+import json, os, sys
 print("\n| parser | line size | lines | MB | seconds | lines/s | MB/s | agent CPU-s per GB | agent peak RSS MiB |")
 print("|---|---|---|---|---|---|---|---|---|")
 for arg in sys.argv[1:]:

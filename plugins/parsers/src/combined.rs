@@ -13,7 +13,7 @@
 //!
 //! Not anchored at the end: whatever follows the last field is ignored, as with the regex.
 
-use crate::record::{write_fields, Value};
+use crate::record::{put_int, put_str, write_text};
 
 /// The key the time field is written under (the parsers' default `time_key`).
 pub(crate) const TIME_KEY: &str = "time";
@@ -24,6 +24,22 @@ pub(crate) struct Combined;
 
 const NOT_COMBINED: &str = "not in combined/common log format";
 
+/// The record's keys, each as the MessagePack fixstr it is written as (a test holds them
+/// to their names).
+mod key {
+    pub const REMOTE: &[u8] = b"\xa6remote";
+    pub const USER: &[u8] = b"\xa4user";
+    pub const TIME: &[u8] = b"\xa4time";
+    pub const METHOD: &[u8] = b"\xa6method";
+    pub const PATH: &[u8] = b"\xa4path";
+    pub const PROTOCOL: &[u8] = b"\xa8protocol";
+    pub const REQUEST: &[u8] = b"\xa7request";
+    pub const CODE: &[u8] = b"\xa4code";
+    pub const SIZE: &[u8] = b"\xa4size";
+    pub const REFERER: &[u8] = b"\xa7referer";
+    pub const AGENT: &[u8] = b"\xa5agent";
+}
+
 impl Combined {
     pub fn new() -> Combined {
         Combined
@@ -31,54 +47,80 @@ impl Combined {
 
     /// Writes the record and returns the text of its `time` field (a slice of `line`), so
     /// the event time need not be looked up in the record again.
+    ///
+    /// Written straight into `out`: the map header (at most 10 fields, a fixmap) first
+    /// and its count set at the end, each key a constant, each value one header and one
+    /// copy.
     pub fn write<'a>(&self, line: &'a [u8], out: &mut Vec<u8>) -> Result<&'a [u8], &'static str> {
         let f = Fields::parse(line).ok_or(NOT_COMBINED)?;
         // One UTF-8 check for the whole line: the fields are cut at ASCII bytes, so each
         // is valid if the line is (checked per field, it cost a tenth of the parse).
-        let utf8 = std::str::from_utf8(line).ok();
-        let text = |field: &'a [u8]| -> Value<'a> {
-            let at = field.as_ptr() as usize - line.as_ptr() as usize;
-            match utf8.and_then(|s| s.get(at..at + field.len())) {
-                Some(s) => Value::Str(s),
-                None => Value::Text(field),
+        let utf8 = line.is_ascii() || std::str::from_utf8(line).is_ok();
+        out.reserve(line.len() + 64);
+        let head = out.len();
+        out.push(0x80);
+        let mut n = 0u8;
+        let mut text = |out: &mut Vec<u8>, key: &[u8], field: &[u8]| {
+            out.extend_from_slice(key);
+            if utf8 {
+                put_str(out, field);
+            } else {
+                write_text(out, field);
             }
+            n += 1;
         };
-        let mut fields: [(&str, Value<'_>); 10] = [("", Value::Int(0)); 10];
-        let mut n = 0;
-        macro_rules! push {
-            ($key:expr, $value:expr) => {{
-                fields[n] = ($key, $value);
-                n += 1;
-            }};
-        }
-        push!("remote", text(f.remote));
+        text(out, key::REMOTE, f.remote);
         if f.user != b"-" {
-            push!("user", text(f.user));
+            text(out, key::USER, f.user);
         }
-        push!(TIME_KEY, text(f.time));
+        text(out, key::TIME, f.time);
         // "GET /path HTTP/1.1"; a malformed request (a TLS probe, "-") is kept whole.
-        let mut parts = f.request.splitn(4, |&b| b == b' ');
-        match (parts.next(), parts.next(), parts.next(), parts.next()) {
-            (Some(method), Some(path), protocol, None) if !method.is_empty() => {
-                push!("method", text(method));
-                push!("path", text(path));
+        match split_request(f.request) {
+            Some((method, path, protocol)) => {
+                text(out, key::METHOD, method);
+                text(out, key::PATH, path);
                 if let Some(protocol) = protocol {
-                    push!("protocol", text(protocol));
+                    text(out, key::PROTOCOL, protocol);
                 }
             }
-            _ => push!("request", text(f.request)),
+            None => text(out, key::REQUEST, f.request),
         }
-        push!("code", Value::Int(f.code));
+        out.extend_from_slice(key::CODE);
+        put_int(out, f.code);
         if let Some(size) = f.size {
-            push!("size", Value::Int(size));
+            out.extend_from_slice(key::SIZE);
+            put_int(out, size);
         }
         if let Some((referer, agent)) = f.tail {
-            push!("referer", text(referer));
-            push!("agent", text(agent));
+            text(out, key::REFERER, referer);
+            text(out, key::AGENT, agent);
         }
-        write_fields(out, &fields[..n]);
+        n += 1 + u8::from(f.size.is_some());
+        out[head] = 0x80 | n;
         Ok(f.time)
     }
+}
+
+/// method, path and protocol (when there is one).
+type Request<'a> = (&'a [u8], &'a [u8], Option<&'a [u8]>);
+
+/// `method path [protocol]`: the request split at its spaces, as `splitn(4, ' ')` would
+/// (two or three parts, the method not empty); `None` keeps the request whole.
+fn split_request(request: &[u8]) -> Option<Request<'_>> {
+    let sp = memchr::memchr(b' ', request)?;
+    let method = &request[..sp];
+    if method.is_empty() {
+        return None;
+    }
+    let rest = &request[sp + 1..];
+    let Some(sp) = memchr::memchr(b' ', rest) else {
+        return Some((method, rest, None));
+    };
+    let protocol = &rest[sp + 1..];
+    if memchr::memchr(b' ', protocol).is_some() {
+        return None;
+    }
+    Some((method, &rest[..sp], Some(protocol)))
 }
 
 /// The captures of one line.
@@ -158,23 +200,18 @@ impl<'a> Scan<'a> {
 
     /// `\d+|-`: `Some(None)` for `-` and for digits past i64.
     fn size(&mut self) -> Option<Option<i64>> {
-        let rest = &self.line[self.at..];
-        let len = rest.iter().take_while(|b| b.is_ascii_digit()).count();
-        if len == 0 {
+        let start = self.at;
+        let mut n: Option<i64> = Some(0);
+        while let Some(&d) = self.line.get(self.at).filter(|d| d.is_ascii_digit()) {
+            n = n
+                .and_then(|n| n.checked_mul(10))
+                .and_then(|n| n.checked_add(i64::from(d - b'0')));
+            self.at += 1;
+        }
+        if self.at == start {
             return self.byte(b'-').map(|()| None);
         }
-        self.at += len;
-        let mut n: i64 = 0;
-        for &d in &rest[..len] {
-            match n
-                .checked_mul(10)
-                .and_then(|n| n.checked_add(i64::from(d - b'0')))
-            {
-                Some(v) => n = v,
-                None => return Some(None),
-            }
-        }
-        Some(Some(n))
+        Some(n)
     }
 }
 
@@ -217,7 +254,28 @@ mod tests {
     use regex::bytes::Regex;
 
     use super::*;
-    use crate::record::Value;
+    use crate::record::{write_fields, Value};
+
+    #[test]
+    fn each_key_is_its_name_as_a_fixstr() {
+        for (bytes, name) in [
+            (key::REMOTE, "remote"),
+            (key::USER, "user"),
+            (key::TIME, TIME_KEY),
+            (key::METHOD, "method"),
+            (key::PATH, "path"),
+            (key::PROTOCOL, "protocol"),
+            (key::REQUEST, "request"),
+            (key::CODE, "code"),
+            (key::SIZE, "size"),
+            (key::REFERER, "referer"),
+            (key::AGENT, "agent"),
+        ] {
+            let mut want = Vec::new();
+            rmp::encode::write_str(&mut want, name).unwrap();
+            assert_eq!(bytes, &want[..], "{name}");
+        }
+    }
 
     /// The regex the parser replaced, with the old field rules: the oracle.
     fn by_regex(re: &Regex, line: &[u8], out: &mut Vec<u8>) -> bool {

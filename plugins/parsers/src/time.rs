@@ -207,7 +207,12 @@ impl TimeField {
         if !last.0.is_empty() && last.0 == text {
             return last.1;
         }
-        let result = self.parse_text(text, read_secs);
+        // nginx's exact shape is read from the bytes: it is ASCII, and has nothing to
+        // trim, so the UTF-8 check and the trim of parse_text would change nothing.
+        let result = match self.clf.then(|| clf_time(text)).flatten() {
+            Some(secs) => from_parts(secs, 0),
+            None => self.parse_text(text, read_secs),
+        };
         last.0.clear();
         last.0.extend_from_slice(text);
         last.1 = result;
@@ -275,11 +280,21 @@ fn clf_time(t: &[u8]) -> Option<i64> {
             d.is_ascii_digit().then(|| n * 10 + i64::from(d - b'0'))
         })
     };
-    const MONTHS: [&[u8; 3]; 12] = [
-        b"Jan", b"Feb", b"Mar", b"Apr", b"May", b"Jun", b"Jul", b"Aug", b"Sep", b"Oct", b"Nov",
-        b"Dec",
-    ];
-    let month = MONTHS.iter().position(|m| m[..] == t[3..6])? as i64 + 1;
+    let month = match &t[3..6] {
+        b"Jan" => 1,
+        b"Feb" => 2,
+        b"Mar" => 3,
+        b"Apr" => 4,
+        b"May" => 5,
+        b"Jun" => 6,
+        b"Jul" => 7,
+        b"Aug" => 8,
+        b"Sep" => 9,
+        b"Oct" => 10,
+        b"Nov" => 11,
+        b"Dec" => 12,
+        _ => return None,
+    };
     let (day, year) = (num(0..2)?, num(7..11)?);
     let (hour, minute, second) = (num(12..14)?, num(15..17)?, num(18..20)?);
     let sign = match t[21] {

@@ -5,7 +5,7 @@
 //! fails (message timeouts) and its retry reads back what landed; the restart is met by
 //! retries; at the end the confluent-kafka client finds every line, once.
 //!
-//! CI size: 60,000 lines over ~20 s, the broker hung for 8 s (the sink's delivery timeout
+//! CI size: 60,000 lines over ~20 s (more if the hangs take longer), the broker hung for 8 s (the sink's delivery timeout
 //! is 5 s), then down for 5 s. `SLUICE_BROKER_RESTART_LINES` for more.
 
 use std::time::Duration;
@@ -42,16 +42,22 @@ fn a_broker_restarted_mid_stream_loses_and_duplicates_nothing() {
     );
     agent_spec.config.output.chunk_age = Span::millis(200);
     let agent = agent_spec.spawn();
+    // The stream goes on until the broker's hang and restart are done (at least ~20 s,
+    // at most 300 batches): on a busy machine the hangs can take longer than the 60
+    // batches, and a hang needs a delivery in flight. The writer returns how many lines
+    // it wrote.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writer = {
-        let log = log.clone();
+        let (log, stop) = (log.clone(), stop.clone());
         std::thread::spawn(move || {
             let batch = lines / 60;
-            // Over ~20 s: the stream goes on through the stop, however long the
-            // broker takes to go down, and after it is back.
-            for i in 0..60 {
+            let mut i = 0;
+            while i < 60 || (i < 300 && !stop.load(std::sync::atomic::Ordering::Relaxed)) {
                 write_numbered_lines(&log, 1 + i * batch, batch);
                 std::thread::sleep(Duration::from_millis(330));
+                i += 1;
             }
+            i * batch
         })
     };
     relay.wait_delivered("kafka", lines / 4, Duration::from_secs(120));
@@ -90,7 +96,8 @@ fn a_broker_restarted_mid_stream_loses_and_duplicates_nothing() {
         || relay.sink_delivering("kafka"),
     );
     broker.restart(&svc, Duration::from_secs(5));
-    writer.join().unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let lines = writer.join().unwrap();
     relay.wait(
         "the agent to have every line acknowledged",
         Duration::from_secs(180),
