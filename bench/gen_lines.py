@@ -54,10 +54,10 @@ with open(path, "w", buffering=1 << 20) as f:
     batch = []
     while written < target:
         ip, user, ts, method, p, query, code, size, ref, agent = pool[rid % len(pool)]
-        if times == "ordered" and rid % LINES_PER_SECOND == 0:
-            now = start + datetime.timedelta(seconds=rid // LINES_PER_SECOND)
-            ordered_ts = now.strftime("%d/%b/%Y:%H:%M:%S +0000")
         if times == "ordered":
+            if rid % LINES_PER_SECOND == 0:
+                now = start + datetime.timedelta(seconds=rid // LINES_PER_SECOND)
+                ordered_ts = now.strftime("%d/%b/%Y:%H:%M:%S +0000")
             ts = ordered_ts
         head = f'{ip} - {user} [{ts}] "{method} '
         rest = f' HTTP/1.1" {code} {size}'

@@ -56,10 +56,11 @@ impl Combined {
         // One UTF-8 check for the whole line: the fields are cut at ASCII bytes, so each
         // is valid if the line is (checked per field, it cost a tenth of the parse).
         let utf8 = line.is_ascii() || std::str::from_utf8(line).is_ok();
-        out.reserve(line.len() + 64);
         let head = out.len();
         out.push(0x80);
-        let mut n = 0u8;
+        // code, and size when there is one, are written below without `text`, which
+        // counts the others.
+        let mut n = 1 + u8::from(f.size.is_some());
         let mut text = |out: &mut Vec<u8>, key: &[u8], field: &[u8]| {
             out.extend_from_slice(key);
             if utf8 {
@@ -95,7 +96,6 @@ impl Combined {
             text(out, key::REFERER, referer);
             text(out, key::AGENT, agent);
         }
-        n += 1 + u8::from(f.size.is_some());
         out[head] = 0x80 | n;
         Ok(f.time)
     }

@@ -5,8 +5,9 @@
 //! fails (message timeouts) and its retry reads back what landed; the restart is met by
 //! retries; at the end the confluent-kafka client finds every line, once.
 //!
-//! CI size: 60,000 lines over ~20 s (more if the hangs take longer), the broker hung for 8 s (the sink's delivery timeout
-//! is 5 s), then down for 5 s. `SLUICE_BROKER_RESTART_LINES` for more.
+//! CI size: 60,000 lines over ~20 s (more if the hangs take longer), the broker hung
+//! for 8 s (the sink's delivery timeout is 5 s), then down for 5 s.
+//! `SLUICE_BROKER_RESTART_LINES` for more.
 
 use std::time::Duration;
 
