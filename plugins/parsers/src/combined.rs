@@ -13,7 +13,7 @@
 //!
 //! Not anchored at the end: whatever follows the last field is ignored, as with the regex.
 
-use crate::record::{put_int, put_str, write_text};
+use crate::record::{is_utf8, Room};
 
 /// The key the time field is written under (the parsers' default `time_key`).
 pub(crate) const TIME_KEY: &str = "time";
@@ -48,58 +48,77 @@ impl Combined {
     /// Writes the record and returns the text of its `time` field (a slice of `line`), so
     /// the event time need not be looked up in the record again.
     ///
-    /// Written straight into `out`: the map header (at most 10 fields, a fixmap) first
-    /// and its count set at the end, each key a constant, each value one header and one
-    /// copy.
+    /// Written into room grown once by `line.len() + ROOM` (see `record::Room`): the map
+    /// header (at most 10 fields, a fixmap) first and its count set at the end, each key
+    /// a constant, each value one header and one copy.
     pub fn write<'a>(&self, line: &'a [u8], out: &mut Vec<u8>) -> Result<&'a [u8], &'static str> {
         let f = Fields::parse(line).ok_or(NOT_COMBINED)?;
         // One UTF-8 check for the whole line: the fields are cut at ASCII bytes, so each
         // is valid if the line is (checked per field, it cost a tenth of the parse).
-        let utf8 = line.is_ascii() || std::str::from_utf8(line).is_ok();
-        let head = out.len();
-        out.push(0x80);
-        // code, and size when there is one, are written below without `text`, which
-        // counts the others.
-        let mut n = 1 + u8::from(f.size.is_some());
-        let mut text = |out: &mut Vec<u8>, key: &[u8], field: &[u8]| {
-            out.extend_from_slice(key);
-            if utf8 {
-                put_str(out, field);
-            } else {
-                write_text(out, field);
+        let utf8 = is_utf8(line);
+        Room::write(out, line.len() + ROOM, |r| {
+            let head = r.at();
+            r.bytes(&[0x80]);
+            // code, and size when there is one, are written below without `text!`, which
+            // counts the others.
+            let mut n = 1 + u8::from(f.size.is_some());
+            // A macro, not a closure: each key stays a constant, copied without a call.
+            macro_rules! text {
+                ($key:expr, $field:expr) => {{
+                    let field = $field;
+                    r.bytes($key);
+                    r.put_bytes(!(utf8 || is_utf8(field)), field);
+                    n += 1;
+                }};
             }
-            n += 1;
-        };
-        text(out, key::REMOTE, f.remote);
-        if f.user != b"-" {
-            text(out, key::USER, f.user);
-        }
-        text(out, key::TIME, f.time);
-        // "GET /path HTTP/1.1"; a malformed request (a TLS probe, "-") is kept whole.
-        match split_request(f.request) {
-            Some((method, path, protocol)) => {
-                text(out, key::METHOD, method);
-                text(out, key::PATH, path);
-                if let Some(protocol) = protocol {
-                    text(out, key::PROTOCOL, protocol);
+            text!(key::REMOTE, f.remote);
+            if f.user != b"-" {
+                text!(key::USER, f.user);
+            }
+            text!(key::TIME, f.time);
+            // "GET /path HTTP/1.1"; a malformed request (a TLS probe, "-") is kept whole.
+            match split_request(f.request) {
+                Some((method, path, protocol)) => {
+                    text!(key::METHOD, method);
+                    text!(key::PATH, path);
+                    if let Some(protocol) = protocol {
+                        text!(key::PROTOCOL, protocol);
+                    }
                 }
+                None => text!(key::REQUEST, f.request),
             }
-            None => text(out, key::REQUEST, f.request),
-        }
-        out.extend_from_slice(key::CODE);
-        put_int(out, f.code);
-        if let Some(size) = f.size {
-            out.extend_from_slice(key::SIZE);
-            put_int(out, size);
-        }
-        if let Some((referer, agent)) = f.tail {
-            text(out, key::REFERER, referer);
-            text(out, key::AGENT, agent);
-        }
-        out[head] = 0x80 | n;
+            r.bytes(key::CODE);
+            r.put_int(f.code);
+            if let Some(size) = f.size {
+                r.bytes(key::SIZE);
+                r.put_int(size);
+            }
+            if let Some((referer, agent)) = f.tail {
+                text!(key::REFERER, referer);
+                text!(key::AGENT, agent);
+            }
+            r.set(head, 0x80 | n);
+        });
         Ok(f.time)
     }
 }
+
+/// What a record can add to its line's bytes: the map header, every key, a header of at
+/// most 5 bytes for each of the at most 8 text fields (their bytes are the line's) and
+/// two integers of at most 9.
+const ROOM: usize = 1 + KEYS + 8 * 5 + 2 * 9;
+const KEYS: usize = {
+    use key::*;
+    let all = [
+        REMOTE, USER, TIME, METHOD, PATH, PROTOCOL, REQUEST, CODE, SIZE, REFERER, AGENT,
+    ];
+    let (mut sum, mut i) = (0, 0);
+    while i < all.len() {
+        sum += all[i].len();
+        i += 1;
+    }
+    sum
+};
 
 /// method, path and protocol (when there is one).
 type Request<'a> = (&'a [u8], &'a [u8], Option<&'a [u8]>);
@@ -142,6 +161,17 @@ fn is_space(b: u8) -> bool {
     matches!(b, b'\t' | b'\n' | 0x0b | 0x0c | b'\r' | b' ')
 }
 
+/// How many bytes `b` starts with that are not `\s`. Out of line: inlined, the loop
+/// kept ten induction variables for the code after it (17 instructions a byte).
+#[inline(never)]
+fn run_len(b: &[u8]) -> usize {
+    let mut len = 0;
+    while len < b.len() && !is_space(b[len]) {
+        len += 1;
+    }
+    len
+}
+
 /// A cursor over the line.
 struct Scan<'a> {
     line: &'a [u8],
@@ -156,10 +186,7 @@ impl<'a> Scan<'a> {
     /// `\S+ ` — the run, without the space after it.
     fn word_then_space(&mut self) -> Option<&'a [u8]> {
         let start = self.at;
-        let len = self.line[start..]
-            .iter()
-            .position(|&b| is_space(b))
-            .unwrap_or(self.line.len() - start);
+        let len = run_len(&self.line[start..]);
         if len == 0 {
             return None;
         }
@@ -396,6 +423,21 @@ mod tests {
             b" ",
         ] {
             agree(&re, line);
+        }
+        // Fields past a fixstr, a str8 and a str16 (the record's room counts the largest
+        // headers), in UTF-8 and not.
+        for (path, agent) in [(40, 300), (300, 70_000), (255, 65_536)] {
+            for extra in [&b""[..], b"\xe9", b"\xc3\xa9"] {
+                let mut line = b"1.2.3.4 - bob [t] \"GET /".to_vec();
+                line.extend(std::iter::repeat_n(b'p', path));
+                line.extend_from_slice(b" HTTP/1.1\" 200 1 \"");
+                line.extend_from_slice(extra);
+                line.extend(std::iter::repeat_n(b'r', agent));
+                line.extend_from_slice(b"\" \"");
+                line.extend(std::iter::repeat_n(b'a', agent));
+                line.push(b'"');
+                agree(&re, &line);
+            }
         }
     }
 
