@@ -8,6 +8,7 @@
 #
 #   bench/object.sh                       # 3M events, discard / local / moto, 3 runs each
 #   EVENTS=1000000 RUNS=1 SINKS="discard local" bench/object.sh
+#   RELAY_BIN=/tmp/sluice-relay-before bench/object.sh   # an A/B against a relay kept aside
 #
 # Prints one JSON line per run and a markdown table of medians for bench/RESULTS.md.
 set -euo pipefail
@@ -74,7 +75,7 @@ listen = "127.0.0.1:$mport_metrics"
 name = "out"
 $(sink_toml "$sink" "$endpoint")
 TOML
-    SLUICE_LOG=warn "$BIN/sluice-relay" --config "$WORK/relay.toml" 2>"$WORK/relay.log" &
+    SLUICE_LOG=warn "${RELAY_BIN:-$BIN/sluice-relay}" --config "$WORK/relay.toml" 2>"$WORK/relay.log" &
     RELAY=$!
     wait_port "$port"
     cpu0=$(cpu_seconds "$RELAY")

@@ -4,9 +4,9 @@
 //!
 //! Lines are made in the sink's task and compressed on a thread of the stage's own
 //! (`object-gzip`), 64 KiB at a time, so the two halves of the work use two cores.
-//! Memory per partition with an encoder is the compressor's state, a 64 KiB write buffer
-//! and up to 64 KiB of lines not yet compressed (about 420 KiB with zlib-rs at the fast
-//! level), plus 8 pieces of 64 KiB on their way to the compressor. At most
+//! Memory per partition with an encoder is the compressor's state (ISA-L's igzip at
+//! level 1, streaming: its C state, level buffer and 64 KiB output buffer, about 420 KiB),
+//! plus 8 pieces of 64 KiB on their way to the compressor. At most
 //! `max_open_partitions` have an encoder: a chunk whose events span more
 //! (a backfill of many hours) ends the least recently used one's gzip member, and its
 //! next lines start a new member in the same file (multi-member gzip, which every gzip
@@ -17,12 +17,11 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::PathBuf;
 
-use flate2::write::GzEncoder;
-use flate2::Compression;
 use serde::{Deserialize, Serialize};
+use sluice_forward::GzipWriter;
 
 use crate::envelope::hour_of;
 use crate::record::SpooledChunk;
@@ -123,7 +122,7 @@ struct Open {
     /// Its number for the compressor thread.
     id: u64,
     /// Lines not yet handed to the compressor: compressing in 64 KiB pieces, not per
-    /// line, keeps per-call costs (zlib-rs' CRC setup, deflate's flush) off every event.
+    /// line, keeps the compressor's per-call costs off every event.
     pending: Vec<u8>,
     path: PathBuf,
     stats: ObjectStats,
@@ -221,7 +220,7 @@ fn compressor_gone() -> DeliverError {
 struct Compressor {
     max_open: usize,
     /// The encoders, with when each was last used.
-    encoders: std::collections::HashMap<u64, (GzEncoder<BufWriter<File>>, u64)>,
+    encoders: std::collections::HashMap<u64, (GzipWriter<File>, u64)>,
     /// The file of every partition written to since the last finish.
     paths: std::collections::HashMap<u64, PathBuf>,
     tick: u64,
@@ -238,7 +237,6 @@ impl Compressor {
     fn end(&mut self, id: u64) -> Result<(), String> {
         if let Some((gz, _)) = self.encoders.remove(&id) {
             gz.finish()
-                .and_then(|w| w.into_inner().map_err(|e| e.into_error()))
                 .map_err(|e| format!("cannot finish {}: {e}", self.paths[&id].display()))?;
         }
         Ok(())
@@ -262,7 +260,7 @@ impl Compressor {
                 .append(true)
                 .open(&path)
                 .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-            let gz = GzEncoder::new(BufWriter::with_capacity(1 << 16, file), Compression::fast());
+            let gz = GzipWriter::new(file);
             self.paths.insert(id, path);
             self.encoders.insert(id, (gz, self.tick));
             self.peak
