@@ -7,6 +7,7 @@
 #   EVENTS=2000000 RUNS=1 bench/relay.sh
 #   MODES="interval" bench/relay.sh
 #   LOADGEN=/path/to/other/sluice-loadgen bench/relay.sh   # chunks made by another build
+#   RELAY_BIN=/tmp/sluice-relay-before bench/relay.sh       # an A/B against a relay kept aside
 #
 # Prints one JSON line per run and a markdown table of medians for bench/RESULTS.md.
 set -euo pipefail
@@ -24,6 +25,12 @@ BIN=$ROOT/target/release
 LOADGEN=${LOADGEN:-$BIN/sluice-loadgen}
 rm -rf "$WORK"
 local_certs "$WORK/tls" "bench CA" 2
+RELAY_DIR=$BIN
+if [[ -n ${RELAY_BIN:-} ]]; then
+  RELAY_DIR=$WORK/relay-bin
+  mkdir -p "$RELAY_DIR"
+  ln -sf "$RELAY_BIN" "$RELAY_DIR/sluice-relay"
+fi
 
 RELAY=""
 cleanup() { [[ -n $RELAY ]] && kill "$RELAY" 2>/dev/null; wait 2>/dev/null || true; }
@@ -33,7 +40,7 @@ results=()
 for mode in $MODES; do
   for run in $(seq 1 "$RUNS"); do
     port=$(free_port)
-    start_discard_relay "$BIN" "$WORK" "$mode" "$port"
+    start_discard_relay "$RELAY_DIR" "$WORK" "$mode" "$port"
     out=$("$LOADGEN" --relay "127.0.0.1:$port" --ca "$WORK/tls/ca.pem" \
       --events "$EVENTS" --relay-pid "$RELAY" 2>/dev/null)
     kill "$RELAY"; wait "$RELAY" || true; RELAY=""

@@ -101,8 +101,8 @@ pub use auth::{
     KeyLookup, Refusal, ServerHandshake, SharedKey, Verdict,
 };
 pub use batch::{
-    set_entry_time, write_entry, write_entry_header, Entry, EntryIter, EventBatch, EventTime,
-    ENTRY_HEADER_LEN,
+    push_hour, set_entry_time, write_entry, write_entry_header, Entry, EntryIter, EventBatch,
+    EventTime, ENTRY_HEADER_LEN,
 };
 pub use error::DecodeError;
 pub use frame::{
