@@ -137,8 +137,12 @@ impl Gzip {
 unsafe impl Send for Gzip {}
 
 /// A gzip member written piece by piece (the object sink's NDJSON lines) into `W`: ISA-L's
-/// igzip at level 1 as a stream (`isal_deflate`), one member however many writes, with
-/// its output handed to `W` 64 KiB at a time.
+/// igzip at level 1 as a stream (`isal_deflate`), one member however many writes, each
+/// write's output handed to `W` as it comes (in pieces of at most 64 KiB).
+///
+/// An error (from ISA-L or from `W`) ends the writer: input already taken may not have
+/// reached `W`, so every later call fails too (the object sink then fails the delivery
+/// and repeats it from the spool). Dropped without `finish`, the member has no trailer.
 ///
 /// Against flate2's fast level (zlib-rs) on the same lines it compresses at about twice
 /// the speed for a somewhat better ratio (bench/RESULTS.md, "object sink"). Memory: the
@@ -184,7 +188,7 @@ impl<W: Write> GzipWriter<W> {
         let inner = self
             .inner
             .as_mut()
-            .ok_or_else(|| io::Error::other("gzip member already finished"))?;
+            .ok_or_else(|| io::Error::other("gzip member already finished or failed"))?;
         let avail_in = u32::try_from(input.len())
             .map_err(|_| io::Error::other("a gzip write of 4 GiB or more"))?;
         let s = &mut *self.stream;
@@ -201,12 +205,13 @@ impl<W: Write> GzipWriter<W> {
             let rc = unsafe { isal_deflate(s) };
             let produced = self.out.len() - s.avail_out as usize;
             s.next_out = std::ptr::null_mut();
-            if rc != COMP_OK as i32 {
+            let written = match rc == COMP_OK as i32 {
+                true => inner.write_all(&self.out[..produced]),
+                false => Err(io::Error::other(format!("igzip failed (code {rc})"))),
+            };
+            if let Err(e) = written {
                 s.next_in = std::ptr::null_mut();
-                return Err(io::Error::other(format!("igzip failed (code {rc})")));
-            }
-            if let Err(e) = inner.write_all(&self.out[..produced]) {
-                s.next_in = std::ptr::null_mut();
+                self.inner = None;
                 return Err(e);
             }
             let done = if end {
@@ -242,8 +247,9 @@ impl<W: Write> Write for GzipWriter<W> {
     }
 }
 
-// SAFETY: the stream's only pointer between calls is `level_buf`, into the writer's own
-// heap buffer, which moves with it; `next_in`/`next_out` are null between calls.
+// SAFETY: between calls the stream points only into memory the writer owns on the heap
+// (`level_buf`, stale bit-buffer pointers into `out`) or into ISA-L's static tables, all of
+// which move with it or never move; `next_in`/`next_out` are null. Not `Sync`.
 unsafe impl<W: Write + Send> Send for GzipWriter<W> {}
 
 // ---- inflating ----------------------------------------------------------------------------
@@ -692,6 +698,34 @@ mod tests {
         }
         let empty = GzipWriter::new(Vec::new()).finish().unwrap();
         assert_eq!(gunzip(&empty, 0).unwrap(), b"");
+    }
+
+    /// After the inner writer fails, the member cannot be trusted: every later call fails.
+    #[test]
+    fn the_streaming_writer_stops_at_the_first_error() {
+        struct Full(usize);
+        impl Write for Full {
+            fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+                if self.0 < buf.len() {
+                    return Err(io::Error::other("disk full"));
+                }
+                self.0 -= buf.len();
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let data = lines_and_noise();
+        let mut w = GzipWriter::new(Full(100_000));
+        let e = data
+            .chunks(1 << 16)
+            .find_map(|c| w.write_all(c).err())
+            .expect("fails once full");
+        assert_eq!(e.to_string(), "disk full");
+        let again = w.write_all(b"more\n").unwrap_err().to_string();
+        assert!(again.contains("finished or failed"), "{again}");
+        assert!(w.finish().is_err());
     }
 
     #[test]

@@ -5,8 +5,8 @@
 //! Lines are made in the sink's task and compressed on a thread of the stage's own
 //! (`object-gzip`), 64 KiB at a time, so the two halves of the work use two cores.
 //! Memory per partition with an encoder is the compressor's state (ISA-L's igzip at
-//! level 1, streaming: its C state, level buffer and 64 KiB output buffer, about 420 KiB),
-//! plus 8 pieces of 64 KiB on their way to the compressor. At most
+//! level 1, streaming: its C state, level buffer and 64 KiB output buffer, about 420 KiB)
+//! and up to 64 KiB of lines not yet compressed, plus 8 pieces of 64 KiB on their way to the compressor. At most
 //! `max_open_partitions` have an encoder: a chunk whose events span more
 //! (a backfill of many hours) ends the least recently used one's gzip member, and its
 //! next lines start a new member in the same file (multi-member gzip, which every gzip
