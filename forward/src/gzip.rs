@@ -182,8 +182,8 @@ impl<W: Write> GzipWriter<W> {
         }
     }
 
-    /// Compresses all of `input` (and with `end`, ends the member), handing every full
-    /// output buffer to the inner writer.
+    /// Compresses all of `input` (and with `end`, ends the member), handing what each
+    /// `isal_deflate` call produced to the inner writer.
     fn deflate(&mut self, input: &[u8], end: bool) -> io::Result<()> {
         let inner = self
             .inner

@@ -28,8 +28,9 @@
 //! count of what was received, read the runs instead of parsing every entry again
 //! (a full msgpack pass per sink: about a sixth of a discard relay's CPU). `runs = 0`
 //! for a chunk whose hours were not counted (then they are parsed, as for versions 1
-//! and 2, which this relay still reads; so are runs that do not add up to the count). A relay older than version 3 cannot read these
-//! records: drain the spool before a downgrade.
+//! and 2, which this relay still reads; so are runs that do not add up to the count).
+//! A relay older than version 3 cannot read these records: drain the spool before a
+//! downgrade.
 //!
 //! A fixed binary layout rather than msgpack/serde so that recovery (which reads the
 //! source and the last seq of every batch to rebuild the dedup table) and the sinks can
@@ -196,14 +197,13 @@ pub fn encode(
     }
     let count = batch.count - skip;
     let entries = &batch.entries[entries_from..];
-    let runs = runs_from(&batch.hours, batch.count, skip);
     out.reserve(
         38 + tag.len()
             + source.len()
             + namespace.len()
             + count * 8
             + entries.len()
-            + runs.len() * RUN_BYTES,
+            + batch.hours.len() * RUN_BYTES,
     );
     out.push(VERSION_HOURS);
     out.extend_from_slice(&received_at.as_unix_nanos().to_le_bytes());
@@ -221,35 +221,35 @@ pub fn encode(
     }
     out.extend_from_slice(&(entries.len() as u32).to_le_bytes());
     out.extend_from_slice(entries);
-    out.extend_from_slice(&(runs.len() as u16).to_le_bytes());
-    for (hour, n) in runs {
-        out.extend_from_slice(&hour.to_le_bytes());
-        out.extend_from_slice(&n.to_le_bytes());
-    }
+    put_runs(out, &batch.hours, batch.count, skip);
     Ok(())
 }
 
-/// The hour runs of a batch's entries from `skip` on; empty when the batch's runs are
-/// not known (they do not add up to its count) or there are more than fit a u16.
-fn runs_from(hours: &[(u64, u32)], count: usize, skip: usize) -> Vec<(u64, u32)> {
+/// Appends the hour runs of a batch's entries from `skip` on (the ones dedup left), with
+/// their count first; none (`runs = 0`: counted by parsing) when the batch's runs are not
+/// known (they do not add up to its count) or more than a u16 counts.
+fn put_runs(out: &mut Vec<u8>, hours: &[(u64, u32)], count: usize, skip: usize) {
+    let at = out.len();
+    out.extend_from_slice(&[0, 0]);
     if hours.iter().map(|&(_, n)| n as usize).sum::<usize>() != count {
-        return Vec::new();
+        return;
     }
-    let mut skip = skip;
-    let mut runs = Vec::with_capacity(hours.len());
+    let (mut skip, mut runs) = (skip, 0u16);
     for &(hour, n) in hours {
         let n = n as usize;
         if skip >= n {
             skip -= n;
             continue;
         }
-        runs.push((hour, (n - skip) as u32));
-        skip = 0;
+        let Some(more) = runs.checked_add(1) else {
+            out.truncate(at + 2);
+            return;
+        };
+        out.extend_from_slice(&hour.to_le_bytes());
+        out.extend_from_slice(&((n - skip) as u32).to_le_bytes());
+        (skip, runs) = (0, more);
     }
-    if runs.len() > u16::MAX as usize {
-        runs.clear();
-    }
-    runs
+    out[at..at + 2].copy_from_slice(&runs.to_le_bytes());
 }
 
 struct Cursor<'a> {

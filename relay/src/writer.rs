@@ -538,23 +538,12 @@ impl SpoolWriter {
             secs: now,
             end: self.spool.tail(),
         };
-        // The decoder counted events per hour while validating them; use that unless it
-        // is missing (then parse the entries again, as recovery does).
-        let known: u64 = batch.hours.iter().map(|&(_, n)| n as u64).sum();
-        if known == batch.count as u64 {
-            if let (Some(key), Some(last)) = (chunk.dedup_key(), chunk.last_seq()) {
-                self.dedup.accept(&key, last, seen);
-            }
-            let mut skip = skip as u64;
-            for &(hour, n) in &batch.hours {
-                let n = n as u64;
-                let taken = n.min(skip);
-                skip -= taken;
-                self.dedup.count_received(chunk.tag, hour, n - taken);
-            }
-        } else {
-            self.dedup.replay(&chunk, seen.end);
+        if let (Some(key), Some(last)) = (chunk.dedup_key(), chunk.last_seq()) {
+            self.dedup.accept(&key, last, seen);
         }
+        // The record keeps the hour runs the decoder counted (less what dedup trimmed),
+        // or, when they were not counted, the entries are parsed for them.
+        chunk.count_hours(|hour, n| self.dedup.count_received(chunk.tag, hour, n));
         self.metrics.chunks_received.inc();
         self.metrics.events_received.inc_by(chunk.count as u64);
         self.metrics
@@ -1002,6 +991,41 @@ mod tests {
         assert!(w
             .append(&tagged("s", "s"), Some(&"host-x".into()), 8)
             .is_err());
+    }
+
+    /// Received counts per hour are what was spooled: from the decoder's hour runs less
+    /// the entries dedup trimmed, and the same again when recovery reads the records.
+    #[test]
+    fn received_counts_per_hour_leave_out_what_dedup_trimmed() {
+        let dir = tempfile::tempdir().unwrap();
+        let hour = 1_700_000_000 / 3600;
+        // Seqs 0..6, the first three in one hour and the rest in the next, with the
+        // hour runs the codec counts.
+        let counted = |seqs: std::ops::Range<u64>| {
+            let mut b = batch("h:app", seqs.clone());
+            b.entries.clear();
+            for s in seqs {
+                let time = EventTime {
+                    secs: (hour * 3600 + 3597 + s) as u32,
+                    nanos: 0,
+                };
+                write_entry(&mut b.entries, time, &[("n", s.to_string().as_bytes())]);
+                sluice_forward::push_hour(&mut b.hours, time);
+            }
+            b
+        };
+        {
+            let mut w = reopen(dir.path(), 1 << 20);
+            assert!(w.append(&counted(0..4), None, 1).is_ok());
+            // 2 and 3 again: trimmed; 4 and 5 are new, in the second hour.
+            assert!(w.append(&counted(2..6), None, 1).is_ok());
+            let r = w.dedup.received();
+            assert_eq!((r.get("t", hour), r.get("t", hour + 1)), (3, 3));
+        }
+        // Recovery counts from the records (the runs they keep).
+        let w = reopen(dir.path(), 1 << 20);
+        let r = w.dedup.received();
+        assert_eq!((r.get("t", hour), r.get("t", hour + 1)), (3, 3));
     }
 
     /// A spool written by a relay with the version 1 snapshot (the whole table as JSON)
