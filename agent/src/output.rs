@@ -56,7 +56,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{split_host_port, OutputConfig, RelaySpec};
 use crate::metrics::AgentMetrics;
-use crate::pipeline::{Chunk, Commit};
+use crate::pipeline::{Chunk, Commit, Sent};
 use crate::source::SourceId;
 
 pub struct Output {
@@ -238,8 +238,9 @@ struct SourceState {
     /// The lane holding this source's chunks, and how many.
     lane: Option<usize>,
     on_lane: usize,
-    /// Chunk ends not yet committed, in order, and whether each was acknowledged.
-    outstanding: VecDeque<(u64, bool)>,
+    /// Chunk ends not yet committed, in order, whether each was acknowledged, and its
+    /// seqs (what its commit tells the reading thread).
+    outstanding: VecDeque<(u64, bool, Sent)>,
 }
 
 type SourceKey = (usize, SourceId);
@@ -392,7 +393,9 @@ impl Dispatcher<'_> {
         self.forget_idle();
         self.recent.insert(key.clone());
         let state = self.sources.entry(key.clone()).or_default();
-        state.outstanding.push_back((chunk.end, false));
+        state
+            .outstanding
+            .push_back((chunk.end, false, (*chunk.sent).clone()));
         state.waiting.push_back(chunk);
         self.pump(&key);
     }
@@ -660,20 +663,29 @@ impl Dispatcher<'_> {
                     return;
                 };
                 state.on_lane = state.on_lane.saturating_sub(1);
-                if let Some(entry) = state.outstanding.iter_mut().find(|(e, _)| *e == end) {
+                if let Some(entry) = state.outstanding.iter_mut().find(|(e, ..)| *e == end) {
                     entry.1 = true;
                 }
                 // Commit in order: the checkpoint never passes an unacknowledged chunk.
-                let mut committed = None;
-                while let Some(&(e, true)) = state.outstanding.front() {
-                    committed = Some(e);
-                    state.outstanding.pop_front();
+                let mut committed: Option<(u64, Sent)> = None;
+                while state.outstanding.front().is_some_and(|o| o.1) {
+                    let Some((e, _, sent)) = state.outstanding.pop_front() else {
+                        break;
+                    };
+                    match &mut committed {
+                        Some((end, all)) => {
+                            *end = e;
+                            all.extend(&sent);
+                        }
+                        None => committed = Some((e, sent)),
+                    }
                 }
-                if let Some(end) = committed {
+                if let Some((end, sent)) = committed {
                     let _ = self.commits.send(Commit {
                         input: key.0,
                         source: key.1.clone(),
                         end,
+                        sent,
                     });
                 }
                 if state.outstanding.is_empty() && state.waiting.is_empty() {
@@ -1233,6 +1245,7 @@ mod tests {
             end,
             count: 1,
             frame: frame.freeze(),
+            sent: Box::default(),
         }
     }
 

@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::metrics::AgentMetrics;
 use crate::source::{Source, SourceId};
-use crate::transform::{EventWriter, OpenChunk, SourceMap, Spare, Transforms};
+use crate::transform::{EventWriter, HourRun, OpenChunk, SourceMap, Spare, Transforms};
 
 /// A sealed chunk, encoded once as a whole Forward frame and resent as it is.
 pub struct Chunk {
@@ -36,6 +36,25 @@ pub struct Chunk {
     pub end: u64,
     pub count: usize,
     pub frame: Bytes,
+    /// Its events' seqs per hour, and the seq after them: what an acknowledgement of it
+    /// adds to the source's checkpoint and to the agent's report.
+    pub sent: Box<Sent>,
+}
+
+/// What an acknowledgement tells the reading thread beside the byte position: the seq
+/// after the last event acknowledged, and the acknowledged events per event-time hour.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Sent {
+    pub next_seq: u64,
+    pub hours: Vec<HourRun>,
+}
+
+impl Sent {
+    /// Adds a later chunk of the same source (acknowledgements commit in order).
+    pub fn extend(&mut self, later: &Sent) {
+        self.next_seq = self.next_seq.max(later.next_seq);
+        self.hours.extend_from_slice(&later.hours);
+    }
 }
 
 /// Frame buffers, reused: a sealed chunk's frame lives until its acknowledgement, on
@@ -92,6 +111,8 @@ pub struct Commit {
     pub input: usize,
     pub source: SourceId,
     pub end: u64,
+    /// The acknowledged chunks' seqs, merged.
+    pub sent: Sent,
 }
 
 /// One configured input: where its lines come from, what they go through, and how fast
@@ -175,6 +196,11 @@ impl Pipeline {
         // Per input, per source: the open multiline event (inputs with `multiline` only).
         let mut pending: Vec<SourceMap<Pending>> =
             self.inputs.iter().map(|_| SourceMap::default()).collect();
+        // Per input, per source: the seq of its next event not in an open chunk (set when
+        // a chunk is sealed, read when the next one opens). Sources the input no longer
+        // follows are forgotten at each discovery: nothing of theirs is in flight then.
+        let mut next_seq: Vec<SourceMap<u64>> =
+            self.inputs.iter().map(|_| SourceMap::default()).collect();
         let mut last_discover: Option<Instant> = None;
         let mut last_read: Option<Instant> = None;
         let mut last_save = Instant::now();
@@ -187,7 +213,7 @@ impl Pipeline {
             loop {
                 match commits.try_recv() {
                     Ok(c) => {
-                        self.inputs[c.input].source.commit(&c.source, c.end);
+                        self.commit(c);
                         dirty = true;
                     }
                     Err(std::sync::mpsc::TryRecvError::Empty) => break,
@@ -207,7 +233,7 @@ impl Pipeline {
                 // Shutting down: only acknowledgements matter now.
                 match commits.recv_timeout(Duration::from_millis(200)) {
                     Ok(c) => {
-                        self.inputs[c.input].source.commit(&c.source, c.end);
+                        self.commit(c);
                         dirty = true;
                     }
                     Err(RecvTimeoutError::Timeout) => {}
@@ -237,8 +263,10 @@ impl Pipeline {
                         m.flush(p, &mut |e| {
                             writer.add(
                                 &mut open[index],
+                                &mut next_seq[index],
                                 &mut full,
                                 source,
+                                0,
                                 e.offset,
                                 e.end,
                                 e.bytes,
@@ -249,6 +277,7 @@ impl Pipeline {
                 }
                 for (index, sources) in open.iter_mut().enumerate() {
                     for (source, c) in sources.drain() {
+                        next_seq[index].insert(source.clone(), c.next_seq);
                         let chunk = self.seal(&mut gzip, &spare, (index, source), c);
                         let _ = sender.blocking_send(chunk);
                     }
@@ -257,9 +286,16 @@ impl Pipeline {
                 continue;
             }
             if last_discover.is_none_or(|t| t.elapsed() >= DISCOVER_EVERY) {
-                for input in &mut self.inputs {
+                for (input, seqs) in self.inputs.iter_mut().zip(&mut next_seq) {
                     if let Err(e) = input.source.discover() {
                         tracing::warn!(error = %e, "file discovery failed");
+                    }
+                    if !seqs.is_empty() {
+                        let mut followed = std::collections::HashSet::new();
+                        input.source.followed(&mut |s| {
+                            followed.insert(s.clone());
+                        });
+                        seqs.retain(|s, _| followed.contains(s));
                     }
                 }
                 self.export_stats();
@@ -279,6 +315,7 @@ impl Pipeline {
                     index,
                 };
                 let sources = &mut open[index];
+                let seqs = &mut next_seq[index];
                 let waiting = &mut pending[index];
                 let multiline = input.transforms.multiline.as_ref();
                 let budget = input.rate.as_ref().map_or(POLL_BYTES, ReadRate::budget);
@@ -288,11 +325,24 @@ impl Pipeline {
                         metrics.bytes_read.inc_by(line.bytes.len() as u64 + 1);
                         let Some(m) = multiline else {
                             let (offset, end) = (line.offset, line.end);
-                            writer.add(sources, &mut full, line.source, offset, end, line.bytes);
+                            let start = line.start_seq;
+                            writer.add(
+                                sources,
+                                seqs,
+                                &mut full,
+                                line.source,
+                                start,
+                                offset,
+                                end,
+                                line.bytes,
+                            );
                             return;
                         };
                         if !waiting.contains_key(line.source) {
                             waiting.insert(line.source.clone(), Pending::default());
+                            // Multiline events may be finished outside this poll (by
+                            // age): the source's numbering must be known by then.
+                            seqs.entry(line.source.clone()).or_insert(line.start_seq);
                         }
                         let Some(p) = waiting.get_mut(line.source) else {
                             return;
@@ -311,8 +361,10 @@ impl Pipeline {
                             &mut |e| {
                                 writer.add(
                                     sources,
+                                    seqs,
                                     &mut full,
                                     line.source,
+                                    line.start_seq,
                                     e.offset,
                                     e.end,
                                     e.bytes,
@@ -328,7 +380,9 @@ impl Pipeline {
                 if let Some(m) = multiline {
                     for (source, p) in waiting.iter_mut() {
                         m.flush_expired(p, instant, &mut |e| {
-                            writer.add(sources, &mut full, source, e.offset, e.end, e.bytes)
+                            writer.add(
+                                sources, seqs, &mut full, source, 0, e.offset, e.end, e.bytes,
+                            )
                         });
                     }
                     waiting.retain(|_, p| !p.is_empty());
@@ -372,6 +426,7 @@ impl Pipeline {
                 .collect();
             for key in full.into_iter().chain(aged) {
                 if let Some(c) = open[key.0].remove(&key.1) {
+                    next_seq[key.0].insert(key.1.clone(), c.next_seq);
                     let chunk = self.seal(&mut gzip, &spare, key, c);
                     // Blocks while the output is behind: the files are the buffer.
                     if sender.blocking_send(chunk).is_err() {
@@ -411,7 +466,7 @@ impl Pipeline {
                     .min(idle_wait);
                 match commits.recv_timeout(wait) {
                     Ok(c) => {
-                        self.inputs[c.input].source.commit(&c.source, c.end);
+                        self.commit(c);
                         dirty = true;
                     }
                     Err(RecvTimeoutError::Timeout) => {}
@@ -438,9 +493,11 @@ impl Pipeline {
         let provenance = Provenance {
             source: format!("{}:{}", self.agent_id, source.0),
             seqs: c.seqs,
+            offsets: c.offsets,
         };
         let mut frame = self.frames.take();
-        frame.reserve(compressed.len() + count * 9 + 256);
+        // Two uints of at most 9 bytes per event: seq and offset.
+        frame.reserve(compressed.len() + count * 18 + 256);
         encode_compressed_packed_forward(
             &self.inputs[input].tag,
             compressed,
@@ -449,7 +506,7 @@ impl Pipeline {
             Some(&provenance),
             &mut frame,
         );
-        spare.give_back(c.entries, provenance.seqs);
+        spare.give_back(c.entries, provenance.seqs, provenance.offsets);
         self.metrics.chunks_sealed.inc();
         Chunk {
             id,
@@ -458,7 +515,18 @@ impl Pipeline {
             end: c.end,
             count,
             frame: self.frames.share(frame),
+            sent: Box::new(Sent {
+                next_seq: c.next_seq,
+                hours: c.hours,
+            }),
         }
+    }
+
+    /// Applies an acknowledgement: the source's checkpoint (position and next seq).
+    fn commit(&mut self, c: Commit) {
+        self.inputs[c.input]
+            .source
+            .commit(&c.source, c.end, c.sent.next_seq);
     }
 
     fn save(&mut self) {

@@ -28,8 +28,12 @@ pub trait Source: Send {
         out: &mut dyn FnMut(Line<'_>),
     ) -> Result<usize, SourceError>;
 
-    /// The relay acknowledged everything of `source` up to `end`.
-    fn commit(&mut self, source: &SourceId, end: u64);
+    /// The relay acknowledged everything of `source` up to `end`, and its events up to
+    /// (not including) seq `next_seq`: both are saved in the checkpoint.
+    fn commit(&mut self, source: &SourceId, end: u64, next_seq: u64);
+
+    /// Calls `f` with every source this input may still hand out lines of.
+    fn followed(&self, f: &mut dyn FnMut(&SourceId));
 
     /// The positions to persist: never past the last commit.
     fn checkpoints(&self) -> Vec<FileCheckpoint>;

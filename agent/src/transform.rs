@@ -36,12 +36,27 @@ pub struct Transforms {
 /// not input an attacker picks).
 pub(crate) type SourceMap<V> = HashMap<SourceId, V, foldhash::fast::RandomState>;
 
-/// The open (not yet sealed) chunk of one source: encoded entries and their seqs.
+/// The open (not yet sealed) chunk of one source: encoded entries, their seqs (the
+/// source's event numbers, contiguous) and byte offsets, and their event-time hours.
 pub(crate) struct OpenChunk {
     pub entries: Vec<u8>,
     pub seqs: Vec<u64>,
+    pub offsets: Vec<u64>,
+    /// The seq the next event of the source gets.
+    pub next_seq: u64,
+    /// Consecutive events of one event-time hour: (hour, first seq, events).
+    pub hours: Vec<HourRun>,
     pub end: u64,
     pub opened: Instant,
+}
+
+/// Consecutive events of one source in one event-time hour (hours since the epoch): the
+/// first's seq and how many. What a chunk holds, per hour, for the agent's report.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HourRun {
+    pub hour: u64,
+    pub first_seq: u64,
+    pub events: u64,
 }
 
 /// The buffers of the last sealed chunk, for the next chunk that opens. A 1 MiB chunk
@@ -53,41 +68,49 @@ pub(crate) struct OpenChunk {
 pub(crate) struct Spare {
     entries: Cell<Vec<u8>>,
     seqs: Cell<Vec<u64>>,
+    offsets: Cell<Vec<u64>>,
+}
+
+/// Keeps in `cell` the larger of what it holds and `v`, emptied.
+fn keep_larger<T>(cell: &Cell<Vec<T>>, mut v: Vec<T>) {
+    v.clear();
+    let kept = cell.take();
+    cell.set(if kept.capacity() >= v.capacity() {
+        kept
+    } else {
+        v
+    });
 }
 
 impl Spare {
-    fn open(&self, room: usize) -> OpenChunk {
-        let (mut entries, mut seqs) = (self.entries.take(), self.seqs.take());
+    fn open(&self, room: usize, next_seq: u64) -> OpenChunk {
+        let (mut entries, mut seqs, mut offsets) =
+            (self.entries.take(), self.seqs.take(), self.offsets.take());
         if entries.capacity() == 0 {
             entries.reserve(room);
         }
         if seqs.capacity() == 0 {
             seqs.reserve(room / 64);
         }
+        if offsets.capacity() == 0 {
+            offsets.reserve(room / 64);
+        }
         OpenChunk {
             entries,
             seqs,
+            offsets,
+            next_seq,
+            hours: Vec::new(),
             end: 0,
             opened: Instant::now(),
         }
     }
 
     /// Keeps the larger of what is kept and what comes back, emptied.
-    pub fn give_back(&self, mut entries: Vec<u8>, mut seqs: Vec<u64>) {
-        entries.clear();
-        seqs.clear();
-        let kept = self.entries.take();
-        self.entries.set(if kept.capacity() >= entries.capacity() {
-            kept
-        } else {
-            entries
-        });
-        let kept = self.seqs.take();
-        self.seqs.set(if kept.capacity() >= seqs.capacity() {
-            kept
-        } else {
-            seqs
-        });
+    pub fn give_back(&self, entries: Vec<u8>, seqs: Vec<u64>, offsets: Vec<u64>) {
+        keep_larger(&self.entries, entries);
+        keep_larger(&self.seqs, seqs);
+        keep_larger(&self.offsets, offsets);
     }
 }
 
@@ -103,12 +126,18 @@ pub(crate) struct EventWriter<'a> {
 }
 
 impl EventWriter<'_> {
+    /// Appends one event of `source`, which began at byte `offset` and ends before `end`.
+    /// Its seq is the next of its source: from `next_seq` (what the source's last sealed
+    /// chunk left there), else `start_seq` (where the source's stream was resumed).
+    #[allow(clippy::too_many_arguments)]
     #[inline]
     pub fn add(
         &self,
         sources: &mut SourceMap<OpenChunk>,
+        next_seq: &mut SourceMap<u64>,
         full: &mut Vec<(usize, SourceId)>,
         source: &SourceId,
+        start_seq: u64,
         offset: u64,
         end: u64,
         bytes: &[u8],
@@ -121,29 +150,46 @@ impl EventWriter<'_> {
                 // small (sealed by age or by the pipeline's cap on open bytes), and
                 // memory must follow what a file wrote, not files x a fixed reserve.
                 let room = self.chunk_size.min(4096);
+                let seq = *next_seq.entry(source.clone()).or_insert(start_seq);
                 sources
                     .entry(source.clone())
-                    .or_insert_with(|| self.spare.open(room))
+                    .or_insert_with(|| self.spare.open(room, seq))
             }
         };
         let entry = c.entries.len();
         write_entry_header(&mut c.entries, self.time);
         let parser = &self.transforms.parser;
+        let mut secs = self.time.secs;
         match parser.write_record_timed(bytes, &mut c.entries, self.time.secs) {
             (Outcome::Failed, _) => {
                 self.transforms.parse_errors.inc();
             }
             (Outcome::Parsed, None) => {}
-            (Outcome::Parsed, Some(Ok(t))) => set_entry_time(
-                &mut c.entries[entry..],
-                EventTime {
-                    secs: t.secs,
-                    nanos: t.nanos,
-                },
-            ),
+            (Outcome::Parsed, Some(Ok(t))) => {
+                secs = t.secs;
+                set_entry_time(
+                    &mut c.entries[entry..],
+                    EventTime {
+                        secs: t.secs,
+                        nanos: t.nanos,
+                    },
+                )
+            }
             (Outcome::Parsed, Some(Err(e))) => self.time_error(e, source, offset),
         }
-        c.seqs.push(offset);
+        let seq = c.next_seq;
+        c.next_seq += 1;
+        c.seqs.push(seq);
+        c.offsets.push(offset);
+        let hour = u64::from(secs) / 3600;
+        match c.hours.last_mut() {
+            Some(run) if run.hour == hour => run.events += 1,
+            _ => c.hours.push(HourRun {
+                hour,
+                first_seq: seq,
+                events: 1,
+            }),
+        }
         c.end = end;
         if c.entries.len() >= self.chunk_size {
             full.push((self.index, source.clone()));
@@ -177,15 +223,16 @@ mod tests {
     #[test]
     fn the_next_chunk_opens_with_the_largest_buffers_given_back() {
         let spare = Spare::default();
-        let first = spare.open(4096);
+        let first = spare.open(4096, 0);
         assert!(first.entries.capacity() >= 4096 && first.entries.is_empty());
-        spare.give_back(vec![1u8; 1 << 20], vec![5u64; 9000]);
-        spare.give_back(vec![2u8; 10], vec![6u64; 3]); // smaller: not kept
-        let next = spare.open(4096);
-        assert!(next.entries.is_empty() && next.seqs.is_empty());
+        spare.give_back(vec![1u8; 1 << 20], vec![5u64; 9000], vec![7u64; 9000]);
+        spare.give_back(vec![2u8; 10], vec![6u64; 3], vec![8u64; 3]); // smaller: not kept
+        let next = spare.open(4096, 12);
+        assert!(next.entries.is_empty() && next.seqs.is_empty() && next.offsets.is_empty());
+        assert_eq!(next.next_seq, 12);
         assert!(next.entries.capacity() >= 1 << 20);
-        assert!(next.seqs.capacity() >= 9000);
+        assert!(next.seqs.capacity() >= 9000 && next.offsets.capacity() >= 9000);
         // Taken: the chunk after opens small again.
-        assert!(spare.open(4096).entries.capacity() < 1 << 20);
+        assert!(spare.open(4096, 0).entries.capacity() < 1 << 20);
     }
 }

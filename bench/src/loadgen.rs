@@ -89,7 +89,11 @@ fn build_frames(args: &Args, conn: usize, count: usize) -> Vec<(String, Bytes)> 
             // The seqs of one connection ascend, so those of each of its sources do too.
             format!("loadgen:{}:{conn}:{}", std::process::id(), c % per_conn)
         };
-        let prov = Provenance { source, seqs };
+        let prov = Provenance {
+            source,
+            seqs,
+            offsets: Vec::new(),
+        };
         let mut out = BytesMut::new();
         encode_compressed_packed_forward(
             "bench.access",

@@ -246,7 +246,7 @@ impl Encoder<Bytes> for ClientCodec {
 /// # use sluice_forward::*;
 /// let mut entries = Vec::new();
 /// write_entry(&mut entries, EventTime::now(), &[("message", b"hi")]);
-/// let provenance = Provenance { source: "agent-1/app.log".into(), seqs: vec![0] };
+/// let provenance = Provenance { source: "agent-1/app.log".into(), seqs: vec![0], offsets: vec![0] };
 /// let mut out = bytes::BytesMut::new();
 /// encode_compressed_packed_forward("app", &gzip_entries(&entries), 1, "c1", Some(&provenance), &mut out);
 /// ```

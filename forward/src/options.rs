@@ -16,12 +16,16 @@ pub(crate) const PROVENANCE_KEY: &str = "sluice";
 
 /// Where a batch's events come from, so the relay can drop resent duplicates.
 ///
-/// Travels in the option map as `"sluice": {"src": <str>, "seq": [<uint>, ...]}` with one
-/// strictly ascending sequence number per entry; other implementations ignore it.
+/// Travels in the option map as `"sluice": {"src": <str>, "seq": [<uint>, ...],
+/// "off": [<uint>, ...]}` with one strictly ascending sequence number per entry (a sluice
+/// agent numbers each source's events 0, 1, 2, ...) and, for events read from files, the
+/// byte offset each began at (`off` is absent otherwise); other implementations ignore it.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct Provenance {
     pub source: String,
     pub seqs: Vec<u64>,
+    /// One per entry, or empty.
+    pub offsets: Vec<u64>,
 }
 
 /// The option map of an event frame. Keys this codec does not know are skipped.
@@ -62,13 +66,21 @@ pub(crate) fn write_options(
     }
     if let Some(p) = provenance {
         write_str(out, PROVENANCE_KEY);
-        write_map_len(out, 2);
+        let with_offsets = !p.offsets.is_empty();
+        write_map_len(out, 2 + usize::from(with_offsets));
         write_str(out, "src");
         write_str(out, &p.source);
         write_str(out, "seq");
         write_array_len(out, p.seqs.len());
         for &seq in &p.seqs {
             write_uint(out, seq);
+        }
+        if with_offsets {
+            write_str(out, "off");
+            write_array_len(out, p.offsets.len());
+            for &offset in &p.offsets {
+                write_uint(out, offset);
+            }
         }
     }
 }
@@ -82,32 +94,44 @@ pub(crate) fn write_options(
 pub(crate) struct RawProvenance<'a> {
     source: String,
     seq: &'a [u8],
+    off: Option<&'a [u8]>,
+}
+
+/// Decodes a uint array of exactly `count` elements (`what` names it in errors).
+fn decode_uints(raw: &[u8], count: usize, what: &str) -> Result<Vec<u64>, DecodeError> {
+    let mut r = Reader::new(raw);
+    let len = match r.head()? {
+        Head::Array(len) => len,
+        other => {
+            return Err(malformed(format!(
+                "option {what} is a {}, not an array",
+                other.kind()
+            )))
+        }
+    };
+    if len != count {
+        return Err(malformed(format!(
+            "option {what} has {len} elements for {count} entries"
+        )));
+    }
+    let mut out = Vec::with_capacity(len);
+    for _ in 0..len {
+        out.push(read_uint(&mut r, what)?);
+    }
+    Ok(out)
 }
 
 impl RawProvenance<'_> {
     fn decode(&self, count: usize) -> Result<Provenance, DecodeError> {
-        let mut r = Reader::new(self.seq);
-        let len = match r.head()? {
-            Head::Array(len) => len,
-            other => {
-                return Err(malformed(format!(
-                    "option sluice.seq is a {}, not an array",
-                    other.kind()
-                )))
-            }
+        let seqs = decode_uints(self.seq, count, "sluice.seq")?;
+        let offsets = match self.off {
+            Some(off) => decode_uints(off, count, "sluice.off")?,
+            None => Vec::new(),
         };
-        if len != count {
-            return Err(malformed(format!(
-                "option sluice.seq has {len} elements for {count} entries"
-            )));
-        }
-        let mut seqs = Vec::with_capacity(len);
-        for _ in 0..len {
-            seqs.push(read_uint(&mut r, "option sluice.seq element")?);
-        }
         Ok(Provenance {
             source: self.source.clone(),
             seqs,
+            offsets,
         })
     }
 }
@@ -136,18 +160,19 @@ pub(crate) fn read_options<'a>(
 
 fn read_provenance<'a>(r: &mut Reader<'a>) -> Result<RawProvenance<'a>, DecodeError> {
     let n = read_map_len(r, "option sluice")?.unwrap_or(0);
-    let (mut source, mut seq) = (None, None);
+    let (mut source, mut seq, mut off) = (None, None, None);
     for _ in 0..n {
         match read_key(r)? {
             Some(b"src") => source = Some(read_string(r, "option sluice.src")?),
             Some(b"seq") => seq = Some(r.value(MAX_DEPTH)?),
+            Some(b"off") => off = Some(r.value(MAX_DEPTH)?),
             _ => {
                 r.value(MAX_DEPTH)?;
             }
         }
     }
     match (source, seq) {
-        (Some(source), Some(seq)) => Ok(RawProvenance { source, seq }),
+        (Some(source), Some(seq)) => Ok(RawProvenance { source, seq, off }),
         _ => Err(malformed("option sluice needs both src and seq")),
     }
 }

@@ -265,7 +265,8 @@ fn client_encoder_round_trips_through_the_server_decoder() {
     };
     batch.options.provenance = Some(Provenance {
         source: "agent-1/in_tail/inode-42".into(),
-        seqs: vec![0, 120, 250],
+        seqs: vec![0, 1, 2],
+        offsets: vec![0, 120, 250],
     });
     client
         .encode(ClientFrame::Events(batch.clone()), &mut buf)
@@ -438,6 +439,7 @@ fn provenance_must_cover_every_entry_in_order() {
         let p = Provenance {
             source: "s".into(),
             seqs,
+            offsets: Vec::new(),
         };
         let mut buf = BytesMut::new();
         encode_compressed_packed_forward("t", &gz, 3, "c", Some(&p), &mut buf);

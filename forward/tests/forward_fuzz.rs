@@ -268,7 +268,8 @@ fn encode_frame(mode: &Mode, events: &[(Time, Vec<u8>)], options: bool) -> Vec<u
             }
             let provenance = Provenance {
                 source: "agent:app:1:2".into(),
-                seqs: (0..events.len() as u64).map(|i| i * 100).collect(),
+                seqs: (0..events.len() as u64).collect(),
+                offsets: (0..events.len() as u64).map(|i| i * 100).collect(),
             };
             let mut b = BytesMut::new();
             encode_compressed_packed_forward(

@@ -6,6 +6,11 @@
 //!
 //! `source` and `seq` are the event's provenance (null when the sender gave none), so
 //! `SELECT DISTINCT source, seq` removes any duplicate an at-least-once path produced.
+//! A sluice agent numbers each source's events 0, 1, 2, ... (a multiline event counts
+//! once), so a gap in a source's seqs is a missing event. Events read from a file also
+//! carry `offset`, the byte offset in the file where the event began (absent otherwise).
+//! The source id of a file is `<agent id>:<input>:<dev>:<inode>:<fingerprint>:<generation>`:
+//! a file truncated in place (copytruncate) starts a new generation, numbered from 0.
 //!
 //! Object storage gets the record itself, flat, with the same four fields after its own
 //! (what BigQuery, Snowflake and Athena load as columns), see [`write_flat`]:
@@ -16,23 +21,25 @@
 
 use sluice_forward::{record_to_json, EventTime};
 
+use crate::record::Mark;
+
 /// Appends one envelope (without a trailing newline) to `out`.
 pub fn write(
     out: &mut Vec<u8>,
     time: EventTime,
     tag: &str,
     source: Option<&str>,
-    seq: Option<u64>,
+    mark: Mark,
     record: &[u8],
 ) -> Result<(), sluice_forward::DecodeError> {
     out.push(b'{');
     write_provenance(
         out,
-        ["time", "tag", "source", "seq"],
+        ["time", "tag", "source", "seq", "offset"],
         time,
         tag,
         source,
-        seq,
+        mark,
     );
     out.extend_from_slice(b",\"record\":");
     record_to_json(record, out)?;
@@ -41,15 +48,15 @@ pub fn write(
 }
 
 /// Appends one object line (without a trailing newline): the record's fields, then
-/// `_time`, `_tag`, `_source` and `_seq` (records are maps: the server refuses others).
-/// A record field with one of these four names stays in the line, before sluice's
-/// (JSON readers that keep the last of two equal keys read sluice's).
+/// `_time`, `_tag`, `_source`, `_seq` and (events read from files) `_offset` (records are
+/// maps: the server refuses others). A record field with one of these names stays in the
+/// line, before sluice's (JSON readers that keep the last of two equal keys read sluice's).
 pub fn write_flat(
     out: &mut Vec<u8>,
     time: EventTime,
     tag: &str,
     source: Option<&str>,
-    seq: Option<u64>,
+    mark: Mark,
     record: &[u8],
 ) -> Result<(), sluice_forward::DecodeError> {
     let start = out.len();
@@ -65,24 +72,25 @@ pub fn write_flat(
     }
     write_provenance(
         out,
-        ["_time", "_tag", "_source", "_seq"],
+        ["_time", "_tag", "_source", "_seq", "_offset"],
         time,
         tag,
         source,
-        seq,
+        mark,
     );
     out.push(b'}');
     Ok(())
 }
 
-/// `"<time>":"…","<tag>":…,"<source>":…|null,"<seq>":…|null` under the given names.
+/// `"<time>":"…","<tag>":…,"<source>":…|null,"<seq>":…|null[,"<offset>":…]` under the
+/// given names.
 fn write_provenance(
     out: &mut Vec<u8>,
-    [time_key, tag_key, source_key, seq_key]: [&str; 4],
+    [time_key, tag_key, source_key, seq_key, offset_key]: [&str; 5],
     time: EventTime,
     tag: &str,
     source: Option<&str>,
-    seq: Option<u64>,
+    mark: Mark,
 ) {
     let key = |out: &mut Vec<u8>, k: &str| {
         out.push(b'"');
@@ -103,9 +111,14 @@ fn write_provenance(
     }
     out.push(b',');
     key(out, seq_key);
-    match seq {
+    match mark.seq {
         Some(s) => out.extend_from_slice(itoa(s, &mut [0u8; 20])),
         None => out.extend_from_slice(b"null"),
+    }
+    if let Some(offset) = mark.offset {
+        out.push(b',');
+        key(out, offset_key);
+        out.extend_from_slice(itoa(offset, &mut [0u8; 20]));
     }
 }
 
@@ -253,7 +266,7 @@ mod tests {
         };
         let line = |record: &[u8], source| {
             let mut out = Vec::new();
-            write_flat(&mut out, t, "a\"b", source, Some(7), record).unwrap();
+            write_flat(&mut out, t, "a\"b", source, Mark::seq(7), record).unwrap();
             String::from_utf8(out).unwrap()
         };
         let mut map = Vec::new();
@@ -264,11 +277,32 @@ mod tests {
             r#"{"msg":"hi","_time":"2026-11-18T11:06:40.000000005Z","_tag":"a\"b","_source":"s1","_seq":7}"#
         );
         let mut envelope = Vec::new();
-        write(&mut envelope, t, "a\"b", Some("s1"), None, record).unwrap();
+        write(
+            &mut envelope,
+            t,
+            "a\"b",
+            Some("s1"),
+            Mark::default(),
+            record,
+        )
+        .unwrap();
         assert_eq!(
             String::from_utf8(envelope).unwrap(),
             r#"{"time":"2026-11-18T11:06:40.000000005Z","tag":"a\"b","source":"s1","seq":null,"record":{"msg":"hi"}}"#
         );
+        let (mut envelope, mut flat) = (Vec::new(), Vec::new());
+        let mark = Mark {
+            seq: Some(3),
+            offset: Some(4096),
+        };
+        write(&mut envelope, t, "t", Some("s1"), mark, record).unwrap();
+        write_flat(&mut flat, t, "t", Some("s1"), mark, record).unwrap();
+        assert!(String::from_utf8(envelope)
+            .unwrap()
+            .ends_with(r#""seq":3,"offset":4096,"record":{"msg":"hi"}}"#));
+        assert!(String::from_utf8(flat)
+            .unwrap()
+            .ends_with(r#""_seq":3,"_offset":4096}"#));
         assert_eq!(
             line(&[0x80], None),
             r#"{"_time":"2026-11-18T11:06:40.000000005Z","_tag":"a\"b","_source":null,"_seq":7}"#

@@ -32,6 +32,15 @@
 //! A relay older than version 3 cannot read these records: drain the spool before a
 //! downgrade.
 //!
+//! Version 4 (what this relay writes) adds, after the hour runs, the byte offset each
+//! entry began at in its file (sluice agents send them for events read from files):
+//!
+//! ```text
+//! u32 offsets (0 or count), u64 * offsets
+//! ```
+//!
+//! A relay before version 4 cannot read it either.
+//!
 //! A fixed binary layout rather than msgpack/serde so that recovery (which reads the
 //! source and the last seq of every batch to rebuild the dedup table) and the sinks can
 //! borrow everything from the read buffer without allocating.
@@ -41,8 +50,10 @@ use sluice_forward::{Entry, EventBatch, EventTime};
 pub const VERSION: u8 = 1;
 /// The version of records that carry a dedup namespace.
 pub const VERSION_NAMESPACED: u8 = 2;
-/// The version this relay writes: the namespace length always, and hour runs.
+/// The namespace length always, and hour runs.
 pub const VERSION_HOURS: u8 = 3;
+/// The version this relay writes: version 3 and the entries' byte offsets.
+pub const VERSION_OFFSETS: u8 = 4;
 /// Bytes of one hour run: u64 hour, u32 entries.
 const RUN_BYTES: usize = 12;
 
@@ -87,12 +98,45 @@ pub struct SpooledChunk<'a> {
     pub entries: &'a [u8],
     /// Hour runs (`RUN_BYTES` each) that add up to `count`, or empty: parse the entries.
     hours: &'a [u8],
+    /// `count` u64 byte offsets, or empty.
+    offsets: &'a [u8],
+}
+
+/// Where an event is in its source: its seq and, for events read from files, the byte
+/// offset it began at. None when the sender did not say.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Mark {
+    pub seq: Option<u64>,
+    pub offset: Option<u64>,
+}
+
+impl Mark {
+    pub fn seq(seq: u64) -> Mark {
+        Mark {
+            seq: Some(seq),
+            offset: None,
+        }
+    }
 }
 
 impl<'a> SpooledChunk<'a> {
     pub fn seq(&self, i: usize) -> Option<u64> {
         let b = self.seqs.get(i * 8..i * 8 + 8)?;
         Some(u64::from_le_bytes(b.try_into().ok()?))
+    }
+
+    /// The byte offset entry `i` began at in its file, if the sender gave offsets.
+    pub fn offset(&self, i: usize) -> Option<u64> {
+        let b = self.offsets.get(i * 8..i * 8 + 8)?;
+        Some(u64::from_le_bytes(b.try_into().ok()?))
+    }
+
+    /// The seq and offset of entry `i`.
+    pub fn mark(&self, i: usize) -> Mark {
+        Mark {
+            seq: self.seq(i),
+            offset: self.offset(i),
+        }
     }
 
     /// The key of this chunk's source in the dedup table.
@@ -144,22 +188,20 @@ impl<'a> SpooledChunk<'a> {
         &self,
         out: &mut Vec<u8>,
         entry: &Entry<'_>,
-        seq: Option<u64>,
+        mark: Mark,
     ) -> Result<(), sluice_forward::DecodeError> {
-        crate::envelope::write(out, entry.time, self.tag, self.source, seq, entry.record)?;
+        crate::envelope::write(out, entry.time, self.tag, self.source, mark, entry.record)?;
         out.push(b'\n');
         Ok(())
     }
 
-    /// Iterates the entries with their seq (None when the sender gave no provenance).
-    pub fn events(
-        &self,
-    ) -> impl Iterator<Item = Result<(Entry<'a>, Option<u64>), RecordError>> + '_ {
+    /// Iterates the entries with their seq and offset (None when the sender gave none).
+    pub fn events(&self) -> impl Iterator<Item = Result<(Entry<'a>, Mark), RecordError>> + '_ {
         let mut entries = sluice_forward::EntryIter::new(self.entries);
         let mut i = 0usize;
         std::iter::from_fn(move || {
             let next = entries.next()?;
-            let seq = self.seq(i);
+            let seq = self.mark(i);
             i += 1;
             Some(
                 next.map(|e| (e, seq))
@@ -197,15 +239,20 @@ pub fn encode(
     }
     let count = batch.count - skip;
     let entries = &batch.entries[entries_from..];
+    let offsets = prov
+        .filter(|p| !source.is_empty() && p.offsets.len() == batch.count)
+        .map(|p| &p.offsets[skip..])
+        .unwrap_or_default();
     out.reserve(
-        38 + tag.len()
+        42 + tag.len()
             + source.len()
             + namespace.len()
             + count * 8
+            + offsets.len() * 8
             + entries.len()
             + batch.hours.len() * RUN_BYTES,
     );
-    out.push(VERSION_HOURS);
+    out.push(VERSION_OFFSETS);
     out.extend_from_slice(&received_at.as_unix_nanos().to_le_bytes());
     out.extend_from_slice(&(tag.len() as u16).to_le_bytes());
     out.extend_from_slice(tag);
@@ -222,6 +269,10 @@ pub fn encode(
     out.extend_from_slice(&(entries.len() as u32).to_le_bytes());
     out.extend_from_slice(entries);
     put_runs(out, &batch.hours, batch.count, skip);
+    out.extend_from_slice(&(offsets.len() as u32).to_le_bytes());
+    for o in offsets {
+        out.extend_from_slice(&o.to_le_bytes());
+    }
     Ok(())
 }
 
@@ -283,9 +334,9 @@ impl<'a> Cursor<'a> {
 pub fn decode(buf: &[u8]) -> Result<SpooledChunk<'_>, RecordError> {
     let mut c = Cursor { buf, at: 0 };
     let version = c.take(1, "version")?[0];
-    if !(VERSION..=VERSION_HOURS).contains(&version) {
+    if !(VERSION..=VERSION_OFFSETS).contains(&version) {
         return Err(RecordError(format!(
-            "unknown record version {version} (this relay reads versions {VERSION} to {VERSION_HOURS})"
+            "unknown record version {version} (this relay reads versions {VERSION} to {VERSION_OFFSETS})"
         )));
     }
     let received_at = c.u64("received_at")?;
@@ -305,7 +356,7 @@ pub fn decode(buf: &[u8]) -> Result<SpooledChunk<'_>, RecordError> {
             let n = c.u16("namespace length")?;
             let ns = std::str::from_utf8(c.take(n, "namespace")?)
                 .map_err(|_| RecordError("namespace is not UTF-8".into()))?;
-            // Version 2 wrote a namespace only when there was one; 3 writes 0 for none.
+            // Version 2 wrote a namespace only when there was one; 3 on write 0 for none.
             (version == VERSION_NAMESPACED || !ns.is_empty()).then_some(ns)
         }
     };
@@ -318,7 +369,7 @@ pub fn decode(buf: &[u8]) -> Result<SpooledChunk<'_>, RecordError> {
     let n = c.u32("entries length")? as usize;
     let entries = c.take(n, "entries")?;
     let mut hours: &[u8] = &[];
-    if version == VERSION_HOURS {
+    if version >= VERSION_HOURS {
         let runs = c.u16("hour runs")?;
         hours = c.take(runs * RUN_BYTES, "hour runs")?;
         let total: u64 = hours
@@ -332,6 +383,14 @@ pub fn decode(buf: &[u8]) -> Result<SpooledChunk<'_>, RecordError> {
             hours = &[];
         }
     }
+    let mut offsets: &[u8] = &[];
+    if version >= VERSION_OFFSETS {
+        let n = c.u32("offsets")? as usize;
+        if n != 0 && (n != count as usize || source.is_none()) {
+            return Err(RecordError(format!("{n} offsets for {count} entries")));
+        }
+        offsets = c.take(n * 8, "offsets")?;
+    }
     Ok(SpooledChunk {
         received_at,
         tag,
@@ -341,6 +400,7 @@ pub fn decode(buf: &[u8]) -> Result<SpooledChunk<'_>, RecordError> {
         seqs,
         entries,
         hours,
+        offsets,
     })
 }
 
@@ -350,7 +410,8 @@ mod tests {
 
     use super::*;
 
-    /// A batch of `times` (secs), from source "h:app" with seqs 100, 101, ..., its hour
+    /// A batch of `times` (secs), from source "h:app" with seqs 100, 101, ... and offsets
+    /// 1000, 1050, ..., its hour
     /// runs counted as the codec counts them.
     fn batch(times: &[u32]) -> EventBatch {
         let (mut entries, mut hours) = (Vec::new(), Vec::new());
@@ -363,6 +424,7 @@ mod tests {
             provenance: Some(Provenance {
                 source: "h:app".into(),
                 seqs: (100..100 + times.len() as u64).collect(),
+                offsets: (0..times.len() as u64).map(|i| 1000 + 50 * i).collect(),
             }),
             ..Options::default()
         };
@@ -416,11 +478,16 @@ mod tests {
                     offset_of(&b, skip),
                 )
                 .unwrap();
-                assert_eq!(buf[0], VERSION_HOURS);
+                assert_eq!(buf[0], VERSION_OFFSETS);
                 let chunk = decode(&buf).unwrap();
                 assert_eq!(chunk.count as usize, b.count - skip);
                 assert_eq!(chunk.namespace, ns);
                 assert_eq!(chunk.seq(0), (skip < b.count).then_some(100 + skip as u64));
+                let first = (skip < b.count).then_some(1000 + 50 * skip as u64);
+                assert_eq!(chunk.offset(0), first);
+                let marks: Vec<Mark> = chunk.events().map(|e| e.unwrap().1).collect();
+                assert_eq!(marks.len(), b.count - skip);
+                assert!(marks.iter().all(|m| m.seq.is_some() && m.offset.is_some()));
                 assert!(!chunk.hours.is_empty() || skip == b.count, "skip {skip}");
                 assert_eq!(counted(&chunk), parsed(&chunk), "skip {skip}");
             }
@@ -470,11 +537,40 @@ mod tests {
     }
 
     #[test]
+    fn records_of_version_3_read_without_offsets_and_bad_offsets_are_refused() {
+        let b = batch(&[7200, 7201, 10_800]);
+        let mut buf = Vec::new();
+        encode(&mut buf, EventTime::now(), &b, None, 0, 0).unwrap();
+        // Version 3 is version 4 without the offsets at the end.
+        let mut v3 = buf[..buf.len() - 4 - 3 * 8].to_vec();
+        v3[0] = VERSION_HOURS;
+        let chunk = decode(&v3).unwrap();
+        assert_eq!(
+            (chunk.count, chunk.last_seq(), chunk.offset(0)),
+            (3, Some(102), None)
+        );
+        assert_eq!(counted(&chunk), vec![(2, 2), (3, 1)]);
+        // A sender without offsets: none kept.
+        let mut plain = b.clone();
+        if let Some(p) = plain.options.provenance.as_mut() {
+            p.offsets.clear();
+        }
+        let mut buf2 = Vec::new();
+        encode(&mut buf2, EventTime::now(), &plain, None, 0, 0).unwrap();
+        assert_eq!(decode(&buf2).unwrap().offset(0), None);
+        // Offsets that are not one per entry are refused, not misread.
+        let at = buf.len() - 4 - 3 * 8;
+        buf[at..at + 4].copy_from_slice(&2u32.to_le_bytes());
+        let err = decode(&buf[..buf.len() - 8]).unwrap_err();
+        assert!(err.to_string().contains("2 offsets for 3 entries"), "{err}");
+    }
+
+    #[test]
     fn hour_runs_that_do_not_add_up_are_not_used() {
         let b = batch(&[7200, 7201]);
         let mut buf = Vec::new();
         encode(&mut buf, EventTime::now(), &b, None, 0, 0).unwrap();
-        let at = buf.len() - 4; // the last run's count
+        let at = buf.len() - 4 - 2 * 8 - 4; // the last run's count, before the offsets
         buf[at] = 3;
         let chunk = decode(&buf).unwrap();
         assert!(chunk.hours.is_empty());

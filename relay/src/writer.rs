@@ -809,6 +809,7 @@ mod tests {
                 provenance: Some(Provenance {
                     source: source.into(),
                     seqs,
+                    offsets: Vec::new(),
                 }),
                 ..Options::default()
             },

@@ -101,8 +101,11 @@ def _from_flat(ev):
     is then bad: it has no "time")."""
     if not isinstance(ev, dict) or not all(k in ev for k in _FLAT):
         return ev
-    record = {k: v for k, v in ev.items() if k not in _FLAT}
-    return {"time": ev["_time"], "tag": ev["_tag"], "source": ev["_source"], "seq": ev["_seq"], "record": record}
+    record = {k: v for k, v in ev.items() if k not in _FLAT and k != "_offset"}
+    out = {"time": ev["_time"], "tag": ev["_tag"], "source": ev["_source"], "seq": ev["_seq"], "record": record}
+    if "_offset" in ev:  # events read from files: the byte offset the event began at
+        out["offset"] = ev["_offset"]
+    return out
 
 
 def _problem(ev):
@@ -122,6 +125,9 @@ def _problem(ev):
     seq = ev["seq"]
     if seq is not None and (isinstance(seq, bool) or not isinstance(seq, int) or not 0 <= seq < 2**64):
         return "seq is neither a u64 nor null"
+    offset = ev.get("offset")
+    if "offset" in ev and (isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset < 2**64):
+        return "offset is present but not a u64"
     if not isinstance(ev["record"], dict):
         return "record is not an object"
     return None

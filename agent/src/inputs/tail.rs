@@ -248,8 +248,12 @@ impl Source for TailSource {
         Ok(self.0.poll(max_bytes, out)?)
     }
 
-    fn commit(&mut self, source: &SourceId, end: u64) {
-        self.0.commit(source, end)
+    fn commit(&mut self, source: &SourceId, end: u64, next_seq: u64) {
+        self.0.commit_seq(source, end, Some(next_seq))
+    }
+
+    fn followed(&self, f: &mut dyn FnMut(&SourceId)) {
+        self.0.followed(f)
     }
 
     fn checkpoints(&self) -> Vec<FileCheckpoint> {

@@ -27,12 +27,19 @@ pub struct FileCheckpoint {
     pub generation: u64,
     /// Every byte before this offset was committed (or deliberately skipped).
     pub offset: u64,
+    /// The seq of the first event at `offset`: events of a source are numbered 0, 1, 2,
+    /// ... (multiline events count once), and numbering goes on from here after a
+    /// restart. None in version 1 files (events were numbered by byte offset then).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq: Option<u64>,
 }
 
-/// The persisted formats. Add a variant for an incompatible change; keep reading the old.
+/// The persisted formats. Version 2 adds each file's `seq` and the agent's `sent`
+/// report state; version 1 is still read.
 #[derive(Debug, PartialEq, Eq)]
-enum State {
-    V1 { checkpoints: Vec<FileCheckpoint> },
+struct State {
+    checkpoints: Vec<FileCheckpoint>,
+    sent: Option<serde_json::Value>,
 }
 
 #[derive(serde::Deserialize)]
@@ -40,19 +47,31 @@ struct VersionProbe {
     version: u64,
 }
 
-#[derive(serde::Serialize, serde::Deserialize)]
+#[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct V1 {
+    #[allow(dead_code)]
     version: u64,
     checkpoints: Vec<FileCheckpoint>,
 }
 
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct V2 {
+    version: u64,
+    checkpoints: Vec<FileCheckpoint>,
+    /// What the agent keeps with its checkpoints (its report of what was acknowledged),
+    /// opaque to this crate: saved in the same atomic write, so the two never disagree.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    sent: Option<serde_json::Value>,
+}
+
 impl State {
     fn encode(&self) -> Vec<u8> {
-        let State::V1 { checkpoints } = self;
-        let body = V1 {
-            version: 1,
-            checkpoints: checkpoints.clone(),
+        let body = V2 {
+            version: 2,
+            checkpoints: self.checkpoints.clone(),
+            sent: self.sent.clone(),
         };
         // Serializing plain structs of strings and integers into memory cannot fail.
         serde_json::to_vec_pretty(&body).unwrap_or_default()
@@ -63,12 +82,20 @@ impl State {
         match probe.version {
             1 => {
                 let v1: V1 = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
-                Ok(State::V1 {
+                Ok(State {
                     checkpoints: v1.checkpoints,
+                    sent: None,
+                })
+            }
+            2 => {
+                let v2: V2 = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+                Ok(State {
+                    checkpoints: v2.checkpoints,
+                    sent: v2.sent,
                 })
             }
             v => Err(format!(
-                "unsupported version {v}; this agent reads version 1"
+                "unsupported version {v}; this agent reads versions 1 and 2"
             )),
         }
     }
@@ -79,7 +106,9 @@ impl State {
 pub struct CheckpointStore {
     path: PathBuf,
     tmp_path: PathBuf,
-    last_saved: Option<Vec<FileCheckpoint>>,
+    last_saved: Option<State>,
+    /// The `sent` value the file held when opened.
+    opened_sent: Option<serde_json::Value>,
 }
 
 impl CheckpointStore {
@@ -93,6 +122,7 @@ impl CheckpointStore {
             path: path.to_path_buf(),
             tmp_path: path.with_file_name(name),
             last_saved: None,
+            opened_sent: None,
         };
         // A leftover temp file is ignored on purpose: it exists only if a save stopped
         // before its rename, so it may be incomplete, and the stable file still holds the
@@ -102,12 +132,13 @@ impl CheckpointStore {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok((store, Vec::new())),
             Err(e) => return Err(TailError::io("cannot read checkpoint file", path, e)),
         };
-        let State::V1 { checkpoints } =
-            State::decode(&bytes).map_err(|cause| TailError::CorruptCheckpoint {
-                path: path.to_path_buf(),
-                cause,
-            })?;
-        Ok((store, checkpoints))
+        let state = State::decode(&bytes).map_err(|cause| TailError::CorruptCheckpoint {
+            path: path.to_path_buf(),
+            cause,
+        })?;
+        let mut store = store;
+        store.opened_sent = state.sent;
+        Ok((store, state.checkpoints))
     }
 
     /// The path of the stable checkpoint file.
@@ -118,13 +149,28 @@ impl CheckpointStore {
     /// Replaces the file's content with `all`, atomically: after a crash at any point the
     /// file holds either the previous or the new state, complete.
     pub fn save(&mut self, all: &[FileCheckpoint]) -> Result<(), TailError> {
-        if self.last_saved.as_deref() == Some(all) {
+        self.save_with(all, None)
+    }
+
+    /// The `sent` value the file held when it was opened (None: none, or version 1).
+    pub fn take_opened_sent(&mut self) -> Option<serde_json::Value> {
+        self.opened_sent.take()
+    }
+
+    /// [`save`](Self::save), with the agent's `sent` value in the same atomic write.
+    pub fn save_with(
+        &mut self,
+        all: &[FileCheckpoint],
+        sent: Option<serde_json::Value>,
+    ) -> Result<(), TailError> {
+        let state = State {
+            checkpoints: all.to_vec(),
+            sent,
+        };
+        if self.last_saved.as_ref() == Some(&state) {
             return Ok(());
         }
-        let bytes = State::V1 {
-            checkpoints: all.to_vec(),
-        }
-        .encode();
+        let bytes = state.encode();
 
         // 1. Write the new state to a temp file next to the stable one (same directory,
         //    so same file system, so the rename below is atomic). A crash here leaves
@@ -153,7 +199,7 @@ impl CheckpointStore {
         File::open(dir)
             .and_then(|d| d.sync_all())
             .map_err(|e| TailError::io("cannot fsync checkpoint directory", dir, e))?;
-        self.last_saved = Some(all.to_vec());
+        self.last_saved = Some(state);
         Ok(())
     }
 }
@@ -175,6 +221,7 @@ mod tests {
             },
             generation: 0,
             offset: n * 100,
+            seq: Some(n),
         }
     }
 
@@ -195,7 +242,7 @@ mod tests {
         let (_, saved) = CheckpointStore::open(&path).unwrap();
         assert_eq!(saved, vec![sample(3)]);
         let text = fs::read_to_string(&path).unwrap();
-        assert!(text.contains("\"version\": 1"), "{text}");
+        assert!(text.contains("\"version\": 2"), "{text}");
         // Nothing left behind but the stable file.
         let names: Vec<_> = fs::read_dir(dir.path())
             .unwrap()
@@ -219,6 +266,24 @@ mod tests {
         fs::write(&path, b"{\"version\":7,\"checkpoints\":[]}").unwrap();
         let err = CheckpointStore::open(&path).unwrap_err().to_string();
         assert!(err.contains("unsupported version 7"), "{err}");
+    }
+
+    #[test]
+    fn version_1_files_are_read_without_seqs_and_sent_travels_with_the_checkpoints() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cp.json");
+        let mut v1 = sample(4);
+        v1.seq = None;
+        let body = serde_json::json!({"version": 1, "checkpoints": [v1]});
+        fs::write(&path, serde_json::to_vec(&body).unwrap()).unwrap();
+        let (mut store, saved) = CheckpointStore::open(&path).unwrap();
+        assert_eq!(saved, vec![v1.clone()]);
+        assert_eq!(store.take_opened_sent(), None);
+        let sent = serde_json::json!({"hours": [1, 2]});
+        store.save_with(&[sample(4)], Some(sent.clone())).unwrap();
+        let (mut store, saved) = CheckpointStore::open(&path).unwrap();
+        assert_eq!(saved, vec![sample(4)]);
+        assert_eq!(store.take_opened_sent(), Some(sent));
     }
 
     #[test]

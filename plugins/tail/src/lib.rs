@@ -190,6 +190,9 @@ pub struct Line<'a> {
     /// The bytes are not the whole line as written: a piece of a split line, or the kept
     /// head of a truncated one (see [`LongLines`]).
     pub truncated: bool,
+    /// The seq of the first event of this stream since it was resumed (see
+    /// [`FileCheckpoint::seq`]); the reader numbers events on from it.
+    pub start_seq: u64,
 }
 
 /// Counters and gauges of one [`Tailer`], for metrics. Counters start at 0 with each

@@ -79,6 +79,12 @@ struct TrackedFile {
     emitted: u64,
     /// End of the last line committed.
     committed: u64,
+    /// The seq of the first event read from where this stream was resumed (its
+    /// checkpoint's, or 0 from a stream's first byte): the pipeline numbers the events of
+    /// a source from here, one per event (multiline events count once).
+    start_seq: u64,
+    /// The seq after the last committed event: saved with `committed` in the checkpoint.
+    committed_seq: u64,
     /// Largest size seen; what a truncation can have destroyed.
     seen_size: u64,
     /// The last `min(GUARD_BYTES, read_pos)` bytes before `read_pos`, as read. A
@@ -110,6 +116,8 @@ impl TrackedFile {
         self.leftover = Vec::new();
         self.emitted = 0;
         self.committed = 0;
+        self.start_seq = 0;
+        self.committed_seq = 0;
         self.seen_size = 0;
         self.guard.clear();
         self.lines = LineState::default();
@@ -152,6 +160,8 @@ impl TrackedFile {
                         leftover: std::mem::take(&mut self.leftover),
                         emitted: self.emitted,
                         committed: self.committed,
+                        start_seq: self.start_seq,
+                        committed_seq: self.committed_seq,
                         seen_size: c.size,
                         guard: std::mem::take(&mut self.guard),
                         lines: std::mem::take(&mut self.lines),
@@ -616,6 +626,12 @@ impl Tailer {
     /// for a stream that no longer exists (an old generation) is ignored. A file that was
     /// rotated away or deleted and is now fully read and committed is closed here.
     pub fn commit(&mut self, source: &SourceId, end: u64) {
+        self.commit_seq(source, end, None)
+    }
+
+    /// [`commit`](Self::commit), and the seq after the last event committed, which the
+    /// checkpoint saves so that events are numbered on from there after a restart.
+    pub fn commit_seq(&mut self, source: &SourceId, end: u64, next_seq: Option<u64>) {
         let Some((key, file)) = self
             .files
             .iter_mut()
@@ -628,9 +644,22 @@ impl Tailer {
             tracing::warn!(%source, end, emitted = file.emitted, "commit beyond the lines handed out; clamped");
         }
         file.committed = file.committed.max(end.min(file.emitted));
+        if let Some(seq) = next_seq {
+            file.committed_seq = file.committed_seq.max(seq);
+        }
         if file.gone && file.finished() {
             let key = *key;
             self.forget(key);
+        }
+    }
+
+    /// Calls `f` with the source of every file held (followed, or gone and not finished):
+    /// the streams lines may still come from.
+    pub fn followed(&self, f: &mut dyn FnMut(&SourceId)) {
+        for file in self.files.values() {
+            if let Some(source) = &file.source {
+                f(source);
+            }
         }
     }
 
@@ -658,6 +687,7 @@ impl Tailer {
                     fingerprint: f.fingerprint,
                     generation: f.generation,
                     offset,
+                    seq: Some(f.committed_seq),
                 })
             })
             .collect()
@@ -858,6 +888,8 @@ impl Tailer {
             leftover: Vec::new(),
             emitted: 0,
             committed: 0,
+            start_seq: 0,
+            committed_seq: 0,
             seen_size: size,
             guard: Vec::new(),
             lines: LineState::default(),
@@ -873,6 +905,13 @@ impl Tailer {
                 Ok(true) if size >= cp.offset => {
                     f.source = Some(cp.source.clone());
                     start = cp.offset;
+                    // A version 1 checkpoint has no seq: its events were numbered by byte
+                    // offset, all below the file's size, and the relay's dedup holds marks
+                    // that high. Numbering on from the size keeps every new event above
+                    // them (from the offset, events sent but not acknowledged before the
+                    // upgrade could hide new ones under their numbers).
+                    f.start_seq = cp.seq.unwrap_or(size);
+                    f.committed_seq = f.start_seq;
                     tracing::info!(path = %path.display(), offset = start, "resuming from checkpoint");
                 }
                 Ok(_) => {
@@ -1053,8 +1092,10 @@ impl Turn<'_> {
             path,
             lines,
             emitted,
+            start_seq,
             ..
         } = f;
+        let start_seq = *start_seq;
         let Some(source) = source.as_ref() else {
             return (n, eof);
         };
@@ -1067,6 +1108,7 @@ impl Turn<'_> {
                 end: base + p.end as u64,
                 bytes: &scratch[p.start..p.content_end],
                 truncated: p.truncated,
+                start_seq,
             });
         };
         let consumed = self.cutter.cut(scratch, lines, self.counts, &mut emit);

@@ -15,6 +15,7 @@ struct Got {
     end: u64,
     text: Vec<u8>,
     truncated: bool,
+    start_seq: u64,
 }
 
 fn cfg(dir: &Path, glob: &str) -> TailConfig {
@@ -45,6 +46,7 @@ fn drain(t: &mut Tailer) -> Vec<Got> {
                     end: l.end,
                     text: l.bytes.to_vec(),
                     truncated: l.truncated,
+                    start_seq: l.start_seq,
                 })
             })
             .unwrap();
@@ -87,6 +89,44 @@ fn reads_lines_with_offsets_and_resumes_from_committed_only() {
     assert_eq!(texts(&again), ["three"]);
     assert_eq!(again[0].source, got[2].source);
     assert_eq!(again[0].offset, got[2].offset);
+}
+
+#[test]
+fn the_seq_committed_with_a_position_is_where_numbering_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("app.log");
+    append(&log, b"one\ntwo\nthree\n");
+    let mut t = Tailer::new("in", cfg(dir.path(), "*.log"), &[]).unwrap();
+    let got = drain(&mut t);
+    assert!(
+        got.iter().all(|g| g.start_seq == 0),
+        "a new stream numbers from 0"
+    );
+    // The reader made two events of "one" and "two" (seqs 0 and 1): next is 2.
+    t.commit_seq(&got[1].source, got[1].end, Some(2));
+    // A later commit without a seq, or with a lower one, keeps it.
+    t.commit_seq(&got[1].source, got[1].end, Some(1));
+    t.commit(&got[1].source, got[1].end);
+    let cps = t.checkpoints();
+    assert_eq!((cps[0].offset, cps[0].seq), (8, Some(2)));
+    drop(t);
+    let mut t = Tailer::new("in", cfg(dir.path(), "*.log"), &cps).unwrap();
+    let again = drain(&mut t);
+    assert_eq!(texts(&again), ["three"]);
+    assert_eq!(again[0].start_seq, 2);
+
+    // A version 1 checkpoint (no seq; events were numbered by offset): numbering goes on
+    // from the file's size, above every offset an earlier agent could have sent.
+    let mut v1 = cps[0].clone();
+    v1.seq = None;
+    append(&log, b"four\n");
+    let mut t = Tailer::new("in", cfg(dir.path(), "*.log"), &[v1]).unwrap();
+    let again = drain(&mut t);
+    assert_eq!(texts(&again), ["three", "four"]);
+    assert_eq!(
+        again[0].start_seq, 19,
+        "the file's size when it was resumed"
+    );
 }
 
 #[test]
@@ -458,6 +498,7 @@ fn inode_reuse_is_caught_by_the_fingerprint() {
         fingerprint: Fingerprint::of(b"old file content\n"),
         generation: 0,
         offset: 10,
+        seq: Some(3),
     };
     let mut t = Tailer::new("in", cfg(dir.path(), "app.log"), &[stale]).unwrap();
     let got = drain(&mut t);

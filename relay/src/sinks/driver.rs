@@ -550,6 +550,7 @@ mod tests {
                 provenance: Some(Provenance {
                     source: "s".into(),
                     seqs,
+                    offsets: Vec::new(),
                 }),
                 ..Options::default()
             },
@@ -703,7 +704,7 @@ mod tests {
                 for c in batch.chunks() {
                     let c = c.unwrap();
                     for e in c.events() {
-                        self.held.push(e.unwrap().1.unwrap());
+                        self.held.push(e.unwrap().1.seq.unwrap());
                     }
                 }
                 Ok(self.held.len() >= 20)

@@ -262,7 +262,7 @@ fn one_damaged_batch_costs_exactly_its_events() {
         assert_eq!(v["source"], source.as_str(), "one source");
         assert!(seen.insert(v["seq"].as_u64().unwrap()), "duplicate {line}");
     }
-    // (A file source's seqs are its lines' byte offsets: every line has its own.)
+    // (A file source's seqs number its lines 0, 1, 2, ...: every line has its own.)
     assert!(
         seen.is_disjoint(&lost),
         "an event of the damaged batch was delivered"

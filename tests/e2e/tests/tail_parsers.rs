@@ -254,6 +254,20 @@ fn multiline_joins_stack_traces_before_the_regex_parser() {
         checkpoints.contains(&format!("\"offset\": {size}")),
         "{checkpoints}"
     );
+    // A multiline event counts once: seqs 0 and 1, offsets where each event began; the
+    // checkpoint numbers on from 2.
+    let marks: Vec<(u64, u64)> = std::fs::read_to_string(relay.sink_file("file"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .map(|v| (v["seq"].as_u64().unwrap(), v["offset"].as_u64().unwrap()))
+        .collect();
+    let second = std::fs::read_to_string(&log)
+        .unwrap()
+        .find("2026-11-23 10:00:01")
+        .unwrap();
+    assert_eq!(marks, [(0, 0), (1, second as u64)]);
+    assert!(checkpoints.contains("\"seq\": 2"), "{checkpoints}");
 }
 
 #[test]

@@ -72,8 +72,8 @@ impl Deliver for FileWriter {
             for chunk in batch.chunks() {
                 let chunk = chunk?;
                 for event in chunk.events() {
-                    let (entry, seq) = event?;
-                    chunk.write_envelope_line(&mut self.buf, &entry, seq)?;
+                    let (entry, mark) = event?;
+                    chunk.write_envelope_line(&mut self.buf, &entry, mark)?;
                     done.delivered(chunk.tag, entry.time);
                 }
             }

@@ -43,7 +43,7 @@ pub struct Letter<'a> {
     /// send the same source id).
     pub namespace: Option<&'a str>,
     pub source: Option<&'a str>,
-    pub seq: Option<u64>,
+    pub mark: crate::record::Mark,
     pub record: &'a [u8],
     /// The gathering's start and the event's index in it (the key of an event without
     /// provenance).
@@ -96,7 +96,7 @@ impl DeadLetters {
 
     pub fn key(&self, letter: &Letter<'_>) -> Path {
         let (dt, hour) = crate::sinks::object::key::date_and_hour(envelope::hour_of(letter.time));
-        let name = match (letter.namespace, letter.source, letter.seq) {
+        let name = match (letter.namespace, letter.source, letter.mark.seq) {
             (None, Some(source), Some(seq)) => format!("{}-{source}-{seq}.json", self.relay),
             (Some(client), Some(source), Some(seq)) => {
                 format!("{}-{client}-{source}-{seq}.json", self.relay)
@@ -140,7 +140,7 @@ impl DeadLetters {
             letter.time,
             letter.tag,
             letter.source,
-            letter.seq,
+            letter.mark,
             letter.record,
         )
         .map_err(|e| e.to_string())?;
@@ -174,7 +174,7 @@ mod tests {
             tag: "a/b",
             namespace: None,
             source: Some("web-1:app"),
-            seq: Some(42),
+            mark: crate::record::Mark::seq(42),
             record,
             at: (Position::default(), 0),
         };

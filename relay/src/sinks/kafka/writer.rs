@@ -47,6 +47,7 @@ use super::recovery::{self, Found, TopicMarks};
 use super::template::{legal_topic, Template};
 use crate::envelope;
 use crate::metrics::{RelayMetrics, SinkReason};
+use crate::record::Mark;
 use crate::sinks::spec::{Deliver, DeliverError, DeliverFuture, Delivered, Gathered};
 
 /// How long metadata about a topic (whether it exists, its partitions) is trusted.
@@ -529,7 +530,7 @@ impl KafkaWriter {
         time: sluice_forward::EventTime,
         tag: &str,
         source: Option<&str>,
-        seq: Option<u64>,
+        mark: Mark,
         record: &[u8],
     ) -> Result<bool, DeliverError> {
         self.buf.clear();
@@ -539,7 +540,7 @@ impl KafkaWriter {
                 return Ok(true);
             }
         }
-        envelope::write(&mut self.buf, time, tag, source, seq, record)
+        envelope::write(&mut self.buf, time, tag, source, mark, record)
             .map_err(|e| DeliverError::Permanent(e.to_string()))?;
         Ok(self.value == KafkaValue::Envelope)
     }
@@ -558,7 +559,8 @@ impl KafkaWriter {
         'chunks: for chunk in batch.chunks() {
             let chunk = chunk?;
             for event in chunk.events() {
-                let (entry, seq) = event?;
+                let (entry, mark) = event?;
+                let seq = mark.seq;
                 let i = index;
                 index += 1;
                 let Some((want, detail)) = next.peek() else {
@@ -577,7 +579,7 @@ impl KafkaWriter {
                     tag: chunk.tag,
                     namespace: chunk.namespace,
                     source: chunk.source,
-                    seq,
+                    mark,
                     record: entry.record,
                     at: (batch.start, i),
                 };
@@ -802,7 +804,8 @@ impl Deliver for KafkaWriter {
             for chunk in batch.chunks() {
                 let chunk = chunk?;
                 for event in chunk.events() {
-                    let (entry, seq) = event?;
+                    let (entry, mark) = event?;
+                    let seq = mark.seq;
                     let index = meta.len();
                     meta.push((chunk.tag, entry.time));
                     match state.get(index).copied() {
@@ -824,7 +827,7 @@ impl Deliver for KafkaWriter {
                             continue;
                         }
                     }
-                    to_send.push((index, chunk, seq, entry));
+                    to_send.push((index, chunk, mark, entry));
                 }
             }
             state.resize(meta.len(), PENDING);
@@ -837,13 +840,14 @@ impl Deliver for KafkaWriter {
             let (mut key_missing, mut value_missing) = (0u64, 0u64);
             let mut unencodable: Option<DeliverError> = None;
             let mut key_text = String::new();
-            for (index, chunk, seq, entry) in to_send {
+            for (index, chunk, mark, entry) in to_send {
+                let seq = mark.seq;
                 // Stop at the first failure seen: the retry resends the rest, in order.
                 if settler.first_error.is_some() {
                     break;
                 }
                 let (tag, source) = (chunk.tag, chunk.source);
-                match self.value_of(entry.time, tag, source, seq, entry.record) {
+                match self.value_of(entry.time, tag, source, mark, entry.record) {
                     Ok(true) => {}
                     Ok(false) => value_missing += 1,
                     Err(e) => {

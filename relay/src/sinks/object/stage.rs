@@ -408,7 +408,7 @@ impl Stage {
             self.open.insert(chunk.tag.to_string(), BTreeMap::new());
         }
         for event in chunk.events() {
-            let (entry, seq) = event?;
+            let (entry, mark) = event?;
             let hour = hour_of(entry.time);
             let hours = self.open.get_mut(chunk.tag).expect("made above");
             let part = match hours.entry(hour) {
@@ -432,7 +432,7 @@ impl Stage {
                 entry.time,
                 chunk.tag,
                 chunk.source,
-                seq,
+                mark,
                 entry.record,
             );
             if let Err(e) = written {
@@ -442,7 +442,7 @@ impl Stage {
             part.pending.push(b'\n');
             let len = part.pending.len() - at;
             part.stats
-                .add(entry.time.as_unix_nanos(), len, chunk.source, seq);
+                .add(entry.time.as_unix_nanos(), len, chunk.source, mark.seq);
             full |= part.stats.bytes >= self.max_bytes;
             if part.pending.len() >= PENDING {
                 self.compress(chunk.tag, hour)?;
@@ -556,6 +556,7 @@ mod tests {
                 provenance: Some(Provenance {
                     source: "s".into(),
                     seqs: (0..n).collect(),
+                    offsets: Vec::new(),
                 }),
                 ..Options::default()
             },

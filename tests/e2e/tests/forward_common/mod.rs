@@ -332,6 +332,7 @@ pub fn chunk_from(source: &str, prefix: &str, seqs: &[u64], id: &str) -> Vec<u8>
     let provenance = sluice_forward::Provenance {
         source: source.to_string(),
         seqs: seqs.to_vec(),
+        offsets: Vec::new(),
     };
     let mut out = BytesMut::new();
     encode_compressed_packed_forward(
