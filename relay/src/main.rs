@@ -29,16 +29,89 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Compare the ledger with what is really in every sink, per tag and hour.
+    ///
+    /// Without --from/--to: this relay's ledger against what its sinks wrote. With them:
+    /// a window of event-time hours, for the whole cluster, from Kafka and the bucket only.
     Reconcile {
         /// How long to read Kafka before giving up.
         #[arg(long, default_value = "120")]
         kafka_timeout_secs: u64,
+        /// The first hour of the window (UTC), `YYYY-MM-DDTHH`.
+        #[arg(long, requires = "to")]
+        from: Option<String>,
+        /// The hour after the window's last (UTC), `YYYY-MM-DDTHH`.
+        #[arg(long, requires = "from")]
+        to: Option<String>,
+        /// Only this tag.
+        #[arg(long, requires = "from")]
+        tag: Option<String>,
+        /// Read and count every object of the window instead of trusting the manifests.
+        #[arg(long, requires = "from")]
+        deep: bool,
+        /// `table` or `json`.
+        #[arg(long, default_value = "table", requires = "from")]
+        format: String,
     },
 }
 
 /// How long the exit waits for blocking calls still running after the relay stopped
 /// cleanly (docs/relay.md: SIGTERM ends within `shutdown_timeout` + 5 s + this).
 const RUNTIME_STRAGGLERS: Duration = Duration::from_secs(1);
+
+/// `reconcile --from --to`: prints the report, exits 0 (all OK), 1 (differences), 2
+/// (could not read), 3 (only hours still pending).
+async fn reconcile_window(
+    config: &sluice_relay::config::RelayConfig,
+    from: &str,
+    to: &str,
+    tag: Option<String>,
+    deep: bool,
+    format: &str,
+    kafka_timeout: Duration,
+) -> std::process::ExitCode {
+    use sluice_relay::reconcile_window as rw;
+    let window = match (rw::parse_hour(from), rw::parse_hour(to)) {
+        (Ok(from), Ok(to)) if from < to => rw::Window {
+            from,
+            to,
+            tag,
+            deep,
+            kafka_timeout,
+        },
+        (Ok(_), Ok(_)) => {
+            eprintln!("error: --to {to} is not after --from {from} (--to is the hour after the window's last)");
+            return std::process::ExitCode::from(2);
+        }
+        (Err(e), _) | (_, Err(e)) => {
+            eprintln!("error: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    if format != "table" && format != "json" {
+        eprintln!("error: --format {format:?}: write table or json");
+        return std::process::ExitCode::from(2);
+    }
+    match rw::run(config, &window).await {
+        Ok(report) => {
+            if format == "json" {
+                match serde_json::to_string_pretty(&report) {
+                    Ok(text) => println!("{text}"),
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        return std::process::ExitCode::from(2);
+                    }
+                }
+            } else {
+                print!("{}", rw::render(&report));
+            }
+            std::process::ExitCode::from(report.exit_code())
+        }
+        Err(e) => {
+            eprintln!("error: reconciliation could not read its sources: {e}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
@@ -103,7 +176,29 @@ fn main() -> std::process::ExitCode {
     };
     let result = match cli.command {
         None => runtime.block_on(run(config)),
-        Some(Command::Reconcile { kafka_timeout_secs }) => runtime.block_on(async {
+        Some(Command::Reconcile {
+            kafka_timeout_secs,
+            from: Some(from),
+            to: Some(to),
+            tag,
+            deep,
+            format,
+        }) => {
+            let code = runtime.block_on(reconcile_window(
+                &config,
+                &from,
+                &to,
+                tag,
+                deep,
+                &format,
+                Duration::from_secs(kafka_timeout_secs),
+            ));
+            runtime.shutdown_timeout(RUNTIME_STRAGGLERS);
+            return code;
+        }
+        Some(Command::Reconcile {
+            kafka_timeout_secs, ..
+        }) => runtime.block_on(async {
             let (text, ok) = reconcile::report(&config, Duration::from_secs(kafka_timeout_secs))
                 .await
                 .map_err(anyhow::Error::msg)?;

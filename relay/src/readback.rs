@@ -4,8 +4,13 @@
 //! an at-least-once path produced are reported as duplicates, not as extra data. Events
 //! without provenance (from plain Fluentd clients) are counted as they are. Each sink
 //! type reads its destination back in its own folder (`sinks/*/`) into a [`Found`].
+//!
+//! Seqs are kept as ranges per (tag, hour, source) ([`SeqRanges`]): memory follows the
+//! sources (and the gaps), not the events.
 
-use std::collections::HashSet;
+use std::collections::BTreeMap;
+
+use crate::ranges::SeqRanges;
 
 use serde::Deserialize;
 
@@ -21,7 +26,24 @@ pub struct Found {
     pub duplicates: u64,
     /// Lines that are not a sluice envelope.
     pub unreadable: u64,
-    seen: HashSet<(String, u64)>,
+    /// tag -> hour -> source -> the seqs found, and those found more than once.
+    pub seqs: BTreeMap<String, BTreeMap<u64, BTreeMap<String, SourceSeqs>>>,
+    /// Only events of these hours (`[from, to)`, hours since the epoch) and of this tag
+    /// are counted; the others are passed over ([`Found::outside`]).
+    pub window: Option<(u64, u64)>,
+    pub only_tag: Option<String>,
+    /// Events read but outside the window or of another tag.
+    pub outside: u64,
+}
+
+/// What was found of one source in one (tag, hour).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SourceSeqs {
+    pub found: SeqRanges,
+    /// Seqs found twice or more.
+    pub duplicated: SeqRanges,
+    /// Events found more than once, counted with their repeats.
+    pub duplicates: u64,
 }
 
 #[derive(Deserialize)]
@@ -71,14 +93,84 @@ impl Found {
             self.unreadable += 1;
             return;
         };
+        self.add_event(&head.tag, hour, head.source.as_deref(), head.seq);
+    }
+
+    /// Counts one event; false when its (source, seq) was found before.
+    pub fn add_event(
+        &mut self,
+        tag: &str,
+        hour: u64,
+        source: Option<&str>,
+        seq: Option<u64>,
+    ) -> bool {
+        if !self.wanted(tag, hour) {
+            self.outside += 1;
+            return false;
+        }
         self.events += 1;
-        if let (Some(source), Some(seq)) = (head.source, head.seq) {
-            if !self.seen.insert((source.into_owned(), seq)) {
+        if let (Some(source), Some(seq)) = (source, seq) {
+            let s = self.source_seqs(tag, hour, source);
+            if !s.found.insert(seq) {
+                s.duplicated.insert(seq);
+                s.duplicates += 1;
                 self.duplicates += 1;
-                return;
+                return false;
             }
         }
-        self.counts.add(&head.tag, hour, 1);
+        self.counts.add(tag, hour, 1);
+        true
+    }
+
+    /// Whether an event of `tag` in `hour` is in the window asked for.
+    pub fn wanted(&self, tag: &str, hour: u64) -> bool {
+        self.window
+            .is_none_or(|(from, to)| (from..to).contains(&hour))
+            && self.only_tag.as_deref().is_none_or(|t| t == tag)
+    }
+
+    /// Counts what an object's manifest says it holds of one source (`records` of its
+    /// seqs in `ranges`): seqs found already (in another object) are duplicates.
+    pub fn add_ranges(&mut self, tag: &str, hour: u64, source: &str, ranges: &SeqRanges) {
+        if !self.wanted(tag, hour) {
+            self.outside += ranges.len();
+            return;
+        }
+        let n = ranges.len();
+        let s = self.source_seqs(tag, hour, source);
+        let before = s.found.len();
+        let again: Vec<[u64; 2]> = ranges
+            .ranges()
+            .iter()
+            .flat_map(|&[a, b]| {
+                let one = SeqRanges::from_ranges([[a, b]]);
+                let new = one.minus(&s.found);
+                one.minus(&new).ranges().to_vec()
+            })
+            .collect();
+        s.found.union(ranges);
+        let added = s.found.len() - before;
+        let dups = n - added;
+        for [a, b] in again {
+            s.duplicated.insert_range(a, b);
+        }
+        s.duplicates += dups;
+        self.events += n;
+        self.duplicates += dups;
+        self.counts.add(tag, hour, added);
+    }
+
+    /// The cell of one source, looked up by reference (allocated the first time only).
+    fn source_seqs(&mut self, tag: &str, hour: u64, source: &str) -> &mut SourceSeqs {
+        if !self.seqs.contains_key(tag) {
+            self.seqs.insert(tag.to_string(), BTreeMap::new());
+        }
+        let hours = self.seqs.get_mut(tag).expect("inserted above");
+        let sources = hours.entry(hour).or_default();
+        if !sources.contains_key(source) {
+            sources.insert(source.to_string(), SourceSeqs::default());
+        }
+        sources.get_mut(source).expect("inserted above")
     }
 
     /// An object line whose record has a field named like one of sluice's four (JSON
@@ -98,16 +190,9 @@ impl Found {
         let Some(hour) = hour_from_rfc3339(time) else {
             return false;
         };
-        self.events += 1;
         let source = map.get("_source").and_then(|v| v.as_str());
         let seq = map.get("_seq").and_then(|v| v.as_u64());
-        if let (Some(source), Some(seq)) = (source, seq) {
-            if !self.seen.insert((source.to_string(), seq)) {
-                self.duplicates += 1;
-                return true;
-            }
-        }
-        self.counts.add(tag, hour, 1);
+        self.add_event(tag, hour, source, seq);
         true
     }
 

@@ -6,7 +6,7 @@
 
 mod config;
 mod deadletter;
-mod readback;
+pub mod readback;
 mod recovery;
 mod template;
 mod writer;
@@ -57,5 +57,33 @@ impl SinkSpec for KafkaSink {
                 .map_err(|e| e.to_string())?
                 .map(Some)
         })
+    }
+}
+
+impl KafkaSink {
+    /// Reads the window of `found` from this sink's topic, for `reconcile --from --to`
+    /// ([`readback::read_kafka_from`]): from the first message at or after the window's
+    /// start in each partition, to the partition's end.
+    pub fn read_window(
+        &self,
+        timeout: std::time::Duration,
+        found: &mut Found,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<readback::KafkaRead, String> {
+        if !template::Template::parse(&self.topic).is_ok_and(|t| t.constant().is_some()) {
+            return Err(format!(
+                "topic {:?} is a template: reconcile reads one topic per sink for now",
+                self.topic
+            ));
+        }
+        let from_ms = found.window.map(|(from, _)| (from * 3600 * 1000) as i64);
+        readback::read_kafka_from(
+            &self.brokers,
+            &self.topic,
+            timeout,
+            from_ms,
+            found,
+            progress,
+        )
     }
 }

@@ -49,6 +49,10 @@ pub struct ObjectEntry {
     pub bytes: u64,
     pub min_time: u64,
     pub max_time: u64,
+    /// The seqs of each source in the object (absent in books written before they were
+    /// kept): what `reconcile` reports missing when the object is gone.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub sources: BTreeMap<String, crate::ranges::SeqRanges>,
 }
 
 /// One tag's hour on this relay.
@@ -463,6 +467,7 @@ pub fn manifest_json(
                 "bytes": o.bytes,
                 "min_time": rfc3339_nanos(o.min_time),
                 "max_time": rfc3339_nanos(o.max_time),
+                "sources": o.sources,
             })
         })
         .collect();
@@ -473,7 +478,7 @@ pub fn manifest_json(
         .map(|(s, span)| {
             (
                 s.clone(),
-                serde_json::json!({"records": span.records, "first_seq": span.first, "last_seq": span.last}),
+                serde_json::json!({"records": span.records, "first_seq": span.first, "last_seq": span.last, "ranges": span.ranges}),
             )
         })
         .collect();
@@ -516,6 +521,7 @@ mod tests {
                 records,
                 first: 0,
                 last: records - 1,
+                ranges: crate::ranges::SeqRanges::from_ranges([[0, records - 1]]),
             },
         );
         s
@@ -527,6 +533,7 @@ mod tests {
             bytes: 10,
             min_time: 10,
             max_time: 20,
+            sources: BTreeMap::new(),
         }
     }
 

@@ -8,7 +8,7 @@
 pub mod hours;
 pub mod key;
 pub mod lease;
-mod readback;
+pub mod readback;
 pub mod stage;
 mod writer;
 
@@ -269,6 +269,20 @@ pub(crate) fn configure_store(
                 .map_err(|e| format!("object store {url}: {e}"))?;
             Ok((Arc::from(store), path.to_string()))
         }
+    }
+}
+
+impl ObjectSink {
+    /// Reads the window of `found` from what every relay wrote under this sink's
+    /// prefix, for `reconcile --from --to` ([`readback::read_window`]).
+    pub async fn read_window(
+        &self,
+        deep: bool,
+        found: &mut Found,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<readback::ObjectRead, String> {
+        let (store, prefix) = self.open()?;
+        readback::read_window(store.as_ref(), &prefix, deep, found, progress).await
     }
 }
 

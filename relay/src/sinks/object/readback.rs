@@ -95,9 +95,211 @@ pub async fn read(
     Ok(found)
 }
 
+/// An object a manifest lists that is not in the store any more.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct MissingObject {
+    pub key: String,
+    pub relay: String,
+    pub tag: String,
+    pub hour: u64,
+    pub records: u64,
+    /// Its seqs per source, as its manifest lists them.
+    pub sources: std::collections::BTreeMap<String, crate::ranges::SeqRanges>,
+}
+
+/// What reading a window of object storage found besides the events.
+#[derive(Debug, Default)]
+pub struct ObjectRead {
+    /// Relays (`relay.id`) with an hour marker, per hour: they announced the hour.
+    pub announced: std::collections::BTreeMap<u64, std::collections::BTreeSet<String>>,
+    /// Events that arrived after their hour closed, per (tag, hour), from the manifests.
+    pub late: crate::ledger::Counts,
+    pub manifests: u64,
+    pub objects_read: u64,
+    pub missing: Vec<MissingObject>,
+}
+
+async fn get_json(store: &dyn ObjectStore, path: &str) -> Result<serde_json::Value, String> {
+    let location = object_store::path::Path::from(path);
+    let bytes = store
+        .get(&location)
+        .await
+        .map_err(|e| format!("get {path}: {e}"))?
+        .bytes()
+        .await
+        .map_err(|e| format!("read {path}: {e}"))?;
+    serde_json::from_slice(&bytes).map_err(|e| format!("{path} is not JSON: {e}"))
+}
+
+async fn list(
+    store: &dyn ObjectStore,
+    prefix: &str,
+) -> Result<Vec<object_store::ObjectMeta>, String> {
+    let p = object_store::path::Path::from(prefix);
+    store
+        .list(if prefix.is_empty() { None } else { Some(&p) })
+        .try_collect()
+        .await
+        .map_err(|e| format!("listing {prefix}: {e}"))
+}
+
+/// The hour of a key made by a template with `dt=YYYY-MM-DD/hour=HH` folders, if it has them.
+fn hour_of_key(key: &str) -> Option<u64> {
+    let parts: Vec<&str> = key.split('/').collect();
+    parts.windows(2).find_map(|w| {
+        let dt = w[0].strip_prefix("dt=")?;
+        let hh = w[1].strip_prefix("hour=")?;
+        crate::envelope::parse_hour_label(&format!("{dt}T{hh}"))
+    })
+}
+
+/// Reads what every relay of a cluster wrote under the sink's prefix `full` for the hours
+/// of `found`'s window, into `found`.
+///
+/// By manifests (`deep = false`): the hour markers of every relay, the manifests they
+/// name (each object with its seqs per source), and one listing per partition folder to
+/// see that every object listed is still there: an object gone is reported in
+/// [`ObjectRead::missing`] with its seqs, and not counted. With `deep`, every object of
+/// the window is read and its lines counted instead.
+pub async fn read_window(
+    store: &dyn ObjectStore,
+    full: &str,
+    deep: bool,
+    found: &mut Found,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<ObjectRead, String> {
+    let (from, to) = found.window.ok_or("a window is needed")?;
+    let mut read = ObjectRead::default();
+    let join = |a: &str, b: &str| {
+        if a.is_empty() {
+            b.to_string()
+        } else {
+            format!("{a}/{b}")
+        }
+    };
+    // The markers say which relays announced each hour, and name the manifests.
+    let mut manifests = Vec::new();
+    for hour in from..to {
+        let (dt, hh) = super::key::date_and_hour(hour);
+        let folder = join(full, &format!("_sluice/hours/dt={dt}/hour={hh}"));
+        for meta in list(store, &folder).await? {
+            let marker = get_json(store, meta.location.as_ref()).await?;
+            let relay = marker["relay"].as_str().unwrap_or("?").to_string();
+            read.announced
+                .entry(hour)
+                .or_default()
+                .insert(relay.clone());
+            if let Some(tags) = marker["tags"].as_object() {
+                for (tag, t) in tags {
+                    if let Some(m) = t["manifest"].as_str() {
+                        manifests.push((hour, tag.clone(), relay.clone(), m.to_string()));
+                    }
+                }
+            }
+        }
+    }
+    if deep {
+        let objects: Vec<_> = list(store, full)
+            .await?
+            .into_iter()
+            .filter(|m| m.location.as_ref().ends_with(".ndjson.gz"))
+            .filter(|m| hour_of_key(m.location.as_ref()).is_none_or(|h| (from..to).contains(&h)))
+            .collect();
+        let total = objects.len() as u64;
+        let mut text = Vec::new();
+        for meta in objects {
+            let bytes = store
+                .get(&meta.location)
+                .await
+                .map_err(|e| format!("get {}: {e}", meta.location))?
+                .bytes()
+                .await
+                .map_err(|e| format!("read {}: {e}", meta.location))?;
+            text.clear();
+            flate2::read::MultiGzDecoder::new(&bytes[..])
+                .read_to_end(&mut text)
+                .map_err(|e| format!("{} is not valid gzip: {e}", meta.location))?;
+            found.add_ndjson(&text);
+            read.objects_read += 1;
+            progress(read.objects_read, total);
+        }
+        for (hour, tag, _, path) in &manifests {
+            if found.wanted(tag, *hour) {
+                let m = get_json(store, path).await?;
+                read.manifests += 1;
+                read.late
+                    .add(tag, *hour, m["late_records"].as_u64().unwrap_or(0));
+            }
+        }
+        return Ok(read);
+    }
+    let mut listed: std::collections::HashMap<String, std::collections::HashSet<String>> =
+        Default::default();
+    let total = manifests.len() as u64;
+    for (i, (hour, tag, relay, path)) in manifests.iter().enumerate() {
+        progress(i as u64 + 1, total);
+        if !found.wanted(tag, *hour) {
+            continue;
+        }
+        let m = get_json(store, path).await?;
+        read.manifests += 1;
+        read.late
+            .add(tag, *hour, m["late_records"].as_u64().unwrap_or(0));
+        // `<partition>/_manifests/<name>.json`: the objects are in `<partition>`.
+        let partition = path.rsplitn(3, '/').nth(2).unwrap_or_default().to_string();
+        if !listed.contains_key(&partition) {
+            let keys = list(store, &partition)
+                .await?
+                .into_iter()
+                .map(|m| m.location.to_string())
+                .collect();
+            listed.insert(partition.clone(), keys);
+        }
+        let present = &listed[&partition];
+        for o in m["objects"].as_array().into_iter().flatten() {
+            let key = o["key"].as_str().unwrap_or_default().to_string();
+            let records = o["records"].as_u64().unwrap_or(0);
+            let sources: std::collections::BTreeMap<String, crate::ranges::SeqRanges> =
+                serde_json::from_value(o["sources"].clone()).unwrap_or_default();
+            if !present.contains(&key) {
+                read.missing.push(MissingObject {
+                    key,
+                    relay: relay.clone(),
+                    tag: tag.clone(),
+                    hour: *hour,
+                    records,
+                    sources,
+                });
+                continue;
+            }
+            let mut attributed = 0;
+            for (source, ranges) in &sources {
+                found.add_ranges(tag, *hour, source, ranges);
+                attributed += ranges.len();
+            }
+            // Records without provenance (Fluentd clients), or a manifest from before
+            // objects listed their seqs: counted, not placed.
+            for _ in attributed..records {
+                found.add_event(tag, *hour, None, None);
+            }
+        }
+    }
+    Ok(read)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hours_are_read_off_keys_with_dt_and_hour_folders() {
+        let key = "p/a/dt=2026-11-23/hour=09/relay-1-x.ndjson.gz";
+        assert_eq!(
+            hour_of_key(key),
+            crate::envelope::parse_hour_label("2026-11-23T09")
+        );
+        assert_eq!(hour_of_key("p/a/relay-1-x.ndjson.gz"), None);
+    }
 
     #[test]
     fn keys_of_other_relays_and_incarnations_are_not_read() {

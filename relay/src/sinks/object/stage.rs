@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 use sluice_forward::GzipWriter;
 
 use crate::envelope::hour_of;
+use crate::ranges::SeqRanges;
 use crate::record::SpooledChunk;
 use crate::sinks::spec::DeliverError;
 
@@ -47,18 +48,41 @@ fn is_zero(n: &u64) -> bool {
     *n == 0
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// What an object (or an hour) holds of one source: its records, lowest and highest
+/// seq, and the seqs as ranges (a sluice agent's seqs are contiguous: one range, unless
+/// something is missing or the source's events went to several relays).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SeqSpan {
     pub records: u64,
     pub first: u64,
     pub last: u64,
+    /// Absent in books written before ranges were kept.
+    #[serde(default, skip_serializing_if = "SeqRanges::is_empty")]
+    pub ranges: SeqRanges,
 }
 
 impl SeqSpan {
+    fn of(seq: u64) -> SeqSpan {
+        SeqSpan {
+            records: 1,
+            first: seq,
+            last: seq,
+            ranges: SeqRanges::from_ranges([[seq, seq]]),
+        }
+    }
+
     pub fn merge(&mut self, other: &SeqSpan) {
         self.records += other.records;
         self.first = self.first.min(other.first);
         self.last = self.last.max(other.last);
+        self.ranges.union(&other.ranges);
+    }
+
+    fn add(&mut self, seq: u64) {
+        self.records += 1;
+        self.first = self.first.min(seq);
+        self.last = self.last.max(seq);
+        self.ranges.insert(seq);
     }
 }
 
@@ -73,20 +97,9 @@ impl ObjectStats {
         self.max_time = self.max_time.max(time);
         match (source, seq) {
             (Some(source), Some(seq)) => match self.sources.get_mut(source) {
-                Some(span) => span.merge(&SeqSpan {
-                    records: 1,
-                    first: seq,
-                    last: seq,
-                }),
+                Some(span) => span.add(seq),
                 None => {
-                    self.sources.insert(
-                        source.to_string(),
-                        SeqSpan {
-                            records: 1,
-                            first: seq,
-                            last: seq,
-                        },
-                    );
+                    self.sources.insert(source.to_string(), SeqSpan::of(seq));
                 }
             },
             _ => self.unattributed += 1,
@@ -110,7 +123,7 @@ impl ObjectStats {
             match self.sources.get_mut(source) {
                 Some(mine) => mine.merge(span),
                 None => {
-                    self.sources.insert(source.clone(), *span);
+                    self.sources.insert(source.clone(), span.clone());
                 }
             }
         }

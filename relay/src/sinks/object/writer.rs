@@ -676,6 +676,12 @@ impl ObjectWriter {
                 bytes: s.len,
                 min_time: s.stats.min_time,
                 max_time: s.stats.max_time,
+                sources: s
+                    .stats
+                    .sources
+                    .iter()
+                    .map(|(source, span)| (source.clone(), span.ranges.clone()))
+                    .collect(),
             };
             let n = self.book.add_object(&s.tag, s.hour, &key, entry, &s.stats);
             if n > 0 {

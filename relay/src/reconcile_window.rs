@@ -1,0 +1,527 @@
+//! `sluice-relay reconcile --from T1 --to T2 [--tag T] [--deep]`: for a window of
+//! event-time hours, what is really in Kafka and what is really in object storage, for a
+//! whole cluster (every relay writes to the same topic and bucket), and every
+//! difference named by source and seq range. Needs only Kafka and the bucket, so it
+//! runs anywhere the relay's config reaches them (a cron job, a laptop).
+//!
+//! - Kafka is read from the first message at or after the window's start in each
+//!   partition (offsets-for-times on the event-time timestamps the sink sets), not from
+//!   the beginning, to each partition's end.
+//! - Object storage is read by its hour markers and manifests (each object with its seqs
+//!   per source) and one listing per partition folder to see the objects are still
+//!   there; `--deep` reads and counts every object of the window instead.
+//!
+//! What was found is kept as seq ranges per (tag, hour, source): memory follows the
+//! sources, not the events. Expected, per source, is what either destination holds;
+//! a sluice agent numbers a source's events 0, 1, 2, ..., so a gap between the lowest
+//! and highest seq found of a source is missing from both. Statuses per row: `OK`,
+//! `MISSING n` (in one destination or both), `DUPLICATE n` (found more than once in a
+//! destination), `PENDING` (an hour some relay has not announced yet: its objects may
+//! still come), and `LATE n` beside them (events written after their hour closed, in a
+//! later manifest revision; not a difference).
+//!
+//! Exit code: 0 when every row is OK, 1 when something is missing or duplicated, 3 when
+//! the only differences are in hours still pending.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::IsTerminal;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::config::RelayConfig;
+use crate::envelope::hour_label;
+use crate::ranges::SeqRanges;
+use crate::readback::Found;
+use crate::sinks::SinkKind;
+
+/// What to reconcile.
+pub struct Window {
+    /// Hours since the epoch, `[from, to)`.
+    pub from: u64,
+    pub to: u64,
+    pub tag: Option<String>,
+    pub deep: bool,
+    pub kafka_timeout: Duration,
+}
+
+/// `YYYY-MM-DDTHH` (or a longer RFC 3339 time, of which the hour counts).
+pub fn parse_hour(s: &str) -> Result<u64, String> {
+    s.get(..13)
+        .and_then(crate::envelope::parse_hour_label)
+        .ok_or_else(|| {
+            format!("{s:?} is not an hour: write YYYY-MM-DDTHH (UTC), e.g. 2026-11-23T09")
+        })
+}
+
+#[derive(Debug, Default, Serialize, PartialEq, Eq)]
+pub struct SourceRanges {
+    pub source: String,
+    pub seqs: SeqRanges,
+    pub events: u64,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct Destination {
+    /// Distinct events found.
+    pub events: u64,
+    /// Events found more than once (each repeat counted).
+    pub duplicates: u64,
+    pub missing: Vec<SourceRanges>,
+    pub duplicated: Vec<SourceRanges>,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct Row {
+    pub tag: String,
+    pub hour: String,
+    /// Distinct events in either destination, with the gaps both share.
+    pub expected: u64,
+    pub kafka: Option<Destination>,
+    pub objects: Option<Destination>,
+    /// Missing from both (a gap in a source's seqs that neither destination holds).
+    pub missing_everywhere: Vec<SourceRanges>,
+    /// Events that arrived after the hour closed (in a later manifest revision).
+    pub late: u64,
+    /// Relays seen in the window that have not announced this hour yet.
+    pub pending_relays: Vec<String>,
+    pub status: String,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct Report {
+    pub from: String,
+    pub to: String,
+    pub tag: Option<String>,
+    pub deep: bool,
+    pub rows: Vec<Row>,
+    pub missing_objects: Vec<crate::sinks::object::readback::MissingObject>,
+    pub kafka_messages_read: u64,
+    pub kafka_partitions_from_beginning: usize,
+    pub objects_read: u64,
+    pub manifests_read: u64,
+    pub seconds: f64,
+    pub ok: bool,
+    pub pending_only: bool,
+}
+
+impl Report {
+    /// 0: everything matches; 1: missing or duplicated events; 3: only pending hours.
+    pub fn exit_code(&self) -> u8 {
+        if self.ok {
+            0
+        } else if self.pending_only {
+            3
+        } else {
+            1
+        }
+    }
+}
+
+/// A progress line on a terminal (stderr), nothing otherwise.
+struct Progress {
+    on: bool,
+    last: Instant,
+}
+
+impl Progress {
+    fn show(&mut self, what: std::fmt::Arguments<'_>) {
+        if self.on && self.last.elapsed() >= Duration::from_millis(200) {
+            eprint!("\r{what}\x1b[K");
+            self.last = Instant::now();
+        }
+    }
+
+    fn done(&self) {
+        if self.on {
+            eprint!("\r\x1b[K");
+        }
+    }
+}
+
+fn cells(found: &Found) -> impl Iterator<Item = (&str, u64)> {
+    found
+        .seqs
+        .iter()
+        .flat_map(|(t, h)| h.keys().map(move |hour| (t.as_str(), *hour)))
+        .chain(found.counts.keys())
+}
+
+/// Reads the window from the config's first Kafka sink and first object sink (either may
+/// be absent) and compares them.
+pub async fn run(config: &RelayConfig, w: &Window) -> Result<Report, String> {
+    let started = Instant::now();
+    let new_found = || Found {
+        window: Some((w.from, w.to)),
+        only_tag: w.tag.clone(),
+        ..Found::default()
+    };
+    let mut progress = Progress {
+        on: std::io::stderr().is_terminal(),
+        last: Instant::now() - Duration::from_secs(1),
+    };
+    let mut report = Report {
+        from: hour_label(w.from),
+        to: hour_label(w.to),
+        tag: w.tag.clone(),
+        deep: w.deep,
+        ..Report::default()
+    };
+    let enabled = || config.sinks.iter().filter(|s| s.enabled);
+    let mut kafka = None;
+    if let Some(sink) = enabled().find_map(|s| match &s.kind {
+        SinkKind::Kafka(k) => Some(k.clone()),
+        _ => None,
+    }) {
+        let timeout = w.kafka_timeout;
+        let mut found = new_found();
+        let (found, read) = tokio::task::spawn_blocking(move || {
+            let mut p = Progress {
+                on: std::io::stderr().is_terminal(),
+                last: Instant::now(),
+            };
+            let read = sink.read_window(timeout, &mut found, &mut |n| {
+                p.show(format_args!("reading Kafka: {n} messages"))
+            });
+            p.done();
+            read.map(|r| (found, r))
+        })
+        .await
+        .map_err(|e| e.to_string())??;
+        report.kafka_messages_read = read.messages;
+        report.kafka_partitions_from_beginning = read.from_beginning;
+        kafka = Some(found);
+    }
+    let mut objects = None;
+    let mut object_read = None;
+    if let Some(sink) = enabled().find_map(|s| match &s.kind {
+        SinkKind::ObjectStore(o) => Some(o.clone()),
+        _ => None,
+    }) {
+        let mut found = new_found();
+        let read = sink
+            .read_window(w.deep, &mut found, &mut |i, n| {
+                progress.show(format_args!("reading object storage: {i} of {n}"))
+            })
+            .await?;
+        progress.done();
+        report.objects_read = read.objects_read;
+        report.manifests_read = read.manifests;
+        objects = Some(found);
+        object_read = Some(read);
+    }
+    if kafka.is_none() && objects.is_none() {
+        return Err(
+            "no enabled kafka or object_store sink in the config: nothing to reconcile".into(),
+        );
+    }
+    // Every relay that announced any hour of the window is expected to announce each.
+    let relays: BTreeSet<String> = object_read
+        .iter()
+        .flat_map(|r| r.announced.values().flatten().cloned())
+        .collect();
+    let empty = Found::default();
+    let k = kafka.as_ref().unwrap_or(&empty);
+    let o = objects.as_ref().unwrap_or(&empty);
+    let keys: BTreeSet<(String, u64)> = cells(k)
+        .chain(cells(o))
+        .map(|(t, h)| (t.to_string(), h))
+        .collect();
+    // Per source, every seq found anywhere in the window: its gaps are missing everywhere.
+    let mut all: BTreeMap<&str, SeqRanges> = BTreeMap::new();
+    for f in [k, o] {
+        for sources in f.seqs.values().flat_map(|h| h.values()) {
+            for (source, s) in sources {
+                all.entry(source).or_default().union(&s.found);
+            }
+        }
+    }
+    // A gap is put in the row of the seq just before it.
+    let mut gaps: BTreeMap<&str, SeqRanges> = BTreeMap::new();
+    for (source, seqs) in &all {
+        let (Some(first), Some(last)) = (seqs.first(), seqs.last()) else {
+            continue;
+        };
+        let g = SeqRanges::from_ranges([[first, last]]).minus(seqs);
+        if !g.is_empty() {
+            gaps.insert(source, g);
+        }
+    }
+    let mut all_ok = true;
+    let mut only_pending = true;
+    for (tag, hour) in keys {
+        let cell = |f: &Found| -> BTreeMap<String, crate::readback::SourceSeqs> {
+            f.seqs
+                .get(&tag)
+                .and_then(|h| h.get(&hour))
+                .cloned()
+                .unwrap_or_default()
+        };
+        let (kc, oc) = (cell(k), cell(o));
+        let mut expected: BTreeMap<String, SeqRanges> = BTreeMap::new();
+        for c in [&kc, &oc] {
+            for (source, s) in c {
+                expected.entry(source.clone()).or_default().union(&s.found);
+            }
+        }
+        let mut missing_everywhere = Vec::new();
+        for (source, seqs) in expected.iter_mut() {
+            if let Some(g) = gaps.get(source.as_str()) {
+                // The gaps that begin right after a seq of this cell (a gap is inside a
+                // source's seqs, so the seq before it was found somewhere).
+                let mine: Vec<[u64; 2]> = g
+                    .ranges()
+                    .iter()
+                    .filter(|r| seqs.contains(r[0] - 1))
+                    .copied()
+                    .collect();
+                if !mine.is_empty() {
+                    let m = SeqRanges::from_ranges(mine);
+                    missing_everywhere.push(SourceRanges {
+                        source: source.clone(),
+                        events: m.len(),
+                        seqs: m.clone(),
+                    });
+                    seqs.union(&m);
+                }
+            }
+        }
+        let unattributed = |f: &Found, c: &BTreeMap<String, crate::readback::SourceSeqs>| {
+            let placed: u64 = c.values().map(|s| s.found.len()).sum();
+            f.counts.get(&tag, hour).saturating_sub(placed)
+        };
+        let unplaced = unattributed(k, &kc).max(unattributed(o, &oc));
+        let expected_n: u64 = expected.values().map(SeqRanges::len).sum::<u64>() + unplaced;
+        let dest = |f: &Found, c: &BTreeMap<String, crate::readback::SourceSeqs>| {
+            let mut d = Destination {
+                events: f.counts.get(&tag, hour),
+                ..Destination::default()
+            };
+            for (source, want) in &expected {
+                let have = c.get(source).map(|s| s.found.clone()).unwrap_or_default();
+                let m = want.minus(&have);
+                if !m.is_empty() {
+                    d.missing.push(SourceRanges {
+                        source: source.clone(),
+                        events: m.len(),
+                        seqs: m,
+                    });
+                }
+            }
+            for (source, s) in c {
+                if s.duplicates > 0 {
+                    d.duplicates += s.duplicates;
+                    d.duplicated.push(SourceRanges {
+                        source: source.clone(),
+                        events: s.duplicates,
+                        seqs: s.duplicated.clone(),
+                    });
+                }
+            }
+            d
+        };
+        let kd = kafka.as_ref().map(|f| dest(f, &kc));
+        let od = objects.as_ref().map(|f| dest(f, &oc));
+        let pending_relays: Vec<String> = match &object_read {
+            Some(r) => {
+                let announced = r.announced.get(&hour);
+                relays
+                    .iter()
+                    .filter(|id| announced.is_none_or(|a| !a.contains(*id)))
+                    .cloned()
+                    .collect()
+            }
+            None => Vec::new(),
+        };
+        let hour_pending = object_read.is_some()
+            && (!pending_relays.is_empty()
+                || object_read
+                    .as_ref()
+                    .is_some_and(|r| !r.announced.contains_key(&hour)));
+        let late = object_read.as_ref().map_or(0, |r| r.late.get(&tag, hour));
+        let mut status = Vec::new();
+        let n = |d: &Option<Destination>, f: fn(&Destination) -> u64| d.as_ref().map_or(0, f);
+        let missing_k = n(&kd, |d| d.missing.iter().map(|m| m.events).sum());
+        let missing_o = n(&od, |d| d.missing.iter().map(|m| m.events).sum());
+        let everywhere: u64 = missing_everywhere.iter().map(|m| m.events).sum();
+        let mut failing = false;
+        if missing_k > 0 {
+            status.push(format!("MISSING {missing_k} in kafka"));
+            failing = true;
+        }
+        if missing_o > 0 {
+            if hour_pending {
+                status.push(format!("PENDING ({missing_o} not in objects yet)"));
+            } else {
+                status.push(format!("MISSING {missing_o} in objects"));
+                failing = true;
+            }
+        } else if hour_pending {
+            status.push("PENDING".into());
+        }
+        if everywhere > 0 {
+            status.push(format!("MISSING {everywhere} everywhere"));
+            failing = true;
+        }
+        let dup_k = n(&kd, |d| d.duplicates);
+        let dup_o = n(&od, |d| d.duplicates);
+        if dup_k > 0 {
+            status.push(format!("DUPLICATE {dup_k} in kafka"));
+            failing = true;
+        }
+        if dup_o > 0 {
+            status.push(format!("DUPLICATE {dup_o} in objects"));
+            failing = true;
+        }
+        if late > 0 {
+            status.push(format!("LATE {late}"));
+        }
+        let pending = hour_pending;
+        if failing || pending {
+            all_ok = false;
+        }
+        if failing {
+            only_pending = false;
+        }
+        if status.iter().all(|s| s.starts_with("LATE")) {
+            status.insert(0, "OK".into());
+        }
+        report.rows.push(Row {
+            tag: tag.clone(),
+            hour: hour_label(hour),
+            expected: expected_n,
+            kafka: kd,
+            objects: od,
+            missing_everywhere,
+            late,
+            pending_relays,
+            status: status.join("; "),
+        });
+    }
+    if let Some(r) = object_read {
+        if !r.missing.is_empty() {
+            only_pending = false;
+            all_ok = false;
+        }
+        report.missing_objects = r.missing;
+    }
+    for f in [k, o] {
+        if f.unreadable > 0 {
+            all_ok = false;
+            only_pending = false;
+        }
+    }
+    report.ok = all_ok;
+    report.pending_only = !all_ok && only_pending;
+    report.seconds = started.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+/// The report as a table, then each difference by source and seq range.
+pub fn render(r: &Report) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "reconciliation of hours {} to {} (end excluded){}{}",
+        r.from,
+        r.to,
+        r.tag
+            .as_ref()
+            .map(|t| format!(", tag {t}"))
+            .unwrap_or_default(),
+        if r.deep {
+            ", every object read"
+        } else {
+            ", objects by manifest"
+        }
+    );
+    let _ = writeln!(
+        out,
+        "{:<24} {:<13} {:>10} {:>10} {:>10}  status",
+        "tag", "hour (UTC)", "expected", "kafka", "objects"
+    );
+    let num =
+        |d: &Option<Destination>| d.as_ref().map_or("-".to_string(), |d| d.events.to_string());
+    for row in &r.rows {
+        let _ = writeln!(
+            out,
+            "{:<24} {:<13} {:>10} {:>10} {:>10}  {}",
+            row.tag,
+            row.hour,
+            row.expected,
+            num(&row.kafka),
+            num(&row.objects),
+            row.status
+        );
+        let mut detail = |what: &str, list: &[SourceRanges]| {
+            for m in list {
+                let _ = writeln!(
+                    out,
+                    "    {what}: source {} seqs {} ({} events)",
+                    m.source,
+                    m.seqs.describe(8),
+                    m.events
+                );
+            }
+        };
+        if let Some(d) = &row.kafka {
+            detail("missing in kafka", &d.missing);
+            detail("duplicated in kafka", &d.duplicated);
+        }
+        if let Some(d) = &row.objects {
+            detail("missing in objects", &d.missing);
+            detail("duplicated in objects", &d.duplicated);
+        }
+        detail("missing everywhere", &row.missing_everywhere);
+        if !row.pending_relays.is_empty() {
+            let _ = writeln!(
+                out,
+                "    not announced yet by: {}",
+                row.pending_relays.join(", ")
+            );
+        }
+    }
+    for m in &r.missing_objects {
+        let _ = writeln!(
+            out,
+            "object gone from the bucket: {} (relay {}, {} events of {} {}):",
+            m.key,
+            m.relay,
+            m.records,
+            m.tag,
+            hour_label(m.hour)
+        );
+        for (source, seqs) in &m.sources {
+            let _ = writeln!(out, "    source {source} seqs {}", seqs.describe(8));
+        }
+    }
+    let _ = writeln!(
+        out,
+        "read {} Kafka messages{}, {} manifests, {} objects in {:.1} s",
+        r.kafka_messages_read,
+        if r.kafka_partitions_from_beginning > 0 {
+            format!(
+                " ({} partitions from their beginning: the broker did not answer offsets-for-times)",
+                r.kafka_partitions_from_beginning
+            )
+        } else {
+            String::new()
+        },
+        r.manifests_read,
+        r.objects_read,
+        r.seconds
+    );
+    let _ = writeln!(
+        out,
+        "{}",
+        if r.ok {
+            "RESULT: OK, both destinations hold every event of the window once"
+        } else if r.pending_only {
+            "RESULT: PENDING, hours not announced by every relay yet"
+        } else {
+            "RESULT: differences found (see the status column)"
+        }
+    );
+    out
+}
