@@ -286,16 +286,22 @@ impl Pipeline {
                 continue;
             }
             if last_discover.is_none_or(|t| t.elapsed() >= DISCOVER_EVERY) {
-                for (input, seqs) in self.inputs.iter_mut().zip(&mut next_seq) {
+                for (index, input) in self.inputs.iter_mut().enumerate() {
                     if let Err(e) = input.source.discover() {
                         tracing::warn!(error = %e, "file discovery failed");
                     }
+                    let seqs = &mut next_seq[index];
                     if !seqs.is_empty() {
                         let mut followed = std::collections::HashSet::new();
                         input.source.followed(&mut |s| {
                             followed.insert(s.clone());
                         });
-                        seqs.retain(|s, _| followed.contains(s));
+                        // A stream the tailer dropped (truncated without a copy) may still
+                        // have an open chunk or a multiline event waiting: keep its numbers.
+                        let (open, waiting) = (&open[index], &pending[index]);
+                        seqs.retain(|s, _| {
+                            followed.contains(s) || open.contains_key(s) || waiting.contains_key(s)
+                        });
                     }
                 }
                 self.export_stats();

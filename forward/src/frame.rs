@@ -316,6 +316,12 @@ fn check_batch(batch: &EventBatch) -> Result<(), DecodeError> {
                 i + 1
             )));
         }
+        if let Some(i) = p.offsets.windows(2).position(|w| w[0] >= w[1]) {
+            return Err(malformed(format!(
+                "option sluice.off is not ascending at entry {}",
+                i + 1
+            )));
+        }
     }
     Ok(())
 }

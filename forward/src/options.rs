@@ -28,6 +28,23 @@ pub struct Provenance {
     pub offsets: Vec<u64>,
 }
 
+impl Provenance {
+    /// What the relay's dedup compares: the byte offsets when the sender gave them, else
+    /// the seqs. Offsets are where the events' bytes are, whatever made them one event
+    /// (a multiline event closed by its timeout, a partial line flushed): an agent that
+    /// reads the same bytes again after a crash may cut them into events differently,
+    /// and so number them differently, but never places them at other offsets. Byte
+    /// offsets are also what sluice agents before contiguous seqs sent as seqs, so the
+    /// relay's marks of their sources stay right across the upgrade.
+    pub fn dedup_marks(&self) -> &[u64] {
+        if self.offsets.len() == self.seqs.len() && !self.offsets.is_empty() {
+            &self.offsets
+        } else {
+            &self.seqs
+        }
+    }
+}
+
 /// The option map of an event frame. Keys this codec does not know are skipped.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct Options {

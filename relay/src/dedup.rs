@@ -296,7 +296,7 @@ impl Dedup {
     /// its mark, seen when it was received, and its events per hour. `end` is the spool
     /// position right after it.
     pub fn replay(&mut self, chunk: &SpooledChunk<'_>, end: Position) {
-        if let (Some(key), Some(last)) = (chunk.dedup_key(), chunk.last_seq()) {
+        if let (Some(key), Some(last)) = (chunk.dedup_key(), chunk.last_mark()) {
             let secs = chunk.received_at / 1_000_000_000;
             self.accept(&key, last, Seen { secs, end });
         }

@@ -16,6 +16,7 @@ pub mod reconcile;
 pub mod reconcile_window;
 pub mod record;
 pub mod refusals;
+pub mod replay;
 pub mod server;
 pub mod sinks;
 pub mod state_store;

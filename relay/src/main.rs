@@ -52,6 +52,32 @@ enum Command {
         #[arg(long, default_value = "table", requires = "from")]
         format: String,
     },
+    /// Write into object storage the events of a window that Kafka holds and the bucket
+    /// does not (what `reconcile --from --to` reports missing in objects), provenance kept.
+    Replay {
+        /// The first hour of the window (UTC), `YYYY-MM-DDTHH`.
+        #[arg(long)]
+        from: String,
+        /// The hour after the window's last (UTC), `YYYY-MM-DDTHH`.
+        #[arg(long)]
+        to: String,
+        /// Only this tag.
+        #[arg(long)]
+        tag: Option<String>,
+        /// Where to: `objects` (from Kafka). `kafka` is not built yet.
+        #[arg(long)]
+        into: String,
+        /// Replay only what reconcile reports missing (the only mode built: a replay
+        /// never writes what the destination already holds).
+        #[arg(long)]
+        missing: bool,
+        /// Events read from Kafka per second, at most.
+        #[arg(long)]
+        rate: Option<u64>,
+        /// How long to read Kafka before giving up.
+        #[arg(long, default_value = "120")]
+        kafka_timeout_secs: u64,
+    },
 }
 
 /// How long the exit waits for blocking calls still running after the relay stopped
@@ -108,6 +134,53 @@ async fn reconcile_window(
         }
         Err(e) => {
             eprintln!("error: reconciliation could not read its sources: {e}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}
+
+/// `replay`: prints what it wrote as JSON; exits 0, or 2 when it could not.
+async fn replay(
+    config: &sluice_relay::config::RelayConfig,
+    from: &str,
+    to: &str,
+    tag: Option<String>,
+    into: &str,
+    rate: Option<u64>,
+    kafka_timeout: Duration,
+) -> std::process::ExitCode {
+    use sluice_relay::reconcile_window as rw;
+    if into != "objects" {
+        eprintln!("error: --into {into:?}: only `objects` (from Kafka) is built so far");
+        return std::process::ExitCode::from(2);
+    }
+    let window = match (rw::parse_hour(from), rw::parse_hour(to)) {
+        (Ok(from), Ok(to)) if from < to => rw::Window {
+            from,
+            to,
+            tag,
+            deep: false,
+            kafka_timeout,
+        },
+        (Ok(_), Ok(_)) => {
+            eprintln!("error: --to {to} is not after --from {from}");
+            return std::process::ExitCode::from(2);
+        }
+        (Err(e), _) | (_, Err(e)) => {
+            eprintln!("error: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    match sluice_relay::replay::into_objects(config, &window, rate).await {
+        Ok(done) => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&done).unwrap_or_default()
+            );
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: replay failed: {e}");
             std::process::ExitCode::from(2)
         }
     }
@@ -191,6 +264,27 @@ fn main() -> std::process::ExitCode {
                 tag,
                 deep,
                 &format,
+                Duration::from_secs(kafka_timeout_secs),
+            ));
+            runtime.shutdown_timeout(RUNTIME_STRAGGLERS);
+            return code;
+        }
+        Some(Command::Replay {
+            from,
+            to,
+            tag,
+            into,
+            missing: _,
+            rate,
+            kafka_timeout_secs,
+        }) => {
+            let code = runtime.block_on(replay(
+                &config,
+                &from,
+                &to,
+                tag,
+                &into,
+                rate,
                 Duration::from_secs(kafka_timeout_secs),
             ));
             runtime.shutdown_timeout(RUNTIME_STRAGGLERS);

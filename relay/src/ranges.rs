@@ -7,8 +7,21 @@ use serde::{Deserialize, Serialize};
 
 /// Sorted, disjoint, non-adjacent inclusive ranges `[first, last]`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(transparent)]
+#[serde(into = "Vec<[u64; 2]>", from = "Vec<[u64; 2]>")]
 pub struct SeqRanges(Vec<[u64; 2]>);
+
+/// Read from a manifest (not to be trusted): sorted and merged as it is read.
+impl From<Vec<[u64; 2]>> for SeqRanges {
+    fn from(ranges: Vec<[u64; 2]>) -> SeqRanges {
+        SeqRanges::from_ranges(ranges)
+    }
+}
+
+impl From<SeqRanges> for Vec<[u64; 2]> {
+    fn from(r: SeqRanges) -> Vec<[u64; 2]> {
+        r.0
+    }
+}
 
 impl SeqRanges {
     pub fn from_ranges(ranges: impl IntoIterator<Item = [u64; 2]>) -> SeqRanges {
@@ -100,8 +113,11 @@ impl SeqRanges {
     }
 
     /// How many seqs.
+    /// How many seqs (saturating: `[0, u64::MAX]` holds one more than a u64 counts).
     pub fn len(&self) -> u64 {
-        self.0.iter().map(|r| r[1] - r[0] + 1).sum()
+        self.0.iter().fold(0u64, |n, r| {
+            n.saturating_add((r[1] - r[0]).saturating_add(1))
+        })
     }
 
     pub fn is_empty(&self) -> bool {
@@ -158,6 +174,10 @@ mod tests {
         assert_eq!(r.ranges(), &[[0, 5], [10, 10]]);
         assert_eq!(r.len(), 7);
         assert_eq!(r.describe(1), "0-5, ... (1 more ranges)");
+        let whole = SeqRanges::from_ranges([[0, u64::MAX]]);
+        assert_eq!(whole.len(), u64::MAX);
+        let read: SeqRanges = serde_json::from_str("[[9, 7], [0, 2], [3, 3]]").unwrap();
+        assert_eq!(read.ranges(), &[[0, 3], [7, 9]]);
         let all = SeqRanges::from_ranges([[0, 20]]);
         assert_eq!(all.minus(&r).ranges(), &[[6, 9], [11, 20]]);
         assert!(r.minus(&all).is_empty());

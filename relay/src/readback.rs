@@ -34,6 +34,13 @@ pub struct Found {
     pub only_tag: Option<String>,
     /// Events read but outside the window or of another tag.
     pub outside: u64,
+    /// Per source, the seqs of its events read outside the window: a seq there is not a
+    /// gap (an event whose time fell just outside, say).
+    pub beyond: std::collections::HashMap<String, SeqRanges>,
+    /// Sources whose events carry byte offsets: sluice agents that number events 0, 1,
+    /// 2, ..., so a gap in their seqs is a missing event (older agents numbered by byte
+    /// offset, and other clients as they like).
+    pub contiguous: std::collections::HashSet<String>,
 }
 
 /// What was found of one source in one (tag, hour).
@@ -55,6 +62,8 @@ struct EnvelopeHead<'a> {
     #[serde(borrow)]
     source: Option<std::borrow::Cow<'a, str>>,
     seq: Option<u64>,
+    #[serde(default)]
+    offset: Option<u64>,
 }
 
 /// An object line: the record's fields and sluice's four (`envelope::write_flat`).
@@ -68,6 +77,8 @@ struct FlatHead<'a> {
     source: Option<std::borrow::Cow<'a, str>>,
     #[serde(rename = "_seq")]
     seq: Option<u64>,
+    #[serde(rename = "_offset", default)]
+    offset: Option<u64>,
 }
 
 impl Found {
@@ -80,6 +91,7 @@ impl Found {
                 tag: f.tag?,
                 source: f.source,
                 seq: f.seq,
+                offset: f.offset,
             })
         });
         if flat.is_none() && self.add_flat_with_repeated_keys(line) {
@@ -93,6 +105,11 @@ impl Found {
             self.unreadable += 1;
             return;
         };
+        if let (Some(source), Some(_)) = (head.source.as_deref(), head.offset) {
+            if !self.contiguous.contains(source) {
+                self.contiguous.insert(source.to_string());
+            }
+        }
         self.add_event(&head.tag, hour, head.source.as_deref(), head.seq);
     }
 
@@ -106,6 +123,19 @@ impl Found {
     ) -> bool {
         if !self.wanted(tag, hour) {
             self.outside += 1;
+            if let (Some(source), Some(seq)) = (source, seq) {
+                if self.window.is_some() {
+                    match self.beyond.get_mut(source) {
+                        Some(r) => {
+                            r.insert(seq);
+                        }
+                        None => {
+                            self.beyond
+                                .insert(source.to_string(), SeqRanges::from_ranges([[seq, seq]]));
+                        }
+                    }
+                }
+            }
             return false;
         }
         self.events += 1;

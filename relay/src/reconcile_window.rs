@@ -228,21 +228,36 @@ pub async fn run(config: &RelayConfig, w: &Window) -> Result<Report, String> {
         .map(|(t, h)| (t.to_string(), h))
         .collect();
     // Per source, every seq found anywhere in the window: its gaps are missing everywhere.
+    // Only for sources numbered 0, 1, 2, ... (sluice agents that send byte offsets), and
+    // less what was read outside the window (an event whose time fell just outside).
     let mut all: BTreeMap<&str, SeqRanges> = BTreeMap::new();
     for f in [k, o] {
         for sources in f.seqs.values().flat_map(|h| h.values()) {
             for (source, s) in sources {
-                all.entry(source).or_default().union(&s.found);
+                if k.contiguous.contains(source) || o.contiguous.contains(source) {
+                    all.entry(source).or_default().union(&s.found);
+                }
             }
         }
     }
+    let beyond = |source: &str| -> SeqRanges {
+        let mut r = SeqRanges::default();
+        for f in [k, o] {
+            if let Some(b) = f.beyond.get(source) {
+                r.union(b);
+            }
+        }
+        r
+    };
     // A gap is put in the row of the seq just before it.
     let mut gaps: BTreeMap<&str, SeqRanges> = BTreeMap::new();
     for (source, seqs) in &all {
         let (Some(first), Some(last)) = (seqs.first(), seqs.last()) else {
             continue;
         };
-        let g = SeqRanges::from_ranges([[first, last]]).minus(seqs);
+        let g = SeqRanges::from_ranges([[first, last]])
+            .minus(seqs)
+            .minus(&beyond(source));
         if !g.is_empty() {
             gaps.insert(source, g);
         }
@@ -265,7 +280,7 @@ pub async fn run(config: &RelayConfig, w: &Window) -> Result<Report, String> {
             }
         }
         let mut missing_everywhere = Vec::new();
-        for (source, seqs) in expected.iter_mut() {
+        for (source, seqs) in expected.iter() {
             if let Some(g) = gaps.get(source.as_str()) {
                 // The gaps that begin right after a seq of this cell (a gap is inside a
                 // source's seqs, so the seq before it was found somewhere).
@@ -277,12 +292,13 @@ pub async fn run(config: &RelayConfig, w: &Window) -> Result<Report, String> {
                     .collect();
                 if !mine.is_empty() {
                     let m = SeqRanges::from_ranges(mine);
+                    // Not in what each destination is held to: it is missing from
+                    // both, reported once.
                     missing_everywhere.push(SourceRanges {
                         source: source.clone(),
                         events: m.len(),
-                        seqs: m.clone(),
+                        seqs: m,
                     });
-                    seqs.union(&m);
                 }
             }
         }
@@ -291,7 +307,9 @@ pub async fn run(config: &RelayConfig, w: &Window) -> Result<Report, String> {
             f.counts.get(&tag, hour).saturating_sub(placed)
         };
         let unplaced = unattributed(k, &kc).max(unattributed(o, &oc));
-        let expected_n: u64 = expected.values().map(SeqRanges::len).sum::<u64>() + unplaced;
+        let expected_n: u64 = expected.values().map(SeqRanges::len).sum::<u64>()
+            + missing_everywhere.iter().map(|m| m.events).sum::<u64>()
+            + unplaced;
         let dest = |f: &Found, c: &BTreeMap<String, crate::readback::SourceSeqs>| {
             let mut d = Destination {
                 events: f.counts.get(&tag, hour),

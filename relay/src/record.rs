@@ -144,6 +144,16 @@ impl<'a> SpooledChunk<'a> {
         Some(dedup_key(self.namespace, self.source?))
     }
 
+    /// The last entry's dedup mark: its byte offset when the sender gave offsets, else
+    /// its seq (see `Provenance::dedup_marks`).
+    pub fn last_mark(&self) -> Option<u64> {
+        if self.count == 0 {
+            return None;
+        }
+        let last = self.count as usize - 1;
+        self.offset(last).or_else(|| self.seq(last))
+    }
+
     pub fn last_seq(&self) -> Option<u64> {
         if self.count == 0 {
             return None;

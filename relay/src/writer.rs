@@ -426,7 +426,10 @@ impl SpoolWriter {
         let provenance = batch.options.provenance.as_ref();
         let namespace = provenance.and_then(|p| record::namespace(client.map(|c| &**c), &p.source));
         let key = provenance.map(|p| record::dedup_key(namespace, &p.source));
-        let range = provenance.and_then(|p| Some((*p.seqs.first()?, *p.seqs.last()?)));
+        let range = provenance.and_then(|p| {
+            let marks = p.dedup_marks();
+            Some((*marks.first()?, *marks.last()?))
+        });
         if let (Some(key), Some((first, last))) = (&key, range) {
             if let Err(e) = self.dedup.admit(key, first, last) {
                 let source = provenance.map_or("", |p| p.source.as_str());
@@ -483,7 +486,7 @@ impl SpoolWriter {
             Some(p) if p.seqs.len() == batch.count => {
                 let skip = self
                     .dedup
-                    .duplicate_prefix(key.unwrap_or(&p.source), &p.seqs);
+                    .duplicate_prefix(key.unwrap_or(&p.source), p.dedup_marks());
                 (skip, entry_offset(batch, skip)?)
             }
             Some(p) => {
@@ -502,7 +505,7 @@ impl SpoolWriter {
         if skip == batch.count {
             // A source that resends is alive: keep it from being pruned.
             if let Some(p) = &batch.options.provenance {
-                if let Some(&last) = p.seqs.last() {
+                if let Some(&last) = p.dedup_marks().last() {
                     let end = self.spool.tail();
                     self.dedup.accept(&p.source, last, Seen { secs: now, end });
                 }
@@ -538,7 +541,7 @@ impl SpoolWriter {
             secs: now,
             end: self.spool.tail(),
         };
-        if let (Some(key), Some(last)) = (chunk.dedup_key(), chunk.last_seq()) {
+        if let (Some(key), Some(last)) = (chunk.dedup_key(), chunk.last_mark()) {
             self.dedup.accept(&key, last, seen);
         }
         // The record keeps the hour runs the decoder counted (less what dedup trimmed),
@@ -1053,6 +1056,47 @@ mod tests {
             w.dedup.duplicate_prefix("a", &[7, 8, 9]),
             2,
             "the mark survives the second start"
+        );
+    }
+
+    /// An agent that reads the same bytes again after a crash may cut them into events
+    /// differently (a multiline event closed by its timeout before, whole now) and so
+    /// number them differently: dedup compares byte offsets when a chunk has them, so the
+    /// new event after the resent ones is kept (by seqs it would be trimmed: lost), also
+    /// after the relay restarts and rebuilds its marks from the spool.
+    #[test]
+    fn resent_events_numbered_differently_are_trimmed_by_offset_and_new_ones_kept() {
+        let with_offsets = |seqs: std::ops::Range<u64>, offsets: &[u64]| {
+            let mut b = batch("f", seqs);
+            if let Some(p) = b.options.provenance.as_mut() {
+                p.offsets = offsets.to_vec();
+            }
+            b
+        };
+        let (mut w, _, dir) = test_writer(1 << 20, 1 << 30);
+        // Before the crash: three events at 0, 10 and 20 (the last two halves of one
+        // multiline event, split by its timeout), seqs 0..3.
+        assert_eq!(
+            w.append(&with_offsets(0..3, &[0, 10, 20]), None, 1)
+                .unwrap()
+                .accepted,
+            3
+        );
+        // After: the halves are one event (seq 1, offset 10), then a new one at 30 (seq 2).
+        let again = with_offsets(0..3, &[0, 10, 30]);
+        assert_eq!(
+            w.append(&again, None, 1).unwrap().accepted,
+            1,
+            "the event at 30 is new"
+        );
+        drop(w);
+        let mut w = reopen(dir.path(), 1 << 20);
+        assert_eq!(
+            w.append(&with_offsets(0..4, &[0, 10, 30, 40]), None, 1)
+                .unwrap()
+                .accepted,
+            1,
+            "after a restart the mark is the offset 30"
         );
     }
 

@@ -2,8 +2,9 @@
 //! relays share one topic and one bucket; events of 3 tags over 4 past hours, each
 //! source's seqs 0, 1, 2, ... (half of each source through one relay, the rest through
 //! the next, as after a failover). Then: every row OK; one object deleted with boto3 is
-//! named, and exactly its seqs are reported missing from object storage; records copied
-//! into the topic with confluent-kafka are reported as exactly those duplicates.
+//! named, and exactly its seqs are reported missing from object storage, `replay
+//! --missing --into objects` repairs it (twice writes nothing more); records copied into
+//! the topic with confluent-kafka are reported as exactly those duplicates.
 //!
 //! Size: SLUICE_RECONCILE_EVENTS (default 1,000,000, the issue's).
 
@@ -86,6 +87,32 @@ fn reconcile(relay: &Relay, from: &str, to: &str, deep: bool) -> Run {
         code: out.status.code().unwrap_or(-1),
         report,
     }
+}
+
+fn replay(relay: &Relay, from: &str, to: &str) -> serde_json::Value {
+    let out = std::process::Command::new(bin("sluice-relay"))
+        .arg("--config")
+        .arg(&relay.config_path)
+        .args([
+            "replay",
+            "--from",
+            from,
+            "--to",
+            to,
+            "--into",
+            "objects",
+            "--missing",
+        ])
+        .env("AWS_ACCESS_KEY_ID", "testing")
+        .env("AWS_SECRET_ACCESS_KEY", "testing")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "replay failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 fn total(rows: &serde_json::Value, f: impl Fn(&serde_json::Value) -> u64) -> u64 {
@@ -278,6 +305,28 @@ fn three_relays_reconcile_ok_then_name_a_deleted_object_and_copied_records() {
         serde_json::Value::Object(missing_objects(&deep.report["rows"])),
         gone[0]["sources"]
     );
+
+    // `replay --missing --into objects` writes exactly those events back from Kafka:
+    // reconcile is OK again, by manifests and --deep; a second replay writes nothing.
+    let replayed = replay(&relays[0], &from, &to);
+    assert_eq!(
+        replayed["events"]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|v| v.as_u64().unwrap())
+            .sum::<u64>(),
+        records,
+        "{replayed:#}"
+    );
+    assert_eq!(replayed["not_found"], 0, "{replayed:#}");
+    let run = reconcile(&relays[0], &from, &to, false);
+    assert_eq!(run.code, 0, "after the replay: {:#}", run.report);
+    let deep = reconcile(&relays[0], &from, &to, true);
+    assert_eq!(deep.code, 0, "after the replay, --deep: {:#}", deep.report);
+    let again = replay(&relays[0], &from, &to);
+    assert!(again["objects"].as_array().unwrap().is_empty(), "{again:#}");
+    assert_eq!(reconcile(&relays[0], &from, &to, true).code, 0);
 
     // 1,000 records copied into the topic by another producer: exactly those duplicates.
     let dup = svc.py(

@@ -9,7 +9,7 @@ use crate::readback::Found;
 /// (tansu 0.6) do not report reliably.
 pub fn read_kafka(brokers: &str, topic: &str, timeout: Duration) -> Result<Found, String> {
     let mut found = Found::default();
-    read_kafka_from(brokers, topic, timeout, None, &mut found, &mut |_| {})?;
+    consume_from(brokers, topic, timeout, None, &mut |p| found.add_line(p))?;
     Ok(found)
 }
 
@@ -38,6 +38,24 @@ pub fn read_kafka_from(
     from_ms: Option<i64>,
     found: &mut Found,
     progress: &mut dyn FnMut(u64),
+) -> Result<KafkaRead, String> {
+    let mut n = 0u64;
+    consume_from(brokers, topic, timeout, from_ms, &mut |payload| {
+        found.add_line(payload);
+        n += 1;
+        if n.is_multiple_of(100_000) {
+            progress(n);
+        }
+    })
+}
+
+/// Reads the topic as [`read_kafka_from`] does, handing each message's value to `each`.
+pub fn consume_from(
+    brokers: &str,
+    topic: &str,
+    timeout: Duration,
+    from_ms: Option<i64>,
+    each: &mut dyn FnMut(&[u8]),
 ) -> Result<KafkaRead, String> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::error::KafkaError;
@@ -113,11 +131,11 @@ pub fn read_kafka_from(
         return Ok(read);
     }
     consumer.assign(&assignment).map_err(|e| e.to_string())?;
-    let deadline = Instant::now() + timeout;
+    let mut deadline = Instant::now() + timeout;
     while !remaining.is_empty() {
         if Instant::now() > deadline {
             return Err(format!(
-                "Kafka: partitions {remaining:?} of {topic} not read to their end within {timeout:?}"
+                "Kafka: partitions {remaining:?} of {topic} not read to their end: nothing came for {timeout:?}"
             ));
         }
         match consumer.poll(Duration::from_millis(500)) {
@@ -127,11 +145,11 @@ pub fn read_kafka_from(
             }
             Some(Err(e)) => return Err(format!("Kafka consume from {topic}: {e}")),
             Some(Ok(msg)) => {
-                found.add_line(msg.payload().unwrap_or_default());
+                each(msg.payload().unwrap_or_default());
                 read.messages += 1;
-                if read.messages.is_multiple_of(100_000) {
-                    progress(read.messages);
-                }
+                // The time limit is for making no progress: a paced reader (replay
+                // --rate) may take longer in all.
+                deadline = Instant::now() + timeout;
             }
         }
     }

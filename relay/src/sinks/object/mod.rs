@@ -284,6 +284,70 @@ impl ObjectSink {
         let (store, prefix) = self.open()?;
         readback::read_window(store.as_ref(), &prefix, deep, found, progress).await
     }
+
+    /// Writes replayed lines of one (tag, hour) as `replay-<digest>.ndjson.gz` in its
+    /// partition folder, and its manifest `_manifests/replay-<digest>.json` (how
+    /// `reconcile` finds it); the digest is of `sources`, so the same replay writes the
+    /// same keys. Returns the object's key.
+    pub async fn put_replay(
+        &self,
+        tag: &str,
+        hour: u64,
+        lines: &[u8],
+        sources: &BTreeMap<String, crate::ranges::SeqRanges>,
+    ) -> Result<String, String> {
+        use object_store::{path::PathPart, ObjectStoreExt, PutPayload};
+        let (store, prefix) = self.open()?;
+        let template = key::KeyTemplate::parse(&self.key_template)?;
+        let partition = template.partition(&key::KeyValues {
+            prefix: &prefix,
+            tag,
+            hour,
+            relay: "replay",
+            incarnation: "",
+            first: Default::default(),
+            last: Default::default(),
+        });
+        let described = serde_json::to_vec(sources).map_err(|e| e.to_string())?;
+        // FNV-1a: the same seqs give the same name on every machine and run.
+        let digest = described.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+        });
+        let name = format!("replay-{digest:016x}");
+        let object: object_store::path::Path = partition
+            .parts()
+            .chain([PathPart::from(format!("{name}.ndjson.gz"))])
+            .collect();
+        let manifest: object_store::path::Path = partition
+            .parts()
+            .chain([
+                PathPart::from("_manifests"),
+                PathPart::from(format!("{name}.json")),
+            ])
+            .collect();
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        std::io::Write::write_all(&mut gz, lines).map_err(|e| e.to_string())?;
+        let body = gz.finish().map_err(|e| e.to_string())?;
+        let records: u64 = sources.values().map(crate::ranges::SeqRanges::len).sum();
+        let bytes = body.len();
+        store
+            .put(&object, PutPayload::from(body))
+            .await
+            .map_err(|e| format!("put {object}: {e}"))?;
+        let doc = serde_json::json!({
+            "version": 1,
+            "relay": "replay",
+            "tag": tag,
+            "hour": crate::envelope::hour_label(hour),
+            "records": records,
+            "objects": [{"key": object.to_string(), "records": records, "bytes": bytes, "sources": sources}],
+        });
+        store
+            .put(&manifest, PutPayload::from(doc.to_string().into_bytes()))
+            .await
+            .map_err(|e| format!("put {manifest}: {e}"))?;
+        Ok(object.to_string())
+    }
 }
 
 #[cfg(test)]

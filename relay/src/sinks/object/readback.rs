@@ -247,43 +247,73 @@ pub async fn read_window(
             .add(tag, *hour, m["late_records"].as_u64().unwrap_or(0));
         // `<partition>/_manifests/<name>.json`: the objects are in `<partition>`.
         let partition = path.rsplitn(3, '/').nth(2).unwrap_or_default().to_string();
+        let mut docs = vec![(relay.clone(), m)];
         if !listed.contains_key(&partition) {
-            let keys = list(store, &partition)
+            let keys: std::collections::HashSet<String> = list(store, &partition)
                 .await?
                 .into_iter()
                 .map(|m| m.location.to_string())
                 .collect();
+            // Objects `sluice-relay replay` wrote have a manifest of their own here.
+            for k in &keys {
+                let name = k.rsplit('/').next().unwrap_or_default();
+                if k.contains("/_manifests/")
+                    && name.starts_with("replay-")
+                    && name.ends_with(".json")
+                {
+                    docs.push(("replay".to_string(), get_json(store, k).await?));
+                    read.manifests += 1;
+                }
+            }
             listed.insert(partition.clone(), keys);
         }
         let present = &listed[&partition];
-        for o in m["objects"].as_array().into_iter().flatten() {
-            let key = o["key"].as_str().unwrap_or_default().to_string();
-            let records = o["records"].as_u64().unwrap_or(0);
-            let sources: std::collections::BTreeMap<String, crate::ranges::SeqRanges> =
-                serde_json::from_value(o["sources"].clone()).unwrap_or_default();
-            if !present.contains(&key) {
-                read.missing.push(MissingObject {
-                    key,
-                    relay: relay.clone(),
-                    tag: tag.clone(),
-                    hour: *hour,
-                    records,
-                    sources,
-                });
-                continue;
-            }
-            let mut attributed = 0;
-            for (source, ranges) in &sources {
-                found.add_ranges(tag, *hour, source, ranges);
-                attributed += ranges.len();
-            }
-            // Records without provenance (Fluentd clients), or a manifest from before
-            // objects listed their seqs: counted, not placed.
-            for _ in attributed..records {
-                found.add_event(tag, *hour, None, None);
+        for (relay, m) in &docs {
+            for o in m["objects"].as_array().into_iter().flatten() {
+                let key = o["key"].as_str().unwrap_or_default().to_string();
+                let records = o["records"].as_u64().unwrap_or(0);
+                let sources: std::collections::BTreeMap<String, crate::ranges::SeqRanges> =
+                    serde_json::from_value(o["sources"].clone()).unwrap_or_default();
+                if !present.contains(&key) {
+                    read.missing.push(MissingObject {
+                        key,
+                        relay: relay.clone(),
+                        tag: tag.clone(),
+                        hour: *hour,
+                        records,
+                        sources,
+                    });
+                    continue;
+                }
+                let mut attributed = 0;
+                for (source, ranges) in &sources {
+                    found.add_ranges(tag, *hour, source, ranges);
+                    attributed += ranges.len();
+                }
+                // Records without provenance (Fluentd clients), or a manifest from before
+                // objects listed their seqs: counted, not placed.
+                for _ in attributed..records {
+                    found.add_event(tag, *hour, None, None);
+                }
             }
         }
     }
+    // An object gone whose events are all in the bucket again (replayed) is no loss.
+    // One without seqs (an older manifest, events without provenance) stays reported.
+    read.missing.retain(|m| {
+        let listed: u64 = m.sources.values().map(crate::ranges::SeqRanges::len).sum();
+        listed < m.records
+            || m.sources.iter().any(|(source, seqs)| {
+                let have = found
+                    .seqs
+                    .get(&m.tag)
+                    .and_then(|h| h.get(&m.hour))
+                    .and_then(|s| s.get(source))
+                    .map(|s| s.found.clone())
+                    .unwrap_or_default();
+                !seqs.minus(&have).is_empty()
+            })
+    });
     Ok(read)
 }
 
