@@ -96,19 +96,9 @@ async fn reconcile_window(
     kafka_timeout: Duration,
 ) -> std::process::ExitCode {
     use sluice_relay::reconcile_window as rw;
-    let window = match (rw::parse_hour(from), rw::parse_hour(to)) {
-        (Ok(from), Ok(to)) if from < to => rw::Window {
-            from,
-            to,
-            tag,
-            deep,
-            kafka_timeout,
-        },
-        (Ok(_), Ok(_)) => {
-            eprintln!("error: --to {to} is not after --from {from} (--to is the hour after the window's last)");
-            return std::process::ExitCode::from(2);
-        }
-        (Err(e), _) | (_, Err(e)) => {
+    let window = match rw::Window::parse(from, to, tag, deep, kafka_timeout) {
+        Ok(w) => w,
+        Err(e) => {
             eprintln!("error: {e}");
             return std::process::ExitCode::from(2);
         }
@@ -154,19 +144,9 @@ async fn replay(
         eprintln!("error: --into {into:?}: only `objects` (from Kafka) is built so far");
         return std::process::ExitCode::from(2);
     }
-    let window = match (rw::parse_hour(from), rw::parse_hour(to)) {
-        (Ok(from), Ok(to)) if from < to => rw::Window {
-            from,
-            to,
-            tag,
-            deep: false,
-            kafka_timeout,
-        },
-        (Ok(_), Ok(_)) => {
-            eprintln!("error: --to {to} is not after --from {from}");
-            return std::process::ExitCode::from(2);
-        }
-        (Err(e), _) | (_, Err(e)) => {
+    let window = match rw::Window::parse(from, to, tag, false, kafka_timeout) {
+        Ok(w) => w,
+        Err(e) => {
             eprintln!("error: {e}");
             return std::process::ExitCode::from(2);
         }

@@ -54,16 +54,16 @@ pub struct SourceSeqs {
 }
 
 #[derive(Deserialize)]
-struct EnvelopeHead<'a> {
+pub(crate) struct EnvelopeHead<'a> {
     #[serde(borrow)]
-    time: &'a str,
+    pub time: &'a str,
     #[serde(borrow)]
-    tag: std::borrow::Cow<'a, str>,
+    pub tag: std::borrow::Cow<'a, str>,
     #[serde(borrow)]
-    source: Option<std::borrow::Cow<'a, str>>,
-    seq: Option<u64>,
+    pub source: Option<std::borrow::Cow<'a, str>>,
+    pub seq: Option<u64>,
     #[serde(default)]
-    offset: Option<u64>,
+    pub offset: Option<u64>,
 }
 
 /// An object line: the record's fields and sluice's four (`envelope::write_flat`).

@@ -45,6 +45,31 @@ pub struct Window {
     pub kafka_timeout: Duration,
 }
 
+impl Window {
+    /// From the command line's `--from` and `--to`, checked.
+    pub fn parse(
+        from: &str,
+        to: &str,
+        tag: Option<String>,
+        deep: bool,
+        kafka_timeout: Duration,
+    ) -> Result<Window, String> {
+        let (f, t) = (parse_hour(from)?, parse_hour(to)?);
+        if f >= t {
+            return Err(format!(
+                "--to {to} is not after --from {from} (--to is the hour after the window's last)"
+            ));
+        }
+        Ok(Window {
+            from: f,
+            to: t,
+            tag,
+            deep,
+            kafka_timeout,
+        })
+    }
+}
+
 /// `YYYY-MM-DDTHH` (or a longer RFC 3339 time, of which the hour counts).
 pub fn parse_hour(s: &str) -> Result<u64, String> {
     s.get(..13)

@@ -39,18 +39,7 @@ type Wanted = BTreeMap<(String, u64), BTreeMap<String, SeqRanges>>;
 /// The object lines found, per (tag, hour): (source, seq, line).
 type Lines = BTreeMap<(String, u64), Vec<(String, u64, Vec<u8>)>>;
 
-/// An envelope's head, and where its record is.
-#[derive(serde::Deserialize)]
-struct Head<'a> {
-    #[serde(borrow)]
-    time: &'a str,
-    #[serde(borrow)]
-    tag: std::borrow::Cow<'a, str>,
-    #[serde(borrow)]
-    source: Option<std::borrow::Cow<'a, str>>,
-    seq: Option<u64>,
-    offset: Option<u64>,
-}
+use crate::readback::EnvelopeHead as Head;
 
 /// The object line of a Kafka envelope: its record's fields, then sluice's. The envelope
 /// writer puts `"record":{...}` last, so the record is the text after that key.

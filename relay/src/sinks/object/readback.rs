@@ -79,20 +79,30 @@ pub async fn read(
         if !written_by(template, full, meta.location.as_ref(), relay, incarnation) {
             continue;
         }
-        let bytes = store
-            .get(&meta.location)
-            .await
-            .map_err(|e| format!("get {}: {e}", meta.location))?
-            .bytes()
-            .await
-            .map_err(|e| format!("read {}: {e}", meta.location))?;
-        text.clear();
-        flate2::read::MultiGzDecoder::new(&bytes[..])
-            .read_to_end(&mut text)
-            .map_err(|e| format!("{} is not valid gzip: {e}", meta.location))?;
+        read_gzip(store, &meta.location, &mut text).await?;
         found.add_ndjson(&text);
     }
     Ok(found)
+}
+
+/// Reads a gzip object (every member) into `text`.
+async fn read_gzip(
+    store: &dyn ObjectStore,
+    location: &object_store::path::Path,
+    text: &mut Vec<u8>,
+) -> Result<(), String> {
+    let bytes = store
+        .get(location)
+        .await
+        .map_err(|e| format!("get {location}: {e}"))?
+        .bytes()
+        .await
+        .map_err(|e| format!("read {location}: {e}"))?;
+    text.clear();
+    flate2::read::MultiGzDecoder::new(&bytes[..])
+        .read_to_end(text)
+        .map_err(|e| format!("{location} is not valid gzip: {e}"))?;
+    Ok(())
 }
 
 /// An object a manifest lists that is not in the store any more.
@@ -208,17 +218,7 @@ pub async fn read_window(
         let total = objects.len() as u64;
         let mut text = Vec::new();
         for meta in objects {
-            let bytes = store
-                .get(&meta.location)
-                .await
-                .map_err(|e| format!("get {}: {e}", meta.location))?
-                .bytes()
-                .await
-                .map_err(|e| format!("read {}: {e}", meta.location))?;
-            text.clear();
-            flate2::read::MultiGzDecoder::new(&bytes[..])
-                .read_to_end(&mut text)
-                .map_err(|e| format!("{} is not valid gzip: {e}", meta.location))?;
+            read_gzip(store, &meta.location, &mut text).await?;
             found.add_ndjson(&text);
             read.objects_read += 1;
             progress(read.objects_read, total);
