@@ -21,7 +21,22 @@
 
 use sluice_forward::{record_to_json, EventTime};
 
-use crate::record::Mark;
+/// Where an event is in its source: its seq and, for events read from files, the byte
+/// offset it began at. None when the sender did not say.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Mark {
+    pub seq: Option<u64>,
+    pub offset: Option<u64>,
+}
+
+impl Mark {
+    pub fn seq(seq: u64) -> Mark {
+        Mark {
+            seq: Some(seq),
+            offset: None,
+        }
+    }
+}
 
 /// Appends one envelope (without a trailing newline) to `out`.
 pub fn write(

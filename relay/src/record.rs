@@ -102,22 +102,7 @@ pub struct SpooledChunk<'a> {
     offsets: &'a [u8],
 }
 
-/// Where an event is in its source: its seq and, for events read from files, the byte
-/// offset it began at. None when the sender did not say.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Mark {
-    pub seq: Option<u64>,
-    pub offset: Option<u64>,
-}
-
-impl Mark {
-    pub fn seq(seq: u64) -> Mark {
-        Mark {
-            seq: Some(seq),
-            offset: None,
-        }
-    }
-}
+pub use crate::envelope::Mark;
 
 impl<'a> SpooledChunk<'a> {
     pub fn seq(&self, i: usize) -> Option<u64> {
