@@ -385,7 +385,7 @@ struct Dispatcher<'a> {
 }
 
 impl Dispatcher<'_> {
-    fn add(&mut self, chunk: Chunk) {
+    fn add(&mut self, mut chunk: Chunk) {
         self.chunks += 1;
         self.bytes += chunk.frame.len();
         self.out.metrics.in_flight.set(self.chunks as i64);
@@ -395,7 +395,7 @@ impl Dispatcher<'_> {
         let state = self.sources.entry(key.clone()).or_default();
         state
             .outstanding
-            .push_back((chunk.end, false, (*chunk.sent).clone()));
+            .push_back((chunk.end, false, std::mem::take(&mut *chunk.sent)));
         state.waiting.push_back(chunk);
         self.pump(&key);
     }

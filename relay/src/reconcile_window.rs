@@ -172,6 +172,16 @@ fn cells(found: &Found) -> impl Iterator<Item = (&str, u64)> {
         .chain(found.counts.keys())
 }
 
+/// What `f` found of `tag` in `hour`, per source (`none` when nothing).
+fn cell_of<'a>(
+    f: &'a Found,
+    tag: &str,
+    hour: u64,
+    none: &'a BTreeMap<String, crate::readback::SourceSeqs>,
+) -> &'a BTreeMap<String, crate::readback::SourceSeqs> {
+    f.seqs.get(tag).and_then(|h| h.get(&hour)).unwrap_or(none)
+}
+
 /// Reads the window from the config's first Kafka sink and first object sink (either may
 /// be absent) and compares them.
 pub async fn run(config: &RelayConfig, w: &Window) -> Result<Report, String> {
@@ -289,17 +299,15 @@ pub async fn run(config: &RelayConfig, w: &Window) -> Result<Report, String> {
     }
     let mut all_ok = true;
     let mut only_pending = true;
+    let (no_sources, no_seqs) = (BTreeMap::new(), SeqRanges::default());
     for (tag, hour) in keys {
-        let cell = |f: &Found| -> BTreeMap<String, crate::readback::SourceSeqs> {
-            f.seqs
-                .get(&tag)
-                .and_then(|h| h.get(&hour))
-                .cloned()
-                .unwrap_or_default()
-        };
-        let (kc, oc) = (cell(k), cell(o));
+        // Borrowed, not copied: a cell holds the ranges of every source of the hour.
+        let (kc, oc) = (
+            cell_of(k, &tag, hour, &no_sources),
+            cell_of(o, &tag, hour, &no_sources),
+        );
         let mut expected: BTreeMap<String, SeqRanges> = BTreeMap::new();
-        for c in [&kc, &oc] {
+        for c in [kc, oc] {
             for (source, s) in c {
                 expected.entry(source.clone()).or_default().union(&s.found);
             }
@@ -331,7 +339,7 @@ pub async fn run(config: &RelayConfig, w: &Window) -> Result<Report, String> {
             let placed: u64 = c.values().map(|s| s.found.len()).sum();
             f.counts.get(&tag, hour).saturating_sub(placed)
         };
-        let unplaced = unattributed(k, &kc).max(unattributed(o, &oc));
+        let unplaced = unattributed(k, kc).max(unattributed(o, oc));
         let expected_n: u64 = expected.values().map(SeqRanges::len).sum::<u64>()
             + missing_everywhere.iter().map(|m| m.events).sum::<u64>()
             + unplaced;
@@ -341,8 +349,8 @@ pub async fn run(config: &RelayConfig, w: &Window) -> Result<Report, String> {
                 ..Destination::default()
             };
             for (source, want) in &expected {
-                let have = c.get(source).map(|s| s.found.clone()).unwrap_or_default();
-                let m = want.minus(&have);
+                let have = c.get(source).map_or(&no_seqs, |s| &s.found);
+                let m = want.minus(have);
                 if !m.is_empty() {
                     d.missing.push(SourceRanges {
                         source: source.clone(),
@@ -363,8 +371,8 @@ pub async fn run(config: &RelayConfig, w: &Window) -> Result<Report, String> {
             }
             d
         };
-        let kd = kafka.as_ref().map(|f| dest(f, &kc));
-        let od = objects.as_ref().map(|f| dest(f, &oc));
+        let kd = kafka.as_ref().map(|f| dest(f, kc));
+        let od = objects.as_ref().map(|f| dest(f, oc));
         let pending_relays: Vec<String> = match &object_read {
             Some(r) => {
                 let announced = r.announced.get(&hour);
