@@ -144,6 +144,16 @@ pub struct OutputConfig {
     /// idle timeout and finds a dead relay before data needs it. `0s` turns it off.
     #[serde(default = "default_heartbeat")]
     pub heartbeat_interval: Span,
+    /// How often the agent sends its report to a relay: per tag, event-time hour and
+    /// file, the seqs the relays acknowledged (reconcile's "agents" column; only when it
+    /// changed). `0s` turns it off, for a relay that is not sluice-relay (Fluentd would
+    /// store it as an event of tag `sluice.report`). See docs/reconcile.md.
+    #[serde(default = "default_report_interval")]
+    pub report_interval: Span,
+}
+
+fn default_report_interval() -> Span {
+    Span::secs(10)
 }
 
 /// One entry of `output.relays`.

@@ -7,6 +7,7 @@ pub mod inputs;
 pub mod metrics;
 pub mod output;
 pub mod pipeline;
+pub mod report;
 pub mod source;
 pub mod transform;
 
@@ -34,7 +35,8 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     metrics.register(&mut registry);
 
     let checkpoint_path = config.agent.data_dir.join("checkpoints.json");
-    let (store, saved) = CheckpointStore::open(&checkpoint_path)?;
+    let (mut store, saved) = CheckpointStore::open(&checkpoint_path)?;
+    let report = report::Report::restore(store.take_opened_sent());
     let inputs = config
         .inputs
         .iter()
@@ -73,6 +75,8 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         chunk_age: config.output.chunk_age.get(),
         metrics: metrics.clone(),
         frames: Default::default(),
+        report,
+        report_interval: Some(config.output.report_interval.get()).filter(|d| !d.is_zero()),
     };
     let reader = {
         let stop = stop_reading.clone();

@@ -24,8 +24,13 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::AgentMetrics;
+use crate::report::Report;
 use crate::source::{Source, SourceId};
 use crate::transform::{EventWriter, HourRun, OpenChunk, SourceMap, Spare, Transforms};
+
+/// The `input` of a report's chunk ([`crate::report`]): no input's, so its
+/// acknowledgement moves no checkpoint.
+pub const REPORT_INPUT: usize = usize::MAX;
 
 /// A sealed chunk, encoded once as a whole Forward frame and resent as it is.
 pub struct Chunk {
@@ -166,6 +171,10 @@ pub struct Pipeline {
     pub chunk_age: Duration,
     pub metrics: Arc<AgentMetrics>,
     pub frames: FramePool,
+    /// What the relays acknowledged, per (tag, hour, source), saved with the checkpoints.
+    pub report: Report,
+    /// How often the report goes to a relay (`output.report_interval`); None: never.
+    pub report_interval: Option<Duration>,
 }
 
 const POLL_BYTES: usize = 1 << 20;
@@ -204,6 +213,7 @@ impl Pipeline {
         let mut last_discover: Option<Instant> = None;
         let mut last_read: Option<Instant> = None;
         let mut last_save = Instant::now();
+        let mut last_report = Instant::now();
         let mut dirty = false;
         let mut chunks = Some(chunks);
         let mut gzip = Gzip::default();
@@ -244,6 +254,27 @@ impl Pipeline {
                 }
                 continue;
             };
+            if let Some(every) = self.report_interval {
+                if last_report.elapsed() >= every {
+                    last_report = Instant::now();
+                    if let Some((id, frame)) = self.report.frame(&self.agent_id) {
+                        let chunk = Chunk {
+                            id,
+                            input: REPORT_INPUT,
+                            source: SourceId(crate::report::REPORT_TAG.to_string()),
+                            end: 0,
+                            // Not a log event: the agent's event counters leave it out.
+                            count: 0,
+                            frame,
+                            sent: Box::default(),
+                        };
+                        if sender.try_send(chunk).is_err() {
+                            // The output is busy with data: the next interval sends it.
+                            self.report.send_later();
+                        }
+                    }
+                }
+            }
             if stop.is_cancelled() {
                 // Open multiline events are finished as they are, like a partial line at
                 // shutdown: their lines were read, they are sent.
@@ -530,9 +561,13 @@ impl Pipeline {
 
     /// Applies an acknowledgement: the source's checkpoint (position and next seq).
     fn commit(&mut self, c: Commit) {
-        self.inputs[c.input]
-            .source
-            .commit(&c.source, c.end, c.sent.next_seq);
+        // A report's acknowledgement (REPORT_INPUT) moves no checkpoint.
+        let Some(input) = self.inputs.get_mut(c.input) else {
+            return;
+        };
+        input.source.commit(&c.source, c.end, c.sent.next_seq);
+        let source = format!("{}:{}", self.agent_id, c.source.0);
+        self.report.add(&input.tag, &source, &c.sent.hours);
     }
 
     fn save(&mut self) {
@@ -541,7 +576,7 @@ impl Pipeline {
             .iter()
             .flat_map(|i| i.source.checkpoints())
             .collect();
-        match self.store.save(&all) {
+        match self.store.save_with(&all, self.report.saved()) {
             Ok(()) => {
                 self.metrics.checkpoint_saves.inc();
             }

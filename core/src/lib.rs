@@ -8,11 +8,14 @@
 //!   health and readiness.
 //! - [`durable`]: atomic, crash-safe replacement of small state files.
 //! - [`units`]: byte sizes and durations as users write them in configs.
+//! - [`ranges`]: sets of seqs as ranges, what the agent's report and the relay's
+//!   ledger and reconciliation keep per source instead of one entry per event.
 
 pub mod configdoc;
 pub mod durable;
 pub mod logging;
 pub mod metrics;
+pub mod ranges;
 pub mod shutdown;
 pub mod tls;
 pub mod units;

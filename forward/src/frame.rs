@@ -270,6 +270,11 @@ pub fn encode_compressed_packed_forward(
 /// The tag of a probe ([`encode_probe`]).
 pub const PROBE_TAG: &str = "sluice.probe";
 
+/// The tag of a sluice agent's report: one event whose record's `report` field holds,
+/// as JSON, the seq ranges the relays acknowledged per (tag, hour, source).
+/// sluice-relay keeps it in its ledger and acknowledges it; it is never spooled.
+pub const REPORT_TAG: &str = "sluice.report";
+
 /// The chunk id of the last acknowledgement a draining relay sends before it closes a
 /// connection: every chunk it read was acknowledged before it, and it reads no more.
 pub const DRAINING_ACK: &str = "sluice:draining";

@@ -108,7 +108,7 @@ pub use error::DecodeError;
 pub use frame::{
     decode_client_frame, decode_hint, encode_ack, encode_compressed_packed_forward, encode_probe,
     ClientCodec, ClientFrame, DecodeHint, Framer, ServerCodec, ServerFrame, ALIVE_ACK,
-    DRAINING_ACK, PROBE_TAG,
+    DRAINING_ACK, PROBE_TAG, REPORT_TAG,
 };
 pub use gzip::{gunzip, gzip_entries, recycle, Gzip, GzipWriter, RECYCLED_MAX_BYTES};
 pub use handshake::{ct_eq, password_digest, shared_key_digest, Helo, Ping, Pong};

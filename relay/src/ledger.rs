@@ -13,6 +13,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::envelope::{hour_label, parse_hour_label};
+use sluice_core::ranges::SeqRanges;
 
 /// tag -> hour (hours since the epoch) -> events. On disk the hours are labels
 /// (`2026-11-23T09`), readable by people and by the report.
@@ -132,6 +133,113 @@ impl Counts {
     }
 }
 
+/// tag -> hour (hours since the epoch) -> source -> seqs: which events of each source
+/// a relay received, or an agent had acknowledged, per tag and event-time hour. Ranges,
+/// not events, so a ledger grows with sources and hours. On disk the hours are labels,
+/// as in [`Counts`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SeqCells(pub BTreeMap<String, BTreeMap<u64, BTreeMap<String, SeqRanges>>>);
+
+type Labelled<'a> = BTreeMap<&'a str, BTreeMap<String, &'a BTreeMap<String, SeqRanges>>>;
+
+impl Serialize for SeqCells {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let labelled: Labelled<'_> = self
+            .0
+            .iter()
+            .map(|(tag, hours)| {
+                (
+                    tag.as_str(),
+                    hours.iter().map(|(h, c)| (hour_label(*h), c)).collect(),
+                )
+            })
+            .collect();
+        labelled.serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for SeqCells {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        type Read = BTreeMap<String, BTreeMap<String, BTreeMap<String, SeqRanges>>>;
+        let mut cells = SeqCells::default();
+        for (tag, hours) in Read::deserialize(d)? {
+            for (label, sources) in hours {
+                let hour = parse_hour_label(&label).ok_or_else(|| {
+                    serde::de::Error::custom(format!(
+                        "tag {tag:?}: {label:?} is not an hour (YYYY-MM-DDTHH)"
+                    ))
+                })?;
+                for (source, seqs) in &sources {
+                    cells.union(&tag, hour, source, seqs);
+                }
+            }
+        }
+        Ok(cells)
+    }
+}
+
+impl SeqCells {
+    /// The ranges of (tag, hour, source), made on first use.
+    pub fn cell(&mut self, tag: &str, hour: u64, source: &str) -> &mut SeqRanges {
+        // By &str first: the Strings are allocated only the first time.
+        if !self.0.contains_key(tag) {
+            self.0.insert(tag.to_string(), BTreeMap::new());
+        }
+        let sources = self
+            .0
+            .get_mut(tag)
+            .expect("inserted above")
+            .entry(hour)
+            .or_default();
+        if !sources.contains_key(source) {
+            sources.insert(source.to_string(), SeqRanges::default());
+        }
+        sources.get_mut(source).expect("inserted above")
+    }
+
+    pub fn union(&mut self, tag: &str, hour: u64, source: &str, seqs: &SeqRanges) {
+        if !seqs.is_empty() {
+            self.cell(tag, hour, source).union(seqs);
+        }
+    }
+
+    pub fn merge(&mut self, other: &SeqCells) {
+        for (tag, hours) in &other.0 {
+            for (hour, sources) in hours {
+                for (source, seqs) in sources {
+                    self.union(tag, *hour, source, seqs);
+                }
+            }
+        }
+    }
+
+    /// Forgets the hours before `hour`; how many (tag, hour) cells went.
+    pub fn prune_before(&mut self, hour: u64) -> usize {
+        let mut gone = 0;
+        self.0.retain(|_, hours| {
+            let before = hours.len();
+            hours.retain(|h, _| *h >= hour);
+            gone += before - hours.len();
+            !hours.is_empty()
+        });
+        gone
+    }
+
+    /// The sources of `tag` in `hour`.
+    pub fn get(&self, tag: &str, hour: u64) -> Option<&BTreeMap<String, SeqRanges>> {
+        self.0.get(tag).and_then(|h| h.get(&hour))
+    }
+
+    /// Every hour that has a cell.
+    pub fn hours(&self) -> std::collections::BTreeSet<u64> {
+        self.0.values().flat_map(|h| h.keys().copied()).collect()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
 /// One sink's counts. `offered` is what the sink was given (after `start_from`, and
 /// later routing and filters); every offered event ends up delivered or dropped, and a
 /// difference is a delivery still under way.
@@ -219,6 +327,14 @@ pub struct Ledger {
     /// written before hours were forgotten.
     #[serde(default)]
     pub forgotten_before: u64,
+    /// Per source, the seqs received (less what dedup trimmed), kept by the spool writer
+    /// ([`crate::writer`]). Absent in ledgers written before they were kept.
+    #[serde(default, skip_serializing_if = "SeqCells::is_empty")]
+    pub received_seqs: SeqCells,
+    /// What sluice agents reported they had sent and had acknowledged, per source:
+    /// their reports are cumulative, so any relay that heard one keeps the union.
+    #[serde(default, skip_serializing_if = "SeqCells::is_empty")]
+    pub agents: SeqCells,
     /// Bumped whenever a count changes, so the periodic export writes the file only
     /// when there is something new. Not persisted.
     #[serde(skip)]
@@ -243,6 +359,7 @@ impl Ledger {
         for counts in self.sinks.values_mut() {
             counts.forget_before(hour);
         }
+        self.agents.prune_before(hour);
         self.revision += 1;
     }
 

@@ -10,7 +10,7 @@ pub mod envelope;
 pub mod incarnation;
 pub mod ledger;
 pub mod metrics;
-pub mod ranges;
+pub use sluice_core::ranges;
 pub mod readback;
 pub mod reconcile;
 pub mod reconcile_window;
@@ -97,8 +97,15 @@ pub async fn run(config: RelayConfig) -> anyhow::Result<()> {
         "spool opened"
     );
 
+    // Agents' reports are kept only in the ledger's export: read them back (a report is
+    // cumulative, and agents send theirs again, so one missed export loses nothing).
+    let agents = match Ledger::load(&data_dir.join("ledger.json")) {
+        Ok(old) => old.agents,
+        Err(_) => Default::default(),
+    };
     let ledger = Arc::new(Mutex::new(Ledger {
         relay: config.relay.id.clone(),
+        agents,
         ..Default::default()
     }));
     let (mut writer, committed) = SpoolWriter::recover(spool, ledger.clone(), metrics.clone())?;
@@ -271,6 +278,54 @@ pub async fn run(config: RelayConfig) -> anyhow::Result<()> {
         });
     }
 
+    // The ledger per hour, to the first enabled object sink's bucket (for reconcile).
+    let publisher = match config
+        .sinks
+        .iter()
+        .filter(|s| s.enabled)
+        .find_map(|s| match &s.kind {
+            sinks::SinkKind::ObjectStore(o) => Some(o),
+            _ => None,
+        }) {
+        Some(sink) => {
+            let (store, prefix) = sink.open().map_err(anyhow::Error::msg)?;
+            Some(sinks::object::published::Publisher::new(
+                store,
+                prefix,
+                &incarnation.to_string(),
+            ))
+        }
+        None => None,
+    };
+    let publishing = publisher.map(|mut p| {
+        let ledger = ledger.clone();
+        let stop = background.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(sinks::object::published::PUBLISH_EVERY);
+            let mut failing = false;
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tick.tick() => {}
+                }
+                match p.publish(&ledger).await {
+                    Ok(_) if failing => {
+                        failing = false;
+                        tracing::info!("the ledger is published to object storage again");
+                    }
+                    Ok(_) => {}
+                    Err(e) if !failing => {
+                        failing = true;
+                        tracing::warn!(error = %e, "cannot publish the ledger to object storage; reconcile sees older figures until it can");
+                    }
+                    Err(_) => {}
+                }
+            }
+            // The last figures, if the store answers in time.
+            let _ = tokio::time::timeout(Duration::from_secs(5), p.publish(&ledger)).await;
+        })
+    });
+
     sluice_core::metrics::serve_if_configured(
         config.metrics.listen,
         registry,
@@ -299,6 +354,7 @@ pub async fn run(config: RelayConfig) -> anyhow::Result<()> {
         metrics: metrics.clone(),
         budget: budget::Budget::new(config.server.max_inflight_bytes.as_usize()),
         pool: budget::DecodePool::new(config.server.decode_threads()),
+        ledger: ledger.clone(),
     });
     let accept_stop = CancellationToken::new();
     let conns_stop = CancellationToken::new();
@@ -340,6 +396,9 @@ pub async fn run(config: RelayConfig) -> anyhow::Result<()> {
         flush.await;
     }
     background.cancel();
+    if let Some(task) = publishing {
+        let _ = task.await;
+    }
     let snapshot = ledger.lock().unwrap_or_else(|e| e.into_inner()).clone();
     snapshot
         .save(&data_dir.join("ledger.json"))

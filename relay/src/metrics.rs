@@ -55,6 +55,10 @@ pub struct RelayMetrics {
     pub dedup_sources_pruned: Counter,
     /// Ledger (tag, hour) cells forgotten after `relay.ledger_retention`.
     pub ledger_hours_pruned: Counter,
+    /// Agent reports taken into the ledger ...
+    pub agent_reports: Counter,
+    /// ... and refused (unreadable, or naming sources not the client's own): logged with the peer.
+    pub agent_reports_refused: Counter,
     /// Bytes written to persist the relay state (dedup marks and counts): change
     /// records, compactions and their manifest.
     pub state_bytes_written: Counter,
@@ -122,6 +126,8 @@ impl RelayMetrics {
             dedup_sources: Default::default(),
             dedup_sources_pruned: Default::default(),
             ledger_hours_pruned: Default::default(),
+            agent_reports: Default::default(),
+            agent_reports_refused: Default::default(),
             state_bytes_written: Default::default(),
             sink_state_bytes_written: Default::default(),
             sink_events: Default::default(),
@@ -249,6 +255,16 @@ impl RelayMetrics {
             "ledger_hours_pruned",
             "Ledger (tag, hour) cells forgotten after relay.ledger_retention",
             self.ledger_hours_pruned.clone(),
+        );
+        r.register(
+            "agent_reports",
+            "Reports of sluice agents (seqs acknowledged per tag, hour and source) taken into the ledger",
+            self.agent_reports.clone(),
+        );
+        r.register(
+            "agent_reports_refused",
+            "Agent reports refused: unreadable, or naming a source that is not the client's own",
+            self.agent_reports_refused.clone(),
         );
         r.register(
             "state_bytes_written",

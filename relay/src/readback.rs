@@ -10,7 +10,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::ranges::SeqRanges;
+use sluice_core::ranges::SeqRanges;
 
 use serde::Deserialize;
 

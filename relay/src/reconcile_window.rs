@@ -31,9 +31,11 @@ use serde::Serialize;
 
 use crate::config::RelayConfig;
 use crate::envelope::hour_label;
-use crate::ranges::SeqRanges;
 use crate::readback::Found;
+use crate::sinks::object::published::SinkFigures;
+use crate::sinks::object::readback::LedgerCell;
 use crate::sinks::SinkKind;
+use sluice_core::ranges::SeqRanges;
 
 /// What to reconcile.
 pub struct Window {
@@ -100,8 +102,17 @@ pub struct Destination {
 pub struct Row {
     pub tag: String,
     pub hour: String,
-    /// Distinct events in either destination, with the gaps both share.
+    /// Distinct events in either destination, with the gaps both share and what the
+    /// relays received and the agents reported.
     pub expected: u64,
+    /// Events sluice agents reported acknowledged (their seqs), when a relay published them.
+    pub agents: Option<u64>,
+    /// Events the relays received, from their published ledgers.
+    pub received: Option<u64>,
+    /// Per sink (summed over the relays): offered, delivered, dropped.
+    pub sinks: BTreeMap<String, SinkFigures>,
+    /// Reported by an agent as acknowledged, received by no relay's ledger.
+    pub not_received: Vec<SourceRanges>,
     pub kafka: Option<Destination>,
     pub objects: Option<Destination>,
     /// Missing from both (a gap in a source's seqs that neither destination holds).
@@ -125,6 +136,7 @@ pub struct Report {
     pub kafka_partitions_from_beginning: usize,
     pub objects_read: u64,
     pub manifests_read: u64,
+    pub ledgers_read: u64,
     pub seconds: f64,
     pub ok: bool,
     pub pending_only: bool,
@@ -242,6 +254,7 @@ pub async fn run(config: &RelayConfig, w: &Window) -> Result<Report, String> {
         progress.done();
         report.objects_read = read.objects_read;
         report.manifests_read = read.manifests;
+        report.ledgers_read = read.ledgers_read;
         objects = Some(found);
         object_read = Some(read);
     }
@@ -258,14 +271,24 @@ pub async fn run(config: &RelayConfig, w: &Window) -> Result<Report, String> {
     let empty = Found::default();
     let k = kafka.as_ref().unwrap_or(&empty);
     let o = objects.as_ref().unwrap_or(&empty);
+    let no_ledgers = BTreeMap::new();
+    let ledgers = object_read.as_ref().map_or(&no_ledgers, |r| &r.ledgers);
+    let published = object_read.as_ref().is_some_and(|r| r.ledgers_read > 0);
     let keys: BTreeSet<(String, u64)> = cells(k)
         .chain(cells(o))
         .map(|(t, h)| (t.to_string(), h))
+        .chain(ledgers.keys().cloned())
         .collect();
     // Per source, every seq found anywhere in the window: its gaps are missing everywhere.
     // Only for sources numbered 0, 1, 2, ... (sluice agents that send byte offsets), and
     // less what was read outside the window (an event whose time fell just outside).
     let mut all: BTreeMap<&str, SeqRanges> = BTreeMap::new();
+    // What agents reported and relays received is numbered 0, 1, 2, ... too.
+    for c in ledgers.values() {
+        for (source, s) in c.agents.iter().chain(&c.received_seqs) {
+            all.entry(source).or_default().union(s);
+        }
+    }
     for f in [k, o] {
         for sources in f.seqs.values().flat_map(|h| h.values()) {
             for (source, s) in sources {
@@ -310,6 +333,22 @@ pub async fn run(config: &RelayConfig, w: &Window) -> Result<Report, String> {
         for c in [kc, oc] {
             for (source, s) in c {
                 expected.entry(source.clone()).or_default().union(&s.found);
+            }
+        }
+        let no_cell = LedgerCell::default();
+        let lc = ledgers.get(&(tag.clone(), hour)).unwrap_or(&no_cell);
+        for (source, s) in lc.agents.iter().chain(&lc.received_seqs) {
+            expected.entry(source.clone()).or_default().union(s);
+        }
+        let mut not_received = Vec::new();
+        for (source, sent) in &lc.agents {
+            let m = sent.minus(lc.received_seqs.get(source).unwrap_or(&no_seqs));
+            if !m.is_empty() {
+                not_received.push(SourceRanges {
+                    source: source.clone(),
+                    events: m.len(),
+                    seqs: m,
+                });
             }
         }
         let mut missing_everywhere = Vec::new();
@@ -395,7 +434,16 @@ pub async fn run(config: &RelayConfig, w: &Window) -> Result<Report, String> {
         let missing_k = n(&kd, |d| d.missing.iter().map(|m| m.events).sum());
         let missing_o = n(&od, |d| d.missing.iter().map(|m| m.events).sum());
         let everywhere: u64 = missing_everywhere.iter().map(|m| m.events).sum();
+        let unreceived: u64 = not_received.iter().map(|m| m.events).sum();
         let mut failing = false;
+        if unreceived > 0 {
+            if hour_pending {
+                status.push(format!("PENDING ({unreceived} reported, not received yet)"));
+            } else {
+                status.push(format!("MISSING {unreceived} at relays"));
+                failing = true;
+            }
+        }
         if missing_k > 0 {
             status.push(format!("MISSING {missing_k} in kafka"));
             failing = true;
@@ -441,6 +489,10 @@ pub async fn run(config: &RelayConfig, w: &Window) -> Result<Report, String> {
             tag: tag.clone(),
             hour: hour_label(hour),
             expected: expected_n,
+            agents: published.then(|| lc.agents.values().map(SeqRanges::len).sum()),
+            received: published.then_some(lc.received),
+            sinks: lc.sinks.clone(),
+            not_received,
             kafka: kd,
             objects: od,
             missing_everywhere,
@@ -489,18 +541,21 @@ pub fn render(r: &Report) -> String {
     );
     let _ = writeln!(
         out,
-        "{:<24} {:<13} {:>10} {:>10} {:>10}  status",
-        "tag", "hour (UTC)", "expected", "kafka", "objects"
+        "{:<24} {:<13} {:>10} {:>10} {:>10} {:>10} {:>10}  status",
+        "tag", "hour (UTC)", "expected", "agents", "received", "kafka", "objects"
     );
+    let opt = |n: Option<u64>| n.map_or("-".to_string(), |n| n.to_string());
     let num =
         |d: &Option<Destination>| d.as_ref().map_or("-".to_string(), |d| d.events.to_string());
     for row in &r.rows {
         let _ = writeln!(
             out,
-            "{:<24} {:<13} {:>10} {:>10} {:>10}  {}",
+            "{:<24} {:<13} {:>10} {:>10} {:>10} {:>10} {:>10}  {}",
             row.tag,
             row.hour,
             row.expected,
+            opt(row.agents),
+            opt(row.received),
             num(&row.kafka),
             num(&row.objects),
             row.status
@@ -525,6 +580,19 @@ pub fn render(r: &Report) -> String {
             detail("duplicated in objects", &d.duplicated);
         }
         detail("missing everywhere", &row.missing_everywhere);
+        detail(
+            "reported by an agent, received by no relay",
+            &row.not_received,
+        );
+        for (sink, f) in &row.sinks {
+            if f.offered != f.delivered || f.dropped > 0 {
+                let _ = writeln!(
+                    out,
+                    "    sink {sink}: offered {}, delivered {}, dropped {} (relays' ledgers)",
+                    f.offered, f.delivered, f.dropped
+                );
+            }
+        }
         if !row.pending_relays.is_empty() {
             let _ = writeln!(
                 out,
@@ -549,7 +617,7 @@ pub fn render(r: &Report) -> String {
     }
     let _ = writeln!(
         out,
-        "read {} Kafka messages{}, {} manifests, {} objects in {:.1} s",
+        "read {} Kafka messages{}, {} manifests, {} relay ledgers, {} objects in {:.1} s",
         r.kafka_messages_read,
         if r.kafka_partitions_from_beginning > 0 {
             format!(
@@ -560,6 +628,7 @@ pub fn render(r: &Report) -> String {
             String::new()
         },
         r.manifests_read,
+        r.ledgers_read,
         r.objects_read,
         r.seconds
     );

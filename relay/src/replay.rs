@@ -18,9 +18,9 @@ use std::io::Write;
 use std::time::{Duration, Instant};
 
 use crate::envelope::hour_label;
-use crate::ranges::SeqRanges;
 use crate::reconcile_window::{self, Window};
 use crate::sinks::SinkKind;
+use sluice_core::ranges::SeqRanges;
 
 /// What a replay did.
 #[derive(Debug, Default, serde::Serialize)]

@@ -52,6 +52,8 @@ pub struct ServerState {
     pub budget: Budget,
     /// Where frames are inflated and decoded (`decode_threads`).
     pub pool: DecodePool,
+    /// Where agents' reports go ([`take_report`]).
+    pub ledger: Arc<std::sync::Mutex<crate::ledger::Ledger>>,
 }
 
 /// Open connections per client IP address (`max_connections_per_ip`).
@@ -836,6 +838,20 @@ where
                     }
                 }
                 let chunk = batch.options.chunk.clone();
+                if batch.tag == sluice_forward::REPORT_TAG {
+                    // An agent's report: into the ledger, acknowledged, never spooled.
+                    take_report(&batch, &peer, identity.as_deref(), bind, state);
+                    let (tx, rx) = oneshot::channel();
+                    let _ = tx.send(Ok(Accepted {
+                        end: Position::default(),
+                        accepted: batch.count,
+                        duplicates: 0,
+                    }));
+                    if ack_tx.send((chunk, rx, held)).await.is_err() {
+                        break Ok(());
+                    }
+                    continue;
+                }
                 if batch.count == 0 {
                     // A probe: nothing to spool, answered at once.
                     if let Some(id) = chunk {
@@ -879,6 +895,72 @@ where
         Err(_) => Ok(()), // cancelled at shutdown
     };
     result.and(acked)
+}
+
+/// Takes an agent's report (tag [`sluice_forward::REPORT_TAG`]) into the ledger's
+/// `agents`: each cell's seqs are added to what the relay has (reports are cumulative,
+/// so a repeat changes nothing). An unreadable report, or, with `bind_sources`, a cell of
+/// a source not the client's own, is refused with a warning naming the peer; the rest
+/// of the report is kept.
+fn take_report(
+    batch: &sluice_forward::EventBatch,
+    peer: &std::net::SocketAddr,
+    identity: Option<&str>,
+    bind: bool,
+    state: &ServerState,
+) {
+    #[derive(serde::Deserialize)]
+    struct Cell {
+        tag: String,
+        hour: u64,
+        source: String,
+        seqs: sluice_core::ranges::SeqRanges,
+    }
+    #[derive(serde::Deserialize)]
+    struct Wire {
+        version: u32,
+        #[serde(default)]
+        agent: String,
+        cells: Vec<Cell>,
+    }
+    let refuse = |why: String| {
+        state.metrics.agent_reports_refused.inc();
+        tracing::warn!(%peer, "agent report refused: {why}");
+    };
+    for entry in batch.iter() {
+        let entry = match entry {
+            Ok(e) => e,
+            Err(e) => return refuse(format!("entry unreadable: {e}")),
+        };
+        let json = match sluice_forward::record_field(entry.record, "report") {
+            Ok(Some(json)) => json,
+            Ok(None) => return refuse("the record has no field \"report\"".into()),
+            Err(e) => return refuse(e.to_string()),
+        };
+        let wire: Wire = match serde_json::from_slice(json) {
+            Ok(w) => w,
+            Err(e) => return refuse(format!("field report: {e}")),
+        };
+        if wire.version != 1 {
+            return refuse(format!(
+                "report version {} (this relay reads version 1)",
+                wire.version
+            ));
+        }
+        let mut ledger = state.ledger.lock().unwrap_or_else(|e| e.into_inner());
+        for c in &wire.cells {
+            if bind && !crate::record::owns(identity.unwrap_or(""), &c.source) {
+                refuse(format!(
+                    "agent {:?} reports source {:?}, which is not its own (bind_sources)",
+                    wire.agent, c.source
+                ));
+                continue;
+            }
+            ledger.agents.union(&c.tag, c.hour, &c.source, &c.seqs);
+        }
+        ledger.revision += 1;
+        state.metrics.agent_reports.inc();
+    }
 }
 
 /// How often a client that probes hears [`ALIVE_ACK`] while the relay holds it up.

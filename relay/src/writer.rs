@@ -34,7 +34,7 @@ use sluice_spool::{Position, Spool, SpoolError};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::dedup::{Dedup, Seen};
-use crate::ledger::Ledger;
+use crate::ledger::{Ledger, SeqCells};
 use crate::metrics::RelayMetrics;
 use crate::record;
 use crate::state_store::{Manifest, StateStore};
@@ -74,6 +74,35 @@ pub enum WriterMsg {
 }
 
 const SNAPSHOT: &str = "relay-state";
+
+/// Hours of received seqs the writer keeps, back from the newest hour it received (the
+/// counts are kept for `ledger_retention`): the ledger published to object storage
+/// keeps each hour's for good.
+pub const SEQ_HOURS: u64 = 48;
+
+/// The file, in the relay state's directory, that holds `received_seqs`.
+const SEQS_FILE: &str = "received-seqs.json";
+
+/// Adds the seqs of `chunk`'s events (those that have one) to `cells`, per event-time hour.
+fn note_seqs(cells: &mut SeqCells, chunk: &record::SpooledChunk<'_>) -> bool {
+    let Some(source) = chunk.source else {
+        return false;
+    };
+    if chunk.count == 0 || chunk.seq(0).is_none() {
+        return false;
+    }
+    let mut i = 0;
+    chunk.count_hours(|hour, n| {
+        let cell = cells.cell(chunk.tag, hour, source);
+        for _ in 0..n {
+            if let Some(seq) = chunk.seq(i) {
+                cell.insert(seq);
+            }
+            i += 1;
+        }
+    });
+    true
+}
 const MAX_GROUP: usize = 1024;
 /// How often housekeeping looks for sources and hours past their retention (a scan of
 /// the whole table: about 10 ms per million sources).
@@ -118,6 +147,14 @@ pub struct SpoolWriter {
     /// None until the first housekeeping, which prunes at once.
     last_prune: Option<Instant>,
     state_buf: Vec<u8>,
+    /// Per (tag, hour, source), the seqs received: the ledger's `received_seqs`, for the
+    /// last [`SEQ_HOURS`] hours. Saved beside each state record (before it), and rebuilt
+    /// at start from that file and the spool after the state: ranges are a set, so what
+    /// both hold counts once.
+    received_seqs: SeqCells,
+    /// `received_seqs` changed since the ledger, or the file, last took it.
+    seqs_exported: bool,
+    seqs_saved: bool,
     ledger: Arc<Mutex<Ledger>>,
     metrics: Arc<RelayMetrics>,
     committed: watch::Sender<Position>,
@@ -180,6 +217,14 @@ impl SpoolWriter {
             None => (Dedup::default(), spool.head()),
         };
         let from = from.max(spool.head());
+        let seqs_path = state_dir.join(SEQS_FILE);
+        let mut received_seqs = match std::fs::read(&seqs_path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+                tracing::warn!(file = %seqs_path.display(), error = %e, "received seqs unreadable; the ledger's received ranges start again from the spool");
+                SeqCells::default()
+            }),
+            Err(_) => SeqCells::default(),
+        };
         let mut reader = spool.reader(from)?;
         let mut buf = Vec::new();
         let mut replayed = 0u64;
@@ -211,6 +256,7 @@ impl SpoolWriter {
             match record::decode(&buf) {
                 Ok(chunk) => {
                     dedup.replay(&chunk, end);
+                    note_seqs(&mut received_seqs, &chunk);
                     replayed += 1;
                 }
                 Err(e) => {
@@ -236,6 +282,9 @@ impl SpoolWriter {
             tags: TagsPerClient::new(Retention::default().max_tags_per_client),
             last_prune: None,
             state_buf: Vec::new(),
+            received_seqs,
+            seqs_exported: true,
+            seqs_saved: true,
             ledger,
             metrics,
             committed,
@@ -301,6 +350,16 @@ impl SpoolWriter {
 
     fn write_state(&mut self, at: Position, rec: &mut Vec<u8>) -> Result<(), String> {
         let dir = StateStore::dir_in(self.spool.dir());
+        if self.seqs_saved {
+            // Before the record: the file then holds at least what the spool before `at`
+            // holds, and recovery adds what came after.
+            let path = dir.join(SEQS_FILE);
+            let bytes = serde_json::to_vec(&self.received_seqs).map_err(|e| e.to_string())?;
+            std::fs::create_dir_all(&dir)
+                .and_then(|()| sluice_core::durable::write_atomic(&path, &bytes))
+                .map_err(|e| format!("writing {}: {e}", path.display()))?;
+            self.seqs_saved = false;
+        }
         let compact = self.store.as_ref().is_none_or(StateStore::should_compact);
         let (generation, fresh) = if compact {
             let generation = self
@@ -547,6 +606,10 @@ impl SpoolWriter {
         // The record keeps the hour runs the decoder counted (less what dedup trimmed),
         // or, when they were not counted, the entries are parsed for them.
         chunk.count_hours(|hour, n| self.dedup.count_received(chunk.tag, hour, n));
+        if note_seqs(&mut self.received_seqs, &chunk) {
+            self.seqs_exported = true;
+            self.seqs_saved = true;
+        }
         self.metrics.chunks_received.inc();
         self.metrics.events_received.inc_by(chunk.count as u64);
         self.metrics
@@ -674,6 +737,14 @@ impl SpoolWriter {
         let ledger_secs = self.retention.ledger.as_secs();
         let before_hour = now.saturating_sub(ledger_secs) / 3600;
         let hours = self.dedup.prune_received_before(before_hour);
+        // Counted back from the newest hour received, not from the clock: a backfill of
+        // old hours keeps its seqs as long as new traffic would.
+        let newest = self.received_seqs.hours().last().copied().unwrap_or(0);
+        let seq_hours_before = newest.saturating_sub(SEQ_HOURS).max(before_hour);
+        if self.received_seqs.prune_before(seq_hours_before) > 0 {
+            self.seqs_exported = true;
+            self.seqs_saved = true;
+        }
         self.tags.forget_idle(now, ledger_secs);
         if sources > 0 || hours > 0 {
             tracing::info!(
@@ -704,7 +775,11 @@ impl SpoolWriter {
         let changed = self.dedup.export_received(&mut received);
         ledger.received = received;
         ledger.duplicates = self.dedup.duplicates();
-        if changed || before != ledger.duplicates {
+        let seqs = std::mem::take(&mut self.seqs_exported);
+        if seqs {
+            ledger.received_seqs.clone_from(&self.received_seqs);
+        }
+        if changed || seqs || before != ledger.duplicates {
             ledger.revision += 1;
         }
     }

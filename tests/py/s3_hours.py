@@ -11,7 +11,8 @@ For the default key template (`<prefix>/<tag>/dt=<YYYY-MM-DD>/hour=<HH>/<name>`)
                         "objects": {"<key>": n}, "late_records": n,
                         "closed_at": "<RFC 3339>"}, ...]},   # by revision
          "success": {"<relay>-<incarnation>": {"revision": r, "records": n}}}},
-     "markers": {"<YYYY-MM-DDTHH>": {"<relay>-<incarnation>": {"<tag>": records}}}}
+     "markers": {"<YYYY-MM-DDTHH>": {"<relay>-<incarnation>": {"<tag>": records}}},
+     "ledgers": {"<YYYY-MM-DDTHH>": {"<relay>-<incarnation>": <the published ledger document>}}}
 
 The tag is the folder name URL-decoded. Every object is downloaded and its non-empty
 lines counted (gzip, multi-member fine); each manifest's `objects` are its own claim,
@@ -30,6 +31,7 @@ from _s3 import client
 
 _PART = re.compile(r"^(?:(.*)/)?([^/]+)/dt=(\d{4}-\d\d-\d\d)/hour=(\d\d)/(.+)$")
 _MARKER = re.compile(r"(?:^|/)_sluice/hours/dt=(\d{4}-\d\d-\d\d)/hour=(\d\d)/([^/]+)\.json$")
+_LEDGER = re.compile(r"(?:^|/)_sluice/ledger/dt=(\d{4}-\d\d-\d\d)/hour=(\d\d)/([^/]+)\.json$")
 _MANIFEST = re.compile(r"^_manifests/(.+)\.r(\d{6})\.json$")
 
 
@@ -50,7 +52,7 @@ def main():
     def fetch(key):
         return key, s3.get_object(Bucket=args.bucket, Key=key)["Body"].read()
 
-    partitions, markers = {}, {}
+    partitions, markers, ledgers = {}, {}, {}
     with ThreadPoolExecutor(max_workers=8) as pool:
         for key, body in pool.map(fetch, sorted(keys)):
             m = _MARKER.search(key)
@@ -58,6 +60,11 @@ def main():
                 dt, hh, writer = m.groups()
                 doc = json.loads(body)
                 markers.setdefault(f"{dt}T{hh}", {})[writer] = {t: v["records"] for t, v in doc["tags"].items()}
+                continue
+            m = _LEDGER.search(key)
+            if m:
+                dt, hh, writer = m.groups()
+                ledgers.setdefault(f"{dt}T{hh}", {})[writer] = json.loads(body)
                 continue
             m = _PART.match(key)
             if not m or "/_sluice/" in f"/{key}":
@@ -86,7 +93,7 @@ def main():
     for part in partitions.values():
         for revs in part["manifests"].values():
             revs.sort(key=lambda r: r["revision"])
-    emit({"partitions": partitions, "markers": markers})
+    emit({"partitions": partitions, "markers": markers, "ledgers": ledgers})
 
 
 if __name__ == "__main__":

@@ -360,3 +360,81 @@ fn a_client_certificate_names_the_sources_it_may_send() {
     wait_delivered(&relay, "m-", 10);
     assert!(delivered(&relay.sink_file("file"), "forged-").is_empty());
 }
+
+/// One `sluice.report` event (an agent's report) with `json` as its `report` field.
+fn report_frame(json: &str, id: &str) -> Vec<u8> {
+    let mut entries = Vec::new();
+    sluice_forward::write_entry(
+        &mut entries,
+        sluice_forward::EventTime::now(),
+        &[("report", json.as_bytes())],
+    );
+    let mut out = bytes::BytesMut::new();
+    sluice_forward::encode_compressed_packed_forward(
+        sluice_forward::REPORT_TAG,
+        &sluice_forward::gzip_entries(&entries),
+        1,
+        id,
+        None,
+        &mut out,
+    );
+    out.to_vec()
+}
+
+/// Agent reports a client forges or garbles: each is acknowledged (resending would not
+/// mend it), refused with a warning naming the peer and the cause and counted, never
+/// spooled; a cell naming a source not the client's own is refused, its own kept.
+#[test]
+fn bad_agent_reports_are_refused_by_name_and_never_spooled() {
+    let s = setup();
+    let relay = mutual_tls_relay(&s);
+    let cert = s.ca.issue("client-m", &["agent-m"], false);
+    let files = tls_files(&s.ca.ca, Some(&cert), "localhost");
+    let mut conn = Conn::connect(relay.forward, &files).unwrap();
+    conn.send_expect_ack(&report_frame("{not json", "r1"), "r1")
+        .unwrap();
+    conn.send_expect_ack(
+        &report_frame(
+            r#"{"version":1,"agent":"agent-m","cells":[
+                {"tag":"app","hour":493000,"source":"agent-a:app:1","seqs":[[0,9]]},
+                {"tag":"app","hour":493000,"source":"agent-m:app:1","seqs":[[0,4]]}]}"#,
+            "r2",
+        ),
+        "r2",
+    )
+    .unwrap();
+    // The connection is still good: a data chunk after them is taken.
+    let seqs: Vec<u64> = (0..3).collect();
+    conn.send_expect_ack(&chunk_from("agent-m:app:1", "m-", &seqs, "m0"), "m0")
+        .unwrap();
+    let peer = conn.local.to_string();
+    relay.wait("both refusals", Duration::from_secs(30), || {
+        relay.counter("sluice_relay_agent_reports_refused_total", "") >= 2.0
+    });
+    let log = relay.log_text();
+    let refusals: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("agent report refused"))
+        .collect();
+    assert_eq!(refusals.len(), 2, "{refusals:#?}");
+    assert!(refusals.iter().all(|l| l.contains(&peer)), "{refusals:#?}");
+    assert!(refusals[0].contains("field report"), "{refusals:#?}");
+    assert!(
+        refusals[1].contains("\"agent-a:app:1\", which is not its own"),
+        "{refusals:#?}"
+    );
+    assert_eq!(relay.counter("sluice_relay_agent_reports_total", ""), 1.0);
+    // The client's own cell is in the ledger; the forged one is not.
+    let ledger = relay.data_dir().join("ledger.json");
+    relay.wait("the report in ledger.json", Duration::from_secs(30), || {
+        std::fs::read_to_string(&ledger).is_ok_and(|t| t.contains("agent-m:app:1"))
+    });
+    let text = std::fs::read_to_string(&ledger).unwrap();
+    assert!(!text.contains("agent-a:app:1"), "{text}");
+    wait_delivered(&relay, "m-", 3);
+    let sink = std::fs::read_to_string(relay.sink_file("file")).unwrap_or_default();
+    assert!(
+        !sink.contains("sluice.report"),
+        "a report was spooled: {sink}"
+    );
+}

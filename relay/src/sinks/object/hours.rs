@@ -52,7 +52,7 @@ pub struct ObjectEntry {
     /// The seqs of each source in the object (absent in books written before they were
     /// kept): what `reconcile` reports missing when the object is gone.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub sources: BTreeMap<String, crate::ranges::SeqRanges>,
+    pub sources: BTreeMap<String, sluice_core::ranges::SeqRanges>,
 }
 
 /// One tag's hour on this relay.
@@ -521,7 +521,7 @@ mod tests {
                 records,
                 first: 0,
                 last: records - 1,
-                ranges: crate::ranges::SeqRanges::from_ranges([[0, records - 1]]),
+                ranges: sluice_core::ranges::SeqRanges::from_ranges([[0, records - 1]]),
             },
         );
         s

@@ -3,11 +3,13 @@
 //! *event-time* hour, rolled by size and age, with a manifest and `_SUCCESS` marker per
 //! hour once it is complete. `writer.rs`: deliveries and why a repeated upload cannot
 //! duplicate; `key.rs`: key templates; `stage.rs`: open partitions in local files;
-//! `hours.rs`: hour close, manifests, revisions; `lease.rs`: one live relay per id.
+//! `hours.rs`: hour close, manifests, revisions; `lease.rs`: one live relay per id;
+//! `published.rs`: the relay's ledger per hour, for `reconcile`.
 
 pub mod hours;
 pub mod key;
 pub mod lease;
+pub mod published;
 pub mod readback;
 pub mod stage;
 mod writer;
@@ -189,7 +191,7 @@ impl SinkSpec for ObjectSink {
 
 impl ObjectSink {
     /// The store and the full key prefix (the URL's path, then `prefix`).
-    fn open(&self) -> Result<(Arc<dyn ObjectStore>, String), String> {
+    pub(crate) fn open(&self) -> Result<(Arc<dyn ObjectStore>, String), String> {
         let (store, url_prefix) = open_store(&self.url, &self.options)?;
         let prefix = [url_prefix.as_str(), self.prefix.trim_matches('/')]
             .iter()
@@ -294,7 +296,7 @@ impl ObjectSink {
         tag: &str,
         hour: u64,
         lines: &[u8],
-        sources: &BTreeMap<String, crate::ranges::SeqRanges>,
+        sources: &BTreeMap<String, sluice_core::ranges::SeqRanges>,
     ) -> Result<String, String> {
         use object_store::{path::PathPart, ObjectStoreExt, PutPayload};
         let (store, prefix) = self.open()?;
@@ -328,7 +330,10 @@ impl ObjectSink {
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
         std::io::Write::write_all(&mut gz, lines).map_err(|e| e.to_string())?;
         let body = gz.finish().map_err(|e| e.to_string())?;
-        let records: u64 = sources.values().map(crate::ranges::SeqRanges::len).sum();
+        let records: u64 = sources
+            .values()
+            .map(sluice_core::ranges::SeqRanges::len)
+            .sum();
         let bytes = body.len();
         store
             .put(&object, PutPayload::from(body))

@@ -114,7 +114,7 @@ pub struct MissingObject {
     pub hour: u64,
     pub records: u64,
     /// Its seqs per source, as its manifest lists them.
-    pub sources: std::collections::BTreeMap<String, crate::ranges::SeqRanges>,
+    pub sources: std::collections::BTreeMap<String, sluice_core::ranges::SeqRanges>,
 }
 
 /// What reading a window of object storage found besides the events.
@@ -127,6 +127,19 @@ pub struct ObjectRead {
     pub manifests: u64,
     pub objects_read: u64,
     pub missing: Vec<MissingObject>,
+    /// The relays' published ledgers ([`super::published`]), per (tag, hour), summed
+    /// over the relays; empty when no relay published one.
+    pub ledgers: std::collections::BTreeMap<(String, u64), LedgerCell>,
+    pub ledgers_read: u64,
+}
+
+/// What every relay's published ledger says of one (tag, hour).
+#[derive(Debug, Default)]
+pub struct LedgerCell {
+    pub received: u64,
+    pub sinks: std::collections::BTreeMap<String, super::published::SinkFigures>,
+    pub received_seqs: std::collections::BTreeMap<String, sluice_core::ranges::SeqRanges>,
+    pub agents: std::collections::BTreeMap<String, sluice_core::ranges::SeqRanges>,
 }
 
 async fn get_json(store: &dyn ObjectStore, path: &str) -> Result<serde_json::Value, String> {
@@ -208,6 +221,34 @@ pub async fn read_window(
             }
         }
     }
+    for hour in from..to {
+        for meta in list(store, &super::published::folder(full, hour)).await? {
+            let path = meta.location.as_ref();
+            let doc: super::published::HourLedger =
+                serde_json::from_value(get_json(store, path).await?)
+                    .map_err(|e| format!("{path} is not a sluice ledger: {e}"))?;
+            read.ledgers_read += 1;
+            for (tag, t) in doc.tags {
+                if !found.wanted(&tag, hour) {
+                    continue;
+                }
+                let c = read.ledgers.entry((tag, hour)).or_default();
+                c.received += t.received;
+                for (sink, f) in t.sinks {
+                    let s = c.sinks.entry(sink).or_default();
+                    s.offered += f.offered;
+                    s.delivered += f.delivered;
+                    s.dropped += f.dropped;
+                }
+                for (source, seqs) in t.received_seqs {
+                    c.received_seqs.entry(source).or_default().union(&seqs);
+                }
+                for (source, seqs) in t.agents {
+                    c.agents.entry(source).or_default().union(&seqs);
+                }
+            }
+        }
+    }
     if deep {
         let objects: Vec<_> = list(store, full)
             .await?
@@ -272,7 +313,7 @@ pub async fn read_window(
             for o in m["objects"].as_array().into_iter().flatten() {
                 let key = o["key"].as_str().unwrap_or_default().to_string();
                 let records = o["records"].as_u64().unwrap_or(0);
-                let sources: std::collections::BTreeMap<String, crate::ranges::SeqRanges> =
+                let sources: std::collections::BTreeMap<String, sluice_core::ranges::SeqRanges> =
                     serde_json::from_value(o["sources"].clone()).unwrap_or_default();
                 if !present.contains(&key) {
                     read.missing.push(MissingObject {
@@ -301,7 +342,11 @@ pub async fn read_window(
     // An object gone whose events are all in the bucket again (replayed) is no loss.
     // One without seqs (an older manifest, events without provenance) stays reported.
     read.missing.retain(|m| {
-        let listed: u64 = m.sources.values().map(crate::ranges::SeqRanges::len).sum();
+        let listed: u64 = m
+            .sources
+            .values()
+            .map(sluice_core::ranges::SeqRanges::len)
+            .sum();
         listed < m.records
             || m.sources.iter().any(|(source, seqs)| {
                 let have = found

@@ -24,9 +24,9 @@ use serde::{Deserialize, Serialize};
 use sluice_forward::GzipWriter;
 
 use crate::envelope::hour_of;
-use crate::ranges::SeqRanges;
 use crate::record::SpooledChunk;
 use crate::sinks::spec::DeliverError;
+use sluice_core::ranges::SeqRanges;
 
 /// What one object holds, for its hour's manifest.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
