@@ -24,7 +24,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::AgentMetrics;
-use crate::report::Report;
+use crate::report::{Report, REPORT_TAG};
 use crate::source::{Source, SourceId};
 use crate::transform::{EventWriter, HourRun, OpenChunk, SourceMap, Spare, Transforms};
 
@@ -257,20 +257,26 @@ impl Pipeline {
             if let Some(every) = self.report_interval {
                 if last_report.elapsed() >= every {
                     last_report = Instant::now();
-                    if let Some((id, frame)) = self.report.frame(&self.agent_id) {
+                    // One source per agent, so the agents' reports spread over the relays.
+                    let source = SourceId(format!("{}:{}", REPORT_TAG, self.agent_id));
+                    for (i, (id, frame)) in
+                        self.report.frames(&self.agent_id).into_iter().enumerate()
+                    {
                         let chunk = Chunk {
                             id,
                             input: REPORT_INPUT,
-                            source: SourceId(crate::report::REPORT_TAG.to_string()),
-                            end: 0,
+                            source: source.clone(),
+                            // Distinct, so each frame's acknowledgement finds its own.
+                            end: i as u64,
                             // Not a log event: the agent's event counters leave it out.
                             count: 0,
                             frame,
                             sent: Box::default(),
                         };
                         if sender.try_send(chunk).is_err() {
-                            // The output is busy with data: the next interval sends it.
+                            // The output is busy with data: the next interval sends it all.
                             self.report.send_later();
+                            break;
                         }
                     }
                 }

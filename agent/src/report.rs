@@ -9,8 +9,10 @@
 //! sends it to a relay as one event of the reserved tag [`REPORT_TAG`], acknowledged
 //! like a chunk and never spooled. A report is cumulative (a set of ranges per cell),
 //! so sending it twice, to two relays or after a lost one, changes nothing: the relays
-//! keep the union. It holds the last [`REPORT_HOURS`] hours; each send carries the
-//! cells of the last [`RECENT_HOURS`] hours, and the first after a start all of them.
+//! keep the union. It holds the hours from [`REPORT_HOURS`] before the clock's to
+//! [`FUTURE_HOURS`] after it (an event dated far off is sent, not reported); each send
+//! carries the cells of the last [`RECENT_HOURS`] hours, and the first after a start and
+//! every [`FULL_EVERY`]th all of them, in frames of at most [`CELLS_PER_FRAME`] cells.
 
 use std::collections::BTreeMap;
 
@@ -23,8 +25,14 @@ use crate::transform::HourRun;
 
 pub use sluice_forward::REPORT_TAG;
 
-/// Hours the report keeps, back from the newest hour in it.
+/// Hours the report keeps, back from the clock's hour ...
 pub const REPORT_HOURS: u64 = 48;
+/// ... and ahead of it.
+pub const FUTURE_HOURS: u64 = 2;
+/// Every this many sends carries the whole report (a relay that lost its copy gets it back).
+pub const FULL_EVERY: u32 = 30;
+/// Cells per report frame, at most (a frame stays far below the relay's `max_frame`).
+pub const CELLS_PER_FRAME: usize = 5_000;
 /// Hours each send carries, back from the newest (older cells rarely change).
 pub const RECENT_HOURS: u64 = 3;
 
@@ -53,6 +61,15 @@ pub struct Report {
     changed: bool,
     /// The next send carries every cell (after a start).
     send_all: bool,
+    /// Sends since the last whole one.
+    sends: u32,
+}
+
+/// The clock's hour (hours since the epoch).
+fn clock_hour() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() / 3600)
 }
 
 impl Report {
@@ -80,7 +97,18 @@ impl Report {
 
     /// Adds an acknowledgement of `source`'s events of input `tag` (the chunks' runs).
     pub fn add(&mut self, tag: &str, source: &str, hours: &[HourRun]) {
-        for run in hours.iter().filter(|r| r.events > 0) {
+        self.add_at(tag, source, hours, clock_hour());
+    }
+
+    fn add_at(&mut self, tag: &str, source: &str, hours: &[HourRun], now_hour: u64) {
+        let (oldest, newest) = (
+            now_hour.saturating_sub(REPORT_HOURS),
+            now_hour + FUTURE_HOURS,
+        );
+        for run in hours
+            .iter()
+            .filter(|r| r.events > 0 && (oldest..=newest).contains(&r.hour))
+        {
             let key = (tag.to_string(), run.hour, source.to_string());
             self.cells
                 .entry(key)
@@ -88,10 +116,7 @@ impl Report {
                 .insert_range(run.first_seq, run.first_seq + run.events - 1);
             self.changed = true;
         }
-        if let Some(newest) = self.newest() {
-            let oldest = newest.saturating_sub(REPORT_HOURS);
-            self.cells.retain(|(_, hour, _), _| *hour >= oldest);
-        }
+        self.cells.retain(|(_, hour, _), _| *hour >= oldest);
     }
 
     fn newest(&self) -> Option<u64> {
@@ -111,9 +136,11 @@ impl Report {
             .collect()
     }
 
-    /// The chunk of the last [`chunk`](Self::chunk) could not be handed over: send again.
+    /// The frames of the last [`frames`](Self::frames) could not all be handed over:
+    /// the next send carries the whole report.
     pub fn send_later(&mut self) {
         self.changed = true;
+        self.send_all = true;
     }
 
     /// What is saved with the checkpoints.
@@ -124,23 +151,43 @@ impl Report {
         serde_json::to_value(self.cells(0)).ok()
     }
 
-    /// The frame to send and its chunk id, if something changed since the last one (or
-    /// none was sent yet).
-    pub fn frame(&mut self, agent: &str) -> Option<(String, Bytes)> {
+    /// The frames to send, each with its chunk id, if something changed since the last
+    /// send (or none was sent yet).
+    pub fn frames(&mut self, agent: &str) -> Vec<(String, Bytes)> {
         if !self.changed || self.cells.is_empty() {
-            return None;
+            return Vec::new();
         }
-        let from = if self.send_all {
+        let all = self.send_all || self.sends + 1 >= FULL_EVERY;
+        let from = if all {
             0
         } else {
             self.newest().unwrap_or(0).saturating_sub(RECENT_HOURS)
         };
-        let wire = Wire {
-            version: 1,
-            agent: agent.to_string(),
-            cells: self.cells(from),
-        };
-        let json = serde_json::to_vec(&wire).ok()?;
+        let cells = self.cells(from);
+        let mut frames = Vec::new();
+        let mut cells = cells.into_iter().peekable();
+        while cells.peek().is_some() {
+            let wire = Wire {
+                version: 1,
+                agent: agent.to_string(),
+                cells: cells.by_ref().take(CELLS_PER_FRAME).collect(),
+            };
+            if let Some(f) = Self::encode(&wire) {
+                frames.push(f);
+            }
+        }
+        self.changed = false;
+        if all {
+            self.send_all = false;
+            self.sends = 0;
+        } else {
+            self.sends += 1;
+        }
+        frames
+    }
+
+    fn encode(wire: &Wire) -> Option<(String, Bytes)> {
+        let json = serde_json::to_vec(wire).ok()?;
         let mut entries = Vec::with_capacity(json.len() + 32);
         write_entry(&mut entries, EventTime::now(), &[("report", &json)]);
         let id_bytes: [u8; 16] = rand::random();
@@ -154,8 +201,6 @@ impl Report {
             None,
             &mut frame,
         );
-        self.changed = false;
-        self.send_all = false;
         Some((id, Bytes::from(frame)))
     }
 }
@@ -177,10 +222,13 @@ mod tests {
     #[test]
     fn acknowledgements_add_ranges_that_survive_a_restart_and_old_hours_go() {
         let mut r = Report::restore(None);
-        r.add("app", "a:1", &sent(&[(100, 0, 10), (101, 10, 5)]));
-        r.add("app", "a:1", &sent(&[(101, 15, 5)]));
+        r.add_at("app", "a:1", &sent(&[(100, 0, 10), (101, 10, 5)]), 101);
+        r.add_at("app", "a:1", &sent(&[(101, 15, 5)]), 101);
         // Acknowledged again after a crash: nothing new.
-        r.add("app", "a:1", &sent(&[(100, 0, 10)]));
+        r.add_at("app", "a:1", &sent(&[(100, 0, 10)]), 101);
+        // An event dated far ahead (a parsed time) is not reported, and empties nothing.
+        r.add_at("app", "a:1", &sent(&[(9_000_000, 20, 1)]), 101);
+        assert_eq!(r.cells.len(), 2);
         let saved = r.saved().unwrap();
         let back = Report::restore(Some(saved));
         assert_eq!(back.cells, r.cells);
@@ -189,25 +237,38 @@ mod tests {
             SeqRanges::from_ranges([[10, 19]])
         );
         let mut r = back;
-        r.add("app", "a:1", &sent(&[(100 + REPORT_HOURS + 1, 20, 1)]));
+        r.add_at(
+            "app",
+            "a:1",
+            &sent(&[(101 + REPORT_HOURS, 20, 1)]),
+            101 + REPORT_HOURS,
+        );
         assert!(r.cells.keys().all(|(_, h, _)| *h > 100), "{:?}", r.cells);
     }
 
     #[test]
     fn a_report_is_sent_when_it_changed_and_carries_recent_hours_after_the_first() {
         let mut r = Report::restore(None);
-        assert!(r.frame("a").is_none());
-        r.add("app", "a:1", &sent(&[(100, 0, 1), (110, 1, 1)]));
-        let (_, first) = r.frame("a").unwrap();
+        assert!(r.frames("a").is_empty());
+        r.add_at("app", "a:1", &sent(&[(100, 0, 1), (110, 1, 1)]), 110);
+        let frames = r.frames("a");
+        assert_eq!(frames.len(), 1);
+        let (_, first) = &frames[0];
         assert!(
             first
                 .windows(REPORT_TAG.len())
                 .any(|w| w == REPORT_TAG.as_bytes()),
             "a frame of the report tag"
         );
-        assert!(r.frame("a").is_none(), "nothing changed");
-        r.add("app", "a:1", &sent(&[(110, 2, 1)]));
+        assert!(r.frames("a").is_empty(), "nothing changed");
+        r.add_at("app", "a:1", &sent(&[(110, 2, 1)]), 110);
         assert_eq!(r.cells(110 - RECENT_HOURS).len(), 1);
-        assert!(r.frame("a").is_some());
+        assert_eq!(r.frames("a").len(), 1);
+        // Many cells: several frames, each bounded.
+        for i in 0..(CELLS_PER_FRAME as u64 * 2 + 1) {
+            r.add_at("app", &format!("a:{i}"), &sent(&[(110, 0, 1)]), 110);
+        }
+        r.send_later();
+        assert_eq!(r.frames("a").len(), 3);
     }
 }

@@ -55,6 +55,11 @@ struct Args {
     /// table of that size, for `bench/dedup-sources.sh`).
     #[arg(long, default_value_t = 0)]
     sources: usize,
+    /// Number each source's events 0, 1, 2, ... as a sluice agent does (with byte offsets
+    /// beside them), instead of by byte offset; needs `--sources 0` (one source per
+    /// connection). For `bench/reconcile.sh`.
+    #[arg(long)]
+    contiguous: bool,
     /// PID of the relay, to report its CPU seconds.
     #[arg(long)]
     relay_pid: Option<u32>,
@@ -68,6 +73,7 @@ fn build_frames(args: &Args, conn: usize, count: usize) -> Vec<(String, Bytes)> 
     for c in 0..count {
         let mut entries = Vec::with_capacity(args.chunk_events * (args.line_bytes + 24));
         let mut seqs = Vec::with_capacity(args.chunk_events);
+        let mut offsets = Vec::new();
         let now = EventTime::now();
         for i in 0..args.chunk_events {
             let l = line(
@@ -76,7 +82,12 @@ fn build_frames(args: &Args, conn: usize, count: usize) -> Vec<(String, Bytes)> 
                 &mut rnd,
             );
             write_entry(&mut entries, now, &[("message", &l)]);
-            seqs.push(offset);
+            if args.contiguous {
+                seqs.push((c * args.chunk_events + i) as u64);
+                offsets.push(offset);
+            } else {
+                seqs.push(offset);
+            }
             offset += l.len() as u64 + 1;
         }
         // As an agent compresses its chunks.
@@ -92,7 +103,7 @@ fn build_frames(args: &Args, conn: usize, count: usize) -> Vec<(String, Bytes)> 
         let prov = Provenance {
             source,
             seqs,
-            offsets: Vec::new(),
+            offsets,
         };
         let mut out = BytesMut::new();
         encode_compressed_packed_forward(
@@ -184,6 +195,9 @@ async fn pump<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Arc::new(Args::parse());
+    if args.contiguous && args.sources != 0 {
+        bail!("--contiguous numbers one source per connection: leave --sources at 0");
+    }
     let chunks_total = (args.events as usize).div_ceil(args.chunk_events);
     let per_conn = chunks_total.div_ceil(args.connections);
     eprintln!(

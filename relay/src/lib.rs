@@ -308,7 +308,12 @@ pub async fn run(config: RelayConfig) -> anyhow::Result<()> {
                     _ = stop.cancelled() => break,
                     _ = tick.tick() => {}
                 }
-                match p.publish(&ledger).await {
+                // A store that hangs must not hold up shutdown.
+                let published = tokio::select! {
+                    _ = stop.cancelled() => break,
+                    r = p.publish(&ledger) => r,
+                };
+                match published {
                     Ok(_) if failing => {
                         failing = false;
                         tracing::info!("the ledger is published to object storage again");
@@ -396,13 +401,14 @@ pub async fn run(config: RelayConfig) -> anyhow::Result<()> {
         flush.await;
     }
     background.cancel();
-    if let Some(task) = publishing {
-        let _ = task.await;
-    }
     let snapshot = ledger.lock().unwrap_or_else(|e| e.into_inner()).clone();
     snapshot
         .save(&data_dir.join("ledger.json"))
         .context("cannot write the ledger")?;
+    // The last figures into the bucket (5 s at most), after the file is safe.
+    if let Some(task) = publishing {
+        let _ = task.await;
+    }
     tracing::info!("stopped cleanly");
     Ok(())
 }

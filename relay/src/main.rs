@@ -51,6 +51,11 @@ enum Command {
         /// `table` or `json`.
         #[arg(long, default_value = "table", requires = "from")]
         format: String,
+        /// Also write the result as Prometheus metrics to this file (replaced
+        /// atomically), for node_exporter's textfile collector: per tag the events
+        /// missing and duplicated, the hours pending, and when it ran.
+        #[arg(long, requires = "from")]
+        metrics_file: Option<std::path::PathBuf>,
     },
     /// Write into object storage the events of a window that Kafka holds and the bucket
     /// does not (what `reconcile --from --to` reports missing in objects), provenance kept.
@@ -88,15 +93,12 @@ const RUNTIME_STRAGGLERS: Duration = Duration::from_secs(1);
 /// (could not read), 3 (only hours still pending).
 async fn reconcile_window(
     config: &sluice_relay::config::RelayConfig,
-    from: &str,
-    to: &str,
-    tag: Option<String>,
-    deep: bool,
+    window: Result<sluice_relay::reconcile_window::Window, String>,
     format: &str,
-    kafka_timeout: Duration,
+    metrics_file: Option<&std::path::Path>,
 ) -> std::process::ExitCode {
     use sluice_relay::reconcile_window as rw;
-    let window = match rw::Window::parse(from, to, tag, deep, kafka_timeout) {
+    let window = match window {
         Ok(w) => w,
         Err(e) => {
             eprintln!("error: {e}");
@@ -107,7 +109,18 @@ async fn reconcile_window(
         eprintln!("error: --format {format:?}: write table or json");
         return std::process::ExitCode::from(2);
     }
-    match rw::run(config, &window).await {
+    let result = rw::run(config, &window).await;
+    if let Some(path) = metrics_file {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let text = rw::metrics_text(result.as_ref().ok(), &window, now);
+        if let Err(e) = sluice_core::durable::write_atomic(path, text.as_bytes()) {
+            eprintln!("error: cannot write --metrics-file {}: {e}", path.display());
+            return std::process::ExitCode::from(2);
+        }
+    }
+    match result {
         Ok(report) => {
             if format == "json" {
                 match serde_json::to_string_pretty(&report) {
@@ -236,15 +249,20 @@ fn main() -> std::process::ExitCode {
             tag,
             deep,
             format,
+            metrics_file,
         }) => {
-            let code = runtime.block_on(reconcile_window(
-                &config,
+            let window = sluice_relay::reconcile_window::Window::parse(
                 &from,
                 &to,
                 tag,
                 deep,
-                &format,
                 Duration::from_secs(kafka_timeout_secs),
+            );
+            let code = runtime.block_on(reconcile_window(
+                &config,
+                window,
+                &format,
+                metrics_file.as_deref(),
             ));
             runtime.shutdown_timeout(RUNTIME_STRAGGLERS);
             return code;

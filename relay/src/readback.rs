@@ -85,6 +85,13 @@ impl Found {
     /// Counts one line: an object line (record and `_time`, `_tag`, `_source`, `_seq`)
     /// or a JSON envelope (Kafka, the file sink).
     pub fn add_line(&mut self, line: &[u8]) {
+        // An envelope (Kafka, the file sink) begins with its time: one parse, straight
+        // into the head, instead of trying the object line's forms first.
+        if line.starts_with(b"{\"time\":") {
+            if let Ok(head) = serde_json::from_slice::<EnvelopeHead>(line) {
+                return self.add_head(head);
+            }
+        }
         let flat = serde_json::from_slice::<FlatHead>(line).ok().and_then(|f| {
             Some(EnvelopeHead {
                 time: f.time?,
@@ -101,6 +108,10 @@ impl Found {
             self.unreadable += 1;
             return;
         };
+        self.add_head(head);
+    }
+
+    fn add_head(&mut self, head: EnvelopeHead<'_>) {
         let Some(hour) = hour_from_rfc3339(head.time) else {
             self.unreadable += 1;
             return;

@@ -137,6 +137,10 @@ pub struct Report {
     pub objects_read: u64,
     pub manifests_read: u64,
     pub ledgers_read: u64,
+    /// Time reading Kafka, and reading object storage (markers, manifests, ledgers and,
+    /// with `--deep`, every object).
+    pub kafka_seconds: f64,
+    pub objects_seconds: f64,
     pub seconds: f64,
     pub ok: bool,
     pub pending_only: bool,
@@ -215,12 +219,20 @@ pub async fn run(config: &RelayConfig, w: &Window) -> Result<Report, String> {
         ..Report::default()
     };
     let enabled = || config.sinks.iter().filter(|s| s.enabled);
+    // The names the relays' ledgers count these sinks under.
+    let kafka_name = enabled()
+        .find(|s| matches!(s.kind, SinkKind::Kafka(_)))
+        .map(|s| s.name.clone());
+    let objects_name = enabled()
+        .find(|s| matches!(s.kind, SinkKind::ObjectStore(_)))
+        .map(|s| s.name.clone());
     let mut kafka = None;
     if let Some(sink) = enabled().find_map(|s| match &s.kind {
         SinkKind::Kafka(k) => Some(k.clone()),
         _ => None,
     }) {
         let timeout = w.kafka_timeout;
+        let began = Instant::now();
         let mut found = new_found();
         let (found, read) = tokio::task::spawn_blocking(move || {
             let mut p = Progress {
@@ -237,6 +249,7 @@ pub async fn run(config: &RelayConfig, w: &Window) -> Result<Report, String> {
         .map_err(|e| e.to_string())??;
         report.kafka_messages_read = read.messages;
         report.kafka_partitions_from_beginning = read.from_beginning;
+        report.kafka_seconds = began.elapsed().as_secs_f64();
         kafka = Some(found);
     }
     let mut objects = None;
@@ -245,6 +258,7 @@ pub async fn run(config: &RelayConfig, w: &Window) -> Result<Report, String> {
         SinkKind::ObjectStore(o) => Some(o.clone()),
         _ => None,
     }) {
+        let began = Instant::now();
         let mut found = new_found();
         let read = sink
             .read_window(w.deep, &mut found, &mut |i, n| {
@@ -253,6 +267,7 @@ pub async fn run(config: &RelayConfig, w: &Window) -> Result<Report, String> {
             .await?;
         progress.done();
         report.objects_read = read.objects_read;
+        report.objects_seconds = began.elapsed().as_secs_f64();
         report.manifests_read = read.manifests;
         report.ledgers_read = read.ledgers_read;
         objects = Some(found);
@@ -436,19 +451,64 @@ pub async fn run(config: &RelayConfig, w: &Window) -> Result<Report, String> {
         let everywhere: u64 = missing_everywhere.iter().map(|m| m.events).sum();
         let unreceived: u64 = not_received.iter().map(|m| m.events).sum();
         let mut failing = false;
+        let mut row_pending = hour_pending;
+        // A relay that announced the hour but published no ledger of it yet may still
+        // hold what an agent reported.
+        let unpublished: Vec<&String> = match &object_read {
+            Some(r) if published => r
+                .announced
+                .get(&hour)
+                .into_iter()
+                .flatten()
+                .filter(|id| r.ledger_relays.get(&hour).is_none_or(|l| !l.contains(*id)))
+                .collect(),
+            _ => Vec::new(),
+        };
         if unreceived > 0 {
-            if hour_pending {
+            if hour_pending || !unpublished.is_empty() {
                 status.push(format!("PENDING ({unreceived} reported, not received yet)"));
+                row_pending = true;
             } else {
                 status.push(format!("MISSING {unreceived} at relays"));
                 failing = true;
             }
         }
+        // What the relays' ledgers say of a sink: still in the spool (offered, not yet
+        // delivered or dropped), or dropped.
+        let sink_figures = |name: &Option<String>| {
+            name.as_ref()
+                .and_then(|n| lc.sinks.get(n))
+                .map_or((0, 0), |f| {
+                    (f.offered.saturating_sub(f.delivered + f.dropped), f.dropped)
+                })
+        };
+        let (flight_k, dropped_k) = sink_figures(&kafka_name);
+        let (flight_o, dropped_o) = sink_figures(&objects_name);
         if missing_k > 0 {
-            status.push(format!("MISSING {missing_k} in kafka"));
+            if flight_k > 0 && dropped_k == 0 {
+                status.push(format!(
+                    "PENDING ({missing_k} not in kafka yet, {flight_k} still in the relays' spools)"
+                ));
+                row_pending = true;
+            } else {
+                status.push(format!("MISSING {missing_k} in kafka"));
+                failing = true;
+            }
+        }
+        if dropped_k > 0 {
+            status.push(format!("DROPPED {dropped_k} by kafka"));
             failing = true;
         }
-        if missing_o > 0 {
+        if dropped_o > 0 {
+            status.push(format!("DROPPED {dropped_o} by objects"));
+            failing = true;
+        }
+        if missing_o > 0 && !hour_pending && flight_o > 0 && dropped_o == 0 {
+            status.push(format!(
+                "PENDING ({missing_o} not in objects yet, {flight_o} still in the relays' spools)"
+            ));
+            row_pending = true;
+        } else if missing_o > 0 {
             if hour_pending {
                 status.push(format!("PENDING ({missing_o} not in objects yet)"));
             } else {
@@ -475,7 +535,7 @@ pub async fn run(config: &RelayConfig, w: &Window) -> Result<Report, String> {
         if late > 0 {
             status.push(format!("LATE {late}"));
         }
-        let pending = hour_pending;
+        let pending = row_pending;
         if failing || pending {
             all_ok = false;
         }
@@ -642,6 +702,137 @@ pub fn render(r: &Report) -> String {
         } else {
             "RESULT: differences found (see the status column)"
         }
+    );
+    out
+}
+
+/// A Prometheus label value, escaped.
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// The report as Prometheus text (for node_exporter's textfile collector, or any scraper
+/// of files): per tag, the events missing and duplicated per destination, the hours
+/// pending and whether every hour was OK; and when the run was, over which window, how
+/// long it took. `report` is None when the run could not read its sources: then only
+/// `sluice_reconcile_success 0` and the time, so an alert on the age or on success fires.
+pub fn metrics_text(report: Option<&Report>, window: &Window, now_secs: u64) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let mut gauge = |name: &str, help: &str, samples: &[(String, f64)]| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+        for (labels, v) in samples {
+            let _ = writeln!(out, "{name}{labels} {v}");
+        }
+    };
+    gauge(
+        "sluice_reconcile_last_run_timestamp_seconds",
+        "When the last reconciliation ran (unix seconds)",
+        &[(String::new(), now_secs as f64)],
+    );
+    gauge(
+        "sluice_reconcile_success",
+        "1 when the last reconciliation could read Kafka and object storage, 0 when it could not",
+        &[(String::new(), if report.is_some() { 1.0 } else { 0.0 })],
+    );
+    gauge(
+        "sluice_reconcile_window_start_timestamp_seconds",
+        "The first hour the last reconciliation covered (unix seconds)",
+        &[(String::new(), (window.from * 3600) as f64)],
+    );
+    gauge(
+        "sluice_reconcile_window_end_timestamp_seconds",
+        "The end of the last reconciliation's window, excluded (unix seconds)",
+        &[(String::new(), (window.to * 3600) as f64)],
+    );
+    let Some(r) = report else {
+        return out;
+    };
+    gauge(
+        "sluice_reconcile_duration_seconds",
+        "How long the last reconciliation took",
+        &[(String::new(), r.seconds)],
+    );
+    #[derive(Default)]
+    struct PerTag {
+        hours: u64,
+        failing: u64,
+        pending: u64,
+        expected: u64,
+        missing: [u64; 4],
+        duplicates: [u64; 2],
+    }
+    let mut tags: BTreeMap<&str, PerTag> = BTreeMap::new();
+    let sum = |v: &[SourceRanges]| v.iter().map(|m| m.events).sum::<u64>();
+    for row in &r.rows {
+        let t = tags.entry(row.tag.as_str()).or_default();
+        t.hours += 1;
+        t.expected += row.expected;
+        if row.status.contains("PENDING") {
+            t.pending += 1;
+        }
+        if row.status.contains("MISSING") || row.status.contains("DUPLICATE") {
+            t.failing += 1;
+        }
+        for (i, d) in [&row.kafka, &row.objects].into_iter().enumerate() {
+            if let Some(d) = d {
+                t.missing[i] += sum(&d.missing);
+                t.duplicates[i] += d.duplicates;
+            }
+        }
+        t.missing[2] += sum(&row.missing_everywhere);
+        t.missing[3] += sum(&row.not_received);
+    }
+    let per_tag = |f: &dyn Fn(&PerTag) -> u64| -> Vec<(String, f64)> {
+        tags.iter()
+            .map(|(tag, t)| (format!("{{tag=\"{}\"}}", label(tag)), f(t) as f64))
+            .collect()
+    };
+    let by_destination = |names: &[&str], f: &dyn Fn(&PerTag, usize) -> u64| {
+        let mut v = Vec::new();
+        for (tag, t) in &tags {
+            for (i, d) in names.iter().enumerate() {
+                v.push((
+                    format!("{{tag=\"{}\",destination=\"{d}\"}}", label(tag)),
+                    f(t, i) as f64,
+                ));
+            }
+        }
+        v
+    };
+    gauge(
+        "sluice_reconcile_hours",
+        "Hours of the tag in the last reconciliation's window",
+        &per_tag(&|t| t.hours),
+    );
+    gauge(
+        "sluice_reconcile_failing_hours",
+        "Hours of the tag with events missing or duplicated",
+        &per_tag(&|t| t.failing),
+    );
+    gauge(
+        "sluice_reconcile_pending_hours",
+        "Hours of the tag not announced by every relay yet",
+        &per_tag(&|t| t.pending),
+    );
+    gauge(
+        "sluice_reconcile_expected_events",
+        "Events of the tag expected in the window",
+        &per_tag(&|t| t.expected),
+    );
+    gauge(
+        "sluice_reconcile_missing_events",
+        "Events missing: in kafka, in objects, everywhere (a gap in a source's seqs), at relays (reported by an agent, received by no relay)",
+        &by_destination(&["kafka", "objects", "everywhere", "relays"], &|t, i| {
+            t.missing[i]
+        }),
+    );
+    gauge(
+        "sluice_reconcile_duplicate_events",
+        "Events found more than once in the destination",
+        &by_destination(&["kafka", "objects"], &|t, i| t.duplicates[i]),
     );
     out
 }

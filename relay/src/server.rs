@@ -897,6 +897,9 @@ where
     result.and(acked)
 }
 
+/// Cells in one agent report, at most (an agent sends at most 5,000 per frame).
+const MAX_REPORT_CELLS: usize = 50_000;
+
 /// Takes an agent's report (tag [`sluice_forward::REPORT_TAG`]) into the ledger's
 /// `agents`: each cell's seqs are added to what the relay has (reports are cumulative,
 /// so a repeat changes nothing). An unreadable report, or, with `bind_sources`, a cell of
@@ -947,18 +950,50 @@ fn take_report(
                 wire.version
             ));
         }
+        if wire.cells.len() > MAX_REPORT_CELLS {
+            return refuse(format!(
+                "agent {:?}: {} cells in one report, more than {MAX_REPORT_CELLS}",
+                wire.agent,
+                wire.cells.len()
+            ));
+        }
+        // Hours the ledger keeps: within its retention, and not far ahead of the clock.
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() / 3600);
+        let hours =
+            now.saturating_sub(crate::writer::SEQ_HOURS)..=now + crate::writer::SEQ_FUTURE_HOURS;
+        let (mut foreign, mut outside) = (None, 0usize);
+        let cells: Vec<&Cell> = wire
+            .cells
+            .iter()
+            .filter(|c| {
+                if bind && !crate::record::owns(identity.unwrap_or(""), &c.source) {
+                    foreign.get_or_insert(c.source.as_str());
+                    return false;
+                }
+                if !hours.contains(&c.hour) {
+                    outside += 1;
+                    return false;
+                }
+                true
+            })
+            .collect();
+        if let Some(source) = foreign {
+            refuse(format!(
+                "agent {:?} reports source {source:?}, which is not its own (bind_sources); its cells of foreign sources are left out",
+                wire.agent
+            ));
+        }
+        if outside > 0 {
+            tracing::debug!(%peer, outside, "agent report cells outside the hours the ledger keeps, left out");
+        }
         let mut ledger = state.ledger.lock().unwrap_or_else(|e| e.into_inner());
-        for c in &wire.cells {
-            if bind && !crate::record::owns(identity.unwrap_or(""), &c.source) {
-                refuse(format!(
-                    "agent {:?} reports source {:?}, which is not its own (bind_sources)",
-                    wire.agent, c.source
-                ));
-                continue;
-            }
+        for c in cells {
             ledger.agents.union(&c.tag, c.hour, &c.source, &c.seqs);
         }
         ledger.revision += 1;
+        drop(ledger);
         state.metrics.agent_reports.inc();
     }
 }

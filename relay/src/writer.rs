@@ -75,24 +75,35 @@ pub enum WriterMsg {
 
 const SNAPSHOT: &str = "relay-state";
 
-/// Hours of received seqs the writer keeps, back from the newest hour it received (the
-/// counts are kept for `ledger_retention`): the ledger published to object storage
-/// keeps each hour's for good.
+/// Hours of received seqs the writer keeps, back from the clock's hour (the counts are
+/// kept for `ledger_retention`): the ledger published to object storage keeps each
+/// hour's for good ...
 pub const SEQ_HOURS: u64 = 48;
+/// ... and ahead of it: an event dated further ahead (a parsed time gone wrong) is
+/// spooled and counted, its seq not kept.
+pub const SEQ_FUTURE_HOURS: u64 = 2;
 
 /// The file, in the relay state's directory, that holds `received_seqs`.
 const SEQS_FILE: &str = "received-seqs.json";
 
-/// Adds the seqs of `chunk`'s events (those that have one) to `cells`, per event-time hour.
-fn note_seqs(cells: &mut SeqCells, chunk: &record::SpooledChunk<'_>) -> bool {
+/// Adds the seqs of `chunk`'s events to `cells`, per event-time hour, for hours within
+/// [`SEQ_HOURS`] before and [`SEQ_FUTURE_HOURS`] after `now_hour`. Only for sources
+/// numbered 0, 1, 2, ... (a sluice agent that sends byte offsets beside its seqs): an
+/// older agent's seqs are byte offsets, one range per event.
+fn note_seqs(cells: &mut SeqCells, chunk: &record::SpooledChunk<'_>, now_hour: u64) -> bool {
     let Some(source) = chunk.source else {
         return false;
     };
-    if chunk.count == 0 || chunk.seq(0).is_none() {
+    if chunk.count == 0 || chunk.seq(0).is_none() || chunk.offset(0).is_none() {
         return false;
     }
+    let hours = now_hour.saturating_sub(SEQ_HOURS)..=now_hour + SEQ_FUTURE_HOURS;
     let mut i = 0;
     chunk.count_hours(|hour, n| {
+        if !hours.contains(&hour) {
+            i += n as usize;
+            return;
+        }
         let cell = cells.cell(chunk.tag, hour, source);
         for _ in 0..n {
             if let Some(seq) = chunk.seq(i) {
@@ -256,7 +267,7 @@ impl SpoolWriter {
             match record::decode(&buf) {
                 Ok(chunk) => {
                     dedup.replay(&chunk, end);
-                    note_seqs(&mut received_seqs, &chunk);
+                    note_seqs(&mut received_seqs, &chunk, unix_now() / 3600);
                     replayed += 1;
                 }
                 Err(e) => {
@@ -606,7 +617,7 @@ impl SpoolWriter {
         // The record keeps the hour runs the decoder counted (less what dedup trimmed),
         // or, when they were not counted, the entries are parsed for them.
         chunk.count_hours(|hour, n| self.dedup.count_received(chunk.tag, hour, n));
-        if note_seqs(&mut self.received_seqs, &chunk) {
+        if note_seqs(&mut self.received_seqs, &chunk, now / 3600) {
             self.seqs_exported = true;
             self.seqs_saved = true;
         }
@@ -737,10 +748,7 @@ impl SpoolWriter {
         let ledger_secs = self.retention.ledger.as_secs();
         let before_hour = now.saturating_sub(ledger_secs) / 3600;
         let hours = self.dedup.prune_received_before(before_hour);
-        // Counted back from the newest hour received, not from the clock: a backfill of
-        // old hours keeps its seqs as long as new traffic would.
-        let newest = self.received_seqs.hours().last().copied().unwrap_or(0);
-        let seq_hours_before = newest.saturating_sub(SEQ_HOURS).max(before_hour);
+        let seq_hours_before = (now / 3600).saturating_sub(SEQ_HOURS).max(before_hour);
         if self.received_seqs.prune_before(seq_hours_before) > 0 {
             self.seqs_exported = true;
             self.seqs_saved = true;

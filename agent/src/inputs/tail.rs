@@ -151,6 +151,12 @@ impl InputSpec for TailInput {
         if self.tag.is_empty() {
             return Err(format!("input {:?}: tag must not be empty", self.name));
         }
+        if [sluice_forward::REPORT_TAG, sluice_forward::PROBE_TAG].contains(&self.tag.as_str()) {
+            return Err(format!(
+                "input {:?}: tag {:?} is reserved for sluice's own messages (a relay takes it as one, not as log events): choose another",
+                self.name, self.tag
+            ));
+        }
         self.build_parser()
             .map_err(|e| format!("input {:?}: {e}", self.name))?;
         if let Some(m) = &self.multiline {

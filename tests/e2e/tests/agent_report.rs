@@ -171,6 +171,20 @@ fn agent_killed_five_times_reports_exactly_what_the_relay_received() {
         "the agent reported seqs 0..{} of its one file",
         lines - 1
     );
+    // The agent's own copy, saved with its checkpoints (what a restart sends again):
+    // after a clean stop it holds every acknowledged seq too.
     agent.stop(Duration::from_secs(30));
+    let checkpoints: serde_json::Value =
+        serde_json::from_str(&agent.checkpoints()).expect("checkpoints.json is JSON");
+    let mut saved = sluice_core::ranges::SeqRanges::default();
+    for cell in checkpoints["sent"]
+        .as_array()
+        .expect("a report in the checkpoints")
+    {
+        let r: sluice_core::ranges::SeqRanges =
+            serde_json::from_value(cell["seqs"].clone()).unwrap();
+        saved.union(&r);
+    }
+    assert_eq!(saved, seqs, "the report saved with the checkpoints");
     relay.stop(Duration::from_secs(30));
 }

@@ -393,16 +393,18 @@ fn bad_agent_reports_are_refused_by_name_and_never_spooled() {
     let mut conn = Conn::connect(relay.forward, &files).unwrap();
     conn.send_expect_ack(&report_frame("{not json", "r1"), "r1")
         .unwrap();
-    conn.send_expect_ack(
-        &report_frame(
-            r#"{"version":1,"agent":"agent-m","cells":[
-                {"tag":"app","hour":493000,"source":"agent-a:app:1","seqs":[[0,9]]},
-                {"tag":"app","hour":493000,"source":"agent-m:app:1","seqs":[[0,4]]}]}"#,
-            "r2",
-        ),
-        "r2",
-    )
-    .unwrap();
+    let hour = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        / 3600;
+    let report = format!(
+        r#"{{"version":1,"agent":"agent-m","cells":[
+            {{"tag":"app","hour":{hour},"source":"agent-a:app:1","seqs":[[0,9]]}},
+            {{"tag":"app","hour":{hour},"source":"agent-m:app:1","seqs":[[0,4]]}}]}}"#
+    );
+    conn.send_expect_ack(&report_frame(&report, "r2"), "r2")
+        .unwrap();
     // The connection is still good: a data chunk after them is taken.
     let seqs: Vec<u64> = (0..3).collect();
     conn.send_expect_ack(&chunk_from("agent-m:app:1", "m-", &seqs, "m0"), "m0")

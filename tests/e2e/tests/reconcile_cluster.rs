@@ -68,6 +68,10 @@ struct Run {
 }
 
 fn reconcile(relay: &Relay, from: &str, to: &str, deep: bool) -> Run {
+    reconcile_with(relay, from, to, deep, &[])
+}
+
+fn reconcile_with(relay: &Relay, from: &str, to: &str, deep: bool, extra: &[&str]) -> Run {
     let mut cmd = std::process::Command::new(bin("sluice-relay"));
     cmd.arg("--config")
         .arg(&relay.config_path)
@@ -77,6 +81,7 @@ fn reconcile(relay: &Relay, from: &str, to: &str, deep: bool) -> Run {
     if deep {
         cmd.arg("--deep");
     }
+    cmd.args(extra);
     let out = cmd.output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     let report = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
@@ -281,13 +286,44 @@ fn three_relays_reconcile_ok_then_name_a_deleted_object_and_copied_records() {
             &key,
         ],
     );
-    let run = reconcile(&relays[0], &from, &to, false);
+    let metrics = dir.path().join("reconcile.prom");
+    let run = reconcile_with(
+        &relays[0],
+        &from,
+        &to,
+        false,
+        &["--metrics-file", metrics.to_str().unwrap()],
+    );
     assert_eq!(run.code, 1, "{:#}", run.report);
     let gone = run.report["missing_objects"].as_array().unwrap();
     assert_eq!(gone.len(), 1, "{gone:#?}");
     assert_eq!(gone[0]["key"], key.as_str());
     let records = gone[0]["records"].as_u64().unwrap();
     assert!(records > 0);
+    // The metrics an alert reads: exactly those events missing in objects, for the
+    // object's tag, none anywhere else.
+    let text = std::fs::read_to_string(&metrics).unwrap();
+    let sample = |name: &str, labels: &str| -> f64 {
+        let prefix = if labels.is_empty() {
+            format!("{name} ")
+        } else {
+            format!("{name}{{{labels}}} ")
+        };
+        text.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .unwrap_or_else(|| panic!("no {prefix} in:\n{text}"))
+            .parse()
+            .unwrap()
+    };
+    let tag = gone[0]["tag"].as_str().unwrap();
+    assert_eq!(sample("sluice_reconcile_success", ""), 1.0);
+    for t in TAGS {
+        let want = if t == tag { records as f64 } else { 0.0 };
+        let l = format!("tag=\"{t}\",destination=\"objects\"");
+        assert_eq!(sample("sluice_reconcile_missing_events", &l), want, "{t}");
+        let l = format!("tag=\"{t}\",destination=\"kafka\"");
+        assert_eq!(sample("sluice_reconcile_missing_events", &l), 0.0, "{t}");
+    }
     let rows = &run.report["rows"];
     let missing_objects = |rows: &serde_json::Value| -> serde_json::Map<String, serde_json::Value> {
         let mut by_source = serde_json::Map::new();

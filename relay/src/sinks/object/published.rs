@@ -110,8 +110,9 @@ pub fn hour_ledger(ledger: &Ledger, incarnation: &str, hour: u64) -> HourLedger 
     }
 }
 
-/// The hours with any figure in `ledger`, back [`crate::writer::SEQ_HOURS`] from the newest.
-fn hours(ledger: &Ledger) -> BTreeSet<u64> {
+/// The hours with any figure in `ledger`, from [`crate::writer::SEQ_HOURS`] before the
+/// clock's hour `now_hour` to [`crate::writer::SEQ_FUTURE_HOURS`] after it.
+fn hours(ledger: &Ledger, now_hour: u64) -> BTreeSet<u64> {
     let mut all: BTreeSet<u64> = ledger.received.keys().map(|(_, h)| h).collect();
     for c in ledger.sinks.values() {
         for counts in [&c.offered, &c.delivered, &c.dropped] {
@@ -120,10 +121,16 @@ fn hours(ledger: &Ledger) -> BTreeSet<u64> {
     }
     all.extend(ledger.received_seqs.hours());
     all.extend(ledger.agents.hours());
-    let oldest = all
-        .last()
-        .map_or(0, |n| n.saturating_sub(crate::writer::SEQ_HOURS));
-    all.split_off(&oldest)
+    let window = now_hour.saturating_sub(crate::writer::SEQ_HOURS)
+        ..=now_hour + crate::writer::SEQ_FUTURE_HOURS;
+    all.retain(|h| window.contains(h));
+    all
+}
+
+fn clock_hour() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() / 3600)
 }
 
 /// `<prefix>/_sluice/ledger/dt=<date>/hour=<HH>`.
@@ -145,6 +152,8 @@ pub struct Publisher {
     revision: Option<u64>,
     /// Per hour, a digest of the document last written.
     written: HashMap<u64, u64>,
+    /// Per hour, the document an earlier run of this incarnation had published.
+    carried: HashMap<u64, HourLedger>,
 }
 
 fn digest(bytes: &[u8]) -> u64 {
@@ -162,6 +171,41 @@ impl Publisher {
             incarnation: incarnation.to_string(),
             revision: None,
             written: HashMap::new(),
+            carried: HashMap::new(),
+        }
+    }
+
+    /// The document at `path` as an earlier run of this incarnation published it (an
+    /// empty one when there is none).
+    async fn read_published(&self, path: &ObjectPath) -> Result<HourLedger, String> {
+        let bytes = match self.store.get(path).await {
+            Ok(r) => r.bytes().await.map_err(|e| format!("read {path}: {e}"))?,
+            Err(object_store::Error::NotFound { .. }) => return Ok(HourLedger::default()),
+            Err(e) => return Err(format!("get {path}: {e}")),
+        };
+        Ok(serde_json::from_slice::<HourLedger>(&bytes).unwrap_or_else(|e| {
+            tracing::warn!(%path, error = %e, "the published ledger is not readable; it is replaced");
+            HourLedger::default()
+        }))
+    }
+
+    /// Adds to `doc` the seqs of `old`: ranges only grow. The counts are `doc`'s (rebuilt
+    /// exactly at start); a tag only `old` has is kept as it was.
+    fn merge(old: &HourLedger, doc: &mut HourLedger) {
+        for (tag, t) in old.tags.clone() {
+            match doc.tags.get_mut(&tag) {
+                None => {
+                    doc.tags.insert(tag, t);
+                }
+                Some(mine) => {
+                    for (source, seqs) in t.received_seqs {
+                        mine.received_seqs.entry(source).or_default().union(&seqs);
+                    }
+                    for (source, seqs) in t.agents {
+                        mine.agents.entry(source).or_default().union(&seqs);
+                    }
+                }
+            }
         }
     }
 
@@ -172,26 +216,40 @@ impl Publisher {
             if self.revision == Some(ledger.revision) {
                 return Ok(0);
             }
-            let docs: Vec<(u64, Vec<u8>)> = hours(&ledger)
+            let docs: Vec<(u64, HourLedger)> = hours(&ledger, clock_hour())
                 .into_iter()
-                .map(|h| {
-                    let doc = hour_ledger(&ledger, &self.incarnation, h);
-                    (h, serde_json::to_vec_pretty(&doc).unwrap_or_default())
-                })
+                .map(|h| (h, hour_ledger(&ledger, &self.incarnation, h)))
                 .collect();
             (ledger.revision, ledger.relay.clone(), docs)
         };
         let mut written = 0;
         let mut failed = None;
-        for (hour, body) in docs {
-            let d = digest(&body);
-            if self.written.get(&hour) == Some(&d) {
-                continue;
-            }
+        for (hour, mut doc) in docs {
             let path: ObjectPath = ObjectPath::from(folder(&self.prefix, hour).as_str())
                 .parts()
                 .chain([PathPart::from(format!("{relay}-{}.json", self.incarnation))])
                 .collect();
+            // What an earlier run of the same incarnation published stays in: a restart
+            // must not shrink it. Read once per hour and process.
+            if !self.carried.contains_key(&hour) {
+                match self.read_published(&path).await {
+                    Ok(old) => {
+                        self.carried.insert(hour, old);
+                    }
+                    Err(e) => {
+                        failed = Some(e);
+                        continue;
+                    }
+                }
+            }
+            if let Some(old) = self.carried.get(&hour) {
+                Self::merge(old, &mut doc);
+            }
+            let body = serde_json::to_vec(&doc).unwrap_or_default();
+            let d = digest(&body);
+            if self.written.get(&hour) == Some(&d) {
+                continue;
+            }
             match self.store.put(&path, PutPayload::from(body)).await {
                 Ok(_) => {
                     self.written.insert(hour, d);
@@ -200,12 +258,9 @@ impl Publisher {
                 Err(e) => failed = Some(format!("put {path}: {e}")),
             }
         }
-        let oldest = self
-            .written
-            .keys()
-            .max()
-            .map_or(0, |n| n.saturating_sub(crate::writer::SEQ_HOURS));
+        let oldest = clock_hour().saturating_sub(crate::writer::SEQ_HOURS);
         self.written.retain(|h, _| *h >= oldest);
+        self.carried.retain(|h, _| *h >= oldest);
         match failed {
             Some(e) => Err(e),
             None => {
@@ -250,9 +305,47 @@ mod tests {
         assert_eq!(t.received_seqs["a:1"].len(), 5);
         assert_eq!(t.agents["a:1"].len(), 6);
         assert_eq!(hour_ledger(&l, "inc", 11).tags["app"].received, 7);
-        assert_eq!(hours(&l).into_iter().collect::<Vec<_>>(), [10, 11]);
+        assert_eq!(hours(&l, 12).into_iter().collect::<Vec<_>>(), [10, 11]);
+        assert!(hours(&l, 100).is_empty(), "older than the window");
         let back: HourLedger = serde_json::from_slice(&serde_json::to_vec(&doc).unwrap()).unwrap();
         assert_eq!(back, doc);
+    }
+
+    #[tokio::test]
+    async fn a_restarted_relay_adds_to_what_it_published_and_never_shrinks_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let sink: super::super::ObjectSink = serde_json::from_value(serde_json::json!({
+            "url": format!("file://{}", dir.path().display()),
+        }))
+        .unwrap();
+        let h = clock_hour();
+        let life = |agents: [u64; 2]| {
+            let mut l = Ledger {
+                relay: "r1".into(),
+                revision: 1,
+                ..Ledger::default()
+            };
+            l.received.add("app", h, 5);
+            l.agents
+                .union("app", h, "a:1", &SeqRanges::from_ranges([agents]));
+            Mutex::new(l)
+        };
+        let (store, prefix) = sink.open().unwrap();
+        let mut first = Publisher::new(store.clone(), prefix.clone(), "i1");
+        first.publish(&life([0, 9])).await.unwrap();
+        // The next life lost the agent's first report: the bucket keeps it.
+        let mut second = Publisher::new(store, prefix, "i1");
+        second.publish(&life([10, 19])).await.unwrap();
+        // And keeps it on later writes of the hour.
+        let later = life([10, 20]);
+        later.lock().unwrap().revision = 2;
+        second.publish(&later).await.unwrap();
+        let file = dir.path().join(folder("", h)).join("r1-i1.json");
+        let doc: HourLedger = serde_json::from_slice(&std::fs::read(file).unwrap()).unwrap();
+        assert_eq!(
+            doc.tags["app"].agents["a:1"],
+            SeqRanges::from_ranges([[0, 20]])
+        );
     }
 
     #[tokio::test]
@@ -266,7 +359,8 @@ mod tests {
             relay: "r1".into(),
             ..Ledger::default()
         });
-        ledger.lock().unwrap().received.add("app", 10, 5);
+        let h = clock_hour();
+        ledger.lock().unwrap().received.add("app", h, 5);
         ledger.lock().unwrap().revision += 1;
         let (store, prefix) = sink.open().unwrap();
         let mut p = Publisher::new(store, prefix, "i1");
@@ -274,15 +368,15 @@ mod tests {
         assert_eq!(p.publish(&ledger).await.unwrap(), 0, "same revision");
         {
             let mut l = ledger.lock().unwrap();
-            l.received.add("app", 11, 1);
+            l.received.add("app", h + 1, 1);
             l.revision += 1;
         }
         assert_eq!(
             p.publish(&ledger).await.unwrap(),
             1,
-            "hour 10 did not change"
+            "the first hour did not change"
         );
-        let file = dir.path().join(folder("", 10)).join("r1-i1.json");
+        let file = dir.path().join(folder("", h)).join("r1-i1.json");
         let doc: HourLedger = serde_json::from_slice(&std::fs::read(file).unwrap()).unwrap();
         assert_eq!(doc.tags["app"].received, 5);
     }

@@ -79,18 +79,21 @@ pub async fn read(
         if !written_by(template, full, meta.location.as_ref(), relay, incarnation) {
             continue;
         }
-        read_gzip(store, &meta.location, &mut text).await?;
-        found.add_ndjson(&text);
+        add_gzip_object(store, &meta.location, &mut found, &mut text).await?;
     }
     Ok(found)
 }
 
-/// Reads a gzip object (every member) into `text`.
-async fn read_gzip(
+/// Adds the lines of a gzip NDJSON object (every member) to `found`, inflated a block
+/// at a time: memory is the compressed object and `buf` (about a MiB), not the object's
+/// lines, which are several times larger.
+async fn add_gzip_object(
     store: &dyn ObjectStore,
     location: &object_store::path::Path,
-    text: &mut Vec<u8>,
+    found: &mut Found,
+    buf: &mut Vec<u8>,
 ) -> Result<(), String> {
+    const BLOCK: usize = 1 << 20;
     let bytes = store
         .get(location)
         .await
@@ -98,10 +101,26 @@ async fn read_gzip(
         .bytes()
         .await
         .map_err(|e| format!("read {location}: {e}"))?;
-    text.clear();
-    flate2::read::MultiGzDecoder::new(&bytes[..])
-        .read_to_end(text)
-        .map_err(|e| format!("{location} is not valid gzip: {e}"))?;
+    let mut inflate = flate2::read::MultiGzDecoder::new(&bytes[..]);
+    buf.clear();
+    loop {
+        let start = buf.len();
+        buf.resize(start + BLOCK, 0);
+        let n = inflate
+            .read(&mut buf[start..])
+            .map_err(|e| format!("{location} is not valid gzip: {e}"))?;
+        buf.truncate(start + n);
+        if n == 0 {
+            break;
+        }
+        // The complete lines now; a line cut by the block waits for the next one.
+        if let Some(end) = buf[start..].iter().rposition(|&b| b == b'\n') {
+            let end = start + end + 1;
+            found.add_ndjson(&buf[..end]);
+            buf.drain(..end);
+        }
+    }
+    found.add_ndjson(buf);
     Ok(())
 }
 
@@ -131,6 +150,8 @@ pub struct ObjectRead {
     /// over the relays; empty when no relay published one.
     pub ledgers: std::collections::BTreeMap<(String, u64), LedgerCell>,
     pub ledgers_read: u64,
+    /// Per hour, the relays (`relay.id`) that published a ledger of it.
+    pub ledger_relays: std::collections::BTreeMap<u64, std::collections::BTreeSet<String>>,
 }
 
 /// What every relay's published ledger says of one (tag, hour).
@@ -227,6 +248,16 @@ pub async fn read_window(
             let doc: super::published::HourLedger =
                 serde_json::from_value(get_json(store, path).await?)
                     .map_err(|e| format!("{path} is not a sluice ledger: {e}"))?;
+            if doc.version != 1 {
+                return Err(format!(
+                    "{path}: ledger version {} (this reconcile reads version 1: upgrade it)",
+                    doc.version
+                ));
+            }
+            read.ledger_relays
+                .entry(hour)
+                .or_default()
+                .insert(doc.relay.clone());
             read.ledgers_read += 1;
             for (tag, t) in doc.tags {
                 if !found.wanted(&tag, hour) {
@@ -259,8 +290,7 @@ pub async fn read_window(
         let total = objects.len() as u64;
         let mut text = Vec::new();
         for meta in objects {
-            read_gzip(store, &meta.location, &mut text).await?;
-            found.add_ndjson(&text);
+            add_gzip_object(store, &meta.location, found, &mut text).await?;
             read.objects_read += 1;
             progress(read.objects_read, total);
         }
