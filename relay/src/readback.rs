@@ -87,7 +87,8 @@ impl Found {
     pub fn add_line(&mut self, line: &[u8]) {
         // An envelope (Kafka, the file sink) begins with its time: one parse, straight
         // into the head, instead of trying the object line's forms first.
-        if line.starts_with(b"{\"time\":") {
+        // (An object line has `_time`; a record with its own `time` first is one of those.)
+        if line.starts_with(b"{\"time\":") && memchr::memmem::find(line, b"\"_time\":").is_none() {
             if let Ok(head) = serde_json::from_slice::<EnvelopeHead>(line) {
                 return self.add_head(head);
             }
