@@ -204,6 +204,33 @@ pub fn write_rfc3339(out: &mut Vec<u8>, t: EventTime) {
     out.extend_from_slice(&buf);
 }
 
+/// The time [`write_rfc3339`] wrote (`YYYY-MM-DDTHH:MM:SS.nnnnnnnnnZ`); `None` for any
+/// other text.
+pub fn parse_rfc3339(text: &str) -> Option<EventTime> {
+    let b = text.as_bytes();
+    if b.len() != 30 || text.get(..13).is_none() || b[29] != b'Z' || b[19] != b'.' {
+        return None;
+    }
+    let hour = parse_hour_label(&text[..13])?;
+    if b[13] != b':' || b[16] != b':' {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| -> Option<u64> {
+        let t = text.get(r)?;
+        t.bytes()
+            .all(|c| c.is_ascii_digit())
+            .then(|| t.parse().ok())?
+    };
+    let (min, sec, nanos) = (num(14..16)?, num(17..19)?, num(20..29)?);
+    if min > 59 || sec > 59 {
+        return None;
+    }
+    Some(EventTime {
+        secs: u32::try_from(hour * 3600 + min * 60 + sec).ok()?,
+        nanos: nanos as u32,
+    })
+}
+
 /// The event-time hour an event belongs to, as hours since the epoch.
 pub fn hour_of(t: EventTime) -> u64 {
     t.secs as u64 / 3600
@@ -248,6 +275,24 @@ mod tests {
         assert_eq!(hour_label(498_729), "2026-11-23T09");
         assert_eq!(parse_hour_label("2026-13-01T00"), None);
         assert_eq!(parse_hour_label("498729"), None);
+    }
+
+    #[test]
+    fn rfc3339_is_read_back() {
+        for (secs, nanos) in [(0, 0), (1_795_424_400, 1), (4_294_967_295, 999_999_999)] {
+            let t = EventTime { secs, nanos };
+            let mut out = Vec::new();
+            write_rfc3339(&mut out, t);
+            assert_eq!(parse_rfc3339(std::str::from_utf8(&out).unwrap()), Some(t));
+        }
+        for bad in [
+            "2026-11-23T09:00:00Z",
+            "2026-11-23T09:00:60.000000000Z",
+            "2026-11-23 09:00:00.000000000Z",
+            "2026-11-23T09:00:00.00000000+Z",
+        ] {
+            assert_eq!(parse_rfc3339(bad), None, "{bad}");
+        }
     }
 
     #[test]

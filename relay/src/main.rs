@@ -57,8 +57,8 @@ enum Command {
         #[arg(long, requires = "from")]
         metrics_file: Option<std::path::PathBuf>,
     },
-    /// Write into object storage the events of a window that Kafka holds and the bucket
-    /// does not (what `reconcile --from --to` reports missing in objects), provenance kept.
+    /// Write into one destination the events of a window that the other holds and it
+    /// does not (what `reconcile --from --to` reports missing there), provenance kept.
     Replay {
         /// The first hour of the window (UTC), `YYYY-MM-DDTHH`.
         #[arg(long)]
@@ -69,14 +69,15 @@ enum Command {
         /// Only this tag.
         #[arg(long)]
         tag: Option<String>,
-        /// Where to: `objects` (from Kafka). `kafka` is not built yet.
+        /// Where to: `objects` (from Kafka) or `kafka` (from object storage).
         #[arg(long)]
         into: String,
         /// Replay only what reconcile reports missing (the only mode built: a replay
         /// never writes what the destination already holds).
         #[arg(long)]
         missing: bool,
-        /// Events read from Kafka per second, at most.
+        /// Events per second, at most: read from Kafka (into objects) or produced (into
+        /// Kafka), so a replay can run beside production.
         #[arg(long)]
         rate: Option<u64>,
         /// How long to read Kafka before giving up.
@@ -153,8 +154,8 @@ async fn replay(
     kafka_timeout: Duration,
 ) -> std::process::ExitCode {
     use sluice_relay::reconcile_window as rw;
-    if into != "objects" {
-        eprintln!("error: --into {into:?}: only `objects` (from Kafka) is built so far");
+    if into != "objects" && into != "kafka" {
+        eprintln!("error: --into {into:?}: write objects (from Kafka) or kafka (from objects)");
         return std::process::ExitCode::from(2);
     }
     let window = match rw::Window::parse(from, to, tag, false, kafka_timeout) {
@@ -164,7 +165,12 @@ async fn replay(
             return std::process::ExitCode::from(2);
         }
     };
-    match sluice_relay::replay::into_objects(config, &window, rate).await {
+    let done = if into == "kafka" {
+        sluice_relay::replay::into_kafka(config, &window, rate).await
+    } else {
+        sluice_relay::replay::into_objects(config, &window, rate).await
+    };
+    match done {
         Ok(done) => {
             println!(
                 "{}",

@@ -121,6 +121,9 @@ pub struct Row {
     pub late: u64,
     /// Relays seen in the window that have not announced this hour yet.
     pub pending_relays: Vec<String>,
+    /// Relays that announced this hour but published no ledger of it (while others
+    /// did): what their spools still hold is not known.
+    pub unpublished_relays: Vec<String>,
     pub status: String,
 }
 
@@ -558,6 +561,7 @@ pub async fn run(config: &RelayConfig, w: &Window) -> Result<Report, String> {
             missing_everywhere,
             late,
             pending_relays,
+            unpublished_relays: unpublished.into_iter().cloned().collect(),
             status: status.join("; "),
         });
     }

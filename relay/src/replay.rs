@@ -1,17 +1,25 @@
-//! `sluice-relay replay --from T1 --to T2 [--tag T] --into objects [--rate R]`: writes into
-//! object storage the events of the window that Kafka holds and the bucket does not — what
-//! `reconcile --from --to` reports as `MISSING n in objects` — with their provenance
-//! (`_source`, `_seq`, `_offset`, `_time`, `_tag`), so that reconcile then reports the
-//! window complete.
+//! `sluice-relay replay --from T1 --to T2 [--tag T] --into objects|kafka [--rate R]`:
+//! writes into one destination the events of the window that the other holds and it does
+//! not — what `reconcile --from --to` reports as `MISSING n in objects` or `MISSING n in
+//! kafka` — with their provenance (source, seq, offset, time, tag), so that reconcile
+//! then reports the window complete.
 //!
-//! Only what is missing is written, so a replay never duplicates what is there. Each
-//! (tag, hour) gets one object in its partition folder, `replay-<digest>.ndjson.gz`, with
-//! a manifest beside the relays' (`_manifests/replay-<digest>.json`) listing its seqs per
-//! source; the digest is of those seqs, so a replay repeated (say after a crash half way)
-//! writes the same keys with the same lines and adds nothing. `--rate` caps the events
-//! read from Kafka per second, so a replay can run beside production.
+//! Only what is missing is written, so a replay never duplicates what is there: run
+//! twice, the second finds nothing missing. Hours still pending (a relay has not
+//! announced them, or its spool still holds events for the destination) are left alone:
+//! what they miss may still come.
 //!
-//! Into Kafka (from objects) is not built yet.
+//! Into objects (from Kafka): each (tag, hour) gets one object in its partition folder,
+//! `replay-<digest>.ndjson.gz`, with a manifest beside the relays'
+//! (`_manifests/replay-<digest>.json`) listing its seqs per source; the digest is of those
+//! seqs, so a replay repeated (say after a crash half way) writes the same keys with the
+//! same lines and adds nothing. `--rate` caps the events read from Kafka per second.
+//!
+//! Into Kafka (from objects): the objects whose manifests list a missing seq are read,
+//! and each missing event is produced once, as the sink would have produced it (same
+//! envelope bytes, key, headers, timestamp; `relay` header `replay`), by an idempotent
+//! producer. A replay cut short produced a part: the next run finds that part present and
+//! produces the rest. `--rate` caps the events produced per second.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -25,16 +33,96 @@ use sluice_core::ranges::SeqRanges;
 /// What a replay did.
 #[derive(Debug, Default, serde::Serialize)]
 pub struct Replayed {
+    /// `objects` or `kafka`.
+    pub into: &'static str,
     /// Events written, per `<tag> <hour>`.
     pub events: BTreeMap<String, u64>,
+    /// Objects written (into objects) or read (into Kafka).
     pub objects: Vec<String>,
     pub kafka_messages_read: u64,
-    /// Events missing from objects that Kafka did not have either.
+    /// Messages produced and acknowledged (into Kafka).
+    pub kafka_messages_produced: u64,
+    /// Events missing from the destination that the other did not have either.
     pub not_found: u64,
+    /// Events not produced because they are larger than the sink's `max_message`.
+    pub too_large: u64,
+    /// Rows with missing events left alone, and why (`<tag> <hour>: <reason>`).
+    pub skipped: Vec<String>,
 }
 
-/// The seqs to replay: per tag, hour, source.
-type Wanted = BTreeMap<(String, u64), BTreeMap<String, SeqRanges>>;
+use crate::sinks::object::readback::Wanted;
+
+/// What reconcile reports missing in one destination, per (tag, hour) and source, for
+/// the hours no longer pending; the rows passed over, with why, into `skipped`.
+fn missing_in(
+    report: &reconcile_window::Report,
+    destination: fn(&reconcile_window::Row) -> Option<&reconcile_window::Destination>,
+    sink: Option<&str>,
+    skipped: &mut Vec<String>,
+) -> Wanted {
+    let mut wanted: Wanted = BTreeMap::new();
+    for row in &report.rows {
+        let Some(d) = destination(row) else {
+            continue;
+        };
+        if d.missing.is_empty() {
+            continue;
+        }
+        // What the hour misses may still come, and copying it now would duplicate it
+        // once it does: an hour not announced by every relay, a relay whose ledger of
+        // it is not published, or events the ledgers show still in a spool for the sink.
+        let in_spool = sink
+            .and_then(|n| row.sinks.get(n))
+            .map_or(0, |f| f.offered.saturating_sub(f.delivered + f.dropped));
+        let why = if !row.pending_relays.is_empty() || row.status.contains("PENDING") {
+            Some(format!("pending ({})", row.status))
+        } else if !row.unpublished_relays.is_empty() {
+            Some(format!(
+                "relays {} published no ledger of the hour",
+                row.unpublished_relays.join(", ")
+            ))
+        } else if in_spool > 0 {
+            Some(format!(
+                "{in_spool} events still in the relays' spools for the sink"
+            ))
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            skipped.push(format!("{} {}: {why}", row.tag, row.hour));
+            continue;
+        }
+        let Some(hour) = crate::envelope::parse_hour_label(&row.hour) else {
+            continue;
+        };
+        for m in &d.missing {
+            wanted
+                .entry((row.tag.clone(), hour))
+                .or_default()
+                .entry(m.source.clone())
+                .or_default()
+                .union(&m.seqs);
+        }
+    }
+    wanted
+}
+
+/// The name of the config's first enabled sink of a kind (how the ledgers count it).
+fn sink_name(config: &crate::config::RelayConfig, kind: fn(&SinkKind) -> bool) -> Option<String> {
+    config
+        .sinks
+        .iter()
+        .find(|s| s.enabled && kind(&s.kind))
+        .map(|s| s.name.clone())
+}
+
+fn total(wanted: &Wanted) -> u64 {
+    wanted
+        .values()
+        .flat_map(|s| s.values())
+        .map(SeqRanges::len)
+        .sum()
+}
 
 /// The object lines found, per (tag, hour): (source, seq, line).
 type Lines = BTreeMap<(String, u64), Vec<(String, u64, Vec<u8>)>>;
@@ -79,29 +167,17 @@ pub async fn into_objects(
     rate: Option<u64>,
 ) -> Result<Replayed, String> {
     let report = reconcile_window::run(config, window).await?;
-    let mut wanted: Wanted = BTreeMap::new();
-    for row in &report.rows {
-        let Some(objects) = &row.objects else {
-            continue;
-        };
-        // An hour not announced by every relay: its objects may still come, and copying
-        // its events now would duplicate them once they do.
-        if !row.pending_relays.is_empty() || row.status.contains("PENDING") {
-            continue;
-        }
-        let Some(hour) = crate::envelope::parse_hour_label(&row.hour) else {
-            continue;
-        };
-        for m in &objects.missing {
-            wanted
-                .entry((row.tag.clone(), hour))
-                .or_default()
-                .entry(m.source.clone())
-                .or_default()
-                .union(&m.seqs);
-        }
-    }
-    let mut done = Replayed::default();
+    let mut done = Replayed {
+        into: "objects",
+        ..Replayed::default()
+    };
+    let name = sink_name(config, |k| matches!(k, SinkKind::ObjectStore(_)));
+    let wanted = missing_in(
+        &report,
+        |r| r.objects.as_ref(),
+        name.as_deref(),
+        &mut done.skipped,
+    );
     if wanted.is_empty() {
         return Ok(done);
     }
@@ -129,6 +205,7 @@ pub async fn into_objects(
         let mut n = 0u64;
         let read = crate::sinks::kafka::readback::consume_from(
             &kafka.brokers,
+            &kafka.properties,
             &kafka.topic,
             timeout,
             Some(from_ms),
@@ -184,11 +261,7 @@ pub async fn into_objects(
     .await
     .map_err(|e| e.to_string())??;
     done.kafka_messages_read = read.messages;
-    let wanted_total: u64 = wanted
-        .values()
-        .flat_map(|s| s.values())
-        .map(SeqRanges::len)
-        .sum();
+    let wanted_total = total(&wanted);
     let mut written = 0;
     for ((tag, hour), mut events) in lines {
         events.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
@@ -205,6 +278,199 @@ pub async fn into_objects(
         done.objects.push(key);
     }
     done.not_found = wanted_total - written;
+    Ok(done)
+}
+
+/// Sluice's fields of an object line, the last in it ([`crate::envelope::write_flat`]).
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LineTail {
+    #[serde(rename = "_time")]
+    time: String,
+    #[serde(rename = "_tag")]
+    tag: String,
+    #[serde(rename = "_source")]
+    source: Option<String>,
+    #[serde(rename = "_seq")]
+    seq: Option<u64>,
+    #[serde(rename = "_offset", default)]
+    offset: Option<u64>,
+}
+
+/// An object line taken apart: sluice's fields, and where the record is in the line.
+struct Line {
+    tail: LineTail,
+    time: sluice_forward::EventTime,
+    /// The record's own fields, the text between the line's `{` and sluice's fields.
+    fields: std::ops::Range<usize>,
+}
+
+/// Reads an object line. Sluice's fields come after the record's, so they begin at the
+/// last `"_time":"` (a record field of that name stays before them, and inside JSON
+/// strings a `"` is escaped).
+fn read_line(line: &[u8]) -> Option<Line> {
+    const KEY: &[u8] = b"\"_time\":\"";
+    let line = line.trim_ascii();
+    let at = memchr::memmem::rfind(line, KEY)?;
+    let fields = match line.get(at.checked_sub(1)?)? {
+        b'{' if at == 1 => 1..1,
+        b',' if at >= 2 && line.first() == Some(&b'{') => 1..at - 1,
+        _ => return None,
+    };
+    let mut tail = Vec::with_capacity(line.len() - at + 1);
+    tail.push(b'{');
+    tail.extend_from_slice(&line[at..]);
+    let tail: LineTail = serde_json::from_slice(&tail).ok()?;
+    let time = crate::envelope::parse_rfc3339(&tail.time)?;
+    Some(Line { tail, time, fields })
+}
+
+/// The Kafka envelope of an object line ([`flat_line`]'s inverse): the bytes the sink
+/// produced for the same event.
+fn envelope_of(line: &[u8], l: &Line, out: &mut Vec<u8>) {
+    let line = line.trim_ascii();
+    let s = |v: &str| serde_json::to_string(v).unwrap_or_default();
+    let t = &l.tail;
+    let _ = write!(
+        out,
+        "{{\"time\":{},\"tag\":{},\"source\":{},\"seq\":{}",
+        s(&t.time),
+        s(&t.tag),
+        t.source.as_deref().map_or("null".into(), s),
+        t.seq.map_or("null".into(), |n| n.to_string())
+    );
+    if let Some(o) = t.offset {
+        let _ = write!(out, ",\"offset\":{o}");
+    }
+    out.extend_from_slice(b",\"record\":{");
+    out.extend_from_slice(&line[l.fields.clone()]);
+    out.extend_from_slice(b"}}");
+}
+
+/// Produces into Kafka what reconcile finds missing there in the window, from the
+/// objects that hold it.
+pub async fn into_kafka(
+    config: &crate::config::RelayConfig,
+    window: &Window,
+    rate: Option<u64>,
+) -> Result<Replayed, String> {
+    let enabled = || config.sinks.iter().filter(|s| s.enabled);
+    let kafka = enabled()
+        .find_map(|s| match &s.kind {
+            SinkKind::Kafka(k) => Some(k.clone()),
+            _ => None,
+        })
+        .ok_or("replay --into kafka needs an enabled kafka sink in the config")?;
+    let objects = enabled()
+        .find_map(|s| match &s.kind {
+            SinkKind::ObjectStore(o) => Some(o.clone()),
+            _ => None,
+        })
+        .ok_or(
+            "replay --into kafka reads object storage: the config has no enabled object_store sink",
+        )?;
+    // The producer first: a config it cannot produce with fails before any reading.
+    let mut producer = crate::sinks::kafka::replay::Replayer::new(&kafka).await?;
+    let report = reconcile_window::run(config, window).await?;
+    let mut done = Replayed {
+        into: "kafka",
+        kafka_messages_read: report.kafka_messages_read,
+        ..Replayed::default()
+    };
+    let name = sink_name(config, |k| matches!(k, SinkKind::Kafka(_)));
+    let wanted = missing_in(
+        &report,
+        |r| r.kafka.as_ref(),
+        name.as_deref(),
+        &mut done.skipped,
+    );
+    if wanted.is_empty() {
+        return Ok(done);
+    }
+    let (store, prefix) = objects.open()?;
+    let keys =
+        crate::sinks::object::readback::objects_holding(store.as_ref(), &prefix, &wanted).await?;
+    // Once per event, if the bucket holds it twice.
+    let mut taken: Wanted = BTreeMap::new();
+    let started = Instant::now();
+    let mut produced = 0u64;
+    let (mut buf, mut envelope) = (Vec::new(), Vec::new());
+    for key in keys {
+        // This object's missing events, in seq order per source: (source, seq, line).
+        let mut found: Vec<(String, u64, Vec<u8>)> = Vec::new();
+        let location = object_store::path::Path::from(key.as_str());
+        crate::sinks::object::readback::each_line(
+            store.as_ref(),
+            &location,
+            &mut buf,
+            &mut |line| {
+                let Some(l) = read_line(line) else {
+                    return;
+                };
+                let (Some(source), Some(seq)) = (l.tail.source.as_deref(), l.tail.seq) else {
+                    return;
+                };
+                let cell = (l.tail.tag.clone(), crate::envelope::hour_of(l.time));
+                if !wanted
+                    .get(&cell)
+                    .and_then(|w| w.get(source))
+                    .is_some_and(|w| w.contains(seq))
+                {
+                    return;
+                }
+                if taken
+                    .entry(cell)
+                    .or_default()
+                    .entry(source.to_string())
+                    .or_default()
+                    .insert(seq)
+                {
+                    found.push((source.to_string(), seq, line.to_vec()));
+                }
+            },
+        )
+        .await?;
+        found.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
+        for (_, _, line) in &found {
+            let Some(l) = read_line(line) else {
+                continue;
+            };
+            envelope.clear();
+            envelope_of(line, &l, &mut envelope);
+            let t = &l.tail;
+            let event = crate::sinks::kafka::replay::Event {
+                time: l.time,
+                tag: &t.tag,
+                source: t.source.as_deref().unwrap_or_default(),
+                seq: t.seq.unwrap_or_default(),
+                envelope: &envelope,
+                record: &envelope[envelope.len() - (l.fields.len() + 3)..envelope.len() - 1],
+            };
+            if let Some(rate) = rate.filter(|r| *r > 0) {
+                // Paced: `produced` events may have gone by now.
+                let due = Duration::from_secs_f64(produced as f64 / rate as f64);
+                if let Some(wait) = due.checked_sub(started.elapsed()) {
+                    tokio::time::sleep(wait).await;
+                }
+            }
+            if producer.send(&event).await? {
+                produced += 1;
+                *done
+                    .events
+                    .entry(format!(
+                        "{} {}",
+                        t.tag,
+                        hour_label(crate::envelope::hour_of(l.time))
+                    ))
+                    .or_default() += 1;
+            }
+        }
+        done.objects.push(key);
+    }
+    producer.finish().await?;
+    done.kafka_messages_produced = producer.delivered();
+    done.too_large = producer.too_large;
+    done.not_found = total(&wanted) - total(&taken);
     Ok(done)
 }
 
@@ -257,5 +523,76 @@ mod tests {
             out,
             b"{\"_time\":\"2026-11-23T09:00:00.000000001Z\",\"_tag\":\"t\",\"_source\":null,\"_seq\":null}\n"
         );
+    }
+
+    /// An object line turned back into an envelope is byte for byte what the sink
+    /// produced for the same event: for a record with fields named like sluice's (at its
+    /// top and nested), an empty record, with and without offset and source.
+    #[test]
+    fn an_object_line_becomes_the_envelope_the_sink_produces() {
+        use sluice_forward::EventTime;
+        let time = EventTime {
+            secs: 1_795_424_400,
+            nanos: 123_456_789,
+        };
+        let records: Vec<Vec<(&str, &[u8])>> = vec![
+            vec![("message", b"GET /x \"q\" 200".as_slice())],
+            vec![
+                ("_time", b"not ours".as_slice()),
+                ("message", b"{\"_time\":\"x\"}"),
+            ],
+            vec![],
+        ];
+        for fields in &records {
+            for (source, mark) in [
+                (
+                    Some("web-1:app:1:2:ab:0"),
+                    crate::record::Mark {
+                        seq: Some(7),
+                        offset: Some(480),
+                    },
+                ),
+                (
+                    Some("fluent"),
+                    crate::record::Mark {
+                        seq: Some(0),
+                        offset: None,
+                    },
+                ),
+                (None, crate::record::Mark::default()),
+            ] {
+                let mut rec = Vec::new();
+                sluice_forward::write_entry(&mut rec, time, fields);
+                let record = &rec[sluice_forward::ENTRY_HEADER_LEN..];
+                let mut flat = Vec::new();
+                crate::envelope::write_flat(&mut flat, time, "app.web", source, mark, record)
+                    .unwrap();
+                flat.push(b'\n');
+                let mut want = Vec::new();
+                crate::envelope::write(&mut want, time, "app.web", source, mark, record).unwrap();
+                let l = read_line(&flat).expect("an object line");
+                assert_eq!(l.time, time);
+                assert_eq!(l.tail.seq, mark.seq);
+                assert_eq!(l.tail.source.as_deref(), source);
+                let mut got = Vec::new();
+                envelope_of(&flat, &l, &mut got);
+                assert_eq!(
+                    String::from_utf8(got.clone()).unwrap(),
+                    String::from_utf8(want).unwrap()
+                );
+                // And the record the key template reads is the record.
+                let json: serde_json::Value =
+                    serde_json::from_slice(&got[got.len() - (l.fields.len() + 3)..got.len() - 1])
+                        .unwrap();
+                assert_eq!(json.as_object().unwrap().len(), fields.len());
+            }
+        }
+        for bad in [
+            &b"{\"message\":\"no provenance\"}"[..],
+            b"not json",
+            b"{\"_time\":\"x\",\"_tag\":\"t\",\"_source\":null,\"_seq\":null}",
+        ] {
+            assert!(read_line(bad).is_none(), "{}", String::from_utf8_lossy(bad));
+        }
     }
 }

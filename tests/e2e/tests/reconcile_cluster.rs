@@ -8,6 +8,13 @@
 //!
 //! The relays' published ledgers (received counts and seqs per source) agree with both.
 //!
+//! And Kafka backfilled from the bucket: a relay's Kafka sink moved to a new, empty topic
+//! (a new cluster, or hours written before the sink existed); reconcile reports every
+//! event of the window missing in Kafka, `replay --into kafka` produces them from the
+//! objects, one tag then the rest (what is there already is not produced again), and
+//! confluent-kafka reads in the new topic, message for message, what the sink produced
+//! into the old one: the same value bytes, key, timestamp, partition and headers.
+//!
 //! Size: SLUICE_RECONCILE_EVENTS (default 1,000,000, the issue's).
 
 use std::io;
@@ -26,16 +33,21 @@ const HOURS: u64 = 4;
 const SOURCES: u64 = 12;
 const CHUNK: u64 = 2_000;
 
+/// The message of `source`'s event `seq`: access-log-like, distinct per event.
+fn message(source: &str, seq: u64) -> String {
+    format!(
+        "{source} event {seq:08} GET /api/v1/items?id={} 200",
+        seq * 7919 % 100_003
+    )
+}
+
 /// One chunk of `tag` from `source`: seqs `first..first + n`, event times spread evenly
 /// over the 4 hours from `start` (unix seconds) by seq out of `per_source`.
 fn chunk(tag: &str, source: &str, first: u64, n: u64, per_source: u64, start: u64) -> Vec<u8> {
     let mut entries = Vec::new();
     for seq in first..first + n {
         let secs = start + seq * HOURS * 3600 / per_source;
-        let message = format!(
-            "{source} event {seq:08} GET /api/v1/items?id={} 200",
-            seq * 7919 % 100_003
-        );
+        let message = message(source, seq);
         write_entry(
             &mut entries,
             EventTime {
@@ -97,6 +109,16 @@ fn reconcile_with(relay: &Relay, from: &str, to: &str, deep: bool, extra: &[&str
 }
 
 fn replay(relay: &Relay, from: &str, to: &str) -> serde_json::Value {
+    replay_into(relay, from, to, "objects", &[])
+}
+
+fn replay_into(
+    relay: &Relay,
+    from: &str,
+    to: &str,
+    into: &str,
+    extra: &[&str],
+) -> serde_json::Value {
     let out = std::process::Command::new(bin("sluice-relay"))
         .arg("--config")
         .arg(&relay.config_path)
@@ -107,9 +129,10 @@ fn replay(relay: &Relay, from: &str, to: &str) -> serde_json::Value {
             "--to",
             to,
             "--into",
-            "objects",
+            into,
             "--missing",
         ])
+        .args(extra)
         .env("AWS_ACCESS_KEY_ID", "testing")
         .env("AWS_SECRET_ACCESS_KEY", "testing")
         .output()
@@ -413,5 +436,166 @@ fn three_relays_reconcile_ok_then_name_a_deleted_object_and_copied_records() {
     assert_eq!(dup_seqs, 1000, "{rows:#}");
     for mut relay in relays {
         relay.stop(Duration::from_secs(30));
+    }
+}
+
+/// A relay's Kafka sink moved to an empty topic: reconcile names every event of the
+/// window missing in Kafka, `replay --into kafka` produces exactly those from the bucket,
+/// as the sink produced them into the old topic.
+#[test]
+fn replay_into_kafka_backfills_a_new_topic_as_the_sink_wrote_the_old_one() {
+    const BACKFILL_SOURCES: u64 = 6;
+    let per_source = env_u64("SLUICE_REPLAY_EVENTS", 12_000) / BACKFILL_SOURCES;
+    let events = per_source * BACKFILL_SOURCES;
+    let svc = Services::from_env();
+    let dir = tempfile::tempdir().unwrap();
+    let certs = Certs::generate(dir.path(), "relay");
+    let (old_topic, new_topic) = (unique_name("before"), unique_name("backfill"));
+    let bucket = unique_name("backfill");
+    svc.create_topic(&old_topic, 4);
+    svc.create_topic(&new_topic, 4);
+    svc.create_bucket(&bucket);
+    let mut spec = RelaySpec::new(dir.path(), "relay-b", certs.server_tls()).stem("relay-b");
+    spec.config.sinks.push(svc.kafka_sink(&old_topic));
+    spec.config.sinks.push(svc.s3_sink(&bucket));
+    let mut relay = spec.start();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let first_hour = now / 3600 - HOURS - 1;
+    let start = first_hour * 3600;
+    let from = sluice_relay::envelope::hour_label(first_hour);
+    let to = sluice_relay::envelope::hour_label(first_hour + HOURS);
+    let files = certs.client_tls();
+    let mut per_tag = std::collections::BTreeMap::<&str, u64>::new();
+    for s in 0..BACKFILL_SOURCES {
+        let (tag, source) = (TAGS[(s % 2) as usize], format!("host-{s}:app"));
+        let mut conn = Conn::connect(relay.forward, &files).unwrap();
+        let mut first = 0;
+        while first < per_source {
+            let n = CHUNK.min(per_source - first);
+            let bytes = chunk(tag, &source, first, n, per_source, start);
+            conn.send_expect_ack(&bytes, &format!("{source}-{first}"))
+                .unwrap();
+            first += n;
+        }
+        conn.close();
+        *per_tag.entry(tag).or_default() += per_source;
+    }
+    relay.wait_delivered("kafka", events, Duration::from_secs(120));
+    relay.wait_delivered("s3", events, Duration::from_secs(120));
+    // The hours announced and the ledger published: reconcile is OK.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut run = reconcile(&relay, &from, &to, false);
+    while run.code != 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(500));
+        run = reconcile(&relay, &from, &to, false);
+    }
+    assert_eq!(run.code, 0, "before the move: {:#}", run.report);
+    relay.stop(Duration::from_secs(30));
+
+    // The sink moved to the new topic: every event of the window is missing in Kafka,
+    // by source and seq range.
+    let moved = svc.kafka_sink(&new_topic);
+    relay.reconfigure(|c| {
+        c.sinks.retain(|s| s.common.name != "kafka");
+        c.sinks.push(moved);
+    });
+    let run = reconcile(&relay, &from, &to, false);
+    assert_eq!(run.code, 1, "{:#}", run.report);
+    let rows = &run.report["rows"];
+    let missing_k = total(rows, |r| {
+        r["kafka"]["missing"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["events"].as_u64().unwrap())
+            .sum()
+    });
+    assert_eq!(missing_k, events, "{rows:#}");
+    for row in rows.as_array().unwrap() {
+        let status = row["status"].as_str().unwrap();
+        assert!(
+            status.starts_with("MISSING ") && status.ends_with(" in kafka"),
+            "{row:#}"
+        );
+    }
+
+    // One tag first, paced; then the rest: what the first produced is not produced again.
+    let first_tag = TAGS[0];
+    let one = replay_into(
+        &relay,
+        &from,
+        &to,
+        "kafka",
+        &["--tag", first_tag, "--rate", "50000"],
+    );
+    assert_eq!(
+        one["kafka_messages_produced"], per_tag[first_tag],
+        "{one:#}"
+    );
+    assert_eq!(one["not_found"], 0, "{one:#}");
+    let run = reconcile(&relay, &from, &to, false);
+    for row in run.report["rows"].as_array().unwrap() {
+        let ok = row["status"].as_str().unwrap().starts_with("OK");
+        assert_eq!(ok, row["tag"] == first_tag, "{row:#}");
+    }
+    let rest = replay_into(&relay, &from, &to, "kafka", &[]);
+    assert_eq!(
+        rest["kafka_messages_produced"],
+        events - per_tag[first_tag],
+        "{rest:#}"
+    );
+    let run = reconcile(&relay, &from, &to, false);
+    assert_eq!(run.code, 0, "after the replay: {:#}", run.report);
+    let deep = reconcile(&relay, &from, &to, true);
+    assert_eq!(deep.code, 0, "after the replay, --deep: {:#}", deep.report);
+    let again = replay_into(&relay, &from, &to, "kafka", &[]);
+    assert_eq!(again["kafka_messages_produced"], 0, "{again:#}");
+
+    // confluent-kafka: the new topic holds each event once, as the sink produced it into
+    // the old one (the `relay` header aside: `replay`).
+    let dump = |topic: &str| -> std::collections::HashMap<(String, u64), serde_json::Value> {
+        let dump = svc.py(
+            "kafka_dump.py",
+            &[
+                "--brokers",
+                &svc.kafka,
+                "--topic",
+                topic,
+                "--expect",
+                &events.to_string(),
+            ],
+        );
+        let messages = dump["messages"].as_array().unwrap();
+        assert_eq!(messages.len() as u64, events, "{topic}");
+        let mut by_event = std::collections::HashMap::new();
+        for m in messages {
+            let value: serde_json::Value =
+                serde_json::from_str(m["value"].as_str().unwrap()).unwrap();
+            let id = (
+                value["source"].as_str().unwrap().to_string(),
+                value["seq"].as_u64().unwrap(),
+            );
+            assert!(
+                by_event.insert(id.clone(), m.clone()).is_none(),
+                "{topic}: {id:?} twice"
+            );
+        }
+        by_event
+    };
+    let (before, after) = (dump(&old_topic), dump(&new_topic));
+    for ((source, seq), m) in &after {
+        let was = &before[&(source.clone(), *seq)];
+        for field in ["value", "key", "timestamp", "partition"] {
+            assert_eq!(m[field], was[field], "{source} {seq}: {field}");
+        }
+        let mut headers = was["headers"].clone();
+        assert_eq!(headers["relay"], "relay-b");
+        headers["relay"] = "replay".into();
+        assert_eq!(m["headers"], headers, "{source} {seq}");
+        let value: serde_json::Value = serde_json::from_str(m["value"].as_str().unwrap()).unwrap();
+        assert_eq!(value["record"]["message"], message(source, *seq).as_str());
     }
 }

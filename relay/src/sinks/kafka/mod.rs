@@ -2,12 +2,14 @@
 //! topic of a template, keyed by source id, with provenance headers; idempotent
 //! producer, `acks=all`. `writer.rs`: deliveries, order and why retries and crashes do
 //! not duplicate; `recovery.rs`: marks and read-backs; `template.rs`: topic and key
-//! templates; `deadletter.rs`: events Kafka cannot take.
+//! templates; `deadletter.rs`: events Kafka cannot take; `replay.rs`: producing what
+//! `replay --into kafka` reads back from object storage.
 
 mod config;
 mod deadletter;
 pub mod readback;
 mod recovery;
+pub mod replay;
 mod template;
 mod writer;
 
@@ -44,18 +46,24 @@ impl SinkSpec for KafkaSink {
         &'a self,
         ctx: &'a ReadBackContext<'a>,
     ) -> BoxFuture<'a, Result<Option<Found>, String>> {
-        let (brokers, topic, timeout) =
-            (self.brokers.clone(), self.topic.clone(), ctx.kafka_timeout);
+        let (brokers, properties, topic, timeout) = (
+            self.brokers.clone(),
+            self.properties.clone(),
+            self.topic.clone(),
+            ctx.kafka_timeout,
+        );
         Box::pin(async move {
             if !template::Template::parse(&topic).is_ok_and(|t| t.constant().is_some()) {
                 return Err(format!(
                     "topic {topic:?} is a template: reconcile reads one topic per sink for now"
                 ));
             }
-            tokio::task::spawn_blocking(move || readback::read_kafka(&brokers, &topic, timeout))
-                .await
-                .map_err(|e| e.to_string())?
-                .map(Some)
+            tokio::task::spawn_blocking(move || {
+                readback::read_kafka(&brokers, &properties, &topic, timeout)
+            })
+            .await
+            .map_err(|e| e.to_string())?
+            .map(Some)
         })
     }
 }
@@ -79,6 +87,7 @@ impl KafkaSink {
         let from_ms = found.window.map(|(from, _)| (from * 3600 * 1000) as i64);
         readback::read_kafka_from(
             &self.brokers,
+            &self.properties,
             &self.topic,
             timeout,
             from_ms,

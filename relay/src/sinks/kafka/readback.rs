@@ -4,12 +4,22 @@ use std::time::{Duration, Instant};
 
 use crate::readback::Found;
 
+/// The sink's librdkafka properties: its TLS, SASL and client settings reach the reads.
+type Properties = std::collections::BTreeMap<String, String>;
+
 /// Reads the whole topic. The end of each partition is found by the consumer's
 /// partition-EOF event rather than by ListOffsets watermarks, which some Kafka-API brokers
 /// (tansu 0.6) do not report reliably.
-pub fn read_kafka(brokers: &str, topic: &str, timeout: Duration) -> Result<Found, String> {
+pub fn read_kafka(
+    brokers: &str,
+    properties: &Properties,
+    topic: &str,
+    timeout: Duration,
+) -> Result<Found, String> {
     let mut found = Found::default();
-    consume_from(brokers, topic, timeout, None, &mut |p| found.add_line(p))?;
+    consume_from(brokers, properties, topic, timeout, None, &mut |p| {
+        found.add_line(p)
+    })?;
     Ok(found)
 }
 
@@ -33,6 +43,7 @@ pub struct KafkaRead {
 /// `found`'s window. `progress` is told the messages read so far now and then.
 pub fn read_kafka_from(
     brokers: &str,
+    properties: &Properties,
     topic: &str,
     timeout: Duration,
     from_ms: Option<i64>,
@@ -40,18 +51,27 @@ pub fn read_kafka_from(
     progress: &mut dyn FnMut(u64),
 ) -> Result<KafkaRead, String> {
     let mut n = 0u64;
-    consume_from(brokers, topic, timeout, from_ms, &mut |payload| {
-        found.add_line(payload);
-        n += 1;
-        if n.is_multiple_of(100_000) {
-            progress(n);
-        }
-    })
+    consume_from(
+        brokers,
+        properties,
+        topic,
+        timeout,
+        from_ms,
+        &mut |payload| {
+            found.add_line(payload);
+            n += 1;
+            if n.is_multiple_of(100_000) {
+                progress(n);
+            }
+        },
+    )
 }
 
 /// Reads the topic as [`read_kafka_from`] does, handing each message's value to `each`.
+/// The consumer has the sink's properties but those only a producer reads.
 pub fn consume_from(
     brokers: &str,
+    properties: &Properties,
     topic: &str,
     timeout: Duration,
     from_ms: Option<i64>,
@@ -59,18 +79,9 @@ pub fn consume_from(
 ) -> Result<KafkaRead, String> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::error::KafkaError;
-    use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set(
-            "group.id",
-            format!("sluice-reconcile-{}", std::process::id()),
-        )
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "true")
-        .set("auto.offset.reset", "earliest")
-        .create()
-        .map_err(|e| format!("Kafka consumer: {e}"))?;
+    use rdkafka::{Message, Offset, TopicPartitionList};
+    let consumer: BaseConsumer =
+        super::recovery::consumer(brokers, properties, "sluice-reconcile")?;
     let metadata = consumer
         .fetch_metadata(Some(topic), timeout)
         .map_err(|e| format!("Kafka metadata for {topic}: {e}"))?;

@@ -114,6 +114,43 @@ impl Template {
     }
 }
 
+impl Template {
+    /// [`Template::render`] for a record given as JSON (an object line's, for `replay
+    /// --into kafka`): the same text for the same event.
+    pub fn render_json(
+        &self,
+        out: &mut String,
+        tag: &str,
+        source: Option<&str>,
+        record: &serde_json::Value,
+    ) -> Result<(), Missing> {
+        out.clear();
+        for part in &self.parts {
+            match part {
+                Part::Text(t) => out.push_str(t),
+                Part::Tag => out.push_str(tag),
+                Part::Source => out.push_str(source.ok_or(Missing::Source)?),
+                Part::Field(path) => {
+                    let missing = || Missing::Field(path.join("."));
+                    let value = path.iter().try_fold(record, |v, k| v.get(k.as_str()));
+                    match value.ok_or_else(missing)? {
+                        serde_json::Value::String(s) => out.push_str(s),
+                        // As `render` reads msgpack: an integer that fits an i64, else
+                        // a float (an unsigned integer beyond i64 too).
+                        serde_json::Value::Number(n) => match (n.as_i64(), n.as_f64()) {
+                            (Some(i), _) => out.push_str(itoa::Buffer::new().format(i)),
+                            (None, Some(f)) => out.push_str(&f.to_string()),
+                            (None, None) => return Err(missing()),
+                        },
+                        _ => return Err(missing()),
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Field paths are short: a few names on the stack, no allocation per event.
 mod smallvec_path {
     pub struct Path<'a> {
@@ -206,6 +243,28 @@ mod tests {
             Err(Missing::Source)
         );
         assert_eq!(Template::parse("logs").unwrap().constant(), Some("logs"));
+    }
+
+    /// A replay from objects keys each event as the sink did: the JSON record renders
+    /// the text the msgpack one did.
+    #[test]
+    fn json_records_render_what_msgpack_ones_do() {
+        let mut json = Vec::new();
+        sluice_forward::record_to_json(&record(), &mut json).unwrap();
+        let json: serde_json::Value = serde_json::from_slice(&json).unwrap();
+        for text in [
+            "logs.{tag}.{record.service}-{record.k8s.ns}.{record.shard}",
+            "{source}",
+            "{record.team}",
+            "{record.k8s}",
+        ] {
+            let t = Template::parse(text).unwrap();
+            let (mut a, mut b) = (String::new(), String::new());
+            let want = t.render(&mut a, "app", Some("h:1"), &record());
+            let got = t.render_json(&mut b, "app", Some("h:1"), &json);
+            assert_eq!(want, got, "{text}");
+            assert_eq!(a, b, "{text}");
+        }
     }
 
     #[test]

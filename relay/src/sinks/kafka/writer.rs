@@ -126,8 +126,37 @@ pub struct KafkaWriter {
     settled: Vec<(usize, Option<KafkaError>)>,
 }
 
+/// Keeps messages and batches under a topic's `max.message.bytes` (`limit`): lowers
+/// `batch.size` and `message.max.bytes` in `client` (unless the sink's `properties` set
+/// them) and returns the new largest message, or `None` when all fit already.
+pub(crate) fn fit_to_limit(
+    client: &mut ClientConfig,
+    properties: &std::collections::BTreeMap<String, String>,
+    max_message: usize,
+    limit: usize,
+) -> Option<usize> {
+    let fits = limit.saturating_sub(BATCH_OVERHEAD).max(1);
+    let batch: usize = client
+        .get("batch.size")
+        .and_then(|b| b.parse().ok())
+        .unwrap_or(1_000_000);
+    if fits >= max_message && fits >= batch {
+        return None;
+    }
+    if !properties.contains_key("batch.size") {
+        client.set("batch.size", fits.min(batch).to_string());
+    }
+    if !properties.contains_key("message.max.bytes") {
+        client.set("message.max.bytes", limit.max(1000).to_string());
+    }
+    Some(max_message.min(fits))
+}
+
 /// The topic's `max.message.bytes`, as the broker reports it (`None` when it does not).
-async fn topic_max_message(client: &ClientConfig, topic: &str) -> Result<Option<usize>, String> {
+pub(crate) async fn topic_max_message(
+    client: &ClientConfig,
+    topic: &str,
+) -> Result<Option<usize>, String> {
     use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
     use rdkafka::client::DefaultClientContext;
     let admin: AdminClient<DefaultClientContext> =
@@ -152,6 +181,37 @@ async fn topic_max_message(client: &ClientConfig, topic: &str) -> Result<Option<
     Ok(None)
 }
 
+/// The producer's settings for a sink: idempotent, `acks=all`, the sink's batching,
+/// compression and timeouts, then its own properties (TLS, SASL, ...). `replay --into
+/// kafka` produces with the same.
+pub(crate) fn producer_config(cfg: &KafkaSink) -> ClientConfig {
+    let mut client = ClientConfig::new();
+    client
+        .set("bootstrap.servers", &cfg.brokers)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("compression.type", &cfg.compression)
+        .set("linger.ms", cfg.linger.get().as_millis().to_string())
+        .set(
+            "batch.size",
+            cfg.batch_size.as_u64().min(i32::MAX as u64).to_string(),
+        )
+        .set("queue.buffering.max.messages", "1000000")
+        .set("queue.buffering.max.kbytes", "1048576")
+        .set(
+            "message.timeout.ms",
+            cfg.delivery_timeout.get().as_millis().to_string(),
+        )
+        .set(
+            "message.max.bytes",
+            (cfg.max_message.as_u64() + 64 * 1024).to_string(),
+        );
+    for (k, v) in &cfg.properties {
+        client.set(k, v);
+    }
+    client
+}
+
 impl KafkaWriter {
     pub fn new(
         name: &str,
@@ -160,30 +220,7 @@ impl KafkaWriter {
         metrics: Arc<RelayMetrics>,
         cfg: &KafkaSink,
     ) -> Result<KafkaWriter, String> {
-        let mut client = ClientConfig::new();
-        client
-            .set("bootstrap.servers", &cfg.brokers)
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("compression.type", &cfg.compression)
-            .set("linger.ms", cfg.linger.get().as_millis().to_string())
-            .set(
-                "batch.size",
-                cfg.batch_size.as_u64().min(i32::MAX as u64).to_string(),
-            )
-            .set("queue.buffering.max.messages", "1000000")
-            .set("queue.buffering.max.kbytes", "1048576")
-            .set(
-                "message.timeout.ms",
-                cfg.delivery_timeout.get().as_millis().to_string(),
-            )
-            .set(
-                "message.max.bytes",
-                (cfg.max_message.as_u64() + 64 * 1024).to_string(),
-            );
-        for (k, v) in &cfg.properties {
-            client.set(k, v);
-        }
+        let client = producer_config(cfg);
         let producer = Acks::producer(&client)
             .map_err(|e| format!("sink {name:?}: cannot create the Kafka producer: {e}"))?;
         let consumer = recovery::consumer(&cfg.brokers, &cfg.properties, "sluice-marks")
@@ -265,23 +302,11 @@ impl KafkaWriter {
     /// lowers `max_message` and, unless `properties` set them, the producer's
     /// `batch.size` and `message.max.bytes`, with a new producer (none was used yet).
     fn fit_to_topic(&mut self, limit: usize) -> Result<(), String> {
-        let fits = limit.saturating_sub(BATCH_OVERHEAD).max(1);
-        let batch: usize = self
-            .client
-            .get("batch.size")
-            .and_then(|b| b.parse().ok())
-            .unwrap_or(1_000_000);
-        if fits >= self.max_message && fits >= batch {
+        let Some(max) = fit_to_limit(&mut self.client, &self.properties, self.max_message, limit)
+        else {
             return Ok(());
-        }
-        self.max_message = self.max_message.min(fits);
-        if !self.properties.contains_key("batch.size") {
-            self.client.set("batch.size", fits.min(batch).to_string());
-        }
-        if !self.properties.contains_key("message.max.bytes") {
-            self.client
-                .set("message.max.bytes", limit.max(1000).to_string());
-        }
+        };
+        self.max_message = max;
         let new = Acks::producer(&self.client).map_err(|e| {
             format!(
                 "sink {:?}: cannot create the Kafka producer: {e}",
@@ -743,9 +768,41 @@ impl Settler<'_> {
     }
 }
 
+/// An event's provenance headers: `tag`, `source`, `seq` (empty when none), the `relay`
+/// that produced it and the `agent` it came from.
+pub(crate) fn headers(
+    tag: &str,
+    source: Option<&str>,
+    seq: &[u8],
+    relay: &str,
+    agent: Option<&str>,
+) -> OwnedHeaders {
+    OwnedHeaders::new_with_capacity(5)
+        .insert(Header {
+            key: "tag",
+            value: Some(tag),
+        })
+        .insert(Header {
+            key: "source",
+            value: source,
+        })
+        .insert(Header {
+            key: "seq",
+            value: Some(seq),
+        })
+        .insert(Header {
+            key: "relay",
+            value: Some(relay),
+        })
+        .insert(Header {
+            key: "agent",
+            value: agent,
+        })
+}
+
 /// The agent an event came from: the client that authenticated, else the host part of
 /// its source id (`<agent.id>:...`).
-fn agent_of<'a>(namespace: Option<&'a str>, source: Option<&'a str>) -> Option<&'a str> {
+pub(crate) fn agent_of<'a>(namespace: Option<&'a str>, source: Option<&'a str>) -> Option<&'a str> {
     namespace.or_else(|| source.and_then(|s| s.split_once(':').map(|(host, _)| host)))
 }
 
@@ -883,27 +940,13 @@ impl Deliver for KafkaWriter {
                     Some(s) => seq_text.format(s).as_bytes(),
                     None => b"",
                 };
-                let headers = OwnedHeaders::new_with_capacity(5)
-                    .insert(Header {
-                        key: "tag",
-                        value: Some(tag),
-                    })
-                    .insert(Header {
-                        key: "source",
-                        value: source,
-                    })
-                    .insert(Header {
-                        key: "seq",
-                        value: Some(seq_bytes),
-                    })
-                    .insert(Header {
-                        key: "relay",
-                        value: Some(self.relay.as_str()),
-                    })
-                    .insert(Header {
-                        key: "agent",
-                        value: agent_of(chunk.namespace, source),
-                    });
+                let headers = headers(
+                    tag,
+                    source,
+                    seq_bytes,
+                    &self.relay,
+                    agent_of(chunk.namespace, source),
+                );
                 // CreateTime = the event's own time, so retention and consumers see the
                 // log's time, not when the relay produced it.
                 let millis = (entry.time.as_unix_nanos() / 1_000_000) as i64;

@@ -93,6 +93,32 @@ async fn add_gzip_object(
     found: &mut Found,
     buf: &mut Vec<u8>,
 ) -> Result<(), String> {
+    inflate_lines(store, location, buf, &mut |text| found.add_ndjson(text)).await
+}
+
+/// Hands `each` the lines of a gzip NDJSON object (every member), each line without its
+/// newline, inflated a block at a time into `buf` as [`add_gzip_object`] does.
+pub async fn each_line(
+    store: &dyn ObjectStore,
+    location: &object_store::path::Path,
+    buf: &mut Vec<u8>,
+    each: &mut (dyn FnMut(&[u8]) + Send),
+) -> Result<(), String> {
+    inflate_lines(store, location, buf, &mut |text| {
+        for line in text.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+            each(line);
+        }
+    })
+    .await
+}
+
+/// Inflates a gzip NDJSON object a block at a time, handing `each` runs of whole lines.
+async fn inflate_lines(
+    store: &dyn ObjectStore,
+    location: &object_store::path::Path,
+    buf: &mut Vec<u8>,
+    each: &mut (dyn FnMut(&[u8]) + Send),
+) -> Result<(), String> {
     const BLOCK: usize = 1 << 20;
     let bytes = store
         .get(location)
@@ -116,11 +142,11 @@ async fn add_gzip_object(
         // The complete lines now; a line cut by the block waits for the next one.
         if let Some(end) = buf[start..].iter().rposition(|&b| b == b'\n') {
             let end = start + end + 1;
-            found.add_ndjson(&buf[..end]);
+            each(&buf[..end]);
             buf.drain(..end);
         }
     }
-    found.add_ndjson(buf);
+    each(buf);
     Ok(())
 }
 
@@ -197,6 +223,116 @@ fn hour_of_key(key: &str) -> Option<u64> {
     })
 }
 
+/// `a/b`, or `b` when `a` is empty.
+fn join(a: &str, b: &str) -> String {
+    if a.is_empty() {
+        b.to_string()
+    } else {
+        format!("{a}/{b}")
+    }
+}
+
+/// A manifest an hour marker names: (hour, tag, relay, key).
+type Named = (u64, String, String, String);
+
+/// The hour markers of `from..to` under `full`: which relays announced each hour (into
+/// `announced`), and the manifests they name.
+async fn markers(
+    store: &dyn ObjectStore,
+    full: &str,
+    from: u64,
+    to: u64,
+    announced: &mut std::collections::BTreeMap<u64, std::collections::BTreeSet<String>>,
+) -> Result<Vec<Named>, String> {
+    let mut manifests = Vec::new();
+    for hour in from..to {
+        let (dt, hh) = super::key::date_and_hour(hour);
+        let folder = join(full, &format!("_sluice/hours/dt={dt}/hour={hh}"));
+        for meta in list(store, &folder).await? {
+            let marker = get_json(store, meta.location.as_ref()).await?;
+            let relay = marker["relay"].as_str().unwrap_or("?").to_string();
+            announced.entry(hour).or_default().insert(relay.clone());
+            if let Some(tags) = marker["tags"].as_object() {
+                for (tag, t) in tags {
+                    if let Some(m) = t["manifest"].as_str() {
+                        manifests.push((hour, tag.clone(), relay.clone(), m.to_string()));
+                    }
+                }
+            }
+        }
+    }
+    Ok(manifests)
+}
+
+/// The seqs wanted: per (tag, hour), per source.
+pub type Wanted = std::collections::BTreeMap<
+    (String, u64),
+    std::collections::BTreeMap<String, sluice_core::ranges::SeqRanges>,
+>;
+
+/// The keys of the objects that hold any of `wanted`, by the manifests of the hours'
+/// markers and those `sluice-relay replay` wrote beside them (each object listed with
+/// its seqs per source), in key order. An object listed but gone is passed over.
+pub async fn objects_holding(
+    store: &dyn ObjectStore,
+    full: &str,
+    wanted: &Wanted,
+) -> Result<Vec<String>, String> {
+    let hours: std::collections::BTreeSet<u64> = wanted.keys().map(|(_, h)| *h).collect();
+    let mut keys = std::collections::BTreeSet::new();
+    // Per partition folder, the keys in it (one listing each).
+    let mut listed: std::collections::HashMap<String, std::collections::HashSet<String>> =
+        Default::default();
+    for hour in hours {
+        let mut announced = Default::default();
+        for (hour, tag, _, path) in markers(store, full, hour, hour + 1, &mut announced).await? {
+            let Some(want) = wanted.get(&(tag, hour)) else {
+                continue;
+            };
+            let mut docs = vec![get_json(store, &path).await?];
+            // `<partition>/_manifests/<name>.json`: the objects are in `<partition>`, and
+            // replayed objects have their manifests beside the relays'.
+            let partition = path.rsplitn(3, '/').nth(2).unwrap_or_default().to_string();
+            if !listed.contains_key(&partition) {
+                let present: std::collections::HashSet<String> = list(store, &partition)
+                    .await?
+                    .into_iter()
+                    .map(|m| m.location.to_string())
+                    .collect();
+                for k in &present {
+                    let name = k.rsplit('/').next().unwrap_or_default();
+                    if k.contains("/_manifests/")
+                        && name.starts_with("replay-")
+                        && name.ends_with(".json")
+                    {
+                        docs.push(get_json(store, k).await?);
+                    }
+                }
+                listed.insert(partition.clone(), present);
+            }
+            let present = &listed[&partition];
+            for o in docs
+                .iter()
+                .flat_map(|m| m["objects"].as_array().into_iter().flatten())
+            {
+                let sources: std::collections::BTreeMap<String, sluice_core::ranges::SeqRanges> =
+                    serde_json::from_value(o["sources"].clone()).unwrap_or_default();
+                let holds = sources.iter().any(|(source, seqs)| {
+                    want.get(source)
+                        .is_some_and(|w| w.minus(seqs).len() < w.len())
+                });
+                match o["key"].as_str() {
+                    Some(key) if holds && present.contains(key) => {
+                        keys.insert(key.to_string());
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+    Ok(keys.into_iter().collect())
+}
+
 /// Reads what every relay of a cluster wrote under the sink's prefix `full` for the hours
 /// of `found`'s window, into `found`.
 ///
@@ -214,34 +350,7 @@ pub async fn read_window(
 ) -> Result<ObjectRead, String> {
     let (from, to) = found.window.ok_or("a window is needed")?;
     let mut read = ObjectRead::default();
-    let join = |a: &str, b: &str| {
-        if a.is_empty() {
-            b.to_string()
-        } else {
-            format!("{a}/{b}")
-        }
-    };
-    // The markers say which relays announced each hour, and name the manifests.
-    let mut manifests = Vec::new();
-    for hour in from..to {
-        let (dt, hh) = super::key::date_and_hour(hour);
-        let folder = join(full, &format!("_sluice/hours/dt={dt}/hour={hh}"));
-        for meta in list(store, &folder).await? {
-            let marker = get_json(store, meta.location.as_ref()).await?;
-            let relay = marker["relay"].as_str().unwrap_or("?").to_string();
-            read.announced
-                .entry(hour)
-                .or_default()
-                .insert(relay.clone());
-            if let Some(tags) = marker["tags"].as_object() {
-                for (tag, t) in tags {
-                    if let Some(m) = t["manifest"].as_str() {
-                        manifests.push((hour, tag.clone(), relay.clone(), m.to_string()));
-                    }
-                }
-            }
-        }
-    }
+    let manifests = markers(store, full, from, to, &mut read.announced).await?;
     for hour in from..to {
         for meta in list(store, &super::published::folder(full, hour)).await? {
             let path = meta.location.as_ref();
