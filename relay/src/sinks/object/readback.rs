@@ -1,8 +1,6 @@
 //! Reads back every object this relay wrote under the sink's prefix (other relays of a
 //! cluster write to the same bucket under their own ids), for `reconcile`.
 
-use std::io::Read;
-
 use futures::TryStreamExt;
 use object_store::{ObjectStore, ObjectStoreExt};
 
@@ -84,9 +82,8 @@ pub async fn read(
     Ok(found)
 }
 
-/// Adds the lines of a gzip NDJSON object (every member) to `found`, inflated a block
-/// at a time: memory is the compressed object and `buf` (about a MiB), not the object's
-/// lines, which are several times larger.
+/// Adds the lines of a gzip NDJSON object (every member) to `found`, inflated as it
+/// streams in ([`inflate_lines`]).
 async fn add_gzip_object(
     store: &dyn ObjectStore,
     location: &object_store::path::Path,
@@ -97,7 +94,7 @@ async fn add_gzip_object(
 }
 
 /// Hands `each` the lines of a gzip NDJSON object (every member), each line without its
-/// newline, inflated a block at a time into `buf` as [`add_gzip_object`] does.
+/// newline, inflated as it streams in as [`add_gzip_object`] does.
 pub async fn each_line(
     store: &dyn ObjectStore,
     location: &object_store::path::Path,
@@ -112,41 +109,50 @@ pub async fn each_line(
     .await
 }
 
-/// Inflates a gzip NDJSON object a block at a time, handing `each` runs of whole lines.
+/// Inflates a gzip NDJSON object as it streams in, handing `each` runs of whole lines:
+/// memory is a piece of the download and `buf` (the inflated text of a piece and a line
+/// cut by it), not the object, compressed or not.
 async fn inflate_lines(
     store: &dyn ObjectStore,
     location: &object_store::path::Path,
     buf: &mut Vec<u8>,
     each: &mut (dyn FnMut(&[u8]) + Send),
 ) -> Result<(), String> {
-    const BLOCK: usize = 1 << 20;
-    let bytes = store
+    use std::io::Write;
+    // Compressed bytes inflated at a time: even a gzip bomb's piece inflates to a bounded
+    // size (deflate expands at most about 1,000 times), realistic logs to some 100 KiB.
+    const PIECE: usize = 16 * 1024;
+    let mut stream = store
         .get(location)
         .await
         .map_err(|e| format!("get {location}: {e}"))?
-        .bytes()
-        .await
-        .map_err(|e| format!("read {location}: {e}"))?;
-    let mut inflate = flate2::read::MultiGzDecoder::new(&bytes[..]);
+        .into_stream();
     buf.clear();
-    loop {
-        let start = buf.len();
-        buf.resize(start + BLOCK, 0);
-        let n = inflate
-            .read(&mut buf[start..])
-            .map_err(|e| format!("{location} is not valid gzip: {e}"))?;
-        buf.truncate(start + n);
-        if n == 0 {
-            break;
+    let mut inflate = flate2::write::MultiGzDecoder::new(std::mem::take(buf));
+    let bad = |e: std::io::Error| format!("{location} is not valid gzip: {e}");
+    // The complete lines now; a line cut by the piece waits for the next one.
+    let mut lines = |text: &mut Vec<u8>| {
+        if let Some(end) = text.iter().rposition(|&b| b == b'\n') {
+            each(&text[..=end]);
+            text.drain(..=end);
         }
-        // The complete lines now; a line cut by the block waits for the next one.
-        if let Some(end) = buf[start..].iter().rposition(|&b| b == b'\n') {
-            let end = start + end + 1;
-            each(&buf[..end]);
-            buf.drain(..end);
+    };
+    while let Some(bytes) = stream
+        .try_next()
+        .await
+        .map_err(|e| format!("read {location}: {e}"))?
+    {
+        for piece in bytes.chunks(PIECE) {
+            inflate.write_all(piece).map_err(bad)?;
+            lines(inflate.get_mut());
         }
     }
-    each(buf);
+    inflate.try_finish().map_err(bad)?;
+    let mut rest = inflate.finish().map_err(bad)?;
+    lines(&mut rest);
+    each(&rest);
+    rest.clear();
+    *buf = rest;
     Ok(())
 }
 
@@ -504,6 +510,39 @@ pub async fn read_window(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every line of every gzip member, whole, however the download and the pieces cut
+    /// them; the last line may lack its newline.
+    #[tokio::test]
+    async fn lines_of_a_streamed_multi_member_object_come_whole() {
+        use std::io::Write;
+        let store = object_store::memory::InMemory::new();
+        let lines: Vec<String> = (0..20_000)
+            .map(|i| format!("{{\"message\":\"line {i} {}\"}}", "x".repeat(i % 97)))
+            .collect();
+        let mut body = Vec::new();
+        for (m, member) in lines.chunks(7_000).enumerate() {
+            let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            let mut text = member.join("\n");
+            if m < 2 {
+                text.push('\n');
+            }
+            gz.write_all(text.as_bytes()).unwrap();
+            body.extend(gz.finish().unwrap());
+        }
+        let location = object_store::path::Path::from("p/a.ndjson.gz");
+        store
+            .put(&location, object_store::PutPayload::from(body))
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        each_line(&store, &location, &mut Vec::new(), &mut |l| {
+            got.push(String::from_utf8(l.to_vec()).unwrap())
+        })
+        .await
+        .unwrap();
+        assert_eq!(got, lines);
+    }
 
     #[test]
     fn hours_are_read_off_keys_with_dt_and_hour_folders() {
