@@ -107,13 +107,37 @@ fn missing_in(
     wanted
 }
 
-/// The name of the config's first enabled sink of a kind (how the ledgers count it).
-fn sink_name(config: &crate::config::RelayConfig, kind: fn(&SinkKind) -> bool) -> Option<String> {
-    config
-        .sinks
-        .iter()
-        .find(|s| s.enabled && kind(&s.kind))
-        .map(|s| s.name.clone())
+/// The config's first enabled Kafka and object sinks, and their names (how the ledgers
+/// count them): a replay reads one and writes the other.
+struct Sinks {
+    kafka: crate::sinks::kafka::KafkaSink,
+    kafka_name: String,
+    objects: crate::sinks::object::ObjectSink,
+    objects_name: String,
+}
+
+fn sinks(config: &crate::config::RelayConfig, into: &str) -> Result<Sinks, String> {
+    let enabled = || config.sinks.iter().filter(|s| s.enabled);
+    let kafka = enabled().find_map(|s| match &s.kind {
+        SinkKind::Kafka(k) => Some((k.clone(), s.name.clone())),
+        _ => None,
+    });
+    let objects = enabled().find_map(|s| match &s.kind {
+        SinkKind::ObjectStore(o) => Some((o.clone(), s.name.clone())),
+        _ => None,
+    });
+    match (kafka, objects) {
+        (Some((kafka, kafka_name)), Some((objects, objects_name))) => Ok(Sinks {
+            kafka,
+            kafka_name,
+            objects,
+            objects_name,
+        }),
+        (k, o) => Err(format!(
+            "replay --into {into} reads one destination and writes the other: the config has no enabled {} sink",
+            if k.is_none() { "kafka" } else if o.is_none() { "object_store" } else { "" }
+        )),
+    }
 }
 
 fn total(wanted: &Wanted) -> u64 {
@@ -166,34 +190,26 @@ pub async fn into_objects(
     window: &Window,
     rate: Option<u64>,
 ) -> Result<Replayed, String> {
+    let Sinks {
+        kafka,
+        objects,
+        objects_name,
+        ..
+    } = sinks(config, "objects")?;
     let report = reconcile_window::run(config, window).await?;
     let mut done = Replayed {
         into: "objects",
         ..Replayed::default()
     };
-    let name = sink_name(config, |k| matches!(k, SinkKind::ObjectStore(_)));
     let wanted = missing_in(
         &report,
         |r| r.objects.as_ref(),
-        name.as_deref(),
+        Some(&objects_name),
         &mut done.skipped,
     );
     if wanted.is_empty() {
         return Ok(done);
     }
-    let enabled = || config.sinks.iter().filter(|s| s.enabled);
-    let kafka = enabled()
-        .find_map(|s| match &s.kind {
-            SinkKind::Kafka(k) => Some(k.clone()),
-            _ => None,
-        })
-        .ok_or("replay --into objects reads Kafka: the config has no enabled kafka sink")?;
-    let objects = enabled()
-        .find_map(|s| match &s.kind {
-            SinkKind::ObjectStore(o) => Some(o.clone()),
-            _ => None,
-        })
-        .ok_or("replay --into objects needs an enabled object_store sink in the config")?;
     // Read Kafka again for the window, keeping the lines of the events wanted.
     let timeout = window.kafka_timeout;
     let from_ms = (window.from * 3600 * 1000) as i64;
@@ -354,21 +370,12 @@ pub async fn into_kafka(
     window: &Window,
     rate: Option<u64>,
 ) -> Result<Replayed, String> {
-    let enabled = || config.sinks.iter().filter(|s| s.enabled);
-    let kafka = enabled()
-        .find_map(|s| match &s.kind {
-            SinkKind::Kafka(k) => Some(k.clone()),
-            _ => None,
-        })
-        .ok_or("replay --into kafka needs an enabled kafka sink in the config")?;
-    let objects = enabled()
-        .find_map(|s| match &s.kind {
-            SinkKind::ObjectStore(o) => Some(o.clone()),
-            _ => None,
-        })
-        .ok_or(
-            "replay --into kafka reads object storage: the config has no enabled object_store sink",
-        )?;
+    let Sinks {
+        kafka,
+        kafka_name,
+        objects,
+        ..
+    } = sinks(config, "kafka")?;
     // The producer first: a config it cannot produce with fails before any reading.
     let mut producer = crate::sinks::kafka::replay::Replayer::new(&kafka).await?;
     let report = reconcile_window::run(config, window).await?;
@@ -377,11 +384,10 @@ pub async fn into_kafka(
         kafka_messages_read: report.kafka_messages_read,
         ..Replayed::default()
     };
-    let name = sink_name(config, |k| matches!(k, SinkKind::Kafka(_)));
     let wanted = missing_in(
         &report,
         |r| r.kafka.as_ref(),
-        name.as_deref(),
+        Some(&kafka_name),
         &mut done.skipped,
     );
     if wanted.is_empty() {
@@ -594,5 +600,76 @@ mod tests {
         ] {
             assert!(read_line(bad).is_none(), "{}", String::from_utf8_lossy(bad));
         }
+    }
+
+    /// A replay leaves alone, and lists, the rows whose missing events may still come.
+    #[test]
+    fn rows_whose_events_may_still_come_are_skipped_with_why() {
+        use reconcile_window::{Destination, Report, Row, SourceRanges};
+        let missing = |first, last| Destination {
+            missing: vec![SourceRanges {
+                source: "web-1:app".into(),
+                seqs: SeqRanges::from_ranges([[first, last]]),
+                events: last - first + 1,
+            }],
+            ..Destination::default()
+        };
+        let row = |hour: &str, status: &str, d: Destination| Row {
+            tag: "app".into(),
+            hour: hour.into(),
+            status: status.into(),
+            kafka: Some(d),
+            ..Row::default()
+        };
+        let mut in_spool = row(
+            "2026-11-23T12",
+            "MISSING 5 in kafka; DROPPED 1 by kafka",
+            missing(30, 34),
+        );
+        in_spool.sinks.insert(
+            "kafka".into(),
+            crate::sinks::object::published::SinkFigures {
+                offered: 10,
+                delivered: 3,
+                dropped: 1,
+            },
+        );
+        let mut unpublished = row("2026-11-23T11", "MISSING 5 in kafka", missing(20, 24));
+        unpublished.unpublished_relays = vec!["relay-2".into()];
+        let report = Report {
+            rows: vec![
+                row("2026-11-23T09", "MISSING 5 in kafka", missing(0, 4)),
+                row(
+                    "2026-11-23T10",
+                    "PENDING (5 not in kafka yet, 9 still in the relays' spools)",
+                    missing(10, 14),
+                ),
+                unpublished,
+                in_spool,
+                row("2026-11-23T13", "OK", Destination::default()),
+            ],
+            ..Report::default()
+        };
+        let mut skipped = Vec::new();
+        let wanted = missing_in(&report, |r| r.kafka.as_ref(), Some("kafka"), &mut skipped);
+        let hour = crate::envelope::parse_hour_label("2026-11-23T09").unwrap();
+        assert_eq!(wanted.len(), 1, "{wanted:?}");
+        assert_eq!(
+            wanted[&("app".to_string(), hour)]["web-1:app"],
+            SeqRanges::from_ranges([[0, 4]])
+        );
+        assert_eq!(skipped.len(), 3, "{skipped:?}");
+        assert!(
+            skipped[0].starts_with("app 2026-11-23T10: pending"),
+            "{skipped:?}"
+        );
+        assert!(
+            skipped[1].contains("relay-2 published no ledger"),
+            "{skipped:?}"
+        );
+        assert!(
+            skipped[2].contains("6 events still in the relays' spools"),
+            "{skipped:?}"
+        );
     }
 }

@@ -74,6 +74,22 @@ fn chunk(tag: &str, source: &str, first: u64, n: u64, per_source: u64, start: u6
     out.to_vec()
 }
 
+/// Four whole hours that ended at least an hour ago (they close at once): the first
+/// hour, its start (unix seconds), and the window's `--from` and `--to`.
+fn past_hours() -> (u64, u64, String, String) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let first_hour = now / 3600 - HOURS - 1;
+    (
+        first_hour,
+        first_hour * 3600,
+        sluice_relay::envelope::hour_label(first_hour),
+        sluice_relay::envelope::hour_label(first_hour + HOURS),
+    )
+}
+
 struct Run {
     code: i32,
     report: serde_json::Value,
@@ -170,15 +186,7 @@ fn three_relays_reconcile_ok_then_name_a_deleted_object_and_copied_records() {
             spec.start()
         })
         .collect();
-    // Four whole hours that ended at least an hour ago: they close at once.
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    let first_hour = now / 3600 - HOURS - 1;
-    let start = first_hour * 3600;
-    let from = sluice_relay::envelope::hour_label(first_hour);
-    let to = sluice_relay::envelope::hour_label(first_hour + HOURS);
+    let (first_hour, start, from, to) = past_hours();
 
     let t0 = Instant::now();
     let files = certs.client_tls();
@@ -459,14 +467,7 @@ fn replay_into_kafka_backfills_a_new_topic_as_the_sink_wrote_the_old_one() {
     spec.config.sinks.push(svc.kafka_sink(&old_topic));
     spec.config.sinks.push(svc.s3_sink(&bucket));
     let mut relay = spec.start();
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    let first_hour = now / 3600 - HOURS - 1;
-    let start = first_hour * 3600;
-    let from = sluice_relay::envelope::hour_label(first_hour);
-    let to = sluice_relay::envelope::hour_label(first_hour + HOURS);
+    let (_, start, from, to) = past_hours();
     let files = certs.client_tls();
     let mut per_tag = std::collections::BTreeMap::<&str, u64>::new();
     for s in 0..BACKFILL_SOURCES {
