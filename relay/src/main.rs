@@ -76,6 +76,12 @@ enum Command {
         /// never writes what the destination already holds).
         #[arg(long)]
         missing: bool,
+        /// Also the rows the relays' ledgers cast doubt on (events a spool may still
+        /// hold, fewer offered to the sink than received): for a backfill of hours from
+        /// before the sink existed, or after a relay's data directory was lost. Never
+        /// hours some relay has not announced.
+        #[arg(long)]
+        force: bool,
         /// Events per second, at most: read from Kafka (into objects) or produced (into
         /// Kafka), so a replay can run beside production.
         #[arg(long)]
@@ -146,19 +152,16 @@ async fn reconcile_window(
 /// `replay`: prints what it wrote as JSON; exits 0, or 2 when it could not.
 async fn replay(
     config: &sluice_relay::config::RelayConfig,
-    from: &str,
-    to: &str,
-    tag: Option<String>,
+    window: Result<sluice_relay::reconcile_window::Window, String>,
     into: &str,
     rate: Option<u64>,
-    kafka_timeout: Duration,
+    force: bool,
 ) -> std::process::ExitCode {
-    use sluice_relay::reconcile_window as rw;
     if into != "objects" && into != "kafka" {
         eprintln!("error: --into {into:?}: write objects (from Kafka) or kafka (from objects)");
         return std::process::ExitCode::from(2);
     }
-    let window = match rw::Window::parse(from, to, tag, false, kafka_timeout) {
+    let window = match window {
         Ok(w) => w,
         Err(e) => {
             eprintln!("error: {e}");
@@ -166,9 +169,9 @@ async fn replay(
         }
     };
     let done = if into == "kafka" {
-        sluice_relay::replay::into_kafka(config, &window, rate).await
+        sluice_relay::replay::into_kafka(config, &window, rate, force).await
     } else {
-        sluice_relay::replay::into_objects(config, &window, rate).await
+        sluice_relay::replay::into_objects(config, &window, rate, force).await
     };
     match done {
         Ok(done) => {
@@ -279,18 +282,18 @@ fn main() -> std::process::ExitCode {
             tag,
             into,
             missing: _,
+            force,
             rate,
             kafka_timeout_secs,
         }) => {
-            let code = runtime.block_on(replay(
-                &config,
+            let window = sluice_relay::reconcile_window::Window::parse(
                 &from,
                 &to,
                 tag,
-                &into,
-                rate,
+                false,
                 Duration::from_secs(kafka_timeout_secs),
-            ));
+            );
+            let code = runtime.block_on(replay(&config, window, &into, rate, force));
             runtime.shutdown_timeout(RUNTIME_STRAGGLERS);
             return code;
         }

@@ -494,7 +494,21 @@ pub async fn run(config: &RelayConfig, w: &Window) -> Result<Report, String> {
                 ));
                 row_pending = true;
             } else {
-                status.push(format!("MISSING {missing_k} in kafka"));
+                // A sink offered fewer events than the relays received: behind (its
+                // broker away: what it retries is not counted as offered) or added after
+                // the hour. Said, so nobody replays what a spool may still deliver.
+                let offered = kafka_name
+                    .as_ref()
+                    .and_then(|n| lc.sinks.get(n))
+                    .map_or(0, |f| f.offered);
+                if published && offered < lc.received {
+                    status.push(format!(
+                        "MISSING {missing_k} in kafka (its sink was offered {offered} of {} received)",
+                        lc.received
+                    ));
+                } else {
+                    status.push(format!("MISSING {missing_k} in kafka"));
+                }
                 failing = true;
             }
         }

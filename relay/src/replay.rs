@@ -54,10 +54,13 @@ use crate::sinks::object::readback::Wanted;
 
 /// What reconcile reports missing in one destination, per (tag, hour) and source, for
 /// the hours no longer pending; the rows passed over, with why, into `skipped`.
+/// `force` replays the rows the ledgers cast doubt on too, never an hour some relay has
+/// not announced.
 fn missing_in(
     report: &reconcile_window::Report,
     destination: fn(&reconcile_window::Row) -> Option<&reconcile_window::Destination>,
     sink: Option<&str>,
+    force: bool,
     skipped: &mut Vec<String>,
 ) -> Wanted {
     let mut wanted: Wanted = BTreeMap::new();
@@ -69,12 +72,22 @@ fn missing_in(
             continue;
         }
         // What the hour misses may still come, and copying it now would duplicate it
-        // once it does: an hour not announced by every relay, a relay whose ledger of
-        // it is not published, or events the ledgers show still in a spool for the sink.
-        let in_spool = sink
-            .and_then(|n| row.sinks.get(n))
-            .map_or(0, |f| f.offered.saturating_sub(f.delivered + f.dropped));
-        let why = if !row.pending_relays.is_empty() || row.status.contains("PENDING") {
+        // once it does: an hour not announced by every relay, a relay whose ledger of it
+        // is not published, events the ledgers show still in a spool for the sink, or
+        // fewer offered to the sink than the relays received (a sink behind retries
+        // what it has not delivered without counting it offered).
+        let figures = sink.and_then(|n| row.sinks.get(n));
+        let in_spool = figures.map_or(0, |f| f.offered.saturating_sub(f.delivered + f.dropped));
+        let offered = figures.map_or(0, |f| f.offered);
+        let received = row.received.unwrap_or(0);
+        let why = if !row.pending_relays.is_empty() {
+            Some(format!(
+                "relays {} have not announced the hour",
+                row.pending_relays.join(", ")
+            ))
+        } else if force {
+            None
+        } else if row.status.contains("PENDING") {
             Some(format!("pending ({})", row.status))
         } else if !row.unpublished_relays.is_empty() {
             Some(format!(
@@ -84,6 +97,10 @@ fn missing_in(
         } else if in_spool > 0 {
             Some(format!(
                 "{in_spool} events still in the relays' spools for the sink"
+            ))
+        } else if offered < received {
+            Some(format!(
+                "the sink was offered {offered} of the {received} events the relays received: it may be behind (sluice_relay_sink_lag_bytes), or was added after the hour; --force replays it"
             ))
         } else {
             None
@@ -189,6 +206,7 @@ pub async fn into_objects(
     config: &crate::config::RelayConfig,
     window: &Window,
     rate: Option<u64>,
+    force: bool,
 ) -> Result<Replayed, String> {
     let Sinks {
         kafka,
@@ -205,6 +223,7 @@ pub async fn into_objects(
         &report,
         |r| r.objects.as_ref(),
         Some(&objects_name),
+        force,
         &mut done.skipped,
     );
     if wanted.is_empty() {
@@ -369,6 +388,7 @@ pub async fn into_kafka(
     config: &crate::config::RelayConfig,
     window: &Window,
     rate: Option<u64>,
+    force: bool,
 ) -> Result<Replayed, String> {
     let Sinks {
         kafka,
@@ -388,6 +408,7 @@ pub async fn into_kafka(
         &report,
         |r| r.kafka.as_ref(),
         Some(&kafka_name),
+        force,
         &mut done.skipped,
     );
     if wanted.is_empty() {
@@ -634,6 +655,22 @@ mod tests {
                 dropped: 1,
             },
         );
+        let mut behind = row(
+            "2026-11-23T14",
+            "MISSING 5 in kafka (its sink was offered 4 of 10 received)",
+            missing(40, 44),
+        );
+        behind.received = Some(10);
+        behind.sinks.insert(
+            "kafka".into(),
+            crate::sinks::object::published::SinkFigures {
+                offered: 4,
+                delivered: 4,
+                dropped: 0,
+            },
+        );
+        let mut announced_by_some = row("2026-11-23T15", "PENDING", missing(50, 54));
+        announced_by_some.pending_relays = vec!["relay-3".into()];
         let mut unpublished = row("2026-11-23T11", "MISSING 5 in kafka", missing(20, 24));
         unpublished.unpublished_relays = vec!["relay-2".into()];
         let report = Report {
@@ -647,18 +684,34 @@ mod tests {
                 unpublished,
                 in_spool,
                 row("2026-11-23T13", "OK", Destination::default()),
+                behind,
+                announced_by_some,
             ],
             ..Report::default()
         };
         let mut skipped = Vec::new();
-        let wanted = missing_in(&report, |r| r.kafka.as_ref(), Some("kafka"), &mut skipped);
+        let wanted = missing_in(
+            &report,
+            |r| r.kafka.as_ref(),
+            Some("kafka"),
+            false,
+            &mut skipped,
+        );
         let hour = crate::envelope::parse_hour_label("2026-11-23T09").unwrap();
         assert_eq!(wanted.len(), 1, "{wanted:?}");
         assert_eq!(
             wanted[&("app".to_string(), hour)]["web-1:app"],
             SeqRanges::from_ranges([[0, 4]])
         );
-        assert_eq!(skipped.len(), 3, "{skipped:?}");
+        assert_eq!(skipped.len(), 5, "{skipped:?}");
+        assert!(
+            skipped[3].contains("offered 4 of the 10 events"),
+            "{skipped:?}"
+        );
+        assert!(
+            skipped[4].contains("relay-3 have not announced"),
+            "{skipped:?}"
+        );
         assert!(
             skipped[0].starts_with("app 2026-11-23T10: pending"),
             "{skipped:?}"
@@ -671,5 +724,16 @@ mod tests {
             skipped[2].contains("6 events still in the relays' spools"),
             "{skipped:?}"
         );
+        // --force: all but the hour a relay has not announced.
+        let mut skipped = Vec::new();
+        let wanted = missing_in(
+            &report,
+            |r| r.kafka.as_ref(),
+            Some("kafka"),
+            true,
+            &mut skipped,
+        );
+        assert_eq!(wanted.len(), 5, "{wanted:?}");
+        assert_eq!(skipped.len(), 1, "{skipped:?}");
     }
 }

@@ -100,9 +100,13 @@ fn reconcile(relay: &Relay, from: &str, to: &str, deep: bool) -> Run {
 }
 
 fn reconcile_with(relay: &Relay, from: &str, to: &str, deep: bool, extra: &[&str]) -> Run {
+    reconcile_at(&relay.config_path, from, to, deep, extra)
+}
+
+fn reconcile_at(config: &std::path::Path, from: &str, to: &str, deep: bool, extra: &[&str]) -> Run {
     let mut cmd = std::process::Command::new(bin("sluice-relay"));
     cmd.arg("--config")
-        .arg(&relay.config_path)
+        .arg(config)
         .args(["reconcile", "--from", from, "--to", to, "--format", "json"])
         .env("AWS_ACCESS_KEY_ID", "testing")
         .env("AWS_SECRET_ACCESS_KEY", "testing");
@@ -135,9 +139,19 @@ fn replay_into(
     into: &str,
     extra: &[&str],
 ) -> serde_json::Value {
+    replay_at(&relay.config_path, from, to, into, extra)
+}
+
+fn replay_at(
+    config: &std::path::Path,
+    from: &str,
+    to: &str,
+    into: &str,
+    extra: &[&str],
+) -> serde_json::Value {
     let out = std::process::Command::new(bin("sluice-relay"))
         .arg("--config")
-        .arg(&relay.config_path)
+        .arg(config)
         .args([
             "replay",
             "--from",
@@ -599,4 +613,101 @@ fn replay_into_kafka_backfills_a_new_topic_as_the_sink_wrote_the_old_one() {
         let value: serde_json::Value = serde_json::from_str(m["value"].as_str().unwrap()).unwrap();
         assert_eq!(value["record"]["message"], message(source, *seq).as_str());
     }
+}
+
+/// A relay's Kafka sink whose broker went away keeps its events in the spool, and the
+/// ledgers count only what it was offered: reconcile of a Kafka the events did not reach
+/// says how few the sink was offered, and `replay --into kafka` leaves those hours alone
+/// (the spool would deliver them again) until told `--force`.
+#[test]
+fn replay_leaves_alone_what_a_kafka_sink_behind_may_still_deliver() {
+    let svc = Services::from_env();
+    let dir = tempfile::tempdir().unwrap();
+    let certs = Certs::generate(dir.path(), "relay");
+    let broker = PrivateService::tansu(&svc, &dir.path().join("tansu.log"));
+    let private = svc.with(Some(&broker.addr), None);
+    let (away_topic, topic, bucket) = (
+        unique_name("away"),
+        unique_name("other"),
+        unique_name("away"),
+    );
+    private.create_topic(&away_topic, 2);
+    svc.create_topic(&topic, 2);
+    svc.create_bucket(&bucket);
+    let mut spec = RelaySpec::new(dir.path(), "relay-w", certs.server_tls()).stem("relay-w");
+    spec.config.sinks.push(private.kafka_sink(&away_topic));
+    spec.config.sinks.push(svc.s3_sink(&bucket));
+    let relay = spec.start();
+    // The same sinks by name, Kafka read from another topic (where none of it is).
+    let mut config = relay.config.clone();
+    config.sinks.retain(|s| s.common.name != "kafka");
+    config.sinks.push(svc.kafka_sink(&topic));
+    let path = dir.path().join("reconcile.toml");
+    std::fs::write(&path, toml::to_string(&config).unwrap()).unwrap();
+    let (_, start, from, to) = past_hours();
+    let files = certs.client_tls();
+    let (source, per_source) = ("host-w:app", 4_000u64);
+    let send = |first: u64, n: u64| {
+        let mut conn = Conn::connect(relay.forward, &files).unwrap();
+        let bytes = chunk(TAGS[0], source, first, n, per_source, start);
+        conn.send_expect_ack(&bytes, &format!("{source}-{first}"))
+            .unwrap();
+        conn.close();
+    };
+    // The first hour's events reach the sink's broker; then it stops answering, and the
+    // other hours stay in the spool while the bucket gets everything.
+    send(0, per_source / 4);
+    relay.wait_delivered("kafka", per_source / 4, Duration::from_secs(60));
+    broker.pause();
+    send(per_source / 4, per_source - per_source / 4);
+    relay.wait_delivered("s3", per_source, Duration::from_secs(60));
+    let received = |run: &Run| total(&run.report["rows"], |r| r["received"].as_u64().unwrap_or(0));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut run = reconcile_at(&path, &from, &to, false, &[]);
+    while (run.code == 3 || received(&run) != per_source) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(300));
+        run = reconcile_at(&path, &from, &to, false, &[]);
+    }
+    assert_eq!(run.code, 1, "{:#}", run.report);
+    let rows = run.report["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), HOURS as usize, "{rows:#?}");
+    for (i, row) in rows.iter().enumerate() {
+        let status = row["status"].as_str().unwrap();
+        let n = per_source / HOURS;
+        if i == 0 {
+            assert_eq!(status, format!("MISSING {n} in kafka"), "{row:#}");
+        } else {
+            assert_eq!(
+                status,
+                format!("MISSING {n} in kafka (its sink was offered 0 of {n} received)"),
+                "{row:#}"
+            );
+        }
+    }
+    // Only the hour the sink was offered whole is replayed; the others are named.
+    let replayed = replay_at(&path, &from, &to, "kafka", &[]);
+    assert_eq!(
+        replayed["kafka_messages_produced"],
+        per_source / HOURS,
+        "{replayed:#}"
+    );
+    let skipped = replayed["skipped"].as_array().unwrap();
+    assert_eq!(skipped.len(), HOURS as usize - 1, "{replayed:#}");
+    assert!(
+        skipped
+            .iter()
+            .all(|s| s.as_str().unwrap().contains("may be behind")),
+        "{replayed:#}"
+    );
+    // Told the sink will not deliver them (its broker is gone for good): the rest.
+    let forced = replay_at(&path, &from, &to, "kafka", &["--force"]);
+    assert_eq!(
+        forced["kafka_messages_produced"],
+        per_source - per_source / HOURS,
+        "{forced:#}"
+    );
+    let run = reconcile_at(&path, &from, &to, false, &[]);
+    assert_eq!(run.code, 0, "after the replays: {:#}", run.report);
+    drop(relay);
+    drop(broker);
 }
