@@ -157,6 +157,12 @@ fn sinks(config: &crate::config::RelayConfig, into: &str) -> Result<Sinks, Strin
     }
 }
 
+/// `--rate`: how long to wait before the next event, `n` having gone since `started`.
+fn pace(rate: Option<u64>, n: u64, started: Instant) -> Option<Duration> {
+    let rate = rate.filter(|r| *r > 0)?;
+    Duration::from_secs_f64(n as f64 / rate as f64).checked_sub(started.elapsed())
+}
+
 fn total(wanted: &Wanted) -> u64 {
     wanted
         .values()
@@ -246,12 +252,8 @@ pub async fn into_objects(
             Some(from_ms),
             &mut |payload| {
                 n += 1;
-                if let Some(rate) = rate.filter(|r| *r > 0) {
-                    // Paced: n events may have been read by now.
-                    let due = Duration::from_secs_f64(n as f64 / rate as f64);
-                    if let Some(wait) = due.checked_sub(started.elapsed()) {
-                        std::thread::sleep(wait);
-                    }
+                if let Some(wait) = pace(rate, n, started) {
+                    std::thread::sleep(wait);
                 }
                 let Ok(head) = serde_json::from_slice::<Head>(payload) else {
                     return;
@@ -473,12 +475,8 @@ pub async fn into_kafka(
                 envelope: &envelope,
                 record: &envelope[envelope.len() - (l.fields.len() + 3)..envelope.len() - 1],
             };
-            if let Some(rate) = rate.filter(|r| *r > 0) {
-                // Paced: `produced` events may have gone by now.
-                let due = Duration::from_secs_f64(produced as f64 / rate as f64);
-                if let Some(wait) = due.checked_sub(started.elapsed()) {
-                    tokio::time::sleep(wait).await;
-                }
+            if let Some(wait) = pace(rate, produced, started) {
+                tokio::time::sleep(wait).await;
             }
             if producer.send(&event).await? {
                 produced += 1;
