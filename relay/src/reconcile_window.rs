@@ -124,6 +124,9 @@ pub struct Row {
     /// Relays that announced this hour but published no ledger of it (while others
     /// did): what their spools still hold is not known.
     pub unpublished_relays: Vec<String>,
+    /// Per sink, events offered and never delivered by a relay incarnation since
+    /// replaced (its data directory lost): gone with its spool.
+    pub lost_with_spools: BTreeMap<String, u64>,
     pub status: String,
 }
 
@@ -478,11 +481,16 @@ pub async fn run(config: &RelayConfig, w: &Window) -> Result<Report, String> {
         }
         // What the relays' ledgers say of a sink: still in the spool (offered, not yet
         // delivered or dropped), or dropped.
+        // What a replaced incarnation's spool held is lost, not on its way.
         let sink_figures = |name: &Option<String>| {
             name.as_ref()
-                .and_then(|n| lc.sinks.get(n))
-                .map_or((0, 0), |f| {
-                    (f.offered.saturating_sub(f.delivered + f.dropped), f.dropped)
+                .and_then(|n| lc.sinks.get(n).map(|f| (f, lc.lost.get(n).copied())))
+                .map_or((0, 0), |(f, lost)| {
+                    (
+                        f.offered
+                            .saturating_sub(f.delivered + f.dropped + lost.unwrap_or(0)),
+                        f.dropped,
+                    )
                 })
         };
         let (flight_k, dropped_k) = sink_figures(&kafka_name);
@@ -576,6 +584,7 @@ pub async fn run(config: &RelayConfig, w: &Window) -> Result<Report, String> {
             late,
             pending_relays,
             unpublished_relays: unpublished.into_iter().cloned().collect(),
+            lost_with_spools: lc.lost.clone(),
             status: status.join("; "),
         });
     }
@@ -664,9 +673,15 @@ pub fn render(r: &Report) -> String {
         );
         for (sink, f) in &row.sinks {
             if f.offered != f.delivered || f.dropped > 0 {
+                let lost = match row.lost_with_spools.get(sink) {
+                    Some(n) if *n > 0 => {
+                        format!(", {n} gone with a replaced relay incarnation's spool")
+                    }
+                    _ => String::new(),
+                };
                 let _ = writeln!(
                     out,
-                    "    sink {sink}: offered {}, delivered {}, dropped {} (relays' ledgers)",
+                    "    sink {sink}: offered {}, delivered {}, dropped {}{lost} (relays' ledgers)",
                     f.offered, f.delivered, f.dropped
                 );
             }

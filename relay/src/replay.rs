@@ -77,7 +77,13 @@ fn missing_in(
         // fewer offered to the sink than the relays received (a sink behind retries
         // what it has not delivered without counting it offered).
         let figures = sink.and_then(|n| row.sinks.get(n));
-        let in_spool = figures.map_or(0, |f| f.offered.saturating_sub(f.delivered + f.dropped));
+        let lost = sink
+            .and_then(|n| row.lost_with_spools.get(n))
+            .copied()
+            .unwrap_or(0);
+        let in_spool = figures.map_or(0, |f| {
+            f.offered.saturating_sub(f.delivered + f.dropped + lost)
+        });
         let offered = figures.map_or(0, |f| f.offered);
         let received = row.received.unwrap_or(0);
         let why = if !row.pending_relays.is_empty() {

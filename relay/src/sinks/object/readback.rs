@@ -190,6 +190,10 @@ pub struct ObjectRead {
 #[derive(Debug, Default)]
 pub struct LedgerCell {
     pub received: u64,
+    /// Per sink, events an earlier incarnation of a relay had offered and not delivered
+    /// or dropped: its spool is gone (the relay's data directory was lost), so they are
+    /// lost, not still on their way.
+    pub lost: std::collections::BTreeMap<String, u64>,
     pub sinks: std::collections::BTreeMap<String, super::published::SinkFigures>,
     pub received_seqs: std::collections::BTreeMap<String, sluice_core::ranges::SeqRanges>,
     pub agents: std::collections::BTreeMap<String, sluice_core::ranges::SeqRanges>,
@@ -357,6 +361,17 @@ pub async fn read_window(
     let (from, to) = found.window.ok_or("a window is needed")?;
     let mut read = ObjectRead::default();
     let manifests = markers(store, full, from, to, &mut read.announced).await?;
+    // Each relay's incarnation now, from its lease (`super::lease`): a ledger of another
+    // incarnation is of a spool that is gone (the relay's data directory was lost).
+    let mut now: std::collections::HashMap<String, String> = Default::default();
+    for meta in list(store, &join(full, "_sluice/relays")).await? {
+        let path = meta.location.as_ref();
+        if let Ok(l) =
+            serde_json::from_value::<super::lease::LeaseDoc>(get_json(store, path).await?)
+        {
+            now.insert(l.relay, l.incarnation);
+        }
+    }
     for hour in from..to {
         for meta in list(store, &super::published::folder(full, hour)).await? {
             let path = meta.location.as_ref();
@@ -380,7 +395,12 @@ pub async fn read_window(
                 }
                 let c = read.ledgers.entry((tag, hour)).or_default();
                 c.received += t.received;
+                let gone = now.get(&doc.relay).is_some_and(|i| *i != doc.incarnation);
                 for (sink, f) in t.sinks {
+                    if gone {
+                        *c.lost.entry(sink.clone()).or_default() +=
+                            f.offered.saturating_sub(f.delivered + f.dropped);
+                    }
                     let s = c.sinks.entry(sink).or_default();
                     s.offered += f.offered;
                     s.delivered += f.delivered;
@@ -510,6 +530,91 @@ pub async fn read_window(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A ledger of an incarnation the relay no longer runs (its lease names another):
+    /// what it had offered and not delivered is lost with its spool, not on its way;
+    /// without a lease it is taken as still on its way.
+    #[tokio::test]
+    async fn a_replaced_incarnations_undelivered_events_are_lost() {
+        use super::super::published::{folder, HourLedger, SinkFigures, TagFigures};
+        let store = object_store::memory::InMemory::new();
+        let hour = crate::envelope::parse_hour_label("2026-11-23T09").unwrap();
+        let put = |key: String, v: serde_json::Value| {
+            let store = &store;
+            async move {
+                store
+                    .put(
+                        &object_store::path::Path::from(key.as_str()),
+                        object_store::PutPayload::from(v.to_string().into_bytes()),
+                    )
+                    .await
+                    .unwrap();
+            }
+        };
+        let mut tags = std::collections::BTreeMap::new();
+        let mut t = TagFigures {
+            received: 10,
+            ..TagFigures::default()
+        };
+        t.sinks.insert(
+            "kafka".into(),
+            SinkFigures {
+                offered: 10,
+                delivered: 4,
+                dropped: 0,
+            },
+        );
+        tags.insert("app".to_string(), t);
+        let doc = HourLedger {
+            version: 1,
+            relay: "r".into(),
+            incarnation: "i1".into(),
+            hour: "2026-11-23T09".into(),
+            tags,
+        };
+        put(
+            format!("{}/r-i1.json", folder("p", hour)),
+            serde_json::to_value(&doc).unwrap(),
+        )
+        .await;
+        let read = |store: &object_store::memory::InMemory| {
+            let mut found = Found {
+                window: Some((hour, hour + 1)),
+                ..Found::default()
+            };
+            let store = store.clone();
+            async move {
+                read_window(&store, "p", false, &mut found, &mut |_, _| {})
+                    .await
+                    .unwrap()
+            }
+        };
+        let cell = |r: &ObjectRead| r.ledgers[&("app".to_string(), hour)].lost.clone();
+        assert!(
+            cell(&read(&store).await).is_empty(),
+            "no lease of the relay"
+        );
+        let lease = |incarnation: &str| {
+            serde_json::to_value(super::super::lease::LeaseDoc {
+                relay: "r".into(),
+                incarnation: incarnation.into(),
+                host: "h".into(),
+                pid: 1,
+                started_at: 0,
+                renewed_at: 0,
+                ttl_secs: 60,
+                stopped: false,
+            })
+            .unwrap()
+        };
+        put("p/_sluice/relays/r.json".into(), lease("i1")).await;
+        assert!(
+            cell(&read(&store).await).is_empty(),
+            "the incarnation it runs"
+        );
+        put("p/_sluice/relays/r.json".into(), lease("i2")).await;
+        assert_eq!(cell(&read(&store).await)["kafka"], 6);
+    }
 
     /// Every line of every gzip member, whole, however the download and the pieces cut
     /// them; the last line may lack its newline.
