@@ -274,6 +274,27 @@ async fn markers(
     Ok(manifests)
 }
 
+/// The keys in a partition folder (one listing), and the manifests `sluice-relay
+/// replay` wrote there for its own objects (`_manifests/replay-<digest>.json`).
+async fn list_partition(
+    store: &dyn ObjectStore,
+    partition: &str,
+) -> Result<(std::collections::HashSet<String>, Vec<serde_json::Value>), String> {
+    let keys: std::collections::HashSet<String> = list(store, partition)
+        .await?
+        .into_iter()
+        .map(|m| m.location.to_string())
+        .collect();
+    let mut replays = Vec::new();
+    for k in &keys {
+        let name = k.rsplit('/').next().unwrap_or_default();
+        if k.contains("/_manifests/") && name.starts_with("replay-") && name.ends_with(".json") {
+            replays.push(get_json(store, k).await?);
+        }
+    }
+    Ok((keys, replays))
+}
+
 /// The seqs wanted: per (tag, hour), per source.
 pub type Wanted = std::collections::BTreeMap<
     (String, u64),
@@ -304,20 +325,8 @@ pub async fn objects_holding(
             // replayed objects have their manifests beside the relays'.
             let partition = path.rsplitn(3, '/').nth(2).unwrap_or_default().to_string();
             if !listed.contains_key(&partition) {
-                let present: std::collections::HashSet<String> = list(store, &partition)
-                    .await?
-                    .into_iter()
-                    .map(|m| m.location.to_string())
-                    .collect();
-                for k in &present {
-                    let name = k.rsplit('/').next().unwrap_or_default();
-                    if k.contains("/_manifests/")
-                        && name.starts_with("replay-")
-                        && name.ends_with(".json")
-                    {
-                        docs.push(get_json(store, k).await?);
-                    }
-                }
+                let (present, replays) = list_partition(store, &partition).await?;
+                docs.extend(replays);
                 listed.insert(partition.clone(), present);
             }
             let present = &listed[&partition];
@@ -455,22 +464,9 @@ pub async fn read_window(
         let partition = path.rsplitn(3, '/').nth(2).unwrap_or_default().to_string();
         let mut docs = vec![(relay.clone(), m)];
         if !listed.contains_key(&partition) {
-            let keys: std::collections::HashSet<String> = list(store, &partition)
-                .await?
-                .into_iter()
-                .map(|m| m.location.to_string())
-                .collect();
-            // Objects `sluice-relay replay` wrote have a manifest of their own here.
-            for k in &keys {
-                let name = k.rsplit('/').next().unwrap_or_default();
-                if k.contains("/_manifests/")
-                    && name.starts_with("replay-")
-                    && name.ends_with(".json")
-                {
-                    docs.push(("replay".to_string(), get_json(store, k).await?));
-                    read.manifests += 1;
-                }
-            }
+            let (keys, replays) = list_partition(store, &partition).await?;
+            read.manifests += replays.len() as u64;
+            docs.extend(replays.into_iter().map(|m| ("replay".to_string(), m)));
             listed.insert(partition.clone(), keys);
         }
         let present = &listed[&partition];
