@@ -368,9 +368,9 @@ fn read_line(line: &[u8]) -> Option<Line> {
     Some(Line { tail, time, fields })
 }
 
-/// The Kafka envelope of an object line ([`flat_line`]'s inverse): the bytes the sink
-/// produced for the same event.
-fn envelope_of(line: &[u8], l: &Line, out: &mut Vec<u8>) {
+/// Appends the Kafka envelope of an object line ([`flat_line`]'s inverse): the bytes the
+/// sink produced for the same event. Returns where its record is in `out`.
+fn envelope_of(line: &[u8], l: &Line, out: &mut Vec<u8>) -> std::ops::Range<usize> {
     let line = line.trim_ascii();
     let s = |v: &str| serde_json::to_string(v).unwrap_or_default();
     let t = &l.tail;
@@ -385,9 +385,14 @@ fn envelope_of(line: &[u8], l: &Line, out: &mut Vec<u8>) {
     if let Some(o) = t.offset {
         let _ = write!(out, ",\"offset\":{o}");
     }
-    out.extend_from_slice(b",\"record\":{");
+    out.extend_from_slice(b",\"record\":");
+    let start = out.len();
+    out.push(b'{');
     out.extend_from_slice(&line[l.fields.clone()]);
-    out.extend_from_slice(b"}}");
+    out.push(b'}');
+    let record = start..out.len();
+    out.push(b'}');
+    record
 }
 
 /// Produces into Kafka what reconcile finds missing there in the window, from the
@@ -429,10 +434,11 @@ pub async fn into_kafka(
     let mut taken: Wanted = BTreeMap::new();
     let started = Instant::now();
     let mut produced = 0u64;
-    let (mut buf, mut envelope) = (Vec::new(), Vec::new());
+    let mut buf = Vec::new();
     for key in keys {
-        // This object's missing events, in seq order per source: (source, seq, line).
-        let mut found: Vec<(String, u64, Vec<u8>)> = Vec::new();
+        // This object's missing events, in seq order per source: each line read once
+        // and turned into its envelope here, the record's place in it kept.
+        let mut found: Vec<(Line, Vec<u8>, std::ops::Range<usize>)> = Vec::new();
         let location = object_store::path::Path::from(key.as_str());
         crate::sinks::object::readback::each_line(
             store.as_ref(),
@@ -460,26 +466,25 @@ pub async fn into_kafka(
                     .or_default()
                     .insert(seq)
                 {
-                    found.push((source.to_string(), seq, line.to_vec()));
+                    let mut envelope = Vec::with_capacity(line.len() + 64);
+                    let record = envelope_of(line, &l, &mut envelope);
+                    found.push((l, envelope, record));
                 }
             },
         )
         .await?;
-        found.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
-        for (_, _, line) in &found {
-            let Some(l) = read_line(line) else {
-                continue;
-            };
-            envelope.clear();
-            envelope_of(line, &l, &mut envelope);
+        found.sort_by(|a, b| {
+            (&a.0.tail.source, a.0.tail.seq).cmp(&(&b.0.tail.source, b.0.tail.seq))
+        });
+        for (l, envelope, record) in &found {
             let t = &l.tail;
             let event = crate::sinks::kafka::replay::Event {
                 time: l.time,
                 tag: &t.tag,
                 source: t.source.as_deref().unwrap_or_default(),
                 seq: t.seq.unwrap_or_default(),
-                envelope: &envelope,
-                record: &envelope[envelope.len() - (l.fields.len() + 3)..envelope.len() - 1],
+                envelope,
+                record: &envelope[record.clone()],
             };
             if let Some(wait) = pace(rate, produced, started) {
                 tokio::time::sleep(wait).await;
@@ -606,15 +611,13 @@ mod tests {
                 assert_eq!(l.tail.seq, mark.seq);
                 assert_eq!(l.tail.source.as_deref(), source);
                 let mut got = Vec::new();
-                envelope_of(&flat, &l, &mut got);
+                let record = envelope_of(&flat, &l, &mut got);
                 assert_eq!(
                     String::from_utf8(got.clone()).unwrap(),
                     String::from_utf8(want).unwrap()
                 );
                 // And the record the key template reads is the record.
-                let json: serde_json::Value =
-                    serde_json::from_slice(&got[got.len() - (l.fields.len() + 3)..got.len() - 1])
-                        .unwrap();
+                let json: serde_json::Value = serde_json::from_slice(&got[record]).unwrap();
                 assert_eq!(json.as_object().unwrap().len(), fields.len());
             }
         }
